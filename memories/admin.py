@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from memories import services
+from memories.errors import DuplicateRequest
+from memories.models import ApiKey, EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    list_display = ["name", "id", "created_at"]
+    search_fields = ["name"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ["prefix", "name", "tenant", "created_at", "expires_at", "revoked_at"]
+    list_filter = ["tenant"]
+    fields = ["tenant", "name", "expires_at", "revoked_at", "prefix", "created_at"]
+    readonly_fields = ["prefix", "created_at"]
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:  # noqa: ANN001
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        api_key, raw_key = services.api_key_create(
+            tenant=obj.tenant, name=obj.name, expires_at=obj.expires_at
+        )
+        obj.pk, obj.prefix, obj.key_hash = api_key.pk, api_key.prefix, api_key.key_hash
+        # The only time the key is visible: it is stored hashed.
+        self.message_user(
+            request, f"New API key (copy it now, it will not be shown again): {raw_key}",
+            messages.WARNING,
+        )  # fmt: skip
+
+
+@admin.register(EndUser)
+class EndUserAdmin(admin.ModelAdmin):
+    list_display = ["id", "external_id", "tenant", "created_at"]
+    list_filter = ["tenant"]
+    search_fields = ["id", "external_id"]
+
+
+@admin.register(Memory)
+class MemoryAdmin(admin.ModelAdmin):
+    list_display = ["content", "user", "type", "version", "updated_at", "deleted_at"]
+    list_filter = ["type", "scope", "tenant"]
+    search_fields = ["content", "user__id", "user__external_id", "agent_id", "session_id"]
+    raw_id_fields = ["user"]
+    exclude = ["embedding"]
+    readonly_fields = ["content_hash", "version", "vector_clock", "created_at", "updated_at"]
+
+
+@admin.register(MemoryRequest)
+class MemoryRequestAdmin(admin.ModelAdmin):
+    list_display = ["id", "user", "status", "priority", "attempts", "created_at", "finished_at"]
+    list_filter = ["status", "priority"]
+    search_fields = ["id", "user__id", "user__external_id"]
+    raw_id_fields = ["user"]
+    readonly_fields = ["request_hash", "attempts", "lease_until", "result", "created_at", "updated_at"]
+    actions = ["retry_failed"]
+
+    @admin.action(description="Retry the selected failed requests")
+    def retry_failed(self, request: HttpRequest, queryset: QuerySet[MemoryRequest]) -> None:
+        retried = 0
+        for memory_request in queryset.filter(status=MemoryRequest.Status.FAILURE):
+            try:
+                services.memory_request_retry(memory_request=memory_request)
+                retried += 1
+            except DuplicateRequest:
+                self.message_user(
+                    request, f"{memory_request.id}: an identical request is live", messages.ERROR
+                )
+        self.message_user(request, f"{retried} request(s) sent again.")
+
+
+@admin.register(MemoryHistory)
+class MemoryHistoryAdmin(admin.ModelAdmin):
+    list_display = ["memory", "event", "actor", "request", "created_at"]
+    list_filter = ["event"]
+    search_fields = ["memory__id", "old_content", "new_content"]
+    raw_id_fields = ["memory", "request"]
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:  # noqa: ANN001
+        return False  # append-only

@@ -1,0 +1,308 @@
+"""The HTTP API: one view per action; views validate, call a service or selector, and render."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.http import JsonResponse
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from memories import selectors, services
+from memories.errors import InvalidInput
+from memories.models import Memory, MemoryRequest
+from memories.pipeline import get_embedder
+
+
+class TenantApi(APIView):
+    """Base view: bounded bodies, and the calling tenant at hand."""
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)
+        length = request.META.get("CONTENT_LENGTH") or "0"
+        if length.isdigit() and int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            raise InvalidInput(
+                f"Request body exceeds {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.", field="body"
+            )
+
+    @property
+    def tenant(self):  # noqa: ANN201
+        return self.request.user.tenant
+
+
+def _validated(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise InvalidInput("The body must be a JSON object.", field="body")
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+# --- Users ---------------------------------------------------------------------------------------
+
+
+class UserOutput(serializers.Serializer):
+    user_id = serializers.UUIDField(source="id")
+    external_id = serializers.CharField(allow_null=True)
+    metadata = serializers.JSONField()
+    created_at = serializers.DateTimeField()
+
+
+class UserCreateApi(TenantApi):
+    class InputSerializer(serializers.Serializer):
+        external_id = serializers.CharField(required=False, allow_null=True, max_length=200)
+        metadata = serializers.DictField(required=False, default=dict)
+
+    def post(self, request: Request) -> Response:
+        data = _validated(self.InputSerializer, request.data)
+        user = services.end_user_create(
+            tenant=self.tenant, external_id=data.get("external_id"), metadata=data["metadata"]
+        )
+        return Response(UserOutput(user).data, status=status.HTTP_201_CREATED)
+
+
+class UserDetailApi(TenantApi):
+    def get(self, request: Request, user_id: str) -> Response:
+        user = selectors.end_user_get(tenant=self.tenant, user_id=user_id)
+        return Response(UserOutput(user).data)
+
+    def delete(self, request: Request, user_id: str) -> Response:
+        user = selectors.end_user_get(tenant=self.tenant, user_id=user_id)
+        removed = services.end_user_delete(user=user)
+        return Response({"user_id": str(user_id), "deleted": True, "memories_deleted": removed})
+
+
+# --- Memory jobs ---------------------------------------------------------------------------------
+
+
+class MessageInput(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["user", "assistant", "system", "tool"])
+    content = serializers.CharField(max_length=settings.MEMORY_MAX_CONTENT_CHARS, trim_whitespace=False)
+
+
+class MemoryRequestOutput(serializers.Serializer):
+    request_id = serializers.UUIDField(source="id")
+    status = serializers.CharField()
+    error = serializers.CharField(allow_blank=True)
+    events = serializers.JSONField(source="result")
+    attempts = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class MemoryOutput(serializers.Serializer):
+    id = serializers.UUIDField()
+    user_id = serializers.UUIDField()
+    content = serializers.CharField()
+    type = serializers.CharField()
+    scope = serializers.CharField()
+    metadata = serializers.JSONField()
+    agent_id = serializers.CharField()
+    session_id = serializers.CharField()
+    version = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+class FiltersInput(serializers.Serializer):
+    agent_id = serializers.CharField(required=False, max_length=200)
+    session_id = serializers.CharField(required=False, max_length=200)
+    type = serializers.ChoiceField(required=False, choices=Memory.Type.choices)
+    metadata = serializers.DictField(required=False)
+
+
+def _encode_cursor(memory: Memory) -> str:
+    raw = json.dumps([memory.created_at.isoformat(), str(memory.id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        created_at, memory_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        serializers.UUIDField().to_internal_value(memory_id)
+        serializers.DateTimeField().to_internal_value(created_at)
+        return created_at, memory_id
+    except (ValueError, TypeError, binascii.Error, serializers.ValidationError) as exc:
+        raise InvalidInput("Malformed cursor.", field="cursor") from exc
+
+
+class MemoryCollectionApi(TenantApi):
+    """`POST` submits a memory job; `GET` lists a user's memories."""
+
+    class InputSerializer(serializers.Serializer):
+        user_id = serializers.UUIDField()
+        messages = MessageInput(many=True, allow_empty=False, max_length=settings.MEMORY_MAX_MESSAGES)
+        metadata = serializers.DictField(required=False, default=dict)
+        agent_id = serializers.CharField(required=False, default="", allow_blank=True, max_length=200)
+        session_id = serializers.CharField(required=False, default="", allow_blank=True, max_length=200)
+        priority = serializers.ChoiceField(choices=MemoryRequest.Priority.choices, default="normal")
+        infer = serializers.BooleanField(default=True)
+
+    class ListInput(FiltersInput):
+        user_id = serializers.UUIDField()
+        cursor = serializers.CharField(required=False)
+        limit = serializers.IntegerField(required=False, default=50, min_value=1, max_value=500)
+
+    def post(self, request: Request) -> Response:
+        data = _validated(self.InputSerializer, request.data)
+        user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        idempotency_key = request.headers.get("Idempotency-Key") or None
+        if idempotency_key is not None and len(idempotency_key) > 255:
+            raise InvalidInput("Idempotency-Key is longer than 255 characters.", field="Idempotency-Key")
+        payload = {
+            "messages": [dict(m) for m in data["messages"]],
+            "metadata": data["metadata"],
+            "agent_id": data["agent_id"],
+            "session_id": data["session_id"],
+            "infer": data["infer"],
+        }
+        memory_request = services.memory_request_submit(
+            user=user, payload=payload, priority=data["priority"], idempotency_key=idempotency_key
+        )
+        return Response(
+            {"request_id": str(memory_request.id), "status": memory_request.status},
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+    def get(self, request: Request) -> Response:
+        params = request.query_params.dict()
+        if "metadata" in params:
+            try:
+                params["metadata"] = json.loads(params["metadata"])
+            except ValueError as exc:
+                raise InvalidInput("metadata must be a JSON object.", field="metadata") from exc
+        data = _validated(self.ListInput, params)
+        user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        cursor = _decode_cursor(data["cursor"]) if data.get("cursor") else None
+        page = selectors.memory_list(user=user, filters=data, cursor=cursor, limit=data["limit"] + 1)
+        has_more = len(page) > data["limit"]
+        page = page[: data["limit"]]
+        return Response({
+            "results": MemoryOutput(page, many=True).data,
+            "next_cursor": _encode_cursor(page[-1]) if has_more else None,
+        })  # fmt: skip
+
+
+class MemoryRequestStatusApi(TenantApi):
+    def get(self, request: Request, request_id: str) -> Response:
+        memory_request = selectors.memory_request_get(tenant=self.tenant, request_id=request_id)
+        return Response(MemoryRequestOutput(memory_request).data)
+
+
+# --- Memories ------------------------------------------------------------------------------------
+
+
+class MemoryDetailApi(TenantApi):
+    class UpdateInput(serializers.Serializer):
+        content = serializers.CharField(required=False, max_length=settings.MEMORY_MAX_CONTENT_CHARS)
+        metadata = serializers.DictField(required=False)
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            if not attrs:
+                raise serializers.ValidationError({"content": ["Give content or metadata."]})
+            return attrs
+
+    def get(self, request: Request, memory_id: str) -> Response:
+        memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
+        return Response(MemoryOutput(memory).data, headers={"ETag": f'"{memory.version}"'})
+
+    def patch(self, request: Request, memory_id: str) -> Response:
+        data = _validated(self.UpdateInput, request.data)
+        expected_version = _if_match_version(request)
+        memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
+        memory = services.memory_update(
+            memory=memory,
+            embedder=get_embedder(),
+            content=data.get("content"),
+            metadata=data.get("metadata"),
+            expected_version=expected_version,
+        )
+        return Response(MemoryOutput(memory).data, headers={"ETag": f'"{memory.version}"'})
+
+    def delete(self, request: Request, memory_id: str) -> Response:
+        memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
+        services.memory_delete(memory=memory)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+def _if_match_version(request: Request) -> int | None:
+    raw = request.headers.get("If-Match")
+    if raw is None:
+        return None
+    value = raw.strip().removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise InvalidInput("If-Match must be a memory version number.", field="If-Match")
+    return int(value)
+
+
+class MemoryHistoryApi(TenantApi):
+    class OutputSerializer(serializers.Serializer):
+        event = serializers.CharField()
+        old_content = serializers.CharField(allow_null=True)
+        new_content = serializers.CharField(allow_null=True)
+        actor = serializers.CharField()
+        request_id = serializers.UUIDField(allow_null=True)
+        created_at = serializers.DateTimeField()
+
+    def get(self, request: Request, memory_id: str) -> Response:
+        history = selectors.memory_history(tenant=self.tenant, memory_id=memory_id)
+        return Response({"memory_id": memory_id, "history": self.OutputSerializer(history, many=True).data})
+
+
+class MemorySearchApi(TenantApi):
+    class InputSerializer(serializers.Serializer):
+        user_id = serializers.UUIDField()
+        query = serializers.CharField(max_length=settings.MEMORY_MAX_CONTENT_CHARS)
+        limit = serializers.IntegerField(default=10, min_value=1, max_value=100)
+        filters = FiltersInput(required=False, default=dict)
+        threshold = serializers.FloatField(required=False, allow_null=True, min_value=-1, max_value=1)
+
+    class OutputSerializer(MemoryOutput):
+        score = serializers.FloatField()
+
+    def post(self, request: Request) -> Response:
+        data = _validated(self.InputSerializer, request.data)
+        user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        results = selectors.memory_search(
+            user=user,
+            query_vector=get_embedder().embed([data["query"]])[0],
+            limit=data["limit"],
+            filters=data["filters"],
+            threshold=data.get("threshold"),
+        )
+        return Response({"results": self.OutputSerializer(results, many=True).data})
+
+
+# --- Health --------------------------------------------------------------------------------------
+
+
+def healthz(request: Any) -> JsonResponse:
+    return JsonResponse({"status": "ok"})
+
+
+def readyz(request: Any) -> JsonResponse:
+    """Ready when PostgreSQL and the broker both answer."""
+    from memoryproject.celery import app
+
+    checks: dict[str, str] = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as exc:  # readiness reports, it does not raise
+        checks["database"] = f"error: {exc}"
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"error: {exc}"
+    ready = all(value == "ok" for value in checks.values())
+    return JsonResponse({"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503)

@@ -1,0 +1,65 @@
+"""One place that turns errors into HTTP answers, all in the same JSON shape:
+
+    {"error": "<code>", "message": "<readable>", "fields": {"<field>": ["<problem>"]}, ...details}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from memories import errors
+
+STATUS_BY_ERROR: dict[type[errors.ServiceError], int] = {
+    errors.NotFound: status.HTTP_404_NOT_FOUND,
+    errors.InvalidInput: status.HTTP_400_BAD_REQUEST,
+    errors.DuplicateRequest: status.HTTP_409_CONFLICT,
+    errors.AlreadyExists: status.HTTP_409_CONFLICT,
+    errors.IdempotencyKeyReused: status.HTTP_422_UNPROCESSABLE_ENTITY,
+    errors.VersionConflict: status.HTTP_412_PRECONDITION_FAILED,
+}
+
+
+def _body(code: str, message: str, fields: dict[str, Any] | None = None, **extra: Any) -> dict:
+    body: dict[str, Any] = {"error": code, "message": message}
+    if fields:
+        body["fields"] = fields
+    body.update(extra)
+    return body
+
+
+def exception_handler(exc: Exception, context: dict) -> Response | None:
+    if isinstance(exc, errors.ServiceError):
+        details = dict(exc.details)
+        field = details.pop("field", None)
+        fields = {field: [exc.message]} if field and isinstance(exc, errors.InvalidInput) else None
+        return Response(_body(exc.code, exc.message, fields, **details), status=STATUS_BY_ERROR[type(exc)])
+    if isinstance(exc, RequestDataTooBig):
+        return Response(
+            _body("invalid_request", "Request body too large.", {"body": ["Request body too large."]}),
+            status=status.HTTP_400_BAD_REQUEST,
+        )
+    if isinstance(exc, exceptions.ValidationError):
+        fields = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
+        return Response(
+            _body("invalid_request", "Some fields are invalid.", fields),
+            status=status.HTTP_400_BAD_REQUEST,
+        )
+    if isinstance(exc, exceptions.ParseError):
+        return Response(
+            _body("invalid_request", str(exc.detail), {"body": [str(exc.detail)]}),
+            status=status.HTTP_400_BAD_REQUEST,
+        )
+    response = drf_exception_handler(exc, context)
+    if response is not None:
+        detail = response.data.get("detail", "") if isinstance(response.data, dict) else ""
+        code = getattr(getattr(exc, "detail", None), "code", None) or "error"
+        if isinstance(exc, Http404):
+            code = "not_found"
+        response.data = _body(str(code), str(detail))
+    return response

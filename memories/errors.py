@@ -1,0 +1,48 @@
+"""Domain errors: values a user can read. `memories.api_errors` maps each to one HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every error a service raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+
+
+class InvalidInput(ServiceError):
+    """Input that passed the serializer but breaks a rule (`field` names the culprit)."""
+
+    code = "invalid_request"
+
+
+class DuplicateRequest(ServiceError):
+    """The same job is already live; `request_id` and `status` name the original."""
+
+    code = "duplicate_request"
+
+
+class IdempotencyKeyReused(ServiceError):
+    """An Idempotency-Key was sent again with a different body."""
+
+    code = "idempotency_key_reused"
+
+
+class AlreadyExists(ServiceError):
+    code = "already_exists"
+
+
+class VersionConflict(ServiceError):
+    """`If-Match` named a version that is no longer current."""
+
+    code = "version_conflict"

@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from pgvector.django import VectorField
+
+
+class Tenant(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ApiKey(models.Model):
+    """A bearer key of one tenant. Only its SHA-256 is stored; the key is shown once."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=200, blank=True, default="")
+    prefix = models.CharField(max_length=16, help_text="The first characters, to tell keys apart.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.tenant})"
+
+    def is_usable(self, now: timezone.datetime | None = None) -> bool:
+        now = now or timezone.now()
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class EndUser(models.Model):
+    """The person whose memories these are (not a login of this service)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="end_users")
+    external_id = models.CharField(max_length=200, null=True, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "end user"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "external_id"],
+                name="end_user_external_id_unique_per_tenant",
+                condition=Q(external_id__isnull=False),
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.external_id or str(self.id)
+
+
+class MemoryRequest(models.Model):
+    """One memory job: the ledger entry that Celery tasks only point at."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        PROCESSING = "processing"
+        SUCCESS = "success"
+        FAILURE = "failure"
+
+    class Priority(models.TextChoices):
+        NORMAL = "normal"
+        HIGH = "high"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memory_requests")
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="memory_requests")
+    request_hash = models.CharField(max_length=64)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    # True while this request blocks an identical one: pending, processing, or succeeded and not
+    # yet expired. The unique constraints below hold only over such rows, so the database, not a
+    # read-then-write, decides which of two racing identical POSTs wins.
+    holds_idempotency_slot = models.BooleanField(default=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.NORMAL)
+    payload = models.JSONField()
+    # Incremented at every claim: counts attempts (a poison job stops after N) and fences a
+    # worker whose lease was taken over (its final write checks the value it claimed with).
+    attempts = models.PositiveIntegerField(default=0)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    result = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "request_hash"],
+                name="memory_request_live_hash_unique",
+                condition=Q(holds_idempotency_slot=True),
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "idempotency_key"],
+                name="memory_request_live_idempotency_key_unique",
+                condition=Q(holds_idempotency_slot=True, idempotency_key__isnull=False),
+            ),
+        ]
+        indexes = [
+            # The sweeper's scans: only unfinished rows are ever looked at.
+            models.Index(
+                fields=["status", "updated_at"],
+                name="memory_request_unfinished",
+                condition=Q(status__in=["pending", "processing"]),
+            ),
+            models.Index(fields=["expires_at"], name="memory_request_live_expiry",
+                         condition=Q(holds_idempotency_slot=True)),
+        ]  # fmt: skip
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+
+class Memory(models.Model):
+    class Scope(models.TextChoices):
+        USER = "user"
+        TENANT = "tenant"
+        TOPIC = "topic"
+
+    class Type(models.TextChoices):
+        FACT = "fact"
+        PREFERENCE = "preference"
+        CONVERSATION = "conversation"
+        LIST = "list"
+        COUNTER = "counter"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memories")
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="memories")
+    scope = models.CharField(max_length=8, choices=Scope.choices, default=Scope.USER)
+    topic = models.CharField(max_length=200, blank=True, default="")
+    type = models.CharField(max_length=16, choices=Type.choices, default=Type.FACT)
+    content = models.TextField()
+    embedding = VectorField(dimensions=settings.EMBEDDING_DIMENSIONS)
+    content_hash = models.CharField(max_length=64)
+    metadata = models.JSONField(default=dict, blank=True)
+    agent_id = models.CharField(max_length=200, blank=True, default="")
+    session_id = models.CharField(max_length=200, blank=True, default="")
+    version = models.PositiveIntegerField(default=1)
+    vector_clock = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    # A tombstone rather than a row delete, so pull-sync can hand deletions to offline clients.
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "memories"
+        indexes = [
+            # Per-user search is an exact scan of the user's live rows (see ARCHITECTURE.md):
+            # this B-tree finds them; no global ANN index, which would drop the user's matches.
+            models.Index(fields=["user", "created_at"], name="memory_user_live",
+                         condition=Q(deleted_at__isnull=True)),
+            GinIndex(fields=["metadata"], name="memory_metadata_gin"),
+        ]  # fmt: skip
+
+    def __str__(self) -> str:
+        return self.content[:80]
+
+
+class MemoryHistory(models.Model):
+    """Append-only: every ADD / UPDATE / DELETE of a memory, with the content before and after."""
+
+    class Event(models.TextChoices):
+        ADD = "ADD"
+        UPDATE = "UPDATE"
+        DELETE = "DELETE"
+
+    id = models.BigAutoField(primary_key=True)
+    memory = models.ForeignKey(Memory, on_delete=models.CASCADE, related_name="history")
+    event = models.CharField(max_length=8, choices=Event.choices)
+    old_content = models.TextField(null=True, blank=True)
+    new_content = models.TextField(null=True, blank=True)
+    actor = models.CharField(max_length=200, blank=True, default="")
+    request = models.ForeignKey(
+        MemoryRequest, null=True, blank=True, on_delete=models.SET_NULL, related_name="history"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "memory history"
+        ordering = ["id"]
+        indexes = [models.Index(fields=["memory", "id"], name="memory_history_by_memory")]
+
+    def __str__(self) -> str:
+        return f"{self.event} {self.memory_id}"

@@ -1,0 +1,124 @@
+"""Reads. Queries live here so views, tasks and the pipeline share one way of asking."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from django.db import connection
+from django.db.models import Q, QuerySet
+from pgvector.django import CosineDistance
+
+from memories.errors import NotFound
+from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
+
+
+def end_user_get(*, tenant: Tenant, user_id: UUID | str) -> EndUser:
+    """The tenant's user, or NotFound: another tenant's user is indistinguishable from none."""
+    try:
+        return EndUser.objects.get(tenant=tenant, pk=user_id)
+    except (EndUser.DoesNotExist, ValueError, TypeError) as exc:
+        raise NotFound("User not found.", field="user_id") from exc
+
+
+def memory_request_get(*, tenant: Tenant, request_id: UUID | str) -> MemoryRequest:
+    try:
+        return MemoryRequest.objects.get(tenant=tenant, pk=request_id)
+    except (MemoryRequest.DoesNotExist, ValueError) as exc:
+        raise NotFound("Request not found.") from exc
+
+
+def memory_get(*, tenant: Tenant, memory_id: UUID | str) -> Memory:
+    try:
+        return Memory.objects.get(tenant=tenant, pk=memory_id, deleted_at__isnull=True)
+    except (Memory.DoesNotExist, ValueError) as exc:
+        raise NotFound("Memory not found.") from exc
+
+
+def memory_history(*, tenant: Tenant, memory_id: UUID | str) -> QuerySet[MemoryHistory]:
+    # History outlives a delete: the tombstoned memory's story is still readable.
+    if not Memory.objects.filter(tenant=tenant, pk=memory_id).exists():
+        raise NotFound("Memory not found.")
+    return MemoryHistory.objects.filter(memory_id=memory_id).order_by("id")
+
+
+def _apply_filters(queryset: QuerySet[Memory], filters: dict[str, Any]) -> QuerySet[Memory]:
+    for field in ("agent_id", "session_id", "type"):
+        if filters.get(field):
+            queryset = queryset.filter(**{field: filters[field]})
+    if filters.get("metadata"):
+        # JSONB containment, served by the GIN index on metadata.
+        queryset = queryset.filter(metadata__contains=filters["metadata"])
+    return queryset
+
+
+def memory_list(
+    *, user: EndUser, filters: dict[str, Any], cursor: tuple[str, str] | None, limit: int
+) -> list[Memory]:
+    """A page of the user's live memories, newest first, keyset-paginated on (created_at, id)."""
+    queryset = _apply_filters(
+        Memory.objects.filter(user=user, deleted_at__isnull=True), filters
+    ).order_by("-created_at", "-id")
+    if cursor is not None:
+        created_at, memory_id = cursor
+        queryset = queryset.filter(
+            Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=memory_id)
+        )
+    return list(queryset.defer("embedding")[:limit])
+
+
+def memory_search(
+    *,
+    user: EndUser,
+    query_vector: list[float],
+    limit: int,
+    filters: dict[str, Any],
+    threshold: float | None,
+) -> list[Memory]:
+    """The user's true top-k by cosine similarity, computed by pgvector.
+
+    An exact scan of the user's rows (B-tree on user, then distance): no approximate index can
+    drop a match here, whatever the plan. Each result carries `score` = 1 - cosine distance.
+    """
+    queryset = _apply_filters(Memory.objects.filter(user=user, deleted_at__isnull=True), filters)
+    queryset = queryset.annotate(distance=CosineDistance("embedding", query_vector))
+    if threshold is not None:
+        queryset = queryset.filter(distance__lte=1 - threshold)
+    results = list(queryset.order_by("distance", "id").defer("embedding")[:limit])
+    for memory in results:
+        memory.score = 1 - memory.distance
+    return results
+
+
+def memory_nearest_for_many(
+    *, user_id: UUID | str, vectors: list[list[float]], per_vector: int
+) -> list[tuple[str, str]]:
+    """The nearest live memories of the user for every vector at once, in ONE query.
+
+    Returns (memory_id, content) pairs, de-duplicated, closest first for the first vector, then the
+    next, so the LLM sees each memory once.
+    """
+    if not vectors:
+        return []
+    literals = ["[" + ",".join(f"{x:.7g}" for x in vector) + "]" for vector in vectors]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT f.ord, m.id, m.content
+            FROM unnest(%s::text[]) WITH ORDINALITY AS f(vec, ord)
+            CROSS JOIN LATERAL (
+                SELECT id, content, embedding <=> f.vec::vector AS distance
+                FROM memories_memory
+                WHERE user_id = %s AND deleted_at IS NULL
+                ORDER BY distance
+                LIMIT %s
+            ) AS m
+            ORDER BY f.ord, m.distance
+            """,
+            [literals, str(user_id), per_vector],
+        )
+        rows = cursor.fetchall()
+    seen: dict[str, str] = {}
+    for _, memory_id, content in rows:
+        seen.setdefault(str(memory_id), content)
+    return list(seen.items())

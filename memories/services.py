@@ -1,0 +1,466 @@
+"""Writes. Every function here is the one place its change is made; views and tasks call these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from memories.auth import hash_api_key
+from memories.errors import (
+    AlreadyExists,
+    DuplicateRequest,
+    IdempotencyKeyReused,
+    NotFound,
+    VersionConflict,
+)
+from memories.models import ApiKey, EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
+from memories.providers import Embedder
+from tasks.memory_jobs import enqueue_memory_request
+
+logger = logging.getLogger(__name__)
+
+
+def content_hash(content: str) -> str:
+    return hashlib.sha256(content.strip().lower().encode()).hexdigest()
+
+
+# --- Tenants, keys and users ---------------------------------------------------------------------
+
+
+def tenant_get_or_create(*, name: str) -> Tenant:
+    tenant, _ = Tenant.objects.get_or_create(name=name)
+    return tenant
+
+
+def api_key_create(
+    *, tenant: Tenant, name: str = "", expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
+    """Create a key and return it with its raw value, which is never stored and never shown again."""
+    raw_key = f"mem_{secrets.token_urlsafe(32)}"
+    api_key = ApiKey.objects.create(
+        tenant=tenant,
+        name=name,
+        prefix=raw_key[:12],
+        key_hash=hash_api_key(raw_key),
+        expires_at=expires_at,
+    )
+    return api_key, raw_key
+
+
+def end_user_create(
+    *, tenant: Tenant, external_id: str | None = None, metadata: dict[str, Any] | None = None
+) -> EndUser:
+    try:
+        with transaction.atomic():
+            return EndUser.objects.create(
+                tenant=tenant, external_id=external_id, metadata=metadata or {}
+            )
+    except IntegrityError as exc:
+        raise AlreadyExists(
+            f"A user with external_id {external_id!r} already exists.", field="external_id"
+        ) from exc
+
+
+@transaction.atomic
+def end_user_delete(*, user: EndUser) -> int:
+    """Delete a user with every memory, request and history row of theirs; returns memories removed."""
+    removed = Memory.objects.filter(user=user).count()
+    user.delete()
+    return removed
+
+
+# --- Memory jobs ---------------------------------------------------------------------------------
+
+
+def memory_request_hash(*, user: EndUser, payload: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of what makes two jobs the same job."""
+    identity = {
+        "user_id": str(user.id),
+        "messages": payload["messages"],
+        "metadata": payload.get("metadata") or {},
+        "options": {
+            "agent_id": payload.get("agent_id") or "",
+            "session_id": payload.get("session_id") or "",
+            "infer": payload.get("infer", True),
+        },
+    }
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _release_expired_slots(*, user: EndUser, request_hash: str, idempotency_key: str | None) -> None:
+    # Expiry is lazy: a request past its TTL stops blocking a duplicate the moment one arrives,
+    # without waiting for the beat sweep.
+    expired = MemoryRequest.objects.filter(holds_idempotency_slot=True, expires_at__lte=timezone.now())
+    expired.filter(user=user, request_hash=request_hash).update(holds_idempotency_slot=False)
+    if idempotency_key:
+        expired.filter(tenant_id=user.tenant_id, idempotency_key=idempotency_key).update(
+            holds_idempotency_slot=False
+        )
+
+
+def memory_request_submit(
+    *,
+    user: EndUser,
+    payload: dict[str, Any],
+    priority: str = MemoryRequest.Priority.NORMAL,
+    idempotency_key: str | None = None,
+) -> MemoryRequest:
+    """Record a memory job and ring the worker once the row is committed.
+
+    Raises DuplicateRequest when the same job (same user and body, or same Idempotency-Key and
+    body) is pending, processing or succeeded and not expired; IdempotencyKeyReused when the key
+    is live with a different body. Exactly one of two racing identical submissions wins: the
+    partial unique constraints decide.
+    """
+    request_hash = memory_request_hash(user=user, payload=payload)
+    now = timezone.now()
+    with transaction.atomic():
+        _release_expired_slots(user=user, request_hash=request_hash, idempotency_key=idempotency_key)
+        try:
+            with transaction.atomic():
+                memory_request = MemoryRequest.objects.create(
+                    tenant_id=user.tenant_id,
+                    user=user,
+                    request_hash=request_hash,
+                    idempotency_key=idempotency_key,
+                    priority=priority,
+                    payload=payload,
+                    expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
+                )
+        except IntegrityError:
+            _raise_for_live_duplicate(
+                user=user, request_hash=request_hash, idempotency_key=idempotency_key
+            )
+            raise
+        transaction.on_commit(lambda: enqueue_memory_request(memory_request), robust=True)
+    return memory_request
+
+
+def _raise_for_live_duplicate(
+    *, user: EndUser, request_hash: str, idempotency_key: str | None
+) -> None:
+    live = MemoryRequest.objects.filter(holds_idempotency_slot=True)
+    if idempotency_key:
+        by_key = live.filter(tenant_id=user.tenant_id, idempotency_key=idempotency_key).first()
+        if by_key is not None and by_key.request_hash != request_hash:
+            raise IdempotencyKeyReused(
+                "This Idempotency-Key was used with a different request body.",
+                request_id=str(by_key.id),
+            )
+        if by_key is not None:
+            raise DuplicateRequest(
+                "This request was already accepted.", request_id=str(by_key.id), status=by_key.status
+            )
+    original = live.filter(user=user, request_hash=request_hash).first()
+    if original is not None:
+        raise DuplicateRequest(
+            "This request was already accepted.", request_id=str(original.id), status=original.status
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on a request: `token` is the attempt number it claimed with."""
+
+    request_id: str
+    token: int
+
+
+def memory_request_claim(*, request_id: str) -> Claim | None:
+    """Take the request for processing, or return None when there is nothing to do.
+
+    Claimable: `pending`, or `processing` whose lease ran out (its worker died). Anything else is a
+    duplicate delivery and a no-op. A request that already used all its attempts ends as
+    `failure` here, so a job that keeps killing its worker stops looping.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        memory_request = MemoryRequest.objects.select_for_update().filter(pk=request_id).first()
+        if memory_request is None:
+            logger.warning("memory request %s does not exist; delivery dropped", request_id)
+            return None
+        status = memory_request.status
+        lease_lapsed = memory_request.lease_until is None or memory_request.lease_until <= now
+        if not (status == MemoryRequest.Status.PENDING or (status == "processing" and lease_lapsed)):
+            return None
+        if memory_request.attempts >= settings.MEMORY_JOB_MAX_ATTEMPTS:
+            last_error = memory_request.error or "the worker stopped while running it"
+            _finish_failure(
+                memory_request,
+                f"Gave up after {memory_request.attempts} attempts; last error: {last_error}",
+            )
+            return None
+        memory_request.status = MemoryRequest.Status.PROCESSING
+        memory_request.attempts += 1
+        memory_request.lease_until = now + timedelta(seconds=settings.MEMORY_JOB_LEASE_SECONDS)
+        memory_request.save(update_fields=["status", "attempts", "lease_until", "updated_at"])
+        return Claim(request_id=str(memory_request.id), token=memory_request.attempts)
+
+
+def memory_request_renew_lease(*, claim: Claim) -> bool:
+    """Extend the lease; False means it was taken over and the worker must not commit."""
+    renewed = MemoryRequest.objects.filter(
+        pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token
+    ).update(lease_until=timezone.now() + timedelta(seconds=settings.MEMORY_JOB_LEASE_SECONDS))
+    return renewed == 1
+
+
+def _finish_failure(memory_request: MemoryRequest, error: str) -> None:
+    memory_request.status = MemoryRequest.Status.FAILURE
+    memory_request.error = error[:4000]
+    memory_request.lease_until = None
+    memory_request.finished_at = timezone.now()
+    # A failed request may be sent again: it stops blocking duplicates.
+    memory_request.holds_idempotency_slot = False
+    memory_request.save()
+
+
+def memory_request_record_error(*, claim: Claim, error: str) -> bool:
+    """Record a failed attempt. Returns True when the request will be retried (back to `pending`),
+    False when it is final (`failure`) or the claim was lost meanwhile."""
+    with transaction.atomic():
+        memory_request = (
+            MemoryRequest.objects.select_for_update()
+            .filter(pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token)
+            .first()
+        )
+        if memory_request is None:
+            return False
+        if memory_request.attempts >= settings.MEMORY_JOB_MAX_ATTEMPTS:
+            _finish_failure(
+                memory_request, f"Failed after {memory_request.attempts} attempts: {error}"
+            )
+            return False
+        memory_request.status = MemoryRequest.Status.PENDING
+        memory_request.error = error[:4000]
+        memory_request.lease_until = None
+        memory_request.save(update_fields=["status", "error", "lease_until", "updated_at"])
+        return True
+
+
+def memory_request_retry(*, memory_request: MemoryRequest) -> MemoryRequest:
+    """Send a failed request again (the admin's retry): a fresh set of attempts."""
+    with transaction.atomic():
+        locked = MemoryRequest.objects.select_for_update().get(pk=memory_request.pk)
+        if locked.status != MemoryRequest.Status.FAILURE:
+            return locked
+        if (
+            MemoryRequest.objects.filter(
+                user_id=locked.user_id, request_hash=locked.request_hash, holds_idempotency_slot=True
+            )
+            .exclude(pk=locked.pk)
+            .exists()
+        ):
+            raise DuplicateRequest("An identical request is live already.")
+        locked.status = MemoryRequest.Status.PENDING
+        locked.attempts = 0
+        locked.error = ""
+        locked.finished_at = None
+        locked.holds_idempotency_slot = True
+        locked.save()
+        transaction.on_commit(lambda: enqueue_memory_request(locked), robust=True)
+    return locked
+
+
+def memory_requests_due_for_resend(*, now: datetime | None = None) -> list[MemoryRequest]:
+    """Requests whose doorbell was lost: `pending` past the grace period (broker lost the message,
+    or the process died between commit and publish), and `processing` whose lease ran out."""
+    now = now or timezone.now()
+    grace = now - timedelta(seconds=settings.MEMORY_PENDING_GRACE_SECONDS)
+    due = list(
+        MemoryRequest.objects.filter(
+            Q(status=MemoryRequest.Status.PENDING, updated_at__lt=grace)
+            | Q(status=MemoryRequest.Status.PROCESSING, lease_until__lt=now)
+        ).order_by("created_at")[:1000]
+    )
+    # Touch them so the next sweep waits another grace period before sending again.
+    MemoryRequest.objects.filter(
+        pk__in=[r.pk for r in due], status=MemoryRequest.Status.PENDING
+    ).update(updated_at=now)
+    return due
+
+
+def memory_requests_expire(*, now: datetime | None = None) -> int:
+    """Stop expired requests from blocking duplicates; their status stays readable."""
+    return MemoryRequest.objects.filter(
+        holds_idempotency_slot=True, expires_at__lte=now or timezone.now()
+    ).update(holds_idempotency_slot=False)
+
+
+# --- Memories ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedChange:
+    """One change the pipeline decided, with UUIDs already mapped back from the LLM's integers."""
+
+    event: str  # ADD | UPDATE | DELETE
+    memory_id: str | None
+    content: str | None
+    embedding: list[float] | None
+
+
+class LeaseLost(Exception):
+    """Another worker took the request over; this worker's changes must not commit."""
+
+
+def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> list[dict[str, Any]]:
+    """Apply the changes, their history and `success` in ONE transaction, fenced by the claim.
+
+    A crash before the commit leaves the request claimable again; after it, a redelivered task
+    finds `success` and does nothing. Raises LeaseLost when the claim was taken over.
+    """
+    with transaction.atomic():
+        memory_request = (
+            MemoryRequest.objects.select_for_update()
+            .select_related("user")
+            .filter(pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token)
+            .first()
+        )
+        if memory_request is None:
+            raise LeaseLost(claim.request_id)
+        payload = memory_request.payload
+        events: list[dict[str, Any]] = []
+        for change in changes:
+            event = _apply_change(memory_request=memory_request, payload=payload, change=change)
+            if event is not None:
+                events.append(event)
+        memory_request.status = MemoryRequest.Status.SUCCESS
+        memory_request.result = events
+        memory_request.error = ""
+        memory_request.lease_until = None
+        memory_request.finished_at = timezone.now()
+        memory_request.save()
+    return events
+
+
+def _apply_change(
+    *, memory_request: MemoryRequest, payload: dict[str, Any], change: PlannedChange
+) -> dict[str, Any] | None:
+    actor = payload.get("agent_id") or "memory-job"
+    if change.event == "ADD":
+        memory = Memory.objects.create(
+            tenant_id=memory_request.tenant_id,
+            user=memory_request.user,
+            content=change.content,
+            embedding=change.embedding,
+            content_hash=content_hash(change.content),
+            metadata=payload.get("metadata") or {},
+            agent_id=payload.get("agent_id") or "",
+            session_id=payload.get("session_id") or "",
+        )
+        MemoryHistory.objects.create(
+            memory=memory, event="ADD", new_content=memory.content, actor=actor,
+            request=memory_request,
+        )  # fmt: skip
+        return {"event": "ADD", "memory_id": str(memory.id), "content": memory.content,
+                "previous_content": None}  # fmt: skip
+    memory = (
+        Memory.objects.select_for_update()
+        .filter(pk=change.memory_id, user=memory_request.user, deleted_at__isnull=True)
+        .first()
+    )
+    if memory is None:
+        # Deleted or changed by someone else since the decision was made: nothing to apply.
+        logger.info("memory %s vanished before %s; skipped", change.memory_id, change.event)
+        return None
+    previous = memory.content
+    if change.event == "UPDATE":
+        _memory_write_content(memory=memory, content=change.content, embedding=change.embedding)
+        MemoryHistory.objects.create(
+            memory=memory, event="UPDATE", old_content=previous, new_content=memory.content,
+            actor=actor, request=memory_request,
+        )  # fmt: skip
+        return {"event": "UPDATE", "memory_id": str(memory.id), "content": memory.content,
+                "previous_content": previous}  # fmt: skip
+    _memory_tombstone(memory=memory)
+    MemoryHistory.objects.create(
+        memory=memory, event="DELETE", old_content=previous, actor=actor, request=memory_request
+    )
+    return {"event": "DELETE", "memory_id": str(memory.id), "content": None,
+            "previous_content": previous}  # fmt: skip
+
+
+def _memory_write_content(*, memory: Memory, content: str, embedding: list[float]) -> None:
+    memory.content = content
+    memory.embedding = embedding
+    memory.content_hash = content_hash(content)
+    memory.version += 1
+    memory.save()
+
+
+def _memory_tombstone(*, memory: Memory) -> None:
+    memory.deleted_at = timezone.now()
+    memory.version += 1
+    memory.save()
+
+
+def memories_create_direct(
+    *, memory_request: MemoryRequest, texts: list[str], embedder: Embedder
+) -> list[PlannedChange]:
+    """`infer: false`: every message becomes a memory as it is, with no LLM call."""
+    vectors = embedder.embed(texts) if texts else []
+    return [
+        PlannedChange(event="ADD", memory_id=None, content=text, embedding=vector)
+        for text, vector in zip(texts, vectors, strict=True)
+    ]
+
+
+def memory_update(
+    *,
+    memory: Memory,
+    embedder: Embedder,
+    content: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    expected_version: int | None = None,
+    actor: str = "api",
+) -> Memory:
+    """A correction, applied synchronously: embedding, update, history in one transaction.
+
+    `expected_version` (from If-Match) guards against overwriting a change the caller has not
+    seen: a stale version raises VersionConflict and changes nothing.
+    """
+    embedding = embedder.embed([content])[0] if content is not None else None
+    with transaction.atomic():
+        locked = Memory.objects.select_for_update().filter(pk=memory.pk, deleted_at__isnull=True).first()
+        if locked is None:
+            raise NotFound("Memory not found.")
+        if expected_version is not None and locked.version != expected_version:
+            raise VersionConflict(
+                f"Memory is at version {locked.version}, not {expected_version}.",
+                current_version=locked.version,
+            )
+        previous = locked.content
+        if metadata is not None:
+            locked.metadata = metadata
+        if content is not None:
+            _memory_write_content(memory=locked, content=content, embedding=embedding)
+        else:
+            locked.version += 1
+            locked.save()
+        MemoryHistory.objects.create(
+            memory=locked, event="UPDATE", old_content=previous, new_content=locked.content,
+            actor=actor,
+        )  # fmt: skip
+    return locked
+
+
+def memory_delete(*, memory: Memory, actor: str = "api") -> None:
+    with transaction.atomic():
+        locked = Memory.objects.select_for_update().filter(pk=memory.pk, deleted_at__isnull=True).first()
+        if locked is None:
+            raise NotFound("Memory not found.")
+        previous = locked.content
+        _memory_tombstone(memory=locked)
+        MemoryHistory.objects.create(memory=locked, event="DELETE", old_content=previous, actor=actor)

@@ -1,0 +1,54 @@
+"""Memory jobs. The task is a doorbell: PostgreSQL holds the job, the task only names it."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from celery import shared_task
+from django.conf import settings
+
+from tasks.queues import Queue
+
+if TYPE_CHECKING:
+    from memories.models import MemoryRequest
+
+logger = logging.getLogger(__name__)
+
+
+def enqueue_memory_request(memory_request: MemoryRequest) -> None:
+    """Send the job's task, named after the request so the broker can tell duplicates apart.
+
+    Called on commit. If the broker is unreachable the request stays `pending` and the sweeper
+    sends it later, so a failure here is logged, never raised into the HTTP response.
+    """
+    queue = Queue.HIGH if memory_request.priority == "high" else Queue.DEFAULT
+    try:
+        process_memory_request.apply_async(
+            args=[str(memory_request.id)], task_id=str(memory_request.id), queue=queue.value
+        )
+    except Exception:
+        logger.exception("could not send memory request %s; the sweeper will", memory_request.id)
+
+
+@shared_task(
+    name="tasks.memory_jobs.process_memory_request",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,  # attempts are bounded in the database (MEMORY_JOB_MAX_ATTEMPTS)
+)
+def process_memory_request(self, request_id: str) -> str:  # noqa: ANN001
+    """Run one memory job.
+
+    On redelivery (duplicate message, worker crash, sweeper resend) it is a no-op unless the
+    request is still claimable; a failed attempt goes back to `pending` and is retried with
+    exponential backoff until the attempts run out, then ends as `failure`.
+    """
+    from memories.pipeline import memory_request_run
+
+    outcome = memory_request_run(request_id=request_id)
+    if outcome == "retry":
+        countdown = settings.MEMORY_JOB_RETRY_BACKOFF_SECONDS * (2 ** self.request.retries)
+        raise self.retry(countdown=countdown)
+    return outcome

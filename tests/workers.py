@@ -1,0 +1,68 @@
+"""Real Celery worker processes for integration tests (no eager mode)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def database_url_for(settings_dict: dict[str, Any]) -> str:
+    """A URL for the database this test process uses (pytest-django's test_ copy)."""
+    host = quote(settings_dict["HOST"] or "", safe="")
+    port = settings_dict.get("PORT") or 5432
+    password = f":{settings_dict['PASSWORD']}" if settings_dict.get("PASSWORD") else ""
+    return f"postgresql://{settings_dict['USER']}{password}@{host}:{port}/{settings_dict['NAME']}"
+
+
+class CeleryWorker:
+    """One `celery worker` process (its own process group, so SIGKILL takes its children too)."""
+
+    def __init__(self, env: dict[str, str], queues: str = "high,default,batch") -> None:
+        self.env = env
+        self.queues = queues
+        self.process: subprocess.Popen | None = None
+        self.log = Path(tempfile.mkstemp(prefix="celery-worker-", suffix=".log")[1])
+
+    def start(self, timeout: float = 60) -> None:
+        command = [
+            sys.executable, "-m", "celery", "-A", "memoryproject", "worker",
+            "-Q", self.queues, "--concurrency", "1", "--pool", "prefork",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"test-{os.getpid()}-{time.monotonic_ns()}@%h", "--loglevel", "INFO",
+        ]  # fmt: skip
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                command, cwd=BASE_DIR, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while " ready." not in self.output():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"celery worker exited early:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"celery worker not ready in {timeout}s:\n{self.output()}")
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children): a crash, not a shutdown."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM: Celery's warm shutdown."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=timeout)
