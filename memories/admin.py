@@ -22,7 +22,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     fields = ["tenant", "name", "expires_at", "revoked_at", "prefix", "created_at"]
     readonly_fields = ["prefix", "created_at"]
 
-    def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:  # noqa: ANN001
+    def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
             return
@@ -32,9 +32,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
         obj.pk, obj.prefix, obj.key_hash = api_key.pk, api_key.prefix, api_key.key_hash
         # The only time the key is visible: it is stored hashed.
         self.message_user(
-            request, f"New API key (copy it now, it will not be shown again): {raw_key}",
+            request,
+            f"New API key (copy it now, it will not be shown again): {raw_key}",
             messages.WARNING,
-        )  # fmt: skip
+        )
 
 
 @admin.register(EndUser)
@@ -60,7 +61,14 @@ class MemoryRequestAdmin(admin.ModelAdmin):
     list_filter = ["status", "priority"]
     search_fields = ["id", "user__id", "user__external_id"]
     raw_id_fields = ["user"]
-    readonly_fields = ["request_hash", "attempts", "lease_until", "result", "created_at", "updated_at"]
+    readonly_fields = [
+        "request_hash",
+        "attempts",
+        "lease_until",
+        "result",
+        "created_at",
+        "updated_at",
+    ]
     actions = ["retry_failed"]
 
     @admin.action(description="Retry the selected failed requests")
@@ -84,5 +92,5 @@ class MemoryHistoryAdmin(admin.ModelAdmin):
     search_fields = ["memory__id", "old_content", "new_content"]
     raw_id_fields = ["memory", "request"]
 
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:  # noqa: ANN001
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
         return False  # append-only

@@ -33,7 +33,7 @@ class TenantApi(APIView):
             )
 
     @property
-    def tenant(self):  # noqa: ANN201
+    def tenant(self):
         return self.request.user.tenant
 
 
@@ -84,7 +84,9 @@ class UserDetailApi(TenantApi):
 
 class MessageInput(serializers.Serializer):
     role = serializers.ChoiceField(choices=["user", "assistant", "system", "tool"])
-    content = serializers.CharField(max_length=settings.MEMORY_MAX_CONTENT_CHARS, trim_whitespace=False)
+    content = serializers.CharField(
+        max_length=settings.MEMORY_MAX_CONTENT_CHARS, trim_whitespace=False
+    )
 
 
 class MemoryRequestOutput(serializers.Serializer):
@@ -138,10 +140,16 @@ class MemoryCollectionApi(TenantApi):
 
     class InputSerializer(serializers.Serializer):
         user_id = serializers.UUIDField()
-        messages = MessageInput(many=True, allow_empty=False, max_length=settings.MEMORY_MAX_MESSAGES)
+        messages = MessageInput(
+            many=True, allow_empty=False, max_length=settings.MEMORY_MAX_MESSAGES
+        )
         metadata = serializers.DictField(required=False, default=dict)
-        agent_id = serializers.CharField(required=False, default="", allow_blank=True, max_length=200)
-        session_id = serializers.CharField(required=False, default="", allow_blank=True, max_length=200)
+        agent_id = serializers.CharField(
+            required=False, default="", allow_blank=True, max_length=200
+        )
+        session_id = serializers.CharField(
+            required=False, default="", allow_blank=True, max_length=200
+        )
         priority = serializers.ChoiceField(choices=MemoryRequest.Priority.choices, default="normal")
         infer = serializers.BooleanField(default=True)
 
@@ -155,7 +163,9 @@ class MemoryCollectionApi(TenantApi):
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         idempotency_key = request.headers.get("Idempotency-Key") or None
         if idempotency_key is not None and len(idempotency_key) > 255:
-            raise InvalidInput("Idempotency-Key is longer than 255 characters.", field="Idempotency-Key")
+            raise InvalidInput(
+                "Idempotency-Key is longer than 255 characters.", field="Idempotency-Key"
+            )
         payload = {
             "messages": [dict(m) for m in data["messages"]],
             "metadata": data["metadata"],
@@ -181,13 +191,17 @@ class MemoryCollectionApi(TenantApi):
         data = _validated(self.ListInput, params)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         cursor = _decode_cursor(data["cursor"]) if data.get("cursor") else None
-        page = selectors.memory_list(user=user, filters=data, cursor=cursor, limit=data["limit"] + 1)
+        page = selectors.memory_list(
+            user=user, filters=data, cursor=cursor, limit=data["limit"] + 1
+        )
         has_more = len(page) > data["limit"]
         page = page[: data["limit"]]
-        return Response({
-            "results": MemoryOutput(page, many=True).data,
-            "next_cursor": _encode_cursor(page[-1]) if has_more else None,
-        })  # fmt: skip
+        return Response(
+            {
+                "results": MemoryOutput(page, many=True).data,
+                "next_cursor": _encode_cursor(page[-1]) if has_more else None,
+            }
+        )
 
 
 class MemoryRequestStatusApi(TenantApi):
@@ -201,7 +215,9 @@ class MemoryRequestStatusApi(TenantApi):
 
 class MemoryDetailApi(TenantApi):
     class UpdateInput(serializers.Serializer):
-        content = serializers.CharField(required=False, max_length=settings.MEMORY_MAX_CONTENT_CHARS)
+        content = serializers.CharField(
+            required=False, max_length=settings.MEMORY_MAX_CONTENT_CHARS
+        )
         metadata = serializers.DictField(required=False)
 
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +269,9 @@ class MemoryHistoryApi(TenantApi):
 
     def get(self, request: Request, memory_id: str) -> Response:
         history = selectors.memory_history(tenant=self.tenant, memory_id=memory_id)
-        return Response({"memory_id": memory_id, "history": self.OutputSerializer(history, many=True).data})
+        return Response(
+            {"memory_id": memory_id, "history": self.OutputSerializer(history, many=True).data}
+        )
 
 
 class MemorySearchApi(TenantApi):
@@ -262,7 +280,9 @@ class MemorySearchApi(TenantApi):
         query = serializers.CharField(max_length=settings.MEMORY_MAX_CONTENT_CHARS)
         limit = serializers.IntegerField(default=10, min_value=1, max_value=100)
         filters = FiltersInput(required=False, default=dict)
-        threshold = serializers.FloatField(required=False, allow_null=True, min_value=-1, max_value=1)
+        threshold = serializers.FloatField(
+            required=False, allow_null=True, min_value=-1, max_value=1
+        )
 
     class OutputSerializer(MemoryOutput):
         score = serializers.FloatField()
@@ -305,4 +325,6 @@ def readyz(request: Any) -> JsonResponse:
     except Exception as exc:
         checks["broker"] = f"error: {exc}"
     ready = all(value == "ok" for value in checks.values())
-    return JsonResponse({"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503)
+    return JsonResponse(
+        {"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503
+    )

@@ -1,6 +1,6 @@
 """One place that turns errors into HTTP answers, all in the same JSON shape:
 
-    {"error": "<code>", "message": "<readable>", "fields": {"<field>": ["<problem>"]}, ...details}
+{"error": "<code>", "message": "<readable>", "fields": {"<field>": ["<problem>"]}, ...details}
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         details = dict(exc.details)
         field = details.pop("field", None)
         fields = {field: [exc.message]} if field and isinstance(exc, errors.InvalidInput) else None
-        return Response(_body(exc.code, exc.message, fields, **details), status=STATUS_BY_ERROR[type(exc)])
+        return Response(
+            _body(exc.code, exc.message, fields, **details), status=STATUS_BY_ERROR[type(exc)]
+        )
     if isinstance(exc, RequestDataTooBig):
         return Response(
-            _body("invalid_request", "Request body too large.", {"body": ["Request body too large."]}),
+            _body(
+                "invalid_request", "Request body too large.", {"body": ["Request body too large."]}
+            ),
             status=status.HTTP_400_BAD_REQUEST,
         )
     if isinstance(exc, exceptions.ValidationError):

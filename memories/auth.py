@@ -27,7 +27,7 @@ class TenantPrincipal:
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
-    def authenticate(self, request):  # noqa: ANN001, ANN201 - DRF's signature
+    def authenticate(self, request):
         header = authentication.get_authorization_header(request).decode(errors="replace")
         if not header:
             return None
@@ -43,6 +43,6 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("Invalid, revoked or expired API key.")
         return TenantPrincipal(tenant=api_key.tenant, api_key=api_key), api_key
 
-    def authenticate_header(self, request) -> str:  # noqa: ANN001
+    def authenticate_header(self, request) -> str:
         # Having a value here makes DRF answer 401 (not 403) when the key is missing.
         return 'Bearer realm="memory"'

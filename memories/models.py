@@ -118,9 +118,12 @@ class MemoryRequest(models.Model):
                 name="memory_request_unfinished",
                 condition=Q(status__in=["pending", "processing"]),
             ),
-            models.Index(fields=["expires_at"], name="memory_request_live_expiry",
-                         condition=Q(holds_idempotency_slot=True)),
-        ]  # fmt: skip
+            models.Index(
+                fields=["expires_at"],
+                name="memory_request_live_expiry",
+                condition=Q(holds_idempotency_slot=True),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.id} ({self.status})"
@@ -163,10 +166,13 @@ class Memory(models.Model):
         indexes = [
             # Per-user search is an exact scan of the user's live rows (see ARCHITECTURE.md):
             # this B-tree finds them; no global ANN index, which would drop the user's matches.
-            models.Index(fields=["user", "created_at"], name="memory_user_live",
-                         condition=Q(deleted_at__isnull=True)),
+            models.Index(
+                fields=["user", "created_at"],
+                name="memory_user_live",
+                condition=Q(deleted_at__isnull=True),
+            ),
             GinIndex(fields=["metadata"], name="memory_metadata_gin"),
-        ]  # fmt: skip
+        ]
 
     def __str__(self) -> str:
         return self.content[:80]

@@ -97,7 +97,9 @@ def plan_changes(
         if decision.event == "ADD":
             if decision.text:
                 changes.append(
-                    services.PlannedChange("ADD", None, decision.text, vector_by_text[decision.text])
+                    services.PlannedChange(
+                        "ADD", None, decision.text, vector_by_text[decision.text]
+                    )
                 )
             continue
         memory_id = id_by_number.get(decision.memory_id) if decision.memory_id else None
@@ -109,14 +111,17 @@ def plan_changes(
             )
             continue
         if memory_id in targeted:
-            logger.warning("request %s: memory %s targeted twice; second ignored",
-                           memory_request.id, memory_id)  # fmt: skip
+            logger.warning(
+                "request %s: memory %s targeted twice; second ignored", memory_request.id, memory_id
+            )
             continue
         targeted.add(memory_id)
         if decision.event == "UPDATE" and decision.text:
-            changes.append(services.PlannedChange(
-                "UPDATE", memory_id, decision.text, vector_by_text[decision.text]
-            ))  # fmt: skip
+            changes.append(
+                services.PlannedChange(
+                    "UPDATE", memory_id, decision.text, vector_by_text[decision.text]
+                )
+            )
         elif decision.event == "DELETE":
             changes.append(services.PlannedChange("DELETE", memory_id, None, None))
     return changes
@@ -174,8 +179,10 @@ def memory_request_run(*, request_id: str) -> str:
         return "skipped"
     except Exception as exc:  # every failure is an attempt: bounded by MEMORY_JOB_MAX_ATTEMPTS
         logger.exception("request %s attempt %s failed", request_id, claim.token)
-        # A killed database connection must not poison the next statement of this worker.
-        connection.close_if_unusable_or_obsolete()
+        # A killed database connection must not poison the next statement of this worker
+        # (never close one that an enclosing transaction still holds, though).
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
         error = f"{type(exc).__name__}: {exc}"
         will_retry = services.memory_request_record_error(claim=claim, error=error)
         return "retry" if will_retry else "failed"

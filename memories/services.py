@@ -45,7 +45,7 @@ def tenant_get_or_create(*, name: str) -> Tenant:
 def api_key_create(
     *, tenant: Tenant, name: str = "", expires_at: datetime | None = None
 ) -> tuple[ApiKey, str]:
-    """Create a key and return it with its raw value, which is never stored and never shown again."""
+    """Create a key; return it with its raw value, which is never stored nor shown again."""
     raw_key = f"mem_{secrets.token_urlsafe(32)}"
     api_key = ApiKey.objects.create(
         tenant=tenant,
@@ -73,7 +73,7 @@ def end_user_create(
 
 @transaction.atomic
 def end_user_delete(*, user: EndUser) -> int:
-    """Delete a user with every memory, request and history row of theirs; returns memories removed."""
+    """Delete a user with all their memories, requests and history; returns memories removed."""
     removed = Memory.objects.filter(user=user).count()
     user.delete()
     return removed
@@ -98,10 +98,14 @@ def memory_request_hash(*, user: EndUser, payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _release_expired_slots(*, user: EndUser, request_hash: str, idempotency_key: str | None) -> None:
+def _release_expired_slots(
+    *, user: EndUser, request_hash: str, idempotency_key: str | None
+) -> None:
     # Expiry is lazy: a request past its TTL stops blocking a duplicate the moment one arrives,
     # without waiting for the beat sweep.
-    expired = MemoryRequest.objects.filter(holds_idempotency_slot=True, expires_at__lte=timezone.now())
+    expired = MemoryRequest.objects.filter(
+        holds_idempotency_slot=True, expires_at__lte=timezone.now()
+    )
     expired.filter(user=user, request_hash=request_hash).update(holds_idempotency_slot=False)
     if idempotency_key:
         expired.filter(tenant_id=user.tenant_id, idempotency_key=idempotency_key).update(
@@ -126,7 +130,9 @@ def memory_request_submit(
     request_hash = memory_request_hash(user=user, payload=payload)
     now = timezone.now()
     with transaction.atomic():
-        _release_expired_slots(user=user, request_hash=request_hash, idempotency_key=idempotency_key)
+        _release_expired_slots(
+            user=user, request_hash=request_hash, idempotency_key=idempotency_key
+        )
         try:
             with transaction.atomic():
                 memory_request = MemoryRequest.objects.create(
@@ -160,12 +166,16 @@ def _raise_for_live_duplicate(
             )
         if by_key is not None:
             raise DuplicateRequest(
-                "This request was already accepted.", request_id=str(by_key.id), status=by_key.status
+                "This request was already accepted.",
+                request_id=str(by_key.id),
+                status=by_key.status,
             )
     original = live.filter(user=user, request_hash=request_hash).first()
     if original is not None:
         raise DuplicateRequest(
-            "This request was already accepted.", request_id=str(original.id), status=original.status
+            "This request was already accepted.",
+            request_id=str(original.id),
+            status=original.status,
         )
 
 
@@ -192,7 +202,9 @@ def memory_request_claim(*, request_id: str) -> Claim | None:
             return None
         status = memory_request.status
         lease_lapsed = memory_request.lease_until is None or memory_request.lease_until <= now
-        if not (status == MemoryRequest.Status.PENDING or (status == "processing" and lease_lapsed)):
+        if not (
+            status == MemoryRequest.Status.PENDING or (status == "processing" and lease_lapsed)
+        ):
             return None
         if memory_request.attempts >= settings.MEMORY_JOB_MAX_ATTEMPTS:
             last_error = memory_request.error or "the worker stopped while running it"
@@ -232,7 +244,9 @@ def memory_request_record_error(*, claim: Claim, error: str) -> bool:
     with transaction.atomic():
         memory_request = (
             MemoryRequest.objects.select_for_update()
-            .filter(pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token)
+            .filter(
+                pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token
+            )
             .first()
         )
         if memory_request is None:
@@ -257,7 +271,9 @@ def memory_request_retry(*, memory_request: MemoryRequest) -> MemoryRequest:
             return locked
         if (
             MemoryRequest.objects.filter(
-                user_id=locked.user_id, request_hash=locked.request_hash, holds_idempotency_slot=True
+                user_id=locked.user_id,
+                request_hash=locked.request_hash,
+                holds_idempotency_slot=True,
             )
             .exclude(pk=locked.pk)
             .exists()
@@ -325,7 +341,9 @@ def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> li
         memory_request = (
             MemoryRequest.objects.select_for_update()
             .select_related("user")
-            .filter(pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token)
+            .filter(
+                pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token
+            )
             .first()
         )
         if memory_request is None:
@@ -361,11 +379,18 @@ def _apply_change(
             session_id=payload.get("session_id") or "",
         )
         MemoryHistory.objects.create(
-            memory=memory, event="ADD", new_content=memory.content, actor=actor,
+            memory=memory,
+            event="ADD",
+            new_content=memory.content,
+            actor=actor,
             request=memory_request,
-        )  # fmt: skip
-        return {"event": "ADD", "memory_id": str(memory.id), "content": memory.content,
-                "previous_content": None}  # fmt: skip
+        )
+        return {
+            "event": "ADD",
+            "memory_id": str(memory.id),
+            "content": memory.content,
+            "previous_content": None,
+        }
     memory = (
         Memory.objects.select_for_update()
         .filter(pk=change.memory_id, user=memory_request.user, deleted_at__isnull=True)
@@ -379,17 +404,29 @@ def _apply_change(
     if change.event == "UPDATE":
         _memory_write_content(memory=memory, content=change.content, embedding=change.embedding)
         MemoryHistory.objects.create(
-            memory=memory, event="UPDATE", old_content=previous, new_content=memory.content,
-            actor=actor, request=memory_request,
-        )  # fmt: skip
-        return {"event": "UPDATE", "memory_id": str(memory.id), "content": memory.content,
-                "previous_content": previous}  # fmt: skip
+            memory=memory,
+            event="UPDATE",
+            old_content=previous,
+            new_content=memory.content,
+            actor=actor,
+            request=memory_request,
+        )
+        return {
+            "event": "UPDATE",
+            "memory_id": str(memory.id),
+            "content": memory.content,
+            "previous_content": previous,
+        }
     _memory_tombstone(memory=memory)
     MemoryHistory.objects.create(
         memory=memory, event="DELETE", old_content=previous, actor=actor, request=memory_request
     )
-    return {"event": "DELETE", "memory_id": str(memory.id), "content": None,
-            "previous_content": previous}  # fmt: skip
+    return {
+        "event": "DELETE",
+        "memory_id": str(memory.id),
+        "content": None,
+        "previous_content": previous,
+    }
 
 
 def _memory_write_content(*, memory: Memory, content: str, embedding: list[float]) -> None:
@@ -433,7 +470,9 @@ def memory_update(
     """
     embedding = embedder.embed([content])[0] if content is not None else None
     with transaction.atomic():
-        locked = Memory.objects.select_for_update().filter(pk=memory.pk, deleted_at__isnull=True).first()
+        locked = (
+            Memory.objects.select_for_update().filter(pk=memory.pk, deleted_at__isnull=True).first()
+        )
         if locked is None:
             raise NotFound("Memory not found.")
         if expected_version is not None and locked.version != expected_version:
@@ -450,17 +489,24 @@ def memory_update(
             locked.version += 1
             locked.save()
         MemoryHistory.objects.create(
-            memory=locked, event="UPDATE", old_content=previous, new_content=locked.content,
+            memory=locked,
+            event="UPDATE",
+            old_content=previous,
+            new_content=locked.content,
             actor=actor,
-        )  # fmt: skip
+        )
     return locked
 
 
 def memory_delete(*, memory: Memory, actor: str = "api") -> None:
     with transaction.atomic():
-        locked = Memory.objects.select_for_update().filter(pk=memory.pk, deleted_at__isnull=True).first()
+        locked = (
+            Memory.objects.select_for_update().filter(pk=memory.pk, deleted_at__isnull=True).first()
+        )
         if locked is None:
             raise NotFound("Memory not found.")
         previous = locked.content
         _memory_tombstone(memory=locked)
-        MemoryHistory.objects.create(memory=locked, event="DELETE", old_content=previous, actor=actor)
+        MemoryHistory.objects.create(
+            memory=locked, event="DELETE", old_content=previous, actor=actor
+        )

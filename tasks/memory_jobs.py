@@ -38,7 +38,7 @@ def enqueue_memory_request(memory_request: MemoryRequest) -> None:
     reject_on_worker_lost=True,
     max_retries=None,  # attempts are bounded in the database (MEMORY_JOB_MAX_ATTEMPTS)
 )
-def process_memory_request(self, request_id: str) -> str:  # noqa: ANN001
+def process_memory_request(self, request_id: str) -> str:
     """Run one memory job.
 
     On redelivery (duplicate message, worker crash, sweeper resend) it is a no-op unless the
@@ -49,6 +49,6 @@ def process_memory_request(self, request_id: str) -> str:  # noqa: ANN001
 
     outcome = memory_request_run(request_id=request_id)
     if outcome == "retry":
-        countdown = settings.MEMORY_JOB_RETRY_BACKOFF_SECONDS * (2 ** self.request.retries)
+        countdown = settings.MEMORY_JOB_RETRY_BACKOFF_SECONDS * (2**self.request.retries)
         raise self.retry(countdown=countdown)
     return outcome

@@ -1,4 +1,4 @@
-"""Fixtures on real services: the embedded (or given) PostgreSQL and Redis, real HTTP, real workers."""
+"""Fixtures on real services: embedded (or given) PostgreSQL and Redis, real HTTP, real workers."""
 
 from __future__ import annotations
 
@@ -35,12 +35,12 @@ def _fresh_providers() -> Iterator[None]:
 
 
 @pytest.fixture
-def tenant(db) -> Tenant:  # noqa: ANN001
+def tenant(db) -> Tenant:
     return services.tenant_get_or_create(name="acme")
 
 
 @pytest.fixture
-def other_tenant(db) -> Tenant:  # noqa: ANN001
+def other_tenant(db) -> Tenant:
     return services.tenant_get_or_create(name="globex")
 
 
@@ -73,7 +73,7 @@ def fake_openai() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
-def openai_settings(settings, fake_openai: FakeOpenAI) -> FakeOpenAI:  # noqa: ANN001
+def openai_settings(settings, fake_openai: FakeOpenAI) -> FakeOpenAI:
     """Route both model calls through the real `openai` client to the fake server."""
     settings.LLM_PROVIDER = "openai"
     settings.EMBEDDING_PROVIDER = "openai"
@@ -86,7 +86,7 @@ def openai_settings(settings, fake_openai: FakeOpenAI) -> FakeOpenAI:  # noqa: A
 
 
 @pytest.fixture
-def worker_env(transactional_db) -> dict[str, str]:  # noqa: ANN001
+def worker_env(transactional_db) -> dict[str, str]:
     """Environment for a Celery worker process that shares this test's database and Redis."""
     return {
         **os.environ,
@@ -102,8 +102,10 @@ def start_worker(worker_env: dict[str, str]) -> Iterator:
     """Start real Celery worker processes; all are stopped when the test ends."""
     started: list[CeleryWorker] = []
 
-    def start(**overrides: str) -> CeleryWorker:
-        worker = CeleryWorker({**worker_env, **overrides})
+    def start(*, concurrency: int = 1, with_beat: bool = False, **overrides: str) -> CeleryWorker:
+        worker = CeleryWorker(
+            {**worker_env, **overrides}, concurrency=concurrency, with_beat=with_beat
+        )
         worker.start()
         started.append(worker)
         return worker

@@ -17,27 +17,28 @@ pytestmark = pytest.mark.django_db
 JOB = {"messages": [{"role": "user", "content": "I live in Paris."}]}
 
 
-def submit(api: APIClient, user_id, body: dict | None = None, **headers):  # noqa: ANN001, ANN201
-    return api.post("/v1/memories", {"user_id": str(user_id), **(body or JOB)}, format="json",
-                    **headers)  # fmt: skip
+def submit(api: APIClient, user_id, body: dict | None = None, **headers):
+    return api.post(
+        "/v1/memories", {"user_id": str(user_id), **(body or JOB)}, format="json", **headers
+    )
 
 
 # --- Authentication ------------------------------------------------------------------------------
 
 
-def test_missing_api_key_is_401(end_user) -> None:  # noqa: ANN001
+def test_missing_api_key_is_401(end_user) -> None:
     response = APIClient().post("/v1/users", {}, format="json")
     assert response.status_code == 401
     assert response.json()["error"] == "not_authenticated"
 
 
-def test_invalid_api_key_is_401(db) -> None:  # noqa: ANN001
+def test_invalid_api_key_is_401(db) -> None:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Bearer mem_not-a-real-key")
     assert client.get(f"/v1/users/{uuid.uuid4()}").status_code == 401
 
 
-def test_api_keys_are_stored_hashed(tenant) -> None:  # noqa: ANN001
+def test_api_keys_are_stored_hashed(tenant) -> None:
     api_key, raw_key = services.api_key_create(tenant=tenant)
     api_key.refresh_from_db()
     assert raw_key not in api_key.key_hash and len(api_key.key_hash) == 64
@@ -46,36 +47,39 @@ def test_api_keys_are_stored_hashed(tenant) -> None:  # noqa: ANN001
 # --- Users ---------------------------------------------------------------------------------------
 
 
-def test_create_user_returns_201_with_user_id(api) -> None:  # noqa: ANN001
+def test_create_user_returns_201_with_user_id(api) -> None:
     response = api.post("/v1/users", {"external_id": "bob"}, format="json")
     assert response.status_code == 201
     user_id = response.json()["user_id"]
     assert api.get(f"/v1/users/{user_id}").json()["external_id"] == "bob"
 
 
-def test_create_user_alias_works_without_a_body(api) -> None:  # noqa: ANN001
+def test_create_user_alias_works_without_a_body(api) -> None:
     response = api.post("/create/user")
     assert response.status_code == 201
     assert uuid.UUID(response.json()["user_id"])
 
 
-def test_duplicate_external_id_is_409(api) -> None:  # noqa: ANN001
+def test_duplicate_external_id_is_409(api) -> None:
     api.post("/v1/users", {"external_id": "bob"}, format="json")
     response = api.post("/v1/users", {"external_id": "bob"}, format="json")
     assert response.status_code == 409
 
 
-def test_user_of_another_tenant_is_404(end_user, other_api) -> None:  # noqa: ANN001
+def test_user_of_another_tenant_is_404(end_user, other_api) -> None:
     assert other_api.get(f"/v1/users/{end_user.id}").status_code == 404
     assert submit(other_api, end_user.id).status_code == 404
     assert other_api.delete(f"/v1/users/{end_user.id}").status_code == 404
 
 
-def test_deleting_a_user_deletes_their_memories(api, end_user) -> None:  # noqa: ANN001
+def test_deleting_a_user_deletes_their_memories(api, end_user) -> None:
     Memory.objects.create(
-        tenant=end_user.tenant, user=end_user, content="x", embedding=[1.0] + [0.0] * 383,
+        tenant=end_user.tenant,
+        user=end_user,
+        content="x",
+        embedding=[1.0] + [0.0] * 383,
         content_hash="h",
-    )  # fmt: skip
+    )
     response = api.delete(f"/v1/users/{end_user.id}")
     assert response.status_code == 200 and response.json()["memories_deleted"] == 1
     assert not Memory.objects.filter(user_id=end_user.id).exists()
@@ -85,7 +89,7 @@ def test_deleting_a_user_deletes_their_memories(api, end_user) -> None:  # noqa:
 # --- Memory jobs ---------------------------------------------------------------------------------
 
 
-def test_memory_job_is_accepted_with_202_and_pending(api, end_user) -> None:  # noqa: ANN001
+def test_memory_job_is_accepted_with_202_and_pending(api, end_user) -> None:
     response = submit(api, end_user.id)
     assert response.status_code == 202
     body = response.json()
@@ -95,13 +99,13 @@ def test_memory_job_is_accepted_with_202_and_pending(api, end_user) -> None:  # 
     assert api.get(f"/get_status/{body['request_id']}").json()["request_id"] == body["request_id"]
 
 
-def test_memory_job_for_unknown_user_is_404(api) -> None:  # noqa: ANN001
+def test_memory_job_for_unknown_user_is_404(api) -> None:
     response = submit(api, uuid.uuid4())
     assert response.status_code == 404
     assert not MemoryRequest.objects.exists()
 
 
-def test_duplicate_request_returns_409_with_original_id(api, end_user) -> None:  # noqa: ANN001
+def test_duplicate_request_returns_409_with_original_id(api, end_user) -> None:
     first = submit(api, end_user.id).json()
     second = submit(api, end_user.id)
     assert second.status_code == 409
@@ -110,13 +114,13 @@ def test_duplicate_request_returns_409_with_original_id(api, end_user) -> None: 
     assert MemoryRequest.objects.count() == 1
 
 
-def test_a_different_body_is_a_different_job(api, end_user) -> None:  # noqa: ANN001
+def test_a_different_body_is_a_different_job(api, end_user) -> None:
     submit(api, end_user.id)
     other = {"messages": [{"role": "user", "content": "I like tea."}]}
     assert submit(api, end_user.id, other).status_code == 202
 
 
-def test_failed_request_may_be_sent_again(api, end_user) -> None:  # noqa: ANN001
+def test_failed_request_may_be_sent_again(api, end_user) -> None:
     first = submit(api, end_user.id).json()
     MemoryRequest.objects.filter(pk=first["request_id"]).update(
         status="failure", holds_idempotency_slot=False
@@ -127,18 +131,18 @@ def test_failed_request_may_be_sent_again(api, end_user) -> None:  # noqa: ANN00
 
 
 @override_settings(MEMORY_REQUEST_TTL_SECONDS=0)
-def test_expired_request_no_longer_blocks_its_duplicate(api, end_user) -> None:  # noqa: ANN001
+def test_expired_request_no_longer_blocks_its_duplicate(api, end_user) -> None:
     submit(api, end_user.id)
     assert submit(api, end_user.id).status_code == 202
 
 
-def test_same_idempotency_key_and_body_is_409(api, end_user) -> None:  # noqa: ANN001
+def test_same_idempotency_key_and_body_is_409(api, end_user) -> None:
     first = submit(api, end_user.id, HTTP_IDEMPOTENCY_KEY="k-1").json()
     again = submit(api, end_user.id, HTTP_IDEMPOTENCY_KEY="k-1")
     assert again.status_code == 409 and again.json()["request_id"] == first["request_id"]
 
 
-def test_same_idempotency_key_with_other_body_is_422(api, end_user) -> None:  # noqa: ANN001
+def test_same_idempotency_key_with_other_body_is_422(api, end_user) -> None:
     submit(api, end_user.id, HTTP_IDEMPOTENCY_KEY="k-1")
     other = {"messages": [{"role": "user", "content": "I like tea."}]}
     response = submit(api, end_user.id, other, HTTP_IDEMPOTENCY_KEY="k-1")
@@ -158,42 +162,42 @@ def test_same_idempotency_key_with_other_body_is_422(api, end_user) -> None:  # 
         ({"messages": [{"role": "user", "content": "x"}], "infer": "perhaps"}, "infer"),
     ],
 )
-def test_bad_job_body_is_400_naming_the_field(api, end_user, body, field) -> None:  # noqa: ANN001
+def test_bad_job_body_is_400_naming_the_field(api, end_user, body, field) -> None:
     response = submit(api, end_user.id, body)
     assert response.status_code == 400
     assert field in response.json()["fields"]
     assert not MemoryRequest.objects.exists()
 
 
-def test_missing_user_id_is_400(api) -> None:  # noqa: ANN001
+def test_missing_user_id_is_400(api) -> None:
     response = api.post("/v1/memories", JOB, format="json")
     assert response.status_code == 400 and "user_id" in response.json()["fields"]
 
 
-def test_malformed_json_is_400(api) -> None:  # noqa: ANN001
+def test_malformed_json_is_400(api) -> None:
     response = api.post("/v1/memories", data="{not json", content_type="application/json")
     assert response.status_code == 400 and "body" in response.json()["fields"]
 
 
-def test_json_that_is_not_an_object_is_400(api) -> None:  # noqa: ANN001
+def test_json_that_is_not_an_object_is_400(api) -> None:
     response = api.post("/v1/memories", data="[1, 2]", content_type="application/json")
     assert response.status_code == 400 and "body" in response.json()["fields"]
 
 
 @override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=2_000)
-def test_body_over_the_limit_is_400(api, end_user) -> None:  # noqa: ANN001
+def test_body_over_the_limit_is_400(api, end_user) -> None:
     body = {"user_id": str(end_user.id), "messages": [{"role": "user", "content": "x" * 5_000}]}
     response = api.post("/v1/memories", data=json.dumps(body), content_type="application/json")
     assert response.status_code == 400 and "body" in response.json()["fields"]
     assert not MemoryRequest.objects.exists()
 
 
-def test_malformed_uuid_in_path_is_404(api) -> None:  # noqa: ANN001
+def test_malformed_uuid_in_path_is_404(api) -> None:
     assert api.get("/v1/requests/not-a-uuid").status_code == 404
     assert api.get("/v1/memories/123/history").status_code == 404
 
 
-def test_request_of_another_tenant_is_404(api, other_api, end_user) -> None:  # noqa: ANN001
+def test_request_of_another_tenant_is_404(api, other_api, end_user) -> None:
     request_id = submit(api, end_user.id).json()["request_id"]
     assert other_api.get(f"/v1/requests/{request_id}").status_code == 404
 
@@ -202,30 +206,36 @@ def test_request_of_another_tenant_is_404(api, other_api, end_user) -> None:  # 
 
 
 @pytest.fixture
-def memory(end_user) -> Memory:  # noqa: ANN001
+def memory(end_user) -> Memory:
     from memories.pipeline import get_embedder
 
     return Memory.objects.create(
-        tenant=end_user.tenant, user=end_user, content="Lives in Paris",
-        embedding=get_embedder().embed(["Lives in Paris"])[0], content_hash="h",
-    )  # fmt: skip
+        tenant=end_user.tenant,
+        user=end_user,
+        content="Lives in Paris",
+        embedding=get_embedder().embed(["Lives in Paris"])[0],
+        content_hash="h",
+    )
 
 
-def test_get_memory(api, memory) -> None:  # noqa: ANN001
+def test_get_memory(api, memory) -> None:
     response = api.get(f"/v1/memories/{memory.id}")
     assert response.status_code == 200
     assert response.json()["content"] == "Lives in Paris" and response["ETag"] == '"1"'
 
 
-def test_memory_of_another_tenant_is_404(other_api, memory) -> None:  # noqa: ANN001
+def test_memory_of_another_tenant_is_404(other_api, memory) -> None:
     assert other_api.get(f"/v1/memories/{memory.id}").status_code == 404
-    assert other_api.patch(f"/v1/memories/{memory.id}", {"content": "x"}, format="json").status_code == 404
+    assert (
+        other_api.patch(f"/v1/memories/{memory.id}", {"content": "x"}, format="json").status_code
+        == 404
+    )
     assert other_api.delete(f"/v1/memories/{memory.id}").status_code == 404
     memory.refresh_from_db()
     assert memory.content == "Lives in Paris" and memory.deleted_at is None
 
 
-def test_patch_corrects_a_memory_and_records_history(api, memory) -> None:  # noqa: ANN001
+def test_patch_corrects_a_memory_and_records_history(api, memory) -> None:
     response = api.patch(f"/v1/memories/{memory.id}", {"content": "Lives in Rome"}, format="json")
     assert response.status_code == 200
     assert response.json()["version"] == 2
@@ -233,47 +243,55 @@ def test_patch_corrects_a_memory_and_records_history(api, memory) -> None:  # no
     assert [(h["event"], h["old_content"], h["new_content"]) for h in history] == [
         ("UPDATE", "Lives in Paris", "Lives in Rome")
     ]
-    search = api.post("/v1/memories/search", {"user_id": str(memory.user_id), "query": "Rome"},
-                      format="json").json()["results"]  # fmt: skip
+    search = api.post(
+        "/v1/memories/search", {"user_id": str(memory.user_id), "query": "Rome"}, format="json"
+    ).json()["results"]
     assert search[0]["content"] == "Lives in Rome"
 
 
-def test_patch_with_stale_if_match_is_412_and_changes_nothing(api, memory) -> None:  # noqa: ANN001
+def test_patch_with_stale_if_match_is_412_and_changes_nothing(api, memory) -> None:
     api.patch(f"/v1/memories/{memory.id}", {"content": "Lives in Rome"}, format="json")
     response = api.patch(
-        f"/v1/memories/{memory.id}", {"content": "Lives in Oslo"}, format="json", HTTP_IF_MATCH='"1"'
+        f"/v1/memories/{memory.id}",
+        {"content": "Lives in Oslo"},
+        format="json",
+        HTTP_IF_MATCH='"1"',
     )
     assert response.status_code == 412
     memory.refresh_from_db()
     assert memory.content == "Lives in Rome"
 
 
-def test_patch_with_current_if_match_succeeds(api, memory) -> None:  # noqa: ANN001
+def test_patch_with_current_if_match_succeeds(api, memory) -> None:
     response = api.patch(
-        f"/v1/memories/{memory.id}", {"content": "Lives in Oslo"}, format="json", HTTP_IF_MATCH='"1"'
+        f"/v1/memories/{memory.id}",
+        {"content": "Lives in Oslo"},
+        format="json",
+        HTTP_IF_MATCH='"1"',
     )
     assert response.status_code == 200
 
 
-def test_patch_with_nothing_to_change_is_400(api, memory) -> None:  # noqa: ANN001
+def test_patch_with_nothing_to_change_is_400(api, memory) -> None:
     response = api.patch(f"/v1/memories/{memory.id}", {}, format="json")
     assert response.status_code == 400 and "content" in response.json()["fields"]
 
 
-def test_delete_memory_is_204_then_404_and_history_remains(api, memory) -> None:  # noqa: ANN001
+def test_delete_memory_is_204_then_404_and_history_remains(api, memory) -> None:
     assert api.delete(f"/v1/memories/{memory.id}").status_code == 204
     assert api.get(f"/v1/memories/{memory.id}").status_code == 404
     history = api.get(f"/v1/memories/{memory.id}/history").json()["history"]
     assert history[-1]["event"] == "DELETE" and history[-1]["old_content"] == "Lives in Paris"
 
 
-def test_list_memories_paginates_with_a_cursor(api, end_user) -> None:  # noqa: ANN001
+def test_list_memories_paginates_with_a_cursor(api, end_user) -> None:
     from memories.pipeline import get_embedder
 
     texts = [f"Fact number {i}" for i in range(5)]
     for text, vector in zip(texts, get_embedder().embed(texts), strict=True):
-        Memory.objects.create(tenant=end_user.tenant, user=end_user, content=text,
-                              embedding=vector, content_hash=text)  # fmt: skip
+        Memory.objects.create(
+            tenant=end_user.tenant, user=end_user, content=text, embedding=vector, content_hash=text
+        )
     seen: list[str] = []
     cursor = None
     while True:
@@ -286,6 +304,6 @@ def test_list_memories_paginates_with_a_cursor(api, end_user) -> None:  # noqa: 
     assert sorted(seen) == sorted(texts) and len(seen) == 5
 
 
-def test_list_with_malformed_cursor_is_400(api, end_user) -> None:  # noqa: ANN001
+def test_list_with_malformed_cursor_is_400(api, end_user) -> None:
     response = api.get("/v1/memories", {"user_id": str(end_user.id), "cursor": "%%%"})
     assert response.status_code == 400 and "cursor" in response.json()["fields"]

@@ -26,24 +26,53 @@ def database_url_for(settings_dict: dict[str, Any]) -> str:
 class CeleryWorker:
     """One `celery worker` process (its own process group, so SIGKILL takes its children too)."""
 
-    def __init__(self, env: dict[str, str], queues: str = "high,default,batch") -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        queues: str = "high,default,batch",
+        concurrency: int = 1,
+        with_beat: bool = False,
+    ) -> None:
         self.env = env
         self.queues = queues
+        self.concurrency = concurrency
+        self.with_beat = with_beat
         self.process: subprocess.Popen | None = None
         self.log = Path(tempfile.mkstemp(prefix="celery-worker-", suffix=".log")[1])
 
     def start(self, timeout: float = 60) -> None:
         command = [
-            sys.executable, "-m", "celery", "-A", "memoryproject", "worker",
-            "-Q", self.queues, "--concurrency", "1", "--pool", "prefork",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"test-{os.getpid()}-{time.monotonic_ns()}@%h", "--loglevel", "INFO",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "memoryproject",
+            "worker",
+            "-Q",
+            self.queues,
+            "--concurrency",
+            str(self.concurrency),
+            "--pool",
+            "prefork",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
+            "--loglevel",
+            "INFO",
+        ]
+        if self.with_beat:  # beat inside the worker: the sweeper runs on its schedule
+            command += ["--beat", "--schedule", str(self.log.with_suffix(".beat"))]
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                command, cwd=BASE_DIR, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                command,
+                cwd=BASE_DIR,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + timeout
         while " ready." not in self.output():
             if self.process.poll() is not None:

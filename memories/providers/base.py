@@ -28,8 +28,8 @@ class ExistingMemory:
 class Decision:
     """One operation the decider chose.
 
-    ADD carries `text` and no id; UPDATE carries `memory_id` and the new `text`; DELETE and NONE carry
-    `memory_id` (NONE may carry none when a fact is simply dropped).
+    ADD carries `text` and no id; UPDATE carries `memory_id` and the new `text`; DELETE and
+    NONE carry `memory_id` (NONE may carry none when a fact is simply dropped).
     """
 
     event: MemoryEvent

@@ -4,7 +4,9 @@ from memories import services
 
 
 class Command(BaseCommand):
-    help = "Create an API key for a tenant (the tenant is created if new). The key is the last line."
+    help = (
+        "Create an API key for a tenant (the tenant is created if new). The key is the last line."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--tenant", required=True, help="Tenant name")

@@ -1,0 +1,368 @@
+"""The memory pipeline in-process: extraction, decisions, id mapping, retries, fencing."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+
+import psycopg
+import pytest
+from django.db import connection
+from django.db.models.signals import pre_save
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from memories import services
+from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest
+from memories.pipeline import get_embedder, memory_request_run
+from memories.providers.openai_provider import DECIDE_PROMPT, EXTRACT_PROMPT
+from tests.fake_openai import FakeResponse, rule_based_chat
+from tests.workers import database_url_for
+
+
+def submit(user: EndUser, *texts: str, infer: bool = True) -> MemoryRequest:
+    payload = {
+        "messages": [{"role": "user", "content": text} for text in texts],
+        "metadata": {},
+        "agent_id": "",
+        "session_id": "",
+        "infer": infer,
+    }
+    return services.memory_request_submit(user=user, payload=payload)
+
+
+def run(user: EndUser, *texts: str) -> MemoryRequest:
+    memory_request = submit(user, *texts)
+    assert memory_request_run(request_id=str(memory_request.id)) == "done"
+    memory_request.refresh_from_db()
+    assert memory_request.status == "success"
+    return memory_request
+
+
+def live_contents(user: EndUser) -> list[str]:
+    return sorted(
+        Memory.objects.filter(user=user, deleted_at__isnull=True).values_list("content", flat=True)
+    )
+
+
+def store(user: EndUser, *texts: str) -> list[Memory]:
+    vectors = get_embedder().embed(list(texts))
+    return [
+        Memory.objects.create(
+            tenant=user.tenant,
+            user=user,
+            content=text,
+            embedding=vector,
+            content_hash=services.content_hash(text),
+        )
+        for text, vector in zip(texts, vectors, strict=True)
+    ]
+
+
+# --- The offline pipeline ------------------------------------------------------------------------
+
+pytestmark_db = pytest.mark.django_db
+
+
+@pytestmark_db
+def test_first_person_statement_adds_a_memory(end_user) -> None:
+    request = run(end_user, "I live in Paris.")
+    assert [e["event"] for e in request.result] == ["ADD"]
+    assert live_contents(end_user) == ["Lives in Paris"]
+    memory = Memory.objects.get(user=end_user)
+    assert list(memory.history.values_list("event", "new_content")) == [("ADD", "Lives in Paris")]
+
+
+@pytestmark_db
+def test_moving_city_updates_the_home_memory(end_user) -> None:
+    run(end_user, "I live in Paris.")
+    paris = Memory.objects.get(user=end_user)
+    request = run(end_user, "I moved to Berlin.")
+    assert request.result == [
+        {
+            "event": "UPDATE",
+            "memory_id": str(paris.id),
+            "content": "Lives in Berlin",
+            "previous_content": "Lives in Paris",
+        }
+    ]
+    paris.refresh_from_db()
+    assert paris.content == "Lives in Berlin" and paris.version == 2
+    assert live_contents(end_user) == ["Lives in Berlin"]
+
+
+@pytestmark_db
+def test_no_longer_statement_deletes_the_memory(end_user) -> None:
+    run(end_user, "I eat meat. I like hiking.")
+    request = run(end_user, "I no longer eat meat.")
+    assert [e["event"] for e in request.result] == ["DELETE"]
+    assert live_contents(end_user) == ["Likes hiking"]
+    deleted = Memory.objects.get(user=end_user, content="Eats meat")
+    assert deleted.deleted_at is not None
+    assert deleted.history.last().event == "DELETE"
+
+
+@pytestmark_db
+def test_repeating_a_fact_changes_nothing(end_user) -> None:
+    run(end_user, "I live in Paris.")
+    request = run(end_user, "I live in Paris!")
+    assert request.result == []
+    assert live_contents(end_user) == ["Lives in Paris"]
+    assert MemoryHistory.objects.count() == 1
+
+
+@pytestmark_db
+def test_chit_chat_yields_no_memories(end_user) -> None:
+    request = run(end_user, "Hello there! What is the weather like?")
+    assert request.result == [] and live_contents(end_user) == []
+
+
+@pytestmark_db
+def test_infer_false_stores_messages_verbatim(end_user) -> None:
+    memory_request = submit(end_user, "Remember the code 4711", infer=False)
+    assert memory_request_run(request_id=str(memory_request.id)) == "done"
+    assert live_contents(end_user) == ["Remember the code 4711"]
+
+
+@pytestmark_db
+def test_memories_of_other_users_are_never_touched(tenant, end_user) -> None:
+    bob = services.end_user_create(tenant=tenant, external_id="bob")
+    run(bob, "I live in Paris.")
+    run(end_user, "I moved to Berlin.")
+    assert live_contents(bob) == ["Lives in Paris"]
+    assert live_contents(end_user) == ["Lives in Berlin"]
+
+
+# --- Exactly once --------------------------------------------------------------------------------
+
+
+@pytestmark_db
+def test_duplicate_task_delivery_changes_nothing(end_user) -> None:
+    request = run(end_user, "I live in Paris.")
+    assert memory_request_run(request_id=str(request.id)) == "skipped"
+    assert Memory.objects.filter(user=end_user).count() == 1
+
+
+@pytestmark_db
+def test_second_delivery_while_lease_is_live_does_nothing(end_user) -> None:
+    request = submit(end_user, "I live in Paris.")
+    claim = services.memory_request_claim(request_id=str(request.id))
+    assert claim is not None
+    assert services.memory_request_claim(request_id=str(request.id)) is None
+    assert memory_request_run(request_id=str(request.id)) == "skipped"
+    request.refresh_from_db()
+    assert request.status == "processing" and request.attempts == 1
+
+
+@pytestmark_db
+def test_only_the_latest_claim_holder_commits(end_user) -> None:
+    request = submit(end_user, "I live in Paris.")
+    first = services.memory_request_claim(request_id=str(request.id))
+    MemoryRequest.objects.filter(pk=request.pk).update(
+        lease_until=timezone.now() - timedelta(seconds=1)
+    )
+    second = services.memory_request_claim(request_id=str(request.id))
+    assert second is not None and second.token == first.token + 1
+    vector = get_embedder().embed(["Lives in Paris"])[0]
+    change = services.PlannedChange("ADD", None, "Lives in Paris", vector)
+    services.memory_request_complete(claim=second, changes=[change])
+    with pytest.raises(services.LeaseLost):
+        services.memory_request_complete(claim=first, changes=[change])
+    assert live_contents(end_user) == ["Lives in Paris"]
+
+
+@pytestmark_db
+def test_poison_job_fails_after_max_attempts(settings, end_user) -> None:
+    settings.MEMORY_JOB_MAX_ATTEMPTS = 3
+    request = submit(end_user, "I live in Paris.")
+    for _ in range(3):  # each claim's worker "dies": the lease just runs out
+        assert services.memory_request_claim(request_id=str(request.id)) is not None
+        MemoryRequest.objects.filter(pk=request.pk).update(
+            lease_until=timezone.now() - timedelta(seconds=1)
+        )
+    assert services.memory_request_claim(request_id=str(request.id)) is None
+    request.refresh_from_db()
+    assert request.status == "failure" and "Gave up after 3 attempts" in request.error
+    assert not Memory.objects.exists()
+
+
+@pytestmark_db
+def test_unknown_request_is_dropped_without_error(db) -> None:
+    assert memory_request_run(request_id="00000000-0000-0000-0000-000000000000") == "skipped"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_identical_posts_create_one_request(api: APIClient, end_user) -> None:
+    body = {"user_id": str(end_user.id), "messages": [{"role": "user", "content": "I like tea."}]}
+    barrier = threading.Barrier(6)
+    statuses: list[int] = []
+
+    def post() -> None:
+        try:
+            barrier.wait()
+            statuses.append(api.post("/v1/memories", body, format="json").status_code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [202] + [409] * 5
+    assert MemoryRequest.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_killed_database_connection_rolls_back_and_the_retry_applies_once(end_user) -> None:
+    request = submit(end_user, "I live in Paris. I like hiking. I work at Acme.")
+    inserts = {"count": 0}
+
+    def kill_connection_on_second_insert(sender, instance, **kwargs) -> None:
+        inserts["count"] += 1
+        if inserts["count"] == 2:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                pid = cursor.fetchone()[0]
+            with psycopg.connect(
+                database_url_for(connection.settings_dict), autocommit=True
+            ) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    pre_save.connect(kill_connection_on_second_insert, sender=Memory)
+    try:
+        assert memory_request_run(request_id=str(request.id)) == "retry"
+    finally:
+        pre_save.disconnect(kill_connection_on_second_insert, sender=Memory)
+    request.refresh_from_db()
+    assert request.status == "pending" and "OperationalError" in request.error
+    assert not Memory.objects.exists()  # the first insert was rolled back with the rest
+    assert memory_request_run(request_id=str(request.id)) == "done"
+    assert live_contents(end_user) == ["Likes hiking", "Lives in Paris", "Works at Acme"]
+
+
+# --- The LLM path through the real openai client -------------------------------------------------
+
+
+def _decide_bodies(fake) -> list[dict]:
+    return [
+        json.loads(r.body["messages"][-1]["content"])
+        for r in fake.requests
+        if r.path.endswith("/chat/completions")
+        and r.body["messages"][0]["content"] == DECIDE_PROMPT
+    ]
+
+
+@pytestmark_db
+def test_llm_sees_integer_ids_never_uuids(openai_settings, end_user) -> None:
+    memories = store(end_user, "Lives in Paris", "Likes hiking")
+    run(end_user, "I moved to Berlin.")
+    sent = _decide_bodies(openai_settings)
+    assert len(sent) == 1
+    assert sorted(m["id"] for m in sent[0]["memories"]) == [1, 2]
+    raw = json.dumps(sent[0])
+    assert all(str(m.id) not in raw for m in memories)
+
+
+@pytestmark_db
+def test_llm_update_and_delete_land_on_the_right_uuid(openai_settings, end_user) -> None:
+    paris, hiking, meat = store(end_user, "Lives in Paris", "Likes hiking", "Eats meat")
+
+    def chat(body: dict) -> str | FakeResponse:
+        if body["messages"][0]["content"] == EXTRACT_PROMPT:
+            return json.dumps({"facts": ["Lives in Rome", "No longer eats meat"]})
+        shown = {
+            m["text"]: m["id"] for m in json.loads(body["messages"][-1]["content"])["memories"]
+        }
+        return json.dumps(
+            {
+                "memory": [
+                    {"event": "UPDATE", "id": shown["Lives in Paris"], "text": "Lives in Rome"},
+                    {"event": "DELETE", "id": str(shown["Eats meat"])},
+                ]
+            }
+        )
+
+    openai_settings.chat_handler = chat
+    run(end_user, "I moved to Rome and I no longer eat meat.")
+    for memory in (paris, hiking, meat):
+        memory.refresh_from_db()
+    assert paris.content == "Lives in Rome" and paris.deleted_at is None
+    assert meat.deleted_at is not None
+    assert hiking.content == "Likes hiking" and hiking.version == 1
+
+
+@pytestmark_db
+def test_hallucinated_memory_id_changes_nothing(openai_settings, end_user) -> None:
+    (paris,) = store(end_user, "Lives in Paris")
+
+    def chat(body: dict) -> str:
+        if body["messages"][0]["content"] == EXTRACT_PROMPT:
+            return json.dumps({"facts": ["Lives in Rome"]})
+        return json.dumps(
+            {
+                "memory": [
+                    {"event": "UPDATE", "id": 99, "text": "Lives in Rome"},
+                    {"event": "DELETE", "id": 42},
+                ]
+            }
+        )
+
+    openai_settings.chat_handler = chat
+    request = run(end_user, "I moved to Rome.")
+    assert request.result == []
+    paris.refresh_from_db()
+    assert paris.content == "Lives in Paris" and paris.deleted_at is None and paris.version == 1
+
+
+@pytestmark_db
+def test_all_facts_are_embedded_in_one_call(openai_settings, end_user) -> None:
+    run(end_user, "I live in Paris. I like hiking. I work at Acme. I have a cat.")
+    embedding_calls = [r for r in openai_settings.requests if r.path.endswith("/embeddings")]
+    assert len(embedding_calls) == 1
+    assert len(embedding_calls[0].body["input"]) == 4
+    assert len(live_contents(end_user)) == 4
+
+
+@pytestmark_db
+def test_invalid_json_ends_in_failure_after_the_retries(
+    settings, openai_settings, end_user
+) -> None:
+    settings.MEMORY_JOB_MAX_ATTEMPTS = 3
+    openai_settings.chat_handler = lambda body: "Sure! Here are the facts: Lives in Paris"
+    request = submit(end_user, "I live in Paris.")
+    outcomes = [memory_request_run(request_id=str(request.id)) for _ in range(3)]
+    assert outcomes == ["retry", "retry", "failed"]
+    request.refresh_from_db()
+    assert request.status == "failure" and request.attempts == 3
+    assert "JSON" in request.error and "3 attempts" in request.error
+    assert not Memory.objects.exists()
+
+
+@pytestmark_db
+def test_provider_outage_is_retried_then_succeeds(openai_settings, end_user) -> None:
+    openai_settings.fail_next(1, status=503)
+    request = submit(end_user, "I live in Paris.")
+    assert memory_request_run(request_id=str(request.id)) == "retry"
+    assert memory_request_run(request_id=str(request.id)) == "done"
+    assert live_contents(end_user) == ["Lives in Paris"]
+
+
+def test_rule_based_chat_is_the_default_fake_model() -> None:
+    # The fake server's default answers must stay the offline model's, or the tests above
+    # would silently test a different decider.
+    answer = rule_based_chat(
+        {
+            "messages": [
+                {"role": "system", "content": EXTRACT_PROMPT},
+                {
+                    "role": "user",
+                    "content": json.dumps(
+                        {"conversation": [{"role": "user", "content": "I live in Oslo."}]}
+                    ),
+                },
+            ]
+        }
+    )
+    assert json.loads(answer) == {"facts": ["Lives in Oslo"]}

@@ -1,0 +1,113 @@
+"""Real Celery workers over real Redis: jobs survive crashes, lost messages and redelivery."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+from django.conf import settings
+from rest_framework.test import APIClient
+
+from memories.models import EndUser, Memory, MemoryRequest
+from tasks.memory_jobs import process_memory_request
+from tests.fake_openai import FakeOpenAI
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def status_of(request_id: str) -> str:
+    return MemoryRequest.objects.get(pk=request_id).status
+
+
+def post_job(api: APIClient, user: EndUser, text: str) -> str:
+    response = api.post(
+        "/v1/memories",
+        {"user_id": str(user.id), "messages": [{"role": "user", "content": text}]},
+        format="json",
+    )
+    assert response.status_code == 202, response.content
+    return response.json()["request_id"]
+
+
+def model_env(fake: FakeOpenAI) -> dict[str, str]:
+    return {
+        "LLM_PROVIDER": "openai",
+        "EMBEDDING_PROVIDER": "openai",
+        "OPENAI_API_KEY": "test",
+        "OPENAI_BASE_URL": fake.base_url,
+        "LLM_CLIENT_MAX_RETRIES": "0",
+    }
+
+
+def test_real_worker_carries_a_job_from_post_to_success(api, end_user, start_worker) -> None:
+    start_worker()
+    request_id = post_job(api, end_user, "I live in Paris. I like hiking.")
+    wait_for(lambda: status_of(request_id) == "success", what="success")
+    body = api.get(f"/v1/requests/{request_id}").json()
+    assert sorted(e["content"] for e in body["events"]) == ["Likes hiking", "Lives in Paris"]
+    results = api.post(
+        "/v1/memories/search", {"user_id": str(end_user.id), "query": "Paris"}, format="json"
+    ).json()["results"]
+    assert results[0]["content"] == "Lives in Paris"
+
+
+def test_worker_killed_mid_job_is_recovered_and_applied_once(api, end_user, start_worker) -> None:
+    with FakeOpenAI(delay_seconds=3, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
+        env = {
+            **model_env(fake),
+            "MEMORY_JOB_LEASE_SECONDS": "2",
+            "MEMORY_PENDING_GRACE_SECONDS": "1",
+            "MEMORY_SWEEP_INTERVAL_SECONDS": "0.5",
+        }
+        doomed = start_worker(**env)
+        request_id = post_job(api, end_user, "I live in Paris. I work at Acme.")
+        wait_for(lambda: status_of(request_id) == "processing", what="processing")
+        doomed.kill()  # SIGKILL, main process and pool child: the message is never acked
+
+        fake.delay_seconds = 0
+        start_worker(with_beat=True, **env)
+        wait_for(lambda: status_of(request_id) == "success", what="success after restart")
+    memory_request = MemoryRequest.objects.get(pk=request_id)
+    assert memory_request.attempts == 2
+    contents = sorted(Memory.objects.filter(user=end_user).values_list("content", flat=True))
+    assert contents == ["Lives in Paris", "Works at Acme"]
+
+
+def test_jobs_survive_a_broker_that_lost_every_message(api, end_user, start_worker) -> None:
+    request_ids = [post_job(api, end_user, f"I have {n} cats.") for n in ("two", "three")]
+    request_ids.append(post_job(api, end_user, "I live in Oslo."))
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()  # Redis restarted empty
+
+    start_worker(
+        with_beat=True, MEMORY_PENDING_GRACE_SECONDS="1", MEMORY_SWEEP_INTERVAL_SECONDS="0.5"
+    )
+    for request_id in request_ids:
+        wait_for(lambda rid=request_id: status_of(rid) == "success", what=f"{request_id} success")
+    assert Memory.objects.filter(user=end_user, content="Lives in Oslo").count() == 1
+
+
+def test_long_job_keeps_its_lease_so_a_second_delivery_does_nothing(
+    api, end_user, start_worker
+) -> None:
+    with FakeOpenAI(delay_seconds=2, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
+        # Two LLM calls of 2 s each outlive a 1 s lease many times over: only renewal keeps it.
+        start_worker(concurrency=2, MEMORY_JOB_LEASE_SECONDS="1", **model_env(fake))
+        request_id = post_job(api, end_user, "I live in Paris.")
+        wait_for(lambda: status_of(request_id) == "processing", what="processing")
+        time.sleep(1.5)
+        process_memory_request.apply_async(args=[request_id], queue="default")  # a duplicate
+        wait_for(lambda: status_of(request_id) == "success", what="success")
+        time.sleep(1)  # let the duplicate run to its end
+    memory_request = MemoryRequest.objects.get(pk=request_id)
+    assert memory_request.attempts == 1
+    assert Memory.objects.filter(user=end_user).count() == 1
