@@ -5,3 +5,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("memories.urls")),
 ]
+
+# Unknown paths answer in the API's JSON shape, not Django's HTML page.
+handler404 = "memories.api_errors.not_found_view"
+handler500 = "memories.api_errors.server_error_view"

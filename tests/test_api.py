@@ -307,3 +307,8 @@ def test_list_memories_paginates_with_a_cursor(api, end_user) -> None:
 def test_list_with_malformed_cursor_is_400(api, end_user) -> None:
     response = api.get("/v1/memories", {"user_id": str(end_user.id), "cursor": "%%%"})
     assert response.status_code == 400 and "cursor" in response.json()["fields"]
+
+
+def test_unknown_path_is_a_json_404(api) -> None:
+    response = api.get("/v1/nothing-here")
+    assert response.status_code == 404 and response.json()["error"] == "not_found"

@@ -1,0 +1,17 @@
+#!/bin/sh
+# web | worker | beat | migrate | any command
+set -e
+case "$1" in
+  web)
+    python manage.py migrate --noinput
+    exec uvicorn memoryproject.asgi:application --host 0.0.0.0 --port "${PORT:-8000}" ;;
+  worker)
+    exec celery -A memoryproject worker -Q "${WORKER_QUEUES:-high,default,batch}" \
+      --concurrency "${WORKER_CONCURRENCY:-2}" --loglevel INFO ;;
+  beat)
+    exec celery -A memoryproject beat --loglevel INFO --schedule /tmp/celerybeat-schedule ;;
+  migrate)
+    exec python manage.py migrate --noinput ;;
+  *)
+    exec "$@" ;;
+esac

@@ -1,0 +1,79 @@
+"""The operator's tools: `createapikey` and the Django admin."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.test import Client
+from rest_framework.test import APIClient
+
+from memories import services
+from memories.models import ApiKey, MemoryRequest, Tenant
+
+pytestmark = pytest.mark.django_db
+
+
+def test_createapikey_prints_a_working_key_on_its_last_line() -> None:
+    out = io.StringIO()
+    call_command("createapikey", "--tenant", "demo", stdout=out, stderr=io.StringIO())
+    raw_key = out.getvalue().strip().splitlines()[-1]
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    assert client.post("/v1/users", {}, format="json").status_code == 201
+    assert Tenant.objects.get(name="demo").api_keys.count() == 1
+
+
+@pytest.fixture
+def admin_client() -> Client:
+    user = get_user_model().objects.create_superuser("admin", "admin@example.com", "pw")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_admin_shows_a_new_api_key_once(admin_client, tenant) -> None:
+    response = admin_client.post(
+        "/admin/memories/apikey/add/", {"tenant": str(tenant.id), "name": "ci"}, follow=True
+    )
+    assert response.status_code == 200
+    messages = [str(m) for m in response.context["messages"]]
+    raw_key = next(m for m in messages if "copy it now" in m).rsplit(" ", 1)[-1]
+    assert sum(raw_key in m for m in messages) == 1
+    assert (
+        raw_key
+        not in admin_client.get(
+            f"/admin/memories/apikey/{ApiKey.objects.get().pk}/change/"
+        ).content.decode()
+    )
+    assert ApiKey.objects.get(name="ci").key_hash != raw_key
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    assert client.post("/v1/users", {}, format="json").status_code == 201
+
+
+def test_admin_retry_action_sends_a_failed_request_again(admin_client, end_user) -> None:
+    payload = {"messages": [{"role": "user", "content": "I live in Rome."}], "infer": True}
+    memory_request = services.memory_request_submit(user=end_user, payload=payload)
+    MemoryRequest.objects.filter(pk=memory_request.pk).update(
+        status="failure", attempts=3, error="boom", holds_idempotency_slot=False
+    )
+    response = admin_client.post(
+        "/admin/memories/memoryrequest/",
+        {"action": "retry_failed", "_selected_action": [str(memory_request.pk)]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    memory_request.refresh_from_db()
+    assert (memory_request.status, memory_request.attempts, memory_request.error) == (
+        "pending",
+        0,
+        "",
+    )
+
+
+def test_admin_pages_render(admin_client, end_user) -> None:
+    for model in ("tenant", "apikey", "enduser", "memory", "memoryrequest", "memoryhistory"):
+        assert admin_client.get(f"/admin/memories/{model}/").status_code == 200, model
