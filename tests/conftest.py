@@ -102,9 +102,15 @@ def start_worker(worker_env: dict[str, str]) -> Iterator:
     """Start real Celery worker processes; all are stopped when the test ends."""
     started: list[CeleryWorker] = []
 
-    def start(*, concurrency: int = 1, with_beat: bool = False, **overrides: str) -> CeleryWorker:
+    def start(
+        *,
+        queues: str = "high,default,batch",
+        concurrency: int = 1,
+        with_beat: bool = False,
+        **overrides: str,
+    ) -> CeleryWorker:
         worker = CeleryWorker(
-            {**worker_env, **overrides}, concurrency=concurrency, with_beat=with_beat
+            {**worker_env, **overrides}, queues=queues, concurrency=concurrency, with_beat=with_beat
         )
         worker.start()
         started.append(worker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import psutil
 import pytest
 import redis
 from django.conf import settings
@@ -111,3 +112,35 @@ def test_long_job_keeps_its_lease_so_a_second_delivery_does_nothing(
     memory_request = MemoryRequest.objects.get(pk=request_id)
     assert memory_request.attempts == 1
     assert Memory.objects.filter(user=end_user).count() == 1
+
+
+def test_job_that_keeps_killing_its_worker_ends_in_failure_and_others_flow(
+    api, end_user, start_worker
+) -> None:
+    with FakeOpenAI(delay_seconds=1.5, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
+        env = {
+            "MEMORY_JOB_LEASE_SECONDS": "1",
+            "MEMORY_JOB_MAX_ATTEMPTS": "2",
+            "MEMORY_PENDING_GRACE_SECONDS": "1",
+            "MEMORY_SWEEP_INTERVAL_SECONDS": "0.5",
+        }
+        worker = start_worker(queues="default", **env, **model_env(fake))
+        start_worker(queues="high", with_beat=True, **env)  # the sweeper, out of harm's way
+        poison_id = post_job(api, end_user, "I live in Paris.")
+        for attempt in (1, 2):
+            wait_for(
+                lambda a=attempt: MemoryRequest.objects.filter(
+                    pk=poison_id, status="processing", attempts=a
+                ).exists(),
+                what=f"attempt {attempt} running",
+            )
+            for child in psutil.Process(worker.process.pid).children():
+                child.kill()  # the pool process dies mid-job, as if the job crashed it
+        wait_for(lambda: status_of(poison_id) == "failure", what="poison job failure")
+        healthy_id = post_job(api, end_user, "I like tea.")
+        wait_for(lambda: status_of(healthy_id) == "success", what="the next job")
+    poison = MemoryRequest.objects.get(pk=poison_id)
+    assert poison.attempts == 2 and "Gave up after 2 attempts" in poison.error
+    assert list(Memory.objects.filter(user=end_user).values_list("content", flat=True)) == [
+        "Likes tea"
+    ]
