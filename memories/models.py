@@ -160,6 +160,10 @@ class Memory(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     # A tombstone rather than a row delete, so pull-sync can hand deletions to offline clients.
     deleted_at = models.DateTimeField(null=True, blank=True)
+    # The id of the transaction that last wrote the row, set by a database trigger on every insert
+    # and update (bulk ones included). Pull-sync pages on it: a transaction id below the oldest
+    # running one can never gain rows later, so a cursor on it skips nothing (see selectors).
+    change_txid = models.BigIntegerField(null=True, blank=True, editable=False)
 
     class Meta:
         verbose_name_plural = "memories"
@@ -172,6 +176,7 @@ class Memory(models.Model):
                 condition=Q(deleted_at__isnull=True),
             ),
             GinIndex(fields=["metadata"], name="memory_metadata_gin"),
+            models.Index(fields=["user", "change_txid", "id"], name="memory_user_changes"),
         ]
 
     def __str__(self) -> str:
@@ -204,3 +209,86 @@ class MemoryHistory(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} {self.memory_id}"
+
+
+class Session(models.Model):
+    """A conversation of one user with an agent: its messages, and a summary once it ends."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="sessions")
+    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="sessions")
+    agent_id = models.CharField(max_length=200, blank=True, default="")
+    metadata = models.JSONField(default=dict, blank=True)
+    summary = models.TextField(blank=True, default="")
+    started_at = models.DateTimeField(auto_now_add=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+
+class Message(models.Model):
+    id = models.BigAutoField(primary_key=True)
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=16)
+    content = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:60]}"
+
+
+class OutboxEvent(models.Model):
+    """An event written in the same transaction as the change it describes (transactional outbox).
+
+    After commit it is published to the Redis Stream and channels; if that fails (Redis down, process
+    killed between commit and publish) the beat relay publishes it later. So a committed change
+    always emits, and a rolled-back one never does.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    event_type = models.CharField(max_length=40)
+    payload = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
+    published_at = models.DateTimeField(null=True, blank=True)
+    stream_id = models.CharField(max_length=40, blank=True, default="")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["id"], name="outbox_unpublished",
+                         condition=Q(published_at__isnull=True)),
+        ]  # fmt: skip
+
+    def __str__(self) -> str:
+        return f"{self.event_type} #{self.id}"
+
+
+class AuditLogEntry(models.Model):
+    """Append-only audit trail, written by the `audit` consumer group from the event stream.
+
+    `stream_id` is unique, so an entry delivered twice (at-least-once delivery) is written once.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    stream_id = models.CharField(max_length=40, unique=True)
+    event_id = models.UUIDField()
+    event_type = models.CharField(max_length=40)
+    tenant_id = models.UUIDField(null=True, blank=True)
+    user_id = models.UUIDField(null=True, blank=True)
+    session_id = models.CharField(max_length=200, blank=True, default="")
+    occurred_at = models.DateTimeField()
+    payload = models.JSONField()
+    recorded_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "audit log"
+        indexes = [
+            models.Index(fields=["tenant_id", "occurred_at"], name="audit_by_tenant_time"),
+            models.Index(fields=["user_id", "occurred_at"], name="audit_by_user_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.stream_id}"

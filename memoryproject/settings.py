@@ -75,6 +75,7 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "rest_framework",
     "memories",
+    "webhooks",
 ]
 
 MIDDLEWARE = [
@@ -169,11 +170,33 @@ MEMORY_NEIGHBOURS_PER_FACT = env_int("MEMORY_NEIGHBOURS_PER_FACT", 5)
 MEMORY_MAX_MESSAGES = env_int("MEMORY_MAX_MESSAGES", 200)
 MEMORY_MAX_CONTENT_CHARS = env_int("MEMORY_MAX_CONTENT_CHARS", 20_000)
 
+# --- Events -------------------------------------------------------------------------------------
+EVENT_STREAM_MAXLEN = env_int("EVENT_STREAM_MAXLEN", 100_000)
+EVENT_STREAM_MAX_AGE_SECONDS = env_int("EVENT_STREAM_MAX_AGE_SECONDS", 7 * 24 * 3600)
+EVENT_RELAY_INTERVAL_SECONDS = env_float("EVENT_RELAY_INTERVAL_SECONDS", 2.0)
+OUTBOX_RETENTION_SECONDS = env_int("OUTBOX_RETENTION_SECONDS", 24 * 3600)
+SSE_HEARTBEAT_SECONDS = env_float("SSE_HEARTBEAT_SECONDS", 15.0)
+# Events buffered per SSE client; a client further behind is disconnected with a resumable id.
+SSE_CLIENT_BUFFER = env_int("SSE_CLIENT_BUFFER", 1000)
+EVENT_CONSUMER_MAX_DELIVERIES = env_int("EVENT_CONSUMER_MAX_DELIVERIES", 5)
+EVENT_CONSUMER_CLAIM_IDLE_MS = env_int("EVENT_CONSUMER_CLAIM_IDLE_MS", 30_000)
+SYNC_PAGE_MAX = env_int("SYNC_PAGE_MAX", 1000)
+
 CELERY_BEAT_SCHEDULE = {
     "sweep-memory-requests": {
         "task": "tasks.sweeper.sweep_memory_requests",
         "schedule": MEMORY_SWEEP_INTERVAL_SECONDS,
         "options": {"queue": "high", "expires": MEMORY_SWEEP_INTERVAL_SECONDS},
+    },
+    "relay-events": {
+        "task": "tasks.events.relay_events",
+        "schedule": EVENT_RELAY_INTERVAL_SECONDS,
+        "options": {"queue": "high", "expires": EVENT_RELAY_INTERVAL_SECONDS},
+    },
+    "trim-events": {
+        "task": "tasks.events.trim_events",
+        "schedule": 60.0,
+        "options": {"queue": "high", "expires": 60},
     },
 }
 

@@ -4,6 +4,7 @@ from django.urls import include, path
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("memories.urls")),
+    path("", include("webhooks.urls")),
 ]
 
 # Unknown paths answer in the API's JSON shape, not Django's HTML page.

@@ -1,0 +1,38 @@
+"""Every change is an event: built here, recorded in the outbox, published to Redis.
+
+    build_event(...)      -> the event dict (schema 1)
+    record(event)         -> written in the current transaction, published after commit
+    channels_for_memory() -> the client-facing channel names a memory change goes to
+
+Redis layout (see `memories.events.stream`): the stream `memory:events` holds every event (entry
+fields `event` = the JSON, plus `type`, `tenant_id`, `user_id`, `session_id` for cheap filtering);
+each event is also PUBLISHed on its channels as {"id": <stream id>, "event": ...}.
+"""
+
+from memories.events.schema import (
+    EVENT_TYPES,
+    SCHEMA_VERSION,
+    build_event,
+    channels_for_memory,
+    memory_event,
+    system_channel,
+    tenant_channel,
+    topic_channel,
+    user_channel,
+)
+from memories.events.publisher import publish_outbox, record, record_many
+
+__all__ = [
+    "EVENT_TYPES",
+    "SCHEMA_VERSION",
+    "build_event",
+    "channels_for_memory",
+    "memory_event",
+    "publish_outbox",
+    "record",
+    "record_many",
+    "system_channel",
+    "tenant_channel",
+    "topic_channel",
+    "user_channel",
+]

@@ -1,0 +1,97 @@
+"""The one publisher: events are recorded with the change, and published after commit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from memories.events.stream import STREAM_KEY, entry_fields, pubsub_channel, redis_client
+
+logger = logging.getLogger(__name__)
+
+
+def record(event: dict[str, Any]) -> None:
+    """Record one event in the current transaction; it is published once the transaction commits."""
+    record_many([event])
+
+
+def record_many(events: list[dict[str, Any]]) -> None:
+    """Record events in the current transaction (one INSERT), publish them after commit.
+
+    A rolled-back transaction takes its events with it, so nothing is published for a change that
+    did not happen; a commit followed by a failed publish leaves the rows for the relay.
+    """
+    if not events:
+        return
+    from memories.models import OutboxEvent
+
+    rows = OutboxEvent.objects.bulk_create(
+        [OutboxEvent(event_type=event["event_type"], payload=event) for event in events]
+    )
+    ids = [row.id for row in rows]
+    transaction.on_commit(lambda: publish_outbox(ids=ids), robust=True)
+
+
+def publish_outbox(*, ids: list[int] | None = None, limit: int = 1000) -> int:
+    """Publish unpublished outbox rows (these ids, or the oldest `limit`) to the stream and their
+    channels, then mark them. Rows another publisher holds are skipped, so each is sent once."""
+    from memories.models import OutboxEvent
+
+    with transaction.atomic():
+        pending = OutboxEvent.objects.select_for_update(skip_locked=True).filter(
+            published_at__isnull=True
+        )
+        if ids is not None:
+            pending = pending.filter(id__in=ids)
+        rows = list(pending.order_by("id")[:limit])
+        if not rows:
+            return 0
+        stream_ids = _send(rows)
+        now = timezone.now()
+        for row, stream_id in zip(rows, stream_ids, strict=True):
+            row.published_at, row.stream_id = now, stream_id
+        OutboxEvent.objects.bulk_update(rows, ["published_at", "stream_id"])
+    return len(rows)
+
+
+def _send(rows: list) -> list[str]:
+    client = redis_client()
+    # XADD first, in one round trip: the stream ids are the events' cursors, carried on pub/sub.
+    with client.pipeline(transaction=False) as pipe:
+        for row in rows:
+            pipe.xadd(
+                STREAM_KEY,
+                entry_fields(row.payload),
+                maxlen=settings.EVENT_STREAM_MAXLEN,
+                approximate=True,
+            )
+        stream_ids = pipe.execute()
+    with client.pipeline(transaction=False) as pipe:
+        for row, stream_id in zip(rows, stream_ids, strict=True):
+            message = {"id": stream_id, "event": row.payload}
+            body = json.dumps(message, separators=(",", ":"))
+            tenant_id = row.payload["source"]["tenant_id"]
+            for channel in row.payload["channels"]:
+                pipe.publish(pubsub_channel(channel, tenant_id), body)
+        pipe.execute()
+    return stream_ids
+
+
+def relay_unpublished() -> int:
+    """Beat's safety net: publish what the on-commit path could not."""
+    try:
+        return publish_outbox()
+    except Exception:
+        logger.exception("event relay failed; will retry on the next beat")
+        return 0
+
+
+def trim_stream() -> int:
+    """Drop stream entries older than EVENT_STREAM_MAX_AGE_SECONDS (MAXLEN caps the length)."""
+    cutoff_ms = int((timezone.now().timestamp() - settings.EVENT_STREAM_MAX_AGE_SECONDS) * 1000)
+    return redis_client().xtrim(STREAM_KEY, minid=f"{cutoff_ms}-0", approximate=True)

@@ -1,0 +1,107 @@
+"""The event schema (version 1) and the channel names. Pure functions: no I/O."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from django.utils import timezone
+
+if TYPE_CHECKING:
+    from memories.models import Memory
+
+SCHEMA_VERSION = 1
+
+EVENT_TYPES = (
+    "memory.created",
+    "memory.updated",
+    "memory.deleted",
+    "memory.cleared",
+    "message.added",
+    "session.started",
+    "session.ended",
+    "summary.created",
+    "search.performed",
+    "error.occurred",
+    "conflict.detected",
+)
+
+
+def user_channel(user_id: object) -> str:
+    return f"user:{user_id}:memories"
+
+
+def tenant_channel(tenant_id: object) -> str:
+    return f"tenant:{tenant_id}:shared"
+
+
+def topic_channel(topic: str) -> str:
+    return f"topic:{topic}:updates"
+
+
+def system_channel() -> str:
+    return "system:global"
+
+
+def channels_for_memory(memory: Memory) -> list[str]:
+    """The owner's channel always; the shared channel of its scope too."""
+    channels = [user_channel(memory.user_id)]
+    if memory.scope == "tenant":
+        channels.append(tenant_channel(memory.tenant_id))
+    elif memory.scope == "topic" and memory.topic:
+        channels.append(topic_channel(memory.topic))
+    return channels
+
+
+def build_event(
+    *,
+    event_type: str,
+    tenant_id: object,
+    user_id: object = None,
+    agent_id: str = "",
+    session_id: object = "",
+    memory: dict[str, Any] | None = None,
+    channels: list[str] | None = None,
+    data: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {event_type!r}")
+    return {
+        "schema": SCHEMA_VERSION,
+        "event_id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "timestamp": (at or timezone.now()).isoformat(),
+        "memory": memory,
+        "source": {
+            "agent_id": agent_id or "",
+            "session_id": str(session_id or ""),
+            "user_id": str(user_id) if user_id else "",
+            "tenant_id": str(tenant_id) if tenant_id else "",
+        },
+        "channels": channels if channels is not None else [user_channel(user_id)],
+        "data": data or {},
+    }
+
+
+def memory_event(memory: Memory, event_type: str, **data: Any) -> dict[str, Any]:
+    return build_event(
+        event_type=event_type,
+        tenant_id=memory.tenant_id,
+        user_id=memory.user_id,
+        agent_id=memory.agent_id,
+        session_id=memory.session_id,
+        memory={
+            "id": str(memory.id),
+            "content": memory.content if event_type != "memory.deleted" else None,
+            "type": memory.type,
+            "metadata": memory.metadata,
+            "version": memory.version,
+            "scope": memory.scope,
+            "topic": memory.topic,
+        },
+        channels=channels_for_memory(memory),
+        data=data,
+        at=memory.updated_at,
+    )

@@ -1,0 +1,63 @@
+"""Redis: the event stream, its dead letters, and the pub/sub channel names."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+import redis
+from django.conf import settings
+
+STREAM_KEY = "memory:events"
+DEAD_LETTER_KEY = "memory:events:dead"
+
+
+@cache
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+def redis_client() -> redis.Redis:
+    """A shared client (its pool is thread-safe) for the configured Redis."""
+    return _client(settings.REDIS_URL)
+
+
+def pubsub_channel(channel: str, tenant_id: str) -> str:
+    """The Redis channel behind a client-facing channel name.
+
+    Topic names are chosen by clients, so two tenants may pick the same one: in Redis a topic
+    channel is namespaced by tenant, so no tenant ever hears another's topic.
+    """
+    if channel.startswith("topic:"):
+        return f"tenant:{tenant_id}:{channel}"
+    return channel
+
+
+def entry_fields(event: dict[str, Any]) -> dict[str, str]:
+    source = event["source"]
+    return {
+        "event": json.dumps(event, separators=(",", ":")),
+        "type": event["event_type"],
+        "tenant_id": source["tenant_id"],
+        "user_id": source["user_id"],
+        "session_id": source["session_id"],
+    }
+
+
+def parse_entry(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """A stream entry as the API shows it: the event, with its stream id as `id`."""
+    return {"id": entry_id, **json.loads(fields["event"])}
+
+
+def stream_id_for_time(moment: datetime, *, end: bool = False) -> str:
+    """The stream id bound for a moment (stream ids start with milliseconds since the epoch)."""
+    millis = int(moment.timestamp() * 1000)
+    return f"{millis}-{'18446744073709551615' if end else '0'}"
+
+
+def read_range(
+    *, start: str = "-", end: str = "+", count: int = 1000, client: redis.Redis | None = None
+) -> list[tuple[str, dict[str, str]]]:
+    return (client or redis_client()).xrange(STREAM_KEY, min=start, max=end, count=count)
