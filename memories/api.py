@@ -290,12 +290,13 @@ class MemorySearchApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = _validated(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
-        results = selectors.memory_search(
+        results = services.memory_search(
             user=user,
-            query_vector=get_embedder().embed([data["query"]])[0],
+            query=data["query"],
             limit=data["limit"],
             filters=data["filters"],
             threshold=data.get("threshold"),
+            embedder=get_embedder(),
         )
         return Response({"results": self.OutputSerializer(results, many=True).data})
 

@@ -244,9 +244,9 @@ class Message(models.Model):
 class OutboxEvent(models.Model):
     """An event written in the same transaction as the change it describes (transactional outbox).
 
-    After commit it is published to the Redis Stream and channels; if that fails (Redis down, process
-    killed between commit and publish) the beat relay publishes it later. So a committed change
-    always emits, and a rolled-back one never does.
+    After commit it is published to the Redis Stream and channels; if that fails (Redis down,
+    process killed between commit and publish) the beat relay publishes it later. So a committed
+    change always emits, and a rolled-back one never does.
     """
 
     id = models.BigAutoField(primary_key=True)
@@ -258,9 +258,10 @@ class OutboxEvent(models.Model):
 
     class Meta:
         indexes = [
-            models.Index(fields=["id"], name="outbox_unpublished",
-                         condition=Q(published_at__isnull=True)),
-        ]  # fmt: skip
+            models.Index(
+                fields=["id"], name="outbox_unpublished", condition=Q(published_at__isnull=True)
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.event_type} #{self.id}"

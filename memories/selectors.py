@@ -7,10 +7,11 @@ from uuid import UUID
 
 from django.db import connection
 from django.db.models import Q, QuerySet
+from django.db.models.expressions import RawSQL
 from pgvector.django import CosineDistance
 
 from memories.errors import NotFound
-from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
+from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest, Session, Tenant
 
 
 def end_user_get(*, tenant: Tenant, user_id: UUID | str) -> EndUser:
@@ -122,3 +123,29 @@ def memory_nearest_for_many(
     for _, memory_id, content in rows:
         seen.setdefault(str(memory_id), content)
     return list(seen.items())
+
+
+def session_get(*, tenant: Tenant, session_id: UUID | str) -> Session:
+    try:
+        return Session.objects.get(tenant=tenant, pk=session_id)
+    except (Session.DoesNotExist, ValueError) as exc:
+        raise NotFound("Session not found.") from exc
+
+
+def memory_changes_since(
+    *, user: EndUser, cursor: tuple[int, str] | None, limit: int
+) -> list[Memory]:
+    """The user's memories written since `cursor`, deletions (tombstones) included, in the order
+    they were written, for pull-sync.
+
+    Pages on (writing transaction id, memory id). Only rows whose transaction id lies below the
+    oldest transaction still running are returned: every such transaction has ended, so no row
+    can later appear behind the cursor — a client never misses a change that committed late. The
+    price: a change shows up once the transactions that began before it have finished.
+    """
+    settled = RawSQL("pg_snapshot_xmin(pg_current_snapshot())::text::bigint", [])
+    queryset = Memory.objects.filter(user=user, change_txid__lt=settled)
+    if cursor is not None:
+        txid, memory_id = cursor
+        queryset = queryset.filter(Q(change_txid__gt=txid) | Q(change_txid=txid, id__gt=memory_id))
+    return list(queryset.order_by("change_txid", "id").defer("embedding")[:limit])

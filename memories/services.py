@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,16 +16,27 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from memories import selectors, signals
 from memories.auth import hash_api_key
 from memories.errors import (
     AlreadyExists,
     DuplicateRequest,
     IdempotencyKeyReused,
+    InvalidInput,
     NotFound,
     VersionConflict,
 )
-from memories.models import ApiKey, EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
-from memories.providers import Embedder
+from memories.models import (
+    ApiKey,
+    EndUser,
+    Memory,
+    MemoryHistory,
+    MemoryRequest,
+    Message,
+    Session,
+    Tenant,
+)
+from memories.providers import Embedder, LLMProvider
 from tasks.memory_jobs import enqueue_memory_request
 
 logger = logging.getLogger(__name__)
@@ -75,6 +87,13 @@ def end_user_create(
 def end_user_delete(*, user: EndUser) -> int:
     """Delete a user with all their memories, requests and history; returns memories removed."""
     removed = Memory.objects.filter(user=user).count()
+    signals.memories_cleared.send(
+        sender=EndUser,
+        tenant_id=user.tenant_id,
+        user_id=user.id,
+        count=removed,
+        reason="user deleted",
+    )
     user.delete()
     return removed
 
@@ -149,8 +168,22 @@ def memory_request_submit(
                 user=user, request_hash=request_hash, idempotency_key=idempotency_key
             )
             raise
+        _session_record_job_messages(user=user, payload=payload)
         transaction.on_commit(lambda: enqueue_memory_request(memory_request), robust=True)
     return memory_request
+
+
+def _session_record_job_messages(*, user: EndUser, payload: dict[str, Any]) -> None:
+    """A job naming an open session of its user adds its messages to that session's record."""
+    session_id = payload.get("session_id")
+    try:
+        session = Session.objects.filter(
+            pk=uuid.UUID(session_id), user=user, ended_at__isnull=True
+        ).first()
+    except (TypeError, ValueError):
+        return
+    if session is not None:
+        session_add_messages(session=session, messages=payload["messages"])
 
 
 def _raise_for_live_duplicate(
@@ -236,6 +269,13 @@ def _finish_failure(memory_request: MemoryRequest, error: str) -> None:
     # A failed request may be sent again: it stops blocking duplicates.
     memory_request.holds_idempotency_slot = False
     memory_request.save()
+    signals.error_occurred.send(
+        sender=MemoryRequest,
+        tenant_id=memory_request.tenant_id,
+        user_id=memory_request.user_id,
+        error=memory_request.error,
+        request_id=str(memory_request.id),
+    )
 
 
 def memory_request_record_error(*, claim: Claim, error: str) -> bool:
@@ -510,3 +550,77 @@ def memory_delete(*, memory: Memory, actor: str = "api") -> None:
         MemoryHistory.objects.create(
             memory=locked, event="DELETE", old_content=previous, actor=actor
         )
+
+
+def memory_search(
+    *,
+    user: EndUser,
+    query: str,
+    limit: int,
+    filters: dict[str, Any],
+    threshold: float | None,
+    embedder: Embedder,
+) -> list[Memory]:
+    """Search, and leave a `search.performed` event for audit and analytics."""
+    results = selectors.memory_search(
+        user=user,
+        query_vector=embedder.embed([query])[0],
+        limit=limit,
+        filters=filters,
+        threshold=threshold,
+    )
+    signals.search_performed.send(
+        sender=Memory,
+        tenant_id=user.tenant_id,
+        user_id=user.id,
+        query=query,
+        results=len(results),
+        agent_id=filters.get("agent_id", ""),
+        session_id=filters.get("session_id", ""),
+    )
+    return results
+
+
+# --- Sessions ------------------------------------------------------------------------------------
+
+
+def session_start(
+    *, user: EndUser, agent_id: str = "", metadata: dict[str, Any] | None = None
+) -> Session:
+    return Session.objects.create(
+        tenant_id=user.tenant_id, user=user, agent_id=agent_id, metadata=metadata or {}
+    )
+
+
+@transaction.atomic
+def session_add_messages(*, session: Session, messages: list[dict[str, str]]) -> list[Message]:
+    """Append messages (each emits `message.added`); an ended session takes no more."""
+    if session.ended_at is not None:
+        raise InvalidInput("The session has ended.", field="session_id")
+    return [
+        Message.objects.create(session=session, role=m["role"], content=m["content"])
+        for m in messages
+    ]
+
+
+def session_end(*, session: Session, summarize: bool, llm: LLMProvider | None = None) -> Session:
+    """End a session (`session.ended`), optionally with a summary (`summary.created`).
+
+    The summary is the facts the LLM extracts from the conversation, so it costs one model call and
+    works with the offline provider too. Ending an ended session changes nothing.
+    """
+    summary = ""
+    if summarize and llm is not None:
+        conversation = [{"role": m.role, "content": m.content} for m in session.messages.all()]
+        facts = llm.extract_facts(conversation) if conversation else []
+        summary = "; ".join(facts) if facts else f"{len(conversation)} messages, no lasting facts."
+    with transaction.atomic():
+        locked = Session.objects.select_for_update().get(pk=session.pk)
+        if locked.ended_at is not None:
+            return locked
+        locked.ended_at = timezone.now()
+        locked.summary = summary
+        locked.save(update_fields=["ended_at", "summary"])
+        if summary:
+            signals.summary_created.send(sender=Session, session=locked)
+    return locked

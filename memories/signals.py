@@ -14,7 +14,8 @@ from django.dispatch import Signal, receiver
 from memories import events
 from memories.models import Memory, Message, Session
 
-# Sent with keyword arguments: tenant_id, user_id, and what each event needs in `data`.
+# Sent with keyword arguments: tenant_id, user_id, and what each event needs in `data` (Django
+# adds `signal` to what receivers get; they drop it).
 search_performed = Signal()  # query, results, agent_id, session_id
 memories_cleared = Signal()  # count
 error_occurred = Signal()  # error, request_id
@@ -48,8 +49,15 @@ def session_changed(sender: type, instance: Session, created: bool, **kwargs: An
 def message_added(sender: type, instance: Message, created: bool, **kwargs: Any) -> None:
     if created:
         session = instance.session
-        events.record(_session_event(session, "message.added", message_id=instance.id,
-                                     role=instance.role, content=instance.content))  # fmt: skip
+        events.record(
+            _session_event(
+                session,
+                "message.added",
+                message_id=instance.id,
+                role=instance.role,
+                content=instance.content,
+            )
+        )
 
 
 @receiver(summary_created, dispatch_uid="summary_created")
@@ -59,34 +67,52 @@ def on_summary_created(sender: Any, session: Session, **kwargs: Any) -> None:
 
 @receiver(search_performed, dispatch_uid="search_performed")
 def on_search_performed(sender: Any, tenant_id: Any, user_id: Any, **data: Any) -> None:
+    data.pop("signal")
     agent_id, session_id = data.pop("agent_id", ""), data.pop("session_id", "")
-    events.record(events.build_event(
-        event_type="search.performed", tenant_id=tenant_id, user_id=user_id,
-        agent_id=agent_id, session_id=session_id, data=data,
-    ))  # fmt: skip
+    events.record(
+        events.build_event(
+            event_type="search.performed",
+            tenant_id=tenant_id,
+            user_id=user_id,
+            agent_id=agent_id,
+            session_id=session_id,
+            data=data,
+        )
+    )
 
 
 @receiver(memories_cleared, dispatch_uid="memories_cleared")
 def on_memories_cleared(sender: Any, tenant_id: Any, user_id: Any, **data: Any) -> None:
-    events.record(events.build_event(
-        event_type="memory.cleared", tenant_id=tenant_id, user_id=user_id, data=data
-    ))  # fmt: skip
+    data.pop("signal")
+    events.record(
+        events.build_event(
+            event_type="memory.cleared", tenant_id=tenant_id, user_id=user_id, data=data
+        )
+    )
 
 
 @receiver(error_occurred, dispatch_uid="error_occurred")
 def on_error_occurred(sender: Any, tenant_id: Any, user_id: Any, **data: Any) -> None:
-    events.record(events.build_event(
-        event_type="error.occurred", tenant_id=tenant_id, user_id=user_id, data=data
-    ))  # fmt: skip
+    data.pop("signal")
+    events.record(
+        events.build_event(
+            event_type="error.occurred", tenant_id=tenant_id, user_id=user_id, data=data
+        )
+    )
 
 
 @receiver(conflict_detected, dispatch_uid="conflict_detected")
 def on_conflict_detected(sender: Any, memory: Memory, **data: Any) -> None:
+    data.pop("signal")
     events.record(events.memory_event(memory, "conflict.detected", **data))
 
 
 def _session_event(session: Session, event_type: str, **data: Any) -> dict[str, Any]:
     return events.build_event(
-        event_type=event_type, tenant_id=session.tenant_id, user_id=session.user_id,
-        agent_id=session.agent_id, session_id=session.id, data=data,
-    )  # fmt: skip
+        event_type=event_type,
+        tenant_id=session.tenant_id,
+        user_id=session.user_id,
+        agent_id=session.agent_id,
+        session_id=session.id,
+        data=data,
+    )

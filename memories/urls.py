@@ -1,6 +1,6 @@
 from django.urls import path
 
-from memories import api
+from memories import api, api_events
 
 urlpatterns = [
     path("v1/users", api.UserCreateApi.as_view(), name="user-create"),
@@ -18,6 +18,27 @@ urlpatterns = [
     path(
         "get_status/<uuid:request_id>", api.MemoryRequestStatusApi.as_view(), name="request-alias"
     ),
+    path("v1/sessions", api_events.SessionCreateApi.as_view(), name="sessions"),
+    path(
+        "v1/sessions/<uuid:session_id>/messages",
+        api_events.SessionMessagesApi.as_view(),
+        name="session-messages",
+    ),
+    path(
+        "v1/sessions/<uuid:session_id>/end", api_events.SessionEndApi.as_view(), name="session-end"
+    ),
+    path(
+        "v1/sessions/<uuid:session_id>/timeline",
+        api_events.SessionTimelineApi.as_view(),
+        name="session-timeline",
+    ),
+    path(
+        "v1/sessions/<uuid:session_id>/reconstruct",
+        api_events.SessionReconstructApi.as_view(),
+        name="session-reconstruct",
+    ),
+    path("v1/events", api_events.EventsApi.as_view(), name="events"),
+    path("v1/sync", api_events.SyncApi.as_view(), name="sync"),
     path("healthz", api.healthz, name="healthz"),
     path("readyz", api.readyz, name="readyz"),
 ]

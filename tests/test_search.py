@@ -25,11 +25,15 @@ def store(user, texts, **fields) -> list[Memory]:
     vectors = get_embedder().embed(list(texts))
     return [
         Memory.objects.create(
-            tenant=user.tenant, user=user, content=text, embedding=vector,
-            content_hash=services.content_hash(text), **fields,
+            tenant=user.tenant,
+            user=user,
+            content=text,
+            embedding=vector,
+            content_hash=services.content_hash(text),
+            **fields,
         )
         for text, vector in zip(texts, vectors, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def search(api, user, query: str, **extra) -> list[dict]:
@@ -64,11 +68,21 @@ def test_deleted_memories_are_not_found(api, end_user) -> None:
 
 
 def test_filters_on_agent_session_type_and_metadata(api, end_user) -> None:
-    store(end_user, ["Likes tea"], agent_id="a1", session_id="s1", type="preference",
-          metadata={"source": "chat", "lang": "en"})  # fmt: skip
+    store(
+        end_user,
+        ["Likes tea"],
+        agent_id="a1",
+        session_id="s1",
+        type="preference",
+        metadata={"source": "chat", "lang": "en"},
+    )
     store(end_user, ["Likes coffee"], agent_id="a2", session_id="s2", metadata={"source": "email"})
-    tea = [{"agent_id": "a1"}, {"session_id": "s1"}, {"type": "preference"},
-           {"metadata": {"source": "chat"}}]  # fmt: skip
+    tea = [
+        {"agent_id": "a1"},
+        {"session_id": "s1"},
+        {"type": "preference"},
+        {"metadata": {"source": "chat"}},
+    ]
     for filters in tea:
         assert [r["content"] for r in search(api, end_user, "likes", filters=filters)] == [
             "Likes tea"

@@ -9,6 +9,7 @@ fields `event` = the JSON, plus `type`, `tenant_id`, `user_id`, `session_id` for
 each event is also PUBLISHed on its channels as {"id": <stream id>, "event": ...}.
 """
 
+from memories.events.publisher import publish_outbox, record, record_many
 from memories.events.schema import (
     EVENT_TYPES,
     SCHEMA_VERSION,
@@ -20,7 +21,6 @@ from memories.events.schema import (
     topic_channel,
     user_channel,
 )
-from memories.events.publisher import publish_outbox, record, record_many
 
 __all__ = [
     "EVENT_TYPES",

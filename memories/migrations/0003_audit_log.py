@@ -5,29 +5,31 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('memories', '0002_sessions_events_sync'),
+        ("memories", "0002_sessions_events_sync"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='AuditLogEntry',
+            name="AuditLogEntry",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('stream_id', models.CharField(max_length=40, unique=True)),
-                ('event_id', models.UUIDField()),
-                ('event_type', models.CharField(max_length=40)),
-                ('tenant_id', models.UUIDField(blank=True, null=True)),
-                ('user_id', models.UUIDField(blank=True, null=True)),
-                ('session_id', models.CharField(blank=True, default='', max_length=200)),
-                ('occurred_at', models.DateTimeField()),
-                ('payload', models.JSONField()),
-                ('recorded_at', models.DateTimeField(default=django.utils.timezone.now)),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("stream_id", models.CharField(max_length=40, unique=True)),
+                ("event_id", models.UUIDField()),
+                ("event_type", models.CharField(max_length=40)),
+                ("tenant_id", models.UUIDField(blank=True, null=True)),
+                ("user_id", models.UUIDField(blank=True, null=True)),
+                ("session_id", models.CharField(blank=True, default="", max_length=200)),
+                ("occurred_at", models.DateTimeField()),
+                ("payload", models.JSONField()),
+                ("recorded_at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
             options={
-                'verbose_name_plural': 'audit log',
-                'indexes': [models.Index(fields=['tenant_id', 'occurred_at'], name='audit_by_tenant_time'), models.Index(fields=['user_id', 'occurred_at'], name='audit_by_user_time')],
+                "verbose_name_plural": "audit log",
+                "indexes": [
+                    models.Index(fields=["tenant_id", "occurred_at"], name="audit_by_tenant_time"),
+                    models.Index(fields=["user_id", "occurred_at"], name="audit_by_user_time"),
+                ],
             },
         ),
     ]

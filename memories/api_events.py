@@ -1,0 +1,193 @@
+"""HTTP for what happened: sessions and their timelines, event replay, analytics, pull-sync."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from memories import selectors, services
+from memories.api import MemoryOutput, MessageInput, TenantApi, _validated
+from memories.errors import InvalidInput
+from memories.events import EVENT_TYPES
+from memories.events.replay import events_in_range, session_reconstruct
+from memories.pipeline import get_llm
+
+
+class SessionOutput(serializers.Serializer):
+    session_id = serializers.UUIDField(source="id")
+    user_id = serializers.UUIDField()
+    agent_id = serializers.CharField()
+    metadata = serializers.JSONField()
+    summary = serializers.CharField()
+    started_at = serializers.DateTimeField()
+    ended_at = serializers.DateTimeField(allow_null=True)
+
+
+class SessionCreateApi(TenantApi):
+    class InputSerializer(serializers.Serializer):
+        user_id = serializers.UUIDField()
+        agent_id = serializers.CharField(
+            required=False, default="", allow_blank=True, max_length=200
+        )
+        metadata = serializers.DictField(required=False, default=dict)
+
+    def post(self, request: Request) -> Response:
+        data = _validated(self.InputSerializer, request.data)
+        user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        session = services.session_start(
+            user=user, agent_id=data["agent_id"], metadata=data["metadata"]
+        )
+        return Response(SessionOutput(session).data, status=status.HTTP_201_CREATED)
+
+
+class SessionMessagesApi(TenantApi):
+    class InputSerializer(serializers.Serializer):
+        messages = MessageInput(many=True, allow_empty=False, max_length=200)
+
+    def post(self, request: Request, session_id: str) -> Response:
+        data = _validated(self.InputSerializer, request.data)
+        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        added = services.session_add_messages(
+            session=session, messages=[dict(m) for m in data["messages"]]
+        )
+        return Response({"session_id": str(session.id), "added": len(added)}, status=201)
+
+
+class SessionEndApi(TenantApi):
+    class InputSerializer(serializers.Serializer):
+        summarize = serializers.BooleanField(default=False)
+
+    def post(self, request: Request, session_id: str) -> Response:
+        data = _validated(self.InputSerializer, request.data)
+        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        session = services.session_end(
+            session=session,
+            summarize=data["summarize"],
+            llm=get_llm() if data["summarize"] else None,
+        )
+        return Response(SessionOutput(session).data)
+
+
+class EventsQuery(serializers.Serializer):
+    user_id = serializers.UUIDField(required=False)
+    session_id = serializers.CharField(required=False, max_length=200)
+    type = serializers.CharField(required=False)
+    since = serializers.DateTimeField(required=False)
+    until = serializers.DateTimeField(required=False)
+    after = serializers.RegexField(r"^\d+-\d+$", required=False)
+    limit = serializers.IntegerField(required=False, default=500, min_value=1, max_value=5000)
+
+    def validate_type(self, value: str) -> list[str]:
+        types = [t for t in value.split(",") if t]
+        unknown = sorted(set(types) - set(EVENT_TYPES))
+        if unknown:
+            raise serializers.ValidationError(f"Unknown event types: {', '.join(unknown)}.")
+        return types
+
+
+class EventsApi(TenantApi):
+    """Replay and time travel: the tenant's events in a time window, oldest first."""
+
+    def get(self, request: Request) -> Response:
+        data = _validated(EventsQuery, request.query_params.dict())
+        events = events_in_range(
+            tenant_id=str(self.tenant.id),
+            since=data.get("since"),
+            until=data.get("until"),
+            user_id=str(data["user_id"]) if data.get("user_id") else None,
+            session_id=data.get("session_id"),
+            event_types=data.get("type"),
+            after_id=data.get("after"),
+            limit=data["limit"],
+        )
+        next_after = events[-1]["id"] if len(events) == data["limit"] else None
+        return Response({"events": events, "next_after": next_after})
+
+
+class SessionTimelineApi(TenantApi):
+    def get(self, request: Request, session_id: str) -> Response:
+        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        events = events_in_range(
+            tenant_id=str(self.tenant.id),
+            session_id=str(session.id),
+            since=session.started_at,
+            limit=5000,
+        )
+        timeline = [
+            {
+                "id": e["id"],
+                "timestamp": e["timestamp"],
+                "event_type": e["event_type"],
+                "data": e["data"],
+                "memory": e["memory"],
+            }
+            for e in events
+        ]
+        return Response({"session_id": str(session.id), "timeline": timeline})
+
+
+class SessionReconstructApi(TenantApi):
+    def get(self, request: Request, session_id: str) -> Response:
+        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        events = events_in_range(
+            tenant_id=str(self.tenant.id),
+            session_id=str(session.id),
+            since=session.started_at,
+            limit=5000,
+        )
+        return Response({"session_id": str(session.id), **session_reconstruct(events)})
+
+
+# --- Pull-sync -----------------------------------------------------------------------------------
+
+
+def _encode_sync_cursor(txid: int, memory_id: object) -> str:
+    return base64.urlsafe_b64encode(f"{txid}:{memory_id}".encode()).decode()
+
+
+def _decode_sync_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        txid, memory_id = base64.urlsafe_b64decode(cursor.encode()).decode().split(":")
+        serializers.UUIDField().to_internal_value(memory_id)
+        return int(txid), memory_id
+    except (ValueError, binascii.Error, serializers.ValidationError) as exc:
+        raise InvalidInput("Malformed cursor.", field="since") from exc
+
+
+class SyncApi(TenantApi):
+    """`GET /v1/sync?user_id=&since=CURSOR&limit=`: every change since the cursor, deletions as
+    tombstones (`deleted: true`), and the cursor to send next time."""
+
+    class InputSerializer(serializers.Serializer):
+        user_id = serializers.UUIDField()
+        since = serializers.CharField(required=False)
+        limit = serializers.IntegerField(required=False, default=500, min_value=1, max_value=1000)
+
+    class ChangeOutput(MemoryOutput):
+        deleted = serializers.SerializerMethodField()
+        deleted_at = serializers.DateTimeField(allow_null=True)
+
+        def get_deleted(self, memory: Any) -> bool:
+            return memory.deleted_at is not None
+
+    def get(self, request: Request) -> Response:
+        data = _validated(self.InputSerializer, request.query_params.dict())
+        user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        cursor = _decode_sync_cursor(data["since"]) if data.get("since") else None
+        changes = selectors.memory_changes_since(user=user, cursor=cursor, limit=data["limit"])
+        if changes:
+            next_cursor = _encode_sync_cursor(changes[-1].change_txid, changes[-1].id)
+        else:
+            next_cursor = data.get("since") or ""
+        return Response(
+            {
+                "changes": self.ChangeOutput(changes, many=True).data,
+                "next_cursor": next_cursor,
+                "has_more": len(changes) == data["limit"],
+            }
+        )

@@ -1,0 +1,308 @@
+"""Every change is an event: outbox, stream, channels, sessions, replay, pull-sync."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from memories import services
+from memories.events.publisher import relay_unpublished
+from memories.events.stream import STREAM_KEY, redis_client
+from memories.models import Memory, MemoryRequest, OutboxEvent
+from memories.pipeline import get_embedder, memory_request_run
+
+
+def tenant_events(tenant, event_type: str | None = None) -> list[dict]:
+    entries = redis_client().xrange(STREAM_KEY)
+    events = [
+        json.loads(f["event"]) | {"id": i} for i, f in entries if f["tenant_id"] == str(tenant.id)
+    ]
+    return [e for e in events if event_type is None or e["event_type"] == event_type]
+
+
+def new_memory(user, text: str = "Lives in Paris") -> Memory:
+    return Memory.objects.create(
+        tenant=user.tenant,
+        user=user,
+        content=text,
+        embedding=get_embedder().embed([text])[0],
+        content_hash=services.content_hash(text),
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_committed_change_is_published_to_stream_and_user_channel(end_user) -> None:
+    pubsub = redis_client().pubsub()
+    pubsub.subscribe(f"user:{end_user.id}:memories")
+    pubsub.get_message(timeout=1)  # the subscribe confirmation
+    memory = new_memory(end_user)
+
+    (event,) = tenant_events(end_user.tenant, "memory.created")
+    assert event["schema"] == 1 and event["event_id"] and event["timestamp"]
+    assert event["memory"] == {
+        "id": str(memory.id),
+        "content": "Lives in Paris",
+        "type": "fact",
+        "metadata": {},
+        "version": 1,
+        "scope": "user",
+        "topic": "",
+    }
+    assert event["source"] == {
+        "agent_id": "",
+        "session_id": "",
+        "user_id": str(end_user.id),
+        "tenant_id": str(end_user.tenant_id),
+    }
+    assert event["channels"] == [f"user:{end_user.id}:memories"]
+    message = pubsub.get_message(timeout=2)
+    assert json.loads(message["data"])["id"] == event["id"]
+    assert OutboxEvent.objects.get().published_at is not None
+    pubsub.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rolled_back_transaction_publishes_nothing(end_user) -> None:
+    with pytest.raises(RuntimeError), transaction.atomic():
+        new_memory(end_user)
+        raise RuntimeError("abort")
+    assert tenant_events(end_user.tenant) == []
+    assert not OutboxEvent.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_event_lost_to_a_redis_outage_is_relayed_later(settings, end_user) -> None:
+    working_url = settings.REDIS_URL
+    settings.REDIS_URL = "redis://127.0.0.1:9/0"  # nothing listens there: publishing fails
+    new_memory(end_user)  # the change commits all the same
+    settings.REDIS_URL = working_url
+    assert Memory.objects.count() == 1 and tenant_events(end_user.tenant) == []
+    assert relay_unpublished() == 1
+    assert [e["event_type"] for e in tenant_events(end_user.tenant)] == ["memory.created"]
+    assert relay_unpublished() == 0  # published once, never twice
+
+
+@pytest.mark.django_db(transaction=True)
+def test_update_delete_search_and_clear_emit_their_events(end_user) -> None:
+    memory = new_memory(end_user)
+    services.memory_update(memory=memory, embedder=get_embedder(), content="Lives in Rome")
+    services.memory_delete(memory=memory)
+    services.memory_search(
+        user=end_user, query="Rome", limit=5, filters={}, threshold=None, embedder=get_embedder()
+    )
+    services.end_user_delete(user=end_user)
+    events = tenant_events(end_user.tenant)
+    assert [e["event_type"] for e in events] == [
+        "memory.created",
+        "memory.updated",
+        "memory.deleted",
+        "search.performed",
+        "memory.cleared",
+    ]
+    assert events[1]["memory"]["content"] == "Lives in Rome"
+    assert events[2]["memory"]["content"] is None
+    assert events[3]["data"] == {"query": "Rome", "results": 0}
+    assert events[4]["data"]["count"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_job_emits_error_occurred(settings, end_user) -> None:
+    settings.MEMORY_JOB_MAX_ATTEMPTS = 1
+    request = services.memory_request_submit(
+        user=end_user, payload={"messages": [{"role": "user", "content": "x"}], "infer": True}
+    )
+    MemoryRequest.objects.filter(pk=request.pk).update(attempts=1)
+    assert memory_request_run(request_id=str(request.id)) == "skipped"
+    (event,) = tenant_events(end_user.tenant, "error.occurred")
+    assert event["data"]["request_id"] == str(request.id) and "Gave up" in event["data"]["error"]
+
+
+# --- Sessions, timelines, replay -----------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_session_lifecycle_timeline_and_reconstruction(api, end_user) -> None:
+    session_id = api.post(
+        "/v1/sessions", {"user_id": str(end_user.id), "agent_id": "support"}, format="json"
+    ).json()["session_id"]
+    messages = [
+        {"role": "user", "content": "I live in Paris."},
+        {"role": "assistant", "content": "Noted!"},
+    ]
+    response = api.post(
+        f"/v1/sessions/{session_id}/messages", {"messages": messages}, format="json"
+    )
+    assert response.status_code == 201
+    api.post(
+        "/v1/memories/search",
+        {"user_id": str(end_user.id), "query": "Paris", "filters": {"session_id": session_id}},
+        format="json",
+    )
+    ended = api.post(f"/v1/sessions/{session_id}/end", {"summarize": True}, format="json").json()
+    assert ended["summary"] == "Lives in Paris" and ended["ended_at"]
+
+    timeline = api.get(f"/v1/sessions/{session_id}/timeline").json()["timeline"]
+    assert [t["event_type"] for t in timeline] == [
+        "session.started",
+        "message.added",
+        "message.added",
+        "search.performed",
+        "session.ended",
+        "summary.created",
+    ]
+    state = api.get(f"/v1/sessions/{session_id}/reconstruct").json()
+    assert [m["content"] for m in state["messages"]] == ["I live in Paris.", "Noted!"]
+    assert state["summary"] == "Lives in Paris" and state["searches"] == 1
+    assert state["agent_id"] == "support" and state["ended_at"] is not None
+    # An ended session takes no more messages.
+    again = api.post(f"/v1/sessions/{session_id}/messages", {"messages": messages}, format="json")
+    assert again.status_code == 400
+
+
+@pytest.mark.django_db(transaction=True)
+def test_memory_job_naming_a_session_records_its_messages(api, end_user) -> None:
+    session_id = api.post("/v1/sessions", {"user_id": str(end_user.id)}, format="json").json()[
+        "session_id"
+    ]
+    body = {
+        "user_id": str(end_user.id),
+        "session_id": session_id,
+        "messages": [{"role": "user", "content": "I like tea."}],
+    }
+    assert api.post("/v1/memories", body, format="json").status_code == 202
+    state = api.get(f"/v1/sessions/{session_id}/reconstruct").json()
+    assert [m["content"] for m in state["messages"]] == ["I like tea."]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replay_by_time_range_returns_exactly_that_window(api, end_user) -> None:
+    new_memory(end_user, "Before the window")
+    time.sleep(0.05)
+    since = timezone.now()
+    inside = [new_memory(end_user, f"Inside {n}") for n in range(3)]
+    until = timezone.now()
+    time.sleep(0.05)
+    new_memory(end_user, "After the window")
+
+    params = {"since": since.isoformat(), "until": until.isoformat()}
+    events = api.get("/v1/events", params).json()["events"]
+    assert [e["memory"]["id"] for e in events] == [str(m.id) for m in inside]
+    only_type = api.get("/v1/events", {**params, "type": "memory.updated"}).json()["events"]
+    assert only_type == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replay_never_shows_another_tenants_events(api, other_api, end_user) -> None:
+    new_memory(end_user)
+    assert len(api.get("/v1/events").json()["events"]) == 1
+    assert other_api.get("/v1/events").json()["events"] == []
+
+
+@pytest.mark.django_db
+def test_replay_rejects_unknown_types_and_bad_times(api) -> None:
+    assert "type" in api.get("/v1/events", {"type": "memory.exploded"}).json()["fields"]
+    assert "since" in api.get("/v1/events", {"since": "yesterday"}).json()["fields"]
+
+
+# --- Pull-sync -----------------------------------------------------------------------------------
+
+
+def sync(api, user, since: str | None = None, limit: int = 500, expect: int = 0) -> dict:
+    """One sync call; with `expect`, poll until that many changes show. A change shows once every
+    transaction that began before it has ended, and parallel test processes share the cluster."""
+    params = {"user_id": str(user.id), "limit": limit, **({"since": since} if since else {})}
+    deadline = time.monotonic() + 15
+    while True:
+        response = api.get("/v1/sync", params)
+        assert response.status_code == 200, response.content
+        page = response.json()
+        if len(page["changes"]) >= expect or time.monotonic() > deadline:
+            return page
+        time.sleep(0.05)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_returns_changes_since_the_cursor_with_tombstones(api, end_user) -> None:
+    paris, tea = new_memory(end_user, "Lives in Paris"), new_memory(end_user, "Likes tea")
+    first = sync(api, end_user, expect=2)
+    assert [c["content"] for c in first["changes"]] == ["Lives in Paris", "Likes tea"]
+
+    services.memory_update(memory=paris, embedder=get_embedder(), content="Lives in Rome")
+    services.memory_delete(memory=tea)
+    second = sync(api, end_user, since=first["next_cursor"], expect=2)
+    changes = {c["id"]: c for c in second["changes"]}
+    assert changes[str(paris.id)]["content"] == "Lives in Rome"
+    assert changes[str(tea.id)]["deleted"] is True
+    assert len(changes) == 2
+
+    assert sync(api, end_user, since=second["next_cursor"])["changes"] == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_pages_through_everything_exactly_once(api, end_user) -> None:
+    created = {str(new_memory(end_user, f"Fact {n}").id) for n in range(7)}
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):
+        page = sync(api, end_user, since=cursor, limit=3, expect=min(3, 7 - len(seen)))
+        seen += [c["id"] for c in page["changes"]]
+        cursor = page["next_cursor"]
+        if not page["has_more"]:
+            break
+    assert sorted(seen) == sorted(created)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_waits_for_a_transaction_that_began_earlier(api, end_user) -> None:
+    # A change committed late must not slip behind a cursor handed out meanwhile.
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_writer() -> None:
+        from django.db import connection
+
+        try:
+            with transaction.atomic():
+                new_memory(end_user, "Written slowly")
+                started.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    started.wait(10)
+    new_memory(end_user, "Written quickly")
+    during = sync(api, end_user)
+    release.set()
+    writer.join()
+    assert during["changes"] == []  # the quick one waits behind the slow, still-open transaction
+    after = sync(api, end_user, since=during["next_cursor"] or None, expect=2)
+    assert sorted(c["content"] for c in after["changes"]) == ["Written quickly", "Written slowly"]
+
+
+@pytest.mark.django_db
+def test_sync_rejects_a_malformed_cursor_and_other_tenants(api, other_api, end_user) -> None:
+    response = api.get("/v1/sync", {"user_id": str(end_user.id), "since": "!!"})
+    assert response.status_code == 400 and "since" in response.json()["fields"]
+    assert other_api.get("/v1/sync", {"user_id": str(end_user.id)}).status_code == 404
+
+
+def test_stream_is_trimmed_by_age(settings) -> None:
+    from memories.events.publisher import trim_stream
+
+    client = redis_client()
+    client.delete(STREAM_KEY)
+    fields = {"event": "{}", "type": "x", "tenant_id": "t", "user_id": "", "session_id": ""}
+    old_ms = int((timezone.now() - timedelta(days=30)).timestamp() * 1000)
+    client.xadd(STREAM_KEY, fields, id=f"{old_ms}-0")
+    recent_id = client.xadd(STREAM_KEY, fields)
+    settings.EVENT_STREAM_MAX_AGE_SECONDS = 24 * 3600
+    trim_stream()
+    assert [entry_id for entry_id, _ in client.xrange(STREAM_KEY)] == [recent_id]
