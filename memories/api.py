@@ -16,6 +16,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from memories import selectors, services
+from memories.batch import memories_batch_apply
 from memories.errors import InvalidInput
 from memories.models import Memory, MemoryRequest
 from memories.pipeline import get_embedder
@@ -161,11 +162,7 @@ class MemoryCollectionApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = _validated(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
-        idempotency_key = request.headers.get("Idempotency-Key") or None
-        if idempotency_key is not None and len(idempotency_key) > 255:
-            raise InvalidInput(
-                "Idempotency-Key is longer than 255 characters.", field="Idempotency-Key"
-            )
+        idempotency_key = _idempotency_key(request)
         payload = {
             "messages": [dict(m) for m in data["messages"]],
             "metadata": data["metadata"],
@@ -202,6 +199,45 @@ class MemoryCollectionApi(TenantApi):
                 "next_cursor": _encode_cursor(page[-1]) if has_more else None,
             }
         )
+
+
+class MemoryBatchApi(TenantApi):
+    """Direct bulk writes, no LLM: `{items: [{action, id?, user_id, content, type, metadata}],
+    async?}`. Synchronous: per-item results at once. `async: true`: a request id, and the `batch`
+    lane writes the items (per-item results then in the request's `events`)."""
+
+    def post(self, request: Request) -> Response:
+        body = request.data
+        if not isinstance(body, dict):
+            raise InvalidInput("The body must be a JSON object.", field="body")
+        items, run_async = body.get("items"), body.get("async", False)
+        if not isinstance(run_async, bool):
+            raise InvalidInput("Must be true or false.", field="async")
+        limit = settings.BATCH_ASYNC_MAX_ITEMS if run_async else settings.BATCH_MAX_ITEMS
+        if not isinstance(items, list) or not items:
+            raise InvalidInput("A non-empty list of items is required.", field="items")
+        if len(items) > limit:
+            raise InvalidInput(f"At most {limit} items per call.", field="items")
+        if run_async:
+            memory_request = services.batch_request_submit(
+                tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)
+            )
+            return Response(
+                {"request_id": str(memory_request.id), "status": memory_request.status},
+                status=status.HTTP_202_ACCEPTED,
+            )
+        results = memories_batch_apply(tenant=self.tenant, raw_items=items, embedder=get_embedder())
+        failed = sum(result["status"] == "error" for result in results)
+        return Response({"results": results, "ok": len(results) - failed, "failed": failed})
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("Idempotency-Key") or None
+    if key is not None and len(key) > 255:
+        raise InvalidInput(
+            "Idempotency-Key is longer than 255 characters.", field="Idempotency-Key"
+        )
+    return key
 
 
 class MemoryRequestStatusApi(TenantApi):

@@ -75,9 +75,17 @@ class MemoryRequest(models.Model):
         NORMAL = "normal"
         HIGH = "high"
 
+    class Kind(models.TextChoices):
+        MEMORY_JOB = "memory_job"  # messages through the LLM pipeline, for one user
+        BATCH = "batch"  # direct bulk writes, possibly for many users
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memory_requests")
-    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="memory_requests")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.MEMORY_JOB)
+    # Empty only for a batch, whose items may name many users.
+    user = models.ForeignKey(
+        EndUser, null=True, blank=True, on_delete=models.CASCADE, related_name="memory_requests"
+    )
     request_hash = models.CharField(max_length=64)
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
     # True while this request blocks an identical one: pending, processing, or succeeded and not

@@ -7,16 +7,13 @@ applied by `services.memory_request_complete` in one short transaction.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
 
 from memories import selectors, services
+from memories.jobs import request_run
 from memories.models import MemoryRequest
 from memories.providers import (
     Embedder,
@@ -127,63 +124,12 @@ def plan_changes(
     return changes
 
 
-@contextmanager
-def lease_kept(claim: services.Claim) -> Iterator[threading.Event]:
-    """Renew the claim's lease in the background while the job runs.
-
-    Yields an Event that is set if the lease was lost (taken over by another worker), so the job
-    can stop early; the final commit is fenced by the claim token either way.
-    """
-    lost = threading.Event()
-    stop = threading.Event()
-    interval = max(settings.MEMORY_JOB_LEASE_SECONDS / 3, 0.2)
-
-    def renew() -> None:
-        try:
-            while not stop.wait(interval):
-                if not services.memory_request_renew_lease(claim=claim):
-                    lost.set()
-                    return
-        except Exception:  # a renewal that fails only shortens the lease; the job goes on
-            logger.exception("lease renewal for %s failed", claim.request_id)
-        finally:
-            connection.close()  # this thread's own connection
-
-    thread = threading.Thread(target=renew, name=f"lease-{claim.request_id}", daemon=True)
-    thread.start()
-    try:
-        yield lost
-    finally:
-        stop.set()
-        thread.join()
+def memory_job_work(claim: services.Claim, memory_request: MemoryRequest) -> None:
+    """The work of a memory job, for `jobs.request_run`: plan with the models, then commit."""
+    changes = plan_changes(memory_request=memory_request, llm=get_llm(), embedder=get_embedder())
+    services.memory_request_complete(claim=claim, changes=changes)
 
 
 def memory_request_run(*, request_id: str) -> str:
-    """Run one memory job end to end. Returns what happened: `done`, `skipped`, `retry` or `failed`.
-
-    Safe to call any number of times for the same request: only a claim holder commits, and a
-    finished request is never claimed again.
-    """
-    claim = services.memory_request_claim(request_id=request_id)
-    if claim is None:
-        return "skipped"
-    try:
-        with lease_kept(claim):
-            memory_request = MemoryRequest.objects.get(pk=claim.request_id)
-            changes = plan_changes(
-                memory_request=memory_request, llm=get_llm(), embedder=get_embedder()
-            )
-            services.memory_request_complete(claim=claim, changes=changes)
-    except services.LeaseLost:
-        logger.warning("request %s: lease taken over; this attempt's work discarded", request_id)
-        return "skipped"
-    except Exception as exc:  # every failure is an attempt: bounded by MEMORY_JOB_MAX_ATTEMPTS
-        logger.exception("request %s attempt %s failed", request_id, claim.token)
-        # A killed database connection must not poison the next statement of this worker
-        # (never close one that an enclosing transaction still holds, though).
-        if not connection.in_atomic_block:
-            connection.close_if_unusable_or_obsolete()
-        error = f"{type(exc).__name__}: {exc}"
-        will_retry = services.memory_request_record_error(claim=claim, error=error)
-        return "retry" if will_retry else "failed"
-    return "done"
+    """Run one memory job end to end (see `jobs.request_run` for the outcomes and guarantees)."""
+    return request_run(request_id=request_id, work=memory_job_work)

@@ -371,6 +371,78 @@ class LeaseLost(Exception):
     """Another worker took the request over; this worker's changes must not commit."""
 
 
+def _locked_claim(claim: Claim) -> MemoryRequest:
+    """The claimed request, row-locked; LeaseLost when the claim was taken over (fencing)."""
+    memory_request = (
+        MemoryRequest.objects.select_for_update(of=("self",))
+        .select_related("user")
+        .filter(pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token)
+        .first()
+    )
+    if memory_request is None:
+        raise LeaseLost(claim.request_id)
+    return memory_request
+
+
+def _mark_success(memory_request: MemoryRequest, result: list[dict[str, Any]]) -> None:
+    memory_request.status = MemoryRequest.Status.SUCCESS
+    memory_request.result = result
+    memory_request.error = ""
+    memory_request.lease_until = None
+    memory_request.finished_at = timezone.now()
+    memory_request.save()
+
+
+def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -> None:
+    """Mark the request done with its result; call inside the transaction that did its writes,
+    so the writes and `success` commit together or not at all."""
+    _mark_success(_locked_claim(claim), result)
+
+
+def batch_request_submit(
+    *, tenant: Tenant, items: list[Any], idempotency_key: str | None = None
+) -> MemoryRequest:
+    """Record an asynchronous batch; the `batch` lane applies it. Same Idempotency-Key semantics
+    as memory jobs (a batch has no single user, so only the key deduplicates it)."""
+    canonical = json.dumps(items, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    request_hash = hashlib.sha256(canonical.encode()).hexdigest()
+    now = timezone.now()
+    with transaction.atomic():
+        if idempotency_key:
+            MemoryRequest.objects.filter(
+                tenant=tenant,
+                idempotency_key=idempotency_key,
+                holds_idempotency_slot=True,
+                expires_at__lte=now,
+            ).update(holds_idempotency_slot=False)
+        try:
+            with transaction.atomic():
+                memory_request = MemoryRequest.objects.create(
+                    tenant=tenant,
+                    kind=MemoryRequest.Kind.BATCH,
+                    request_hash=request_hash,
+                    idempotency_key=idempotency_key,
+                    payload={"items": items},
+                    expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
+                )
+        except IntegrityError:
+            live = MemoryRequest.objects.filter(
+                tenant=tenant, idempotency_key=idempotency_key, holds_idempotency_slot=True
+            ).first()
+            if live is None:
+                raise
+            if live.request_hash != request_hash:
+                raise IdempotencyKeyReused(
+                    "This Idempotency-Key was used with a different request body.",
+                    request_id=str(live.id),
+                ) from None
+            raise DuplicateRequest(
+                "This request was already accepted.", request_id=str(live.id), status=live.status
+            ) from None
+        transaction.on_commit(lambda: enqueue_memory_request(memory_request), robust=True)
+    return memory_request
+
+
 def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> list[dict[str, Any]]:
     """Apply the changes, their history and `success` in ONE transaction, fenced by the claim.
 
@@ -378,28 +450,14 @@ def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> li
     finds `success` and does nothing. Raises LeaseLost when the claim was taken over.
     """
     with transaction.atomic():
-        memory_request = (
-            MemoryRequest.objects.select_for_update()
-            .select_related("user")
-            .filter(
-                pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token
-            )
-            .first()
-        )
-        if memory_request is None:
-            raise LeaseLost(claim.request_id)
+        memory_request = _locked_claim(claim)
         payload = memory_request.payload
         events: list[dict[str, Any]] = []
         for change in changes:
             event = _apply_change(memory_request=memory_request, payload=payload, change=change)
             if event is not None:
                 events.append(event)
-        memory_request.status = MemoryRequest.Status.SUCCESS
-        memory_request.result = events
-        memory_request.error = ""
-        memory_request.lease_until = None
-        memory_request.finished_at = timezone.now()
-        memory_request.save()
+        _mark_success(memory_request, events)
     return events
 
 

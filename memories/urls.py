@@ -8,6 +8,7 @@ urlpatterns = [
     path("v1/users/<uuid:user_id>", api.UserDetailApi.as_view(), name="user-detail"),
     path("v1/memories", api.MemoryCollectionApi.as_view(), name="memories"),
     path("v1/memories/search", api.MemorySearchApi.as_view(), name="memory-search"),
+    path("v1/memories/batch", api.MemoryBatchApi.as_view(), name="memory-batch"),
     path("v1/memories/<uuid:memory_id>", api.MemoryDetailApi.as_view(), name="memory-detail"),
     path(
         "v1/memories/<uuid:memory_id>/history",

@@ -182,6 +182,11 @@ EVENT_CONSUMER_MAX_DELIVERIES = env_int("EVENT_CONSUMER_MAX_DELIVERIES", 5)
 EVENT_CONSUMER_CLAIM_IDLE_MS = env_int("EVENT_CONSUMER_CLAIM_IDLE_MS", 30_000)
 SYNC_PAGE_MAX = env_int("SYNC_PAGE_MAX", 1000)
 
+# --- Batch writes ---------------------------------------------------------------------------
+BATCH_MAX_ITEMS = env_int("BATCH_MAX_ITEMS", 1000)  # per synchronous call
+BATCH_ASYNC_MAX_ITEMS = env_int("BATCH_ASYNC_MAX_ITEMS", 10_000)  # per `async: true` call
+BATCH_EMBED_CHUNK = env_int("BATCH_EMBED_CHUNK", 1000)  # texts per embedding call
+
 CELERY_BEAT_SCHEDULE = {
     "sweep-memory-requests": {
         "task": "tasks.sweeper.sweep_memory_requests",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from celery import shared_task
 from django.conf import settings
 
+from tasks.batch_jobs import apply_batch_request
 from tasks.queues import Queue
 
 if TYPE_CHECKING:
@@ -17,14 +18,18 @@ logger = logging.getLogger(__name__)
 
 
 def enqueue_memory_request(memory_request: MemoryRequest) -> None:
-    """Send the job's task, named after the request so the broker can tell duplicates apart.
+    """Send the request's task on its lane, named after the request (duplicates are visible).
 
     Called on commit. If the broker is unreachable the request stays `pending` and the sweeper
     sends it later, so a failure here is logged, never raised into the HTTP response.
     """
-    queue = Queue.HIGH if memory_request.priority == "high" else Queue.DEFAULT
+    if memory_request.kind == "batch":
+        task, queue = apply_batch_request, Queue.BATCH
+    else:
+        task = process_memory_request
+        queue = Queue.HIGH if memory_request.priority == "high" else Queue.DEFAULT
     try:
-        process_memory_request.apply_async(
+        task.apply_async(
             args=[str(memory_request.id)], task_id=str(memory_request.id), queue=queue.value
         )
     except Exception:

@@ -80,7 +80,9 @@ def build_event(
             "user_id": str(user_id) if user_id else "",
             "tenant_id": str(tenant_id) if tenant_id else "",
         },
-        "channels": channels if channels is not None else [user_channel(user_id)],
+        "channels": channels
+        if channels is not None
+        else ([user_channel(user_id)] if user_id else []),
         "data": data or {},
     }
 

@@ -1,0 +1,374 @@
+"""Bulk writes without the LLM: many creates, updates and deletes in one embedding call and one
+transaction, each item answered on its own (one bad item does not sink the rest).
+
+Per-row work is kept off the write path: items are validated by plain code (a DRF serializer per
+item would cost more than the write), vectors travel in PostgreSQL's binary COPY format, history
+rows go in by COPY too, and the events are recorded in one INSERT.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+from pgvector import Vector
+from pgvector.psycopg import register_vector
+from psycopg.types.json import Jsonb
+
+from memories import events
+from memories.models import EndUser, Memory, MemoryHistory, Tenant
+from memories.providers import Embedder
+from memories.services import content_hash
+
+ACTIONS = ("create", "update", "delete")
+MEMORY_TYPES = {choice for choice, _ in Memory.Type.choices}
+
+
+@dataclass
+class BatchItem:
+    index: int
+    action: str
+    user_id: str
+    memory_id: str | None = None
+    content: str | None = None
+    type: str = "fact"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    agent_id: str = ""
+    session_id: str = ""
+
+
+def _error(index: int, field_name: str, message: str) -> dict[str, Any]:
+    return {"index": index, "status": "error", "error": {"field": field_name, "message": message}}
+
+
+def parse_items(raw_items: list[Any]) -> tuple[list[BatchItem], list[dict[str, Any]]]:
+    """Check each raw item; return the valid ones and an error result for each invalid one."""
+    valid: list[BatchItem] = []
+    errors: list[dict[str, Any]] = []
+    max_chars = settings.MEMORY_MAX_CONTENT_CHARS
+    for index, raw in enumerate(raw_items):
+        if not isinstance(raw, dict):
+            errors.append(_error(index, "item", "Each item must be a JSON object."))
+            continue
+        action = raw.get("action", "create")
+        if action not in ACTIONS:
+            errors.append(_error(index, "action", f"Must be one of {', '.join(ACTIONS)}."))
+            continue
+        try:
+            user_id = str(uuid.UUID(str(raw.get("user_id"))))
+        except ValueError:
+            errors.append(_error(index, "user_id", "Must be a valid UUID."))
+            continue
+        memory_id = raw.get("id")
+        if action != "create":
+            try:
+                memory_id = str(uuid.UUID(str(memory_id)))
+            except ValueError:
+                errors.append(_error(index, "id", f"A valid memory id is required to {action}."))
+                continue
+        content = raw.get("content")
+        if action != "delete" and (not isinstance(content, str) or not content.strip()):
+            errors.append(_error(index, "content", "A non-empty string is required."))
+            continue
+        if isinstance(content, str) and len(content) > max_chars:
+            errors.append(_error(index, "content", f"At most {max_chars} characters."))
+            continue
+        memory_type = raw.get("type", "fact")
+        if memory_type not in MEMORY_TYPES:
+            errors.append(
+                _error(index, "type", f"Must be one of {', '.join(sorted(MEMORY_TYPES))}.")
+            )
+            continue
+        metadata = raw.get("metadata", {})
+        if not isinstance(metadata, dict):
+            errors.append(_error(index, "metadata", "Must be a JSON object."))
+            continue
+        agent_id, session_id = raw.get("agent_id", ""), raw.get("session_id", "")
+        if not isinstance(agent_id, str) or not isinstance(session_id, str):
+            errors.append(_error(index, "agent_id", "agent_id and session_id must be strings."))
+            continue
+        valid.append(
+            BatchItem(
+                index,
+                action,
+                user_id,
+                memory_id,
+                content,
+                memory_type,
+                metadata,
+                agent_id[:200],
+                session_id[:200],
+            )
+        )
+    return valid, errors
+
+
+def _register_vector_type() -> None:
+    # Binary COPY needs psycopg to know pgvector's type on this connection; once per connection.
+    raw = connection.connection
+    if not getattr(raw, "_memory_vector_registered", False):
+        register_vector(raw)
+        raw._memory_vector_registered = True
+
+
+def memories_batch_apply(
+    *,
+    tenant: Tenant,
+    raw_items: list[Any],
+    embedder: Embedder,
+    actor: str = "batch",
+    on_applied: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Apply a batch; return one result per item, in input order.
+
+    Items are checked first (shape, user of this tenant, memory of that user) and embedded (one
+    call per `BATCH_EMBED_CHUNK` texts, before any lock is taken); the valid ones are then written
+    in ONE transaction, so a batch is applied entirely or, on a database error, not at all.
+    `on_applied(results)` runs inside that transaction (a job marks itself done there).
+    """
+    items, results = parse_items(raw_items)
+    user_ids = {item.user_id for item in items}
+    known_users = {
+        str(pk)
+        for pk in EndUser.objects.filter(tenant=tenant, pk__in=user_ids).values_list(
+            "pk", flat=True
+        )
+    }
+    for item in items:
+        if item.user_id not in known_users:
+            results.append(_error(item.index, "user_id", "User not found."))
+    items = [item for item in items if item.user_id in known_users]
+    vectors = _embed(embedder, [item for item in items if item.action != "delete"])
+    target_ids = [item.memory_id for item in items if item.action != "create"]
+    with transaction.atomic():
+        targets = {
+            str(m.pk): m
+            for m in Memory.objects.select_for_update()
+            .filter(tenant=tenant, pk__in=target_ids, deleted_at__isnull=True)
+            .defer("embedding")
+        }
+        accepted: list[BatchItem] = []
+        claimed: set[str] = set()
+        for item in items:
+            if item.action != "create" and not _owned(targets.get(item.memory_id), item.user_id):
+                results.append(_error(item.index, "id", "Memory not found for this user."))
+            elif item.action != "create" and item.memory_id in claimed:
+                results.append(_error(item.index, "id", "The same memory twice in one batch."))
+            else:
+                claimed.add(item.memory_id)
+                accepted.append(item)
+        results += _write(
+            tenant=tenant, items=accepted, targets=targets, vectors=vectors, actor=actor
+        )
+        results.sort(key=lambda result: result["index"])
+        if on_applied is not None:
+            on_applied(results)
+    return results
+
+
+def _embed(embedder: Embedder, items: list[BatchItem]) -> dict[int, list[float]]:
+    chunk = settings.BATCH_EMBED_CHUNK
+    vectors: dict[int, list[float]] = {}
+    for start in range(0, len(items), chunk):
+        part = items[start : start + chunk]
+        for item, vector in zip(part, embedder.embed([i.content for i in part]), strict=True):
+            vectors[item.index] = vector
+    return vectors
+
+
+def _owned(memory: Memory | None, user_id: str) -> bool:
+    return memory is not None and str(memory.user_id) == user_id
+
+
+def _write(
+    *,
+    tenant: Tenant,
+    items: list[BatchItem],
+    targets: dict[str, Memory],
+    vectors: dict[int, list[float]],
+    actor: str,
+) -> list[dict[str, Any]]:
+    if not items:
+        return []
+    vector_by_index = vectors
+    now = timezone.now()
+    created: list[Memory] = []
+    changed: list[tuple[BatchItem, Memory, str]] = []  # (item, memory, previous content)
+    for item in items:
+        if item.action == "create":
+            created.append(
+                Memory(
+                    id=uuid.uuid4(),
+                    tenant_id=tenant.id,
+                    user_id=uuid.UUID(item.user_id),
+                    content=item.content,
+                    type=item.type,
+                    metadata=item.metadata,
+                    agent_id=item.agent_id,
+                    session_id=item.session_id,
+                    embedding=vector_by_index[item.index],
+                    content_hash=content_hash(item.content),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            continue
+        memory = targets[item.memory_id]
+        previous = memory.content
+        memory.version += 1
+        memory.updated_at = now
+        if item.action == "update":
+            memory.content, memory.type, memory.metadata = item.content, item.type, item.metadata
+            memory.embedding = vector_by_index[item.index]
+            memory.content_hash = content_hash(item.content)
+        else:
+            memory.deleted_at = now
+        changed.append((item, memory, previous))
+
+    _register_vector_type()
+    _copy_memories(created)
+    _update_memories(changed)
+    history = [(m.id, "ADD", None, m.content) for m in created] + [
+        (
+            m.id,
+            "UPDATE" if item.action == "update" else "DELETE",
+            previous,
+            m.content if item.action == "update" else None,
+        )
+        for item, m, previous in changed
+    ]
+    _copy_history(history, actor=actor, at=now)
+    events.record_many(
+        [events.memory_event(m, "memory.created") for m in created]
+        + [events.memory_event(m, f"memory.{item.action}d") for item, m, _ in changed]
+    )
+    by_index = [
+        (item, m)
+        for item, m in zip([i for i in items if i.action == "create"], created, strict=True)
+    ]
+    by_index += [(item, m) for item, m, _ in changed]
+    return [
+        {
+            "index": item.index,
+            "status": "ok",
+            "action": item.action,
+            "id": str(m.id),
+            "version": m.version,
+        }
+        for item, m in by_index
+    ]
+
+
+# Column -> PostgreSQL type, for binary COPY (which must be told every column's type).
+MEMORY_COPY_COLUMNS = {
+    "id": "uuid",
+    "tenant_id": "uuid",
+    "user_id": "uuid",
+    "scope": "varchar",
+    "topic": "varchar",
+    "type": "varchar",
+    "content": "text",
+    "embedding": "vector",
+    "content_hash": "varchar",
+    "metadata": "jsonb",
+    "agent_id": "varchar",
+    "session_id": "varchar",
+    "version": "int4",
+    "vector_clock": "jsonb",
+    "created_at": "timestamptz",
+    "updated_at": "timestamptz",
+}
+HISTORY_COPY_COLUMNS = {
+    "memory_id": "uuid",
+    "event": "varchar",
+    "old_content": "text",
+    "new_content": "text",
+    "actor": "varchar",
+    "created_at": "timestamptz",
+}
+
+
+def _copy_memories(memories: list[Memory]) -> None:
+    if not memories:
+        return
+    columns = ", ".join(MEMORY_COPY_COLUMNS)
+    statement = f"COPY memories_memory ({columns}) FROM STDIN WITH (FORMAT BINARY)"
+    with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
+        copy.set_types(list(MEMORY_COPY_COLUMNS.values()))
+        for m in memories:
+            copy.write_row(
+                (
+                    m.id,
+                    m.tenant_id,
+                    m.user_id,
+                    m.scope,
+                    m.topic,
+                    m.type,
+                    m.content,
+                    Vector(m.embedding),
+                    m.content_hash,
+                    Jsonb(m.metadata),
+                    m.agent_id,
+                    m.session_id,
+                    m.version,
+                    Jsonb(m.vector_clock),
+                    m.created_at,
+                    m.updated_at,
+                )
+            )
+
+
+def _update_memories(changed: list[tuple[BatchItem, Memory, str]]) -> None:
+    if not changed:
+        return
+    Memory.objects.bulk_update(
+        [m for _, m, _ in changed],
+        [
+            "content",
+            "type",
+            "metadata",
+            "embedding",
+            "content_hash",
+            "version",
+            "updated_at",
+            "deleted_at",
+        ],
+        batch_size=500,
+    )
+
+
+def _copy_history(rows: list[tuple], *, actor: str, at: Any) -> None:
+    columns = ", ".join(HISTORY_COPY_COLUMNS)
+    statement = f"COPY {MemoryHistory._meta.db_table} ({columns}) FROM STDIN WITH (FORMAT BINARY)"
+    with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
+        copy.set_types(list(HISTORY_COPY_COLUMNS.values()))
+        for memory_id, event, old, new in rows:
+            copy.write_row((memory_id, event, old, new, actor, at))
+
+
+def batch_request_work(claim: Any, memory_request: Any) -> None:
+    """The work of an asynchronous batch, for `jobs.request_run`: all items and `success`
+    commit in one transaction, fenced by the claim."""
+    from memories import services
+    from memories.pipeline import get_embedder
+
+    memories_batch_apply(
+        tenant=memory_request.tenant,
+        raw_items=memory_request.payload["items"],
+        embedder=get_embedder(),
+        actor="batch-job",
+        on_applied=lambda results: services.memory_request_mark_success(
+            claim=claim, result=results
+        ),
+    )
+
+
+def batch_request_run(*, request_id: str) -> str:
+    from memories.jobs import request_run
+
+    return request_run(request_id=request_id, work=batch_request_work)

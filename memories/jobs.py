@@ -1,0 +1,80 @@
+"""Running a claimed request: the lease kept alive, the outcome, the retry bookkeeping.
+
+Shared by every kind of request (memory jobs, batches): only the work differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from django.conf import settings
+from django.db import connection
+
+from memories import services
+from memories.models import MemoryRequest
+
+logger = logging.getLogger(__name__)
+
+Work = Callable[[services.Claim, MemoryRequest], None]
+
+
+@contextmanager
+def lease_kept(claim: services.Claim) -> Iterator[threading.Event]:
+    """Renew the claim's lease in the background while the job runs.
+
+    Yields an Event that is set if the lease was lost (taken over by another worker), so the job
+    can stop early; the final commit is fenced by the claim token either way.
+    """
+    lost = threading.Event()
+    stop = threading.Event()
+    interval = max(settings.MEMORY_JOB_LEASE_SECONDS / 3, 0.2)
+
+    def renew() -> None:
+        try:
+            while not stop.wait(interval):
+                if not services.memory_request_renew_lease(claim=claim):
+                    lost.set()
+                    return
+        except Exception:  # a renewal that fails only shortens the lease; the job goes on
+            logger.exception("lease renewal for %s failed", claim.request_id)
+        finally:
+            connection.close()  # this thread's own connection
+
+    thread = threading.Thread(target=renew, name=f"lease-{claim.request_id}", daemon=True)
+    thread.start()
+    try:
+        yield lost
+    finally:
+        stop.set()
+        thread.join()
+
+
+def request_run(*, request_id: str, work: Work) -> str:
+    """Claim the request and do its work. Returns `done`, `skipped`, `retry` or `failed`.
+
+    Safe to call any number of times for the same request: only a claim holder commits (the work
+    must commit through a write fenced by the claim), and a finished request is never claimed
+    again. Every failure counts as an attempt, so retries are bounded by MEMORY_JOB_MAX_ATTEMPTS.
+    """
+    claim = services.memory_request_claim(request_id=request_id)
+    if claim is None:
+        return "skipped"
+    try:
+        with lease_kept(claim):
+            work(claim, MemoryRequest.objects.get(pk=claim.request_id))
+    except services.LeaseLost:
+        logger.warning("request %s: lease taken over; this attempt's work discarded", request_id)
+        return "skipped"
+    except Exception as exc:  # every failure is an attempt: bounded by MEMORY_JOB_MAX_ATTEMPTS
+        logger.exception("request %s attempt %s failed", request_id, claim.token)
+        # A killed database connection must not poison the next statement of this worker
+        # (never close one that an enclosing transaction still holds, though).
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
+        error = f"{type(exc).__name__}: {exc}"
+        will_retry = services.memory_request_record_error(claim=claim, error=error)
+        return "retry" if will_retry else "failed"
+    return "done"

@@ -1,0 +1,164 @@
+"""Bulk writes: one embedding call, one transaction, an answer per item."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from memories import services
+from memories.models import Memory, MemoryHistory, MemoryRequest, OutboxEvent
+
+
+def batch(api, items: list, headers: dict | None = None, **body):
+    return api.post(
+        "/v1/memories/batch", {"items": items, **body}, format="json", **(headers or {})
+    )
+
+
+@pytest.mark.django_db
+def test_batch_creates_updates_and_deletes_with_per_item_results(api, end_user) -> None:
+    uid = str(end_user.id)
+    created = batch(
+        api,
+        [
+            {"user_id": uid, "content": f"Fact {n}", "type": "preference", "metadata": {"n": n}}
+            for n in range(3)
+        ],
+    ).json()
+    assert created["ok"] == 3 and created["failed"] == 0
+    ids = [r["id"] for r in created["results"]]
+
+    response = batch(
+        api,
+        [
+            {"action": "update", "id": ids[0], "user_id": uid, "content": "Fact zero, corrected"},
+            {"action": "delete", "id": ids[1], "user_id": uid},
+            {"action": "create", "user_id": uid, "content": ""},  # invalid: sinks only itself
+            {"action": "create", "user_id": uid, "content": "Fact 3"},
+        ],
+    )
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == ["ok", "ok", "error", "ok"]
+    assert results[2]["error"]["field"] == "content" and results[2]["index"] == 2
+    assert results[0]["version"] == 2
+
+    live = sorted(
+        Memory.objects.filter(user=end_user, deleted_at__isnull=True).values_list(
+            "content", flat=True
+        )
+    )
+    assert live == ["Fact 2", "Fact 3", "Fact zero, corrected"]
+    assert Memory.objects.get(pk=ids[2]).metadata == {"n": 2}
+    events = list(MemoryHistory.objects.filter(memory_id=ids[0]).values_list("event", flat=True))
+    assert events == ["ADD", "UPDATE"]
+    assert MemoryHistory.objects.get(memory_id=ids[1], event="DELETE").old_content == "Fact 1"
+
+
+@pytest.mark.django_db
+def test_batch_items_are_searchable_by_meaning(api, end_user) -> None:
+    uid = str(end_user.id)
+    batch(
+        api,
+        [
+            {"user_id": uid, "content": text}
+            for text in ("Has a cat named Tom", "Lives in Paris", "Works at Acme")
+        ],
+    )
+    results = api.post(
+        "/v1/memories/search", {"user_id": uid, "query": "cat named Tom"}, format="json"
+    ).json()["results"]
+    assert results[0]["content"] == "Has a cat named Tom"
+
+
+@pytest.mark.django_db
+def test_batch_embeds_all_items_in_one_call_and_records_an_event_each(
+    openai_settings, api, end_user
+) -> None:
+    uid = str(end_user.id)
+    response = batch(api, [{"user_id": uid, "content": f"Fact {n}"} for n in range(50)])
+    assert response.json()["ok"] == 50
+    embedding_calls = [r for r in openai_settings.requests if r.path.endswith("/embeddings")]
+    assert len(embedding_calls) == 1 and len(embedding_calls[0].body["input"]) == 50
+    assert OutboxEvent.objects.filter(event_type="memory.created").count() == 50
+
+
+@pytest.mark.django_db
+def test_batch_items_of_another_tenant_fail_alone(api, other_tenant, end_user) -> None:
+    stranger = services.end_user_create(tenant=other_tenant, external_id="eve")
+    theirs = batch_for(stranger, "Their secret")
+    results = batch(
+        api,
+        [
+            {"user_id": str(stranger.id), "content": "Injected"},
+            {"action": "delete", "id": str(theirs.id), "user_id": str(end_user.id)},
+            {
+                "action": "update",
+                "id": str(uuid.uuid4()),
+                "user_id": str(end_user.id),
+                "content": "x",
+            },
+            {"user_id": str(end_user.id), "content": "Mine"},
+        ],
+    ).json()["results"]
+    assert [r["status"] for r in results] == ["error", "error", "error", "ok"]
+    assert [r.get("error", {}).get("field") for r in results] == ["user_id", "id", "id", None]
+    theirs.refresh_from_db()
+    assert theirs.deleted_at is None
+    assert not Memory.objects.filter(user=stranger, content="Injected").exists()
+
+
+def batch_for(user, content: str) -> Memory:
+    from memories.batch import memories_batch_apply
+    from memories.pipeline import get_embedder
+
+    (result,) = memories_batch_apply(
+        tenant=user.tenant,
+        embedder=get_embedder(),
+        raw_items=[{"user_id": str(user.id), "content": content}],
+    )
+    return Memory.objects.get(pk=result["id"])
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"items": []}, "items"),
+        ({"items": "nope"}, "items"),
+        ({}, "items"),
+        ({"items": [{}], "async": "yes"}, "async"),
+    ],
+)
+def test_bad_batch_body_is_400_naming_the_field(api, body, field) -> None:
+    response = api.post("/v1/memories/batch", body, format="json")
+    assert response.status_code == 400 and field in response.json()["fields"]
+
+
+@pytest.mark.django_db
+def test_batch_over_the_limit_is_400_and_writes_nothing(settings, api, end_user) -> None:
+    settings.BATCH_MAX_ITEMS = 5
+    response = batch(api, [{"user_id": str(end_user.id), "content": f"F{n}"} for n in range(6)])
+    assert response.status_code == 400 and "items" in response.json()["fields"]
+    assert not Memory.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_batch_runs_in_the_batch_lane_exactly_once(api, end_user, start_worker) -> None:
+    start_worker(queues="batch")
+    items = [{"user_id": str(end_user.id), "content": f"Bulk fact {n}"} for n in range(120)]
+    accepted = batch(api, items, {"HTTP_IDEMPOTENCY_KEY": "bulk-1"}, **{"async": True})
+    assert accepted.status_code == 202
+    request_id = accepted.json()["request_id"]
+    again = batch(api, items, {"HTTP_IDEMPOTENCY_KEY": "bulk-1"}, **{"async": True})
+    assert again.status_code == 409 and again.json()["request_id"] == request_id
+
+    deadline = time.monotonic() + 30
+    while MemoryRequest.objects.get(pk=request_id).status != "success":
+        assert time.monotonic() < deadline, "batch did not finish"
+        time.sleep(0.1)
+    status = api.get(f"/v1/requests/{request_id}").json()
+    assert len(status["events"]) == 120 and {e["status"] for e in status["events"]} == {"ok"}
+    assert Memory.objects.filter(user=end_user).count() == 120
