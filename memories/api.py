@@ -15,11 +15,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from memories import selectors, services
+from memories import backpressure, metrics, selectors, services
 from memories.batch import memories_batch_apply
 from memories.errors import InvalidInput
 from memories.models import Memory, MemoryRequest
 from memories.pipeline import get_embedder
+from tasks.queues import Queue
 
 
 class TenantApi(APIView):
@@ -27,11 +28,19 @@ class TenantApi(APIView):
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
+        self.rate_limit_headers = backpressure.rate_limit(str(self.tenant.id))
         length = request.META.get("CONTENT_LENGTH") or "0"
         if length.isdigit() and int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
             raise InvalidInput(
                 f"Request body exceeds {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.", field="body"
             )
+
+    def finalize_response(
+        self, request: Request, response: Response, *args: Any, **kwargs: Any
+    ) -> Response:
+        for header, value in getattr(self, "rate_limit_headers", {}).items():
+            response.setdefault(header, value)
+        return super().finalize_response(request, response, *args, **kwargs)
 
     @property
     def tenant(self):
@@ -92,6 +101,7 @@ class MessageInput(serializers.Serializer):
 
 class MemoryRequestOutput(serializers.Serializer):
     request_id = serializers.UUIDField(source="id")
+    kind = serializers.CharField()
     status = serializers.CharField()
     error = serializers.CharField(allow_blank=True)
     events = serializers.JSONField(source="result")
@@ -163,6 +173,7 @@ class MemoryCollectionApi(TenantApi):
         data = _validated(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         idempotency_key = _idempotency_key(request)
+        backpressure.admit(Queue.HIGH if data["priority"] == "high" else Queue.DEFAULT)
         payload = {
             "messages": [dict(m) for m in data["messages"]],
             "metadata": data["metadata"],
@@ -218,7 +229,9 @@ class MemoryBatchApi(TenantApi):
             raise InvalidInput("A non-empty list of items is required.", field="items")
         if len(items) > limit:
             raise InvalidInput(f"At most {limit} items per call.", field="items")
+        metrics.BATCH_SIZE.observe(len(items))
         if run_async:
+            backpressure.admit(Queue.BATCH)
             memory_request = services.batch_request_submit(
                 tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)
             )
@@ -238,6 +251,28 @@ def _idempotency_key(request: Request) -> str | None:
             "Idempotency-Key is longer than 255 characters.", field="Idempotency-Key"
         )
     return key
+
+
+class MemoryRequestListApi(TenantApi):
+    """`GET /v1/requests?status=failure`: the dead-letter list (last error, attempts), newest
+    first; page with `before=<created_at of the last one>`."""
+
+    class InputSerializer(serializers.Serializer):
+        status = serializers.ChoiceField(choices=MemoryRequest.Status.choices, required=False)
+        user_id = serializers.UUIDField(required=False)
+        before = serializers.DateTimeField(required=False)
+        limit = serializers.IntegerField(default=100, min_value=1, max_value=500)
+
+    def get(self, request: Request) -> Response:
+        data = _validated(self.InputSerializer, request.query_params.dict())
+        requests = selectors.memory_request_list(
+            tenant=self.tenant,
+            status=data.get("status"),
+            user_id=data.get("user_id"),
+            before=data.get("before"),
+            limit=data["limit"],
+        )
+        return Response({"results": MemoryRequestOutput(requests, many=True).data})
 
 
 class MemoryRequestStatusApi(TenantApi):

@@ -22,6 +22,8 @@ STATUS_BY_ERROR: dict[type[errors.ServiceError], int] = {
     errors.AlreadyExists: status.HTTP_409_CONFLICT,
     errors.IdempotencyKeyReused: status.HTTP_422_UNPROCESSABLE_ENTITY,
     errors.VersionConflict: status.HTTP_412_PRECONDITION_FAILED,
+    errors.Overloaded: status.HTTP_429_TOO_MANY_REQUESTS,
+    errors.RateLimited: status.HTTP_429_TOO_MANY_REQUESTS,
 }
 
 
@@ -37,9 +39,14 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     if isinstance(exc, errors.ServiceError):
         details = dict(exc.details)
         field = details.pop("field", None)
+        headers = details.pop("headers", {})
+        if "retry_after" in details:
+            headers["Retry-After"] = str(details["retry_after"])
         fields = {field: [exc.message]} if field and isinstance(exc, errors.InvalidInput) else None
         return Response(
-            _body(exc.code, exc.message, fields, **details), status=STATUS_BY_ERROR[type(exc)]
+            _body(exc.code, exc.message, fields, **details),
+            status=STATUS_BY_ERROR[type(exc)],
+            headers=headers,
         )
     if isinstance(exc, RequestDataTooBig):
         return Response(

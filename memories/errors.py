@@ -46,3 +46,13 @@ class VersionConflict(ServiceError):
     """`If-Match` named a version that is no longer current."""
 
     code = "version_conflict"
+
+
+class Overloaded(ServiceError):
+    """Too much work is waiting; `retry_after` seconds is a fair wait."""
+
+    code = "overloaded"
+
+
+class RateLimited(ServiceError):
+    code = "rate_limited"

@@ -12,8 +12,10 @@ from contextlib import contextmanager
 
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
-from memories import services
+from memories import metrics, services
+from memories.logs import log_context
 from memories.models import MemoryRequest
 
 logger = logging.getLogger(__name__)
@@ -59,12 +61,22 @@ def request_run(*, request_id: str, work: Work) -> str:
     must commit through a write fenced by the claim), and a finished request is never claimed
     again. Every failure counts as an attempt, so retries are bounded by MEMORY_JOB_MAX_ATTEMPTS.
     """
+    with log_context(request_id=request_id):
+        outcome = _run(request_id=request_id, work=work)
+    return outcome
+
+
+def _run(*, request_id: str, work: Work) -> str:
     claim = services.memory_request_claim(request_id=request_id)
     if claim is None:
         return "skipped"
     try:
-        with lease_kept(claim):
-            work(claim, MemoryRequest.objects.get(pk=claim.request_id))
+        with lease_kept(claim), metrics.timed("total"):
+            memory_request = MemoryRequest.objects.get(pk=claim.request_id)
+            if claim.token == 1:
+                waited = (timezone.now() - memory_request.created_at).total_seconds()
+                metrics.JOB_SECONDS.labels(stage="queue_wait").observe(waited)
+            work(claim, memory_request)
     except services.LeaseLost:
         logger.warning("request %s: lease taken over; this attempt's work discarded", request_id)
         return "skipped"

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.conf import settings
 
-from memories import selectors, services
+from memories import metrics, selectors, services
 from memories.jobs import request_run
 from memories.models import MemoryRequest
 from memories.providers import (
@@ -64,10 +64,12 @@ def plan_changes(
             memory_request=memory_request, texts=texts, embedder=embedder
         )
 
-    facts = llm.extract_facts(messages)
+    with metrics.timed("llm"):
+        facts = llm.extract_facts(messages)
     if not facts:
         return []
-    fact_vectors = embedder.embed(facts)
+    with metrics.timed("embedding"):
+        fact_vectors = embedder.embed(facts)
     neighbours = selectors.memory_nearest_for_many(
         user_id=memory_request.user_id,
         vectors=fact_vectors,
@@ -76,7 +78,8 @@ def plan_changes(
     # The LLM sees memories as 1..n: it copies short integers reliably, long UUIDs it invents.
     id_by_number = {number: memory_id for number, (memory_id, _) in enumerate(neighbours, start=1)}
     shown = [ExistingMemory(id=n, text=text) for n, (_, text) in enumerate(neighbours, start=1)]
-    decisions = llm.decide(facts, shown)
+    with metrics.timed("llm"):
+        decisions = llm.decide(facts, shown)
 
     vector_by_text = dict(zip(facts, fact_vectors, strict=True))
     needs_embedding = sorted(
@@ -127,7 +130,8 @@ def plan_changes(
 def memory_job_work(claim: services.Claim, memory_request: MemoryRequest) -> None:
     """The work of a memory job, for `jobs.request_run`: plan with the models, then commit."""
     changes = plan_changes(memory_request=memory_request, llm=get_llm(), embedder=get_embedder())
-    services.memory_request_complete(claim=claim, changes=changes)
+    with metrics.timed("database"):
+        services.memory_request_complete(claim=claim, changes=changes)
 
 
 def memory_request_run(*, request_id: str) -> str:

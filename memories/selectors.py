@@ -149,3 +149,22 @@ def memory_changes_since(
         txid, memory_id = cursor
         queryset = queryset.filter(Q(change_txid__gt=txid) | Q(change_txid=txid, id__gt=memory_id))
     return list(queryset.order_by("change_txid", "id").defer("embedding")[:limit])
+
+
+def memory_request_list(
+    *,
+    tenant: Tenant,
+    status: str | None,
+    user_id: UUID | str | None,
+    before: str | None,
+    limit: int,
+) -> list[MemoryRequest]:
+    """The tenant's requests, newest first; `status=failure` is the dead-letter list."""
+    queryset = MemoryRequest.objects.filter(tenant=tenant)
+    if status:
+        queryset = queryset.filter(status=status)
+    if user_id:
+        queryset = queryset.filter(user_id=user_id)
+    if before:
+        queryset = queryset.filter(created_at__lt=before)
+    return list(queryset.order_by("-created_at", "-id").defer("payload")[:limit])

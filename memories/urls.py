@@ -1,6 +1,7 @@
 from django.urls import path
 
 from memories import api, api_events
+from memories.metrics import metrics_view
 
 urlpatterns = [
     path("v1/users", api.UserCreateApi.as_view(), name="user-create"),
@@ -15,6 +16,7 @@ urlpatterns = [
         api.MemoryHistoryApi.as_view(),
         name="memory-history",
     ),
+    path("v1/requests", api.MemoryRequestListApi.as_view(), name="requests"),
     path("v1/requests/<uuid:request_id>", api.MemoryRequestStatusApi.as_view(), name="request"),
     path(
         "get_status/<uuid:request_id>", api.MemoryRequestStatusApi.as_view(), name="request-alias"
@@ -41,5 +43,6 @@ urlpatterns = [
     path("v1/events", api_events.EventsApi.as_view(), name="events"),
     path("v1/sync", api_events.SyncApi.as_view(), name="sync"),
     path("healthz", api.healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),
     path("readyz", api.readyz, name="readyz"),
 ]

@@ -182,6 +182,21 @@ EVENT_CONSUMER_MAX_DELIVERIES = env_int("EVENT_CONSUMER_MAX_DELIVERIES", 5)
 EVENT_CONSUMER_CLAIM_IDLE_MS = env_int("EVENT_CONSUMER_CLAIM_IDLE_MS", 30_000)
 SYNC_PAGE_MAX = env_int("SYNC_PAGE_MAX", 1000)
 
+# --- Webhooks -------------------------------------------------------------------------------
+WEBHOOK_MAX_ATTEMPTS = env_int("WEBHOOK_MAX_ATTEMPTS", 5)  # then the delivery is dead-lettered
+WEBHOOK_BACKOFF_SECONDS = env_float("WEBHOOK_BACKOFF_SECONDS", 2.0)  # doubled at each retry
+WEBHOOK_TIMEOUT_SECONDS = env_float("WEBHOOK_TIMEOUT_SECONDS", 5.0)
+
+# --- Backpressure and rate limits ----------------------------------------------------------
+# Above this many waiting jobs (queued in a lane, or pending in the database) new normal/batch
+# work is refused with 429; the high lane has its own, larger allowance.
+BACKPRESSURE_MAX_DEPTH = env_int("BACKPRESSURE_MAX_DEPTH", 10_000)
+BACKPRESSURE_HIGH_MAX_DEPTH = env_int("BACKPRESSURE_HIGH_MAX_DEPTH", 50_000)
+BACKPRESSURE_RETRY_AFTER_SECONDS = env_int("BACKPRESSURE_RETRY_AFTER_SECONDS", 5)
+BACKPRESSURE_CACHE_SECONDS = env_float("BACKPRESSURE_CACHE_SECONDS", 0.5)
+RATE_LIMIT_PER_SECOND = env_float("RATE_LIMIT_PER_SECOND", 200.0)  # per tenant; 0 turns it off
+RATE_LIMIT_BURST = env_int("RATE_LIMIT_BURST", 400)
+
 # --- Batch writes ---------------------------------------------------------------------------
 BATCH_MAX_ITEMS = env_int("BATCH_MAX_ITEMS", 1000)  # per synchronous call
 BATCH_ASYNC_MAX_ITEMS = env_int("BATCH_ASYNC_MAX_ITEMS", 10_000)  # per `async: true` call
@@ -228,10 +243,21 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
 }
 
+LOG_FORMAT = env_str("LOG_FORMAT", "json")  # json (one object per line) or plain
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "memories.logs.RequestIdFilter"}},
+    "formatters": {
+        "json": {"()": "memories.logs.JsonLogFormatter"},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }

@@ -1,1 +1,39 @@
-"""Webhook deliveries (see the `webhooks` app)."""
+"""Webhook deliveries (see the `webhooks` app). The task names a delivery row; the row holds
+the state, so the task is safe to run twice."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from celery import shared_task
+
+from tasks.queues import Queue
+
+
+def enqueue_delivery(*, delivery_id: UUID | str) -> None:
+    """Send the delivery's task; raises if the broker is unreachable (the caller retries)."""
+    deliver_webhook.apply_async(args=[str(delivery_id)], queue=Queue.BATCH.value)
+
+
+@shared_task(
+    name="tasks.webhooks.deliver_webhook",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,  # attempts are bounded on the delivery row (WEBHOOK_MAX_ATTEMPTS)
+)
+def deliver_webhook(self, delivery_id: str) -> str:
+    """POST one webhook delivery and retry it with exponential backoff until it succeeds or is
+    `dead`.
+
+    On redelivery or a duplicate message no attempt is added: a finished delivery, or one another
+    worker is attempting, is a no-op, and one not due yet is retried when due. A worker killed
+    mid-attempt leaves the attempt unrecorded, so the redelivered task sends again (receivers
+    dedupe on X-Memory-Delivery).
+    """
+    from webhooks.services import webhook_delivery_attempt
+
+    outcome = webhook_delivery_attempt(delivery_id=delivery_id)
+    if outcome.status in ("failed", "not_due"):
+        raise self.retry(eta=outcome.next_attempt_at)
+    return outcome.status

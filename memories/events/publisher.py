@@ -11,6 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from memories.events.stream import STREAM_KEY, entry_fields, pubsub_channel, redis_client
+from memories.metrics import EVENTS_PUBLISHED
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def publish_outbox(*, ids: list[int] | None = None, limit: int = 1000) -> int:
         for row, stream_id in zip(rows, stream_ids, strict=True):
             row.published_at, row.stream_id = now, stream_id
         OutboxEvent.objects.bulk_update(rows, ["published_at", "stream_id"])
+    EVENTS_PUBLISHED.inc(len(rows))
     return len(rows)
 
 

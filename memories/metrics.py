@@ -1,0 +1,76 @@
+"""Prometheus metrics. Under `make run` every process writes to PROMETHEUS_MULTIPROC_DIR and the
+web process's `/metrics` sums them; without it, `/metrics` shows the web process alone."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from django.http import HttpRequest, HttpResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+JOBS = Counter("memory_jobs_total", "Requests processed, by lane and outcome", ["lane", "outcome"])
+JOB_SECONDS = Histogram(
+    "memory_job_stage_seconds",
+    "Time spent per stage of a job: queue_wait, llm, embedding, database, total",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+REFUSALS = Counter("backpressure_refusals_total", "Requests refused with 429", ["lane", "reason"])
+BATCH_SIZE = Histogram(
+    "batch_write_items", "Items per batch write", buckets=(1, 10, 50, 100, 250, 500, 1000, 5000)
+)
+EVENTS_PUBLISHED = Counter("events_published_total", "Events published to the stream")
+SSE_SUBSCRIBERS = Gauge(
+    "sse_subscribers", "Open Server-Sent Events connections", multiprocess_mode="livesum"
+)
+
+
+@contextmanager
+def timed(stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        JOB_SECONDS.labels(stage=stage).observe(time.perf_counter() - start)
+
+
+class QueueDepthCollector:
+    """Queue depth per lane and pending requests, read at scrape time (cheap: LLEN and an index)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from memories import backpressure
+
+        depth = GaugeMetricFamily("queue_depth", "Messages waiting per lane", labels=["lane"])
+        for lane, value in backpressure.lane_depths().items():
+            depth.add_metric([lane], value)
+        yield depth
+        pending = GaugeMetricFamily("memory_requests_pending", "Requests in status pending")
+        pending.add_metric([], backpressure.pending_requests())
+        yield pending
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    output = generate_latest(registry)
+    depth_registry = CollectorRegistry()
+    depth_registry.register(QueueDepthCollector())
+    output += generate_latest(depth_registry)
+    return HttpResponse(output, content_type=CONTENT_TYPE_LATEST)

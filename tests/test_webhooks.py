@@ -1,0 +1,284 @@
+"""Webhooks: the HTTP contract, and signed deliveries to a real receiver on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from rest_framework.test import APIClient
+
+from memories import services
+from memories.events.consumers import consumer_for
+from memories.events.stream import STREAM_KEY, redis_client
+from webhooks.models import Webhook, WebhookDelivery
+from webhooks.services import webhook_delivery_attempt
+
+# --- A receiver --------------------------------------------------------------------------------
+
+
+class Receiver:
+    """An HTTP server on loopback that records each POST and answers the next scripted status
+    (the last one repeats)."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append((dict(self.headers), body))
+                index = min(len(receiver.requests), len(receiver.statuses)) - 1
+                self.send_response(receiver.statuses[index])
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[..., Receiver]]:
+    started: list[Receiver] = []
+
+    def start(*statuses: int) -> Receiver:
+        started.append(Receiver(list(statuses) or [200]))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.server.shutdown()
+        each.server.server_close()
+
+
+@pytest.fixture
+def empty_stream() -> None:
+    redis_client().delete(STREAM_KEY)
+
+
+def assert_signed(headers: dict[str, str], body: bytes, secret: str) -> None:
+    timestamp = headers["X-Memory-Timestamp"]
+    assert abs(int(timestamp) - time.time()) < 60
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    assert headers["X-Memory-Signature"] == f"sha256={expected.hexdigest()}"
+
+
+def create_webhook(api: APIClient, url: str, **body: object) -> dict:
+    response = api.post("/v1/webhooks", {"url": url, **body}, format="json")
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def deliveries(api: APIClient, webhook_id: str) -> list[dict]:
+    response = api.get(f"/v1/webhooks/{webhook_id}/deliveries")
+    assert response.status_code == 200, response.content
+    return response.json()["deliveries"]
+
+
+# --- The HTTP contract ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_create_returns_201_with_the_secret_once_and_lists_without_it(api) -> None:
+    created = create_webhook(
+        api, "https://example.com/hook", event_types=["memory.created"], channels=["system:global"]
+    )
+    assert created["url"] == "https://example.com/hook"
+    assert created["event_types"] == ["memory.created"]
+    assert created["channels"] == ["system:global"]
+    assert created["secret"].startswith("whsec_") and len(created["secret"]) > 30
+
+    response = api.get("/v1/webhooks")
+    assert response.status_code == 200
+    [listed] = response.json()["results"]
+    assert listed["id"] == created["id"] and listed["event_types"] == ["memory.created"]
+    assert "secret" not in listed and created["secret"] not in response.content.decode()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "url"),
+        ({"url": "not a url"}, "url"),
+        ({"url": "ftp://example.com/hook"}, "url"),
+        ({"url": "https://example.com", "event_types": ["memory.exploded"]}, "event_types"),
+        ({"url": "https://example.com", "event_types": "memory.created"}, "event_types"),
+        ({"url": "https://example.com", "channels": [{"a": 1}]}, "channels"),
+    ],
+)
+def test_bad_input_is_400_naming_the_field(api, body: dict, field: str) -> None:
+    response = api.post("/v1/webhooks", body, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert field in response.json()["fields"]
+
+
+@pytest.mark.django_db
+def test_a_body_that_is_not_an_object_is_400(api) -> None:
+    response = api.post("/v1/webhooks", ["https://example.com"], format="json")
+    assert response.status_code == 400 and "body" in response.json()["fields"]
+
+
+@pytest.mark.django_db
+def test_another_tenants_webhook_is_404(api, other_api) -> None:
+    webhook_id = create_webhook(api, "https://example.com/hook")["id"]
+    assert other_api.get("/v1/webhooks").json()["results"] == []
+    assert other_api.get(f"/v1/webhooks/{webhook_id}/deliveries").status_code == 404
+    response = other_api.delete(f"/v1/webhooks/{webhook_id}")
+    assert response.status_code == 404 and response.json()["error"] == "not_found"
+    assert Webhook.objects.filter(pk=webhook_id).exists()
+
+
+@pytest.mark.django_db
+def test_delete_returns_204_and_the_webhook_is_gone(api) -> None:
+    webhook_id = create_webhook(api, "https://example.com/hook")["id"]
+    assert api.delete(f"/v1/webhooks/{webhook_id}").status_code == 204
+    assert api.get("/v1/webhooks").json()["results"] == []
+    assert api.delete(f"/v1/webhooks/{webhook_id}").status_code == 404
+    assert api.get(f"/v1/webhooks/{uuid.uuid4()}/deliveries").status_code == 404
+
+
+@pytest.mark.django_db
+def test_webhooks_need_an_api_key() -> None:
+    assert APIClient().get("/v1/webhooks").status_code == 401
+
+
+# --- Deliveries ----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_matching_event_is_delivered_once_signed_and_logged(
+    api, other_api, end_user, receiver, empty_stream
+) -> None:
+    hook = receiver(200)
+    webhook = create_webhook(api, hook.url, event_types=["session.started"])
+    # These must not fire: another channel, another tenant.
+    create_webhook(api, hook.url, channels=["topic:elsewhere:updates"])
+    create_webhook(other_api, hook.url)
+
+    session = services.session_start(user=end_user, agent_id="bot")
+    services.session_add_messages(session=session, messages=[{"role": "user", "content": "hi"}])
+    consumer = consumer_for("webhooks", consumer="w1")
+    consumer.drain()
+
+    [logged] = deliveries(api, webhook["id"])
+    assert logged["status"] == "pending" and logged["attempts"] == 0
+    assert logged["event_type"] == "session.started"
+    assert WebhookDelivery.objects.count() == 1
+
+    assert webhook_delivery_attempt(delivery_id=logged["id"]).status == "success"
+    [(headers, body)] = hook.requests
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Memory-Event"] == "session.started"
+    assert headers["X-Memory-Delivery"] == logged["id"]
+    assert_signed(headers, body, webhook["secret"])
+    event = json.loads(body)
+    assert event["event_id"] == logged["event_id"]
+    assert event["source"]["session_id"] == str(session.id)
+
+    # The stream entries come again (a consumer crashed before acking): nothing is sent twice.
+    redis_client().xgroup_setid(STREAM_KEY, "webhooks", "0")
+    consumer.drain()
+    assert webhook_delivery_attempt(delivery_id=logged["id"]).status == "noop"
+    assert len(hook.requests) == 1
+    [logged] = deliveries(api, webhook["id"])
+    assert logged["status"] == "success" and logged["attempts"] == 1
+    assert logged["last_status_code"] == 200 and logged["last_error"] == ""
+    assert logged["delivered_at"] is not None and logged["next_attempt_at"] is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_receiver_failing_twice_gets_the_delivery_on_the_third_attempt_via_a_real_worker(
+    api, end_user, receiver, empty_stream, start_worker
+) -> None:
+    start_worker(queues="batch", WEBHOOK_BACKOFF_SECONDS="0.2")
+    hook = receiver(500, 503, 200)
+    webhook = create_webhook(api, hook.url)
+    services.session_start(user=end_user)
+    consumer_for("webhooks", consumer="w1").drain()
+
+    wait_for(lambda: deliveries(api, webhook["id"])[0]["status"] == "success", what="success")
+    [logged] = deliveries(api, webhook["id"])
+    assert logged["attempts"] == 3 and logged["last_status_code"] == 200
+    assert len(hook.requests) == 3
+    assert {headers["X-Memory-Delivery"] for headers, _ in hook.requests} == {logged["id"]}
+    for headers, body in hook.requests:
+        assert_signed(headers, body, webhook["secret"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_receiver_that_always_fails_leaves_the_delivery_dead_after_max_attempts(
+    api, end_user, receiver, empty_stream, settings
+) -> None:
+    settings.WEBHOOK_MAX_ATTEMPTS = 3
+    settings.WEBHOOK_BACKOFF_SECONDS = 0
+    hook = receiver(500)
+    webhook = create_webhook(api, hook.url)
+    services.session_start(user=end_user)
+    consumer_for("webhooks", consumer="w1").drain()
+    [logged] = deliveries(api, webhook["id"])
+
+    outcomes = [webhook_delivery_attempt(delivery_id=logged["id"]).status for _ in range(4)]
+
+    assert outcomes == ["failed", "failed", "dead", "noop"]
+    assert len(hook.requests) == 3
+    [logged] = deliveries(api, webhook["id"])
+    assert logged["status"] == "dead" and logged["attempts"] == 3
+    assert logged["last_status_code"] == 500 and logged["last_error"].startswith("HTTP 500")
+    assert logged["delivered_at"] is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_duplicate_task_before_the_retry_is_due_adds_no_attempt(
+    api, end_user, receiver, empty_stream, settings
+) -> None:
+    settings.WEBHOOK_BACKOFF_SECONDS = 60
+    hook = receiver(500)
+    webhook = create_webhook(api, hook.url)
+    services.session_start(user=end_user)
+    consumer_for("webhooks", consumer="w1").drain()
+    delivery_id = deliveries(api, webhook["id"])[0]["id"]
+
+    first = webhook_delivery_attempt(delivery_id=delivery_id)
+    again = webhook_delivery_attempt(delivery_id=delivery_id)
+
+    assert first.status == "failed"
+    assert again.status == "not_due" and again.next_attempt_at == first.next_attempt_at
+    assert len(hook.requests) == 1
+    assert WebhookDelivery.objects.get(pk=delivery_id).attempts == 1
+
+
+@pytest.mark.django_db
+def test_admin_lists_and_shows_webhooks_without_their_secret(api) -> None:
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    created = create_webhook(api, "https://example.com/hook")
+    admin = Client()
+    admin.force_login(get_user_model().objects.create_superuser("root", "r@example.com", "pw"))
+    for page in ("/admin/webhooks/webhook/", f"/admin/webhooks/webhook/{created['id']}/change/",
+                 "/admin/webhooks/webhookdelivery/"):  # fmt: skip
+        response = admin.get(page)
+        assert response.status_code == 200, page
+        assert created["secret"] not in response.content.decode()

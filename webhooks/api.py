@@ -1,0 +1,99 @@
+"""HTTP for webhooks: one view per resource; validate, call a service or selector, render."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from memories.api import TenantApi, _validated
+from memories.events import EVENT_TYPES
+from webhooks import selectors, services
+
+
+class WebhookOutput(serializers.Serializer):
+    id = serializers.UUIDField()
+    url = serializers.URLField()
+    event_types = serializers.ListField(child=serializers.CharField())
+    channels = serializers.ListField(child=serializers.CharField())
+    active = serializers.BooleanField()
+    created_at = serializers.DateTimeField()
+
+
+class WebhookCollectionApi(TenantApi):
+    """`POST` creates a webhook (its secret is in this answer only); `GET` lists them."""
+
+    class InputSerializer(serializers.Serializer):
+        url = serializers.URLField(max_length=2000)
+        event_types = serializers.ListField(
+            child=serializers.ChoiceField(choices=EVENT_TYPES),
+            required=False,
+            default=list,
+            max_length=len(EVENT_TYPES),
+        )
+        channels = serializers.ListField(
+            child=serializers.CharField(max_length=300), required=False, default=list,
+            max_length=100,
+        )  # fmt: skip
+
+        def validate_url(self, value: str) -> str:
+            if urlsplit(value).scheme not in ("http", "https"):
+                raise serializers.ValidationError("Use an http or https URL.")
+            return value
+
+    class CreatedOutput(WebhookOutput):
+        secret = serializers.CharField()
+
+    def post(self, request: Request) -> Response:
+        data = _validated(self.InputSerializer, request.data)
+        webhook = services.webhook_create(
+            tenant=self.tenant,
+            url=data["url"],
+            event_types=sorted(set(data["event_types"])),
+            channels=sorted(set(data["channels"])),
+        )
+        return Response(self.CreatedOutput(webhook).data, status=status.HTTP_201_CREATED)
+
+    def get(self, request: Request) -> Response:
+        webhooks = selectors.webhook_list(tenant=self.tenant)
+        return Response({"results": WebhookOutput(webhooks, many=True).data})
+
+
+class WebhookDetailApi(TenantApi):
+    def delete(self, request: Request, webhook_id: str) -> Response:
+        webhook = selectors.webhook_get(tenant=self.tenant, webhook_id=webhook_id)
+        services.webhook_delete(webhook=webhook)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class WebhookDeliveriesApi(TenantApi):
+    """The delivery log, newest first."""
+
+    class QuerySerializer(serializers.Serializer):
+        limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=500)
+
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.UUIDField()
+        event_id = serializers.UUIDField()
+        event_type = serializers.CharField(source="payload.event_type")
+        stream_id = serializers.CharField()
+        status = serializers.CharField()
+        attempts = serializers.IntegerField()
+        last_status_code = serializers.IntegerField(allow_null=True)
+        last_error = serializers.CharField()
+        next_attempt_at = serializers.DateTimeField(allow_null=True)
+        created_at = serializers.DateTimeField()
+        delivered_at = serializers.DateTimeField(allow_null=True)
+
+    def get(self, request: Request, webhook_id: str) -> Response:
+        query = _validated(self.QuerySerializer, request.query_params.dict())
+        webhook = selectors.webhook_get(tenant=self.tenant, webhook_id=webhook_id)
+        deliveries = selectors.webhook_deliveries(webhook=webhook, limit=query["limit"])
+        return Response(
+            {
+                "webhook_id": str(webhook.id),
+                "deliveries": self.OutputSerializer(deliveries, many=True).data,
+            }
+        )
