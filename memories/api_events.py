@@ -14,6 +14,7 @@ from memories import selectors, services
 from memories.api import MemoryOutput, MessageInput, TenantApi, _validated
 from memories.errors import InvalidInput
 from memories.events import EVENT_TYPES
+from memories.events.analytics import analytics_summary
 from memories.events.replay import events_in_range, session_reconstruct
 from memories.pipeline import get_llm
 
@@ -141,6 +142,13 @@ class SessionReconstructApi(TenantApi):
             limit=5000,
         )
         return Response({"session_id": str(session.id), **session_reconstruct(events)})
+
+
+class AnalyticsApi(TenantApi):
+    """Counters kept by the `analytics` consumer group: totals, events/s, error rate, sessions."""
+
+    def get(self, request: Request) -> Response:
+        return Response(analytics_summary(str(self.tenant.id)))
 
 
 # --- Pull-sync -----------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ urlpatterns = [
         name="session-reconstruct",
     ),
     path("v1/events", api_events.EventsApi.as_view(), name="events"),
+    path("v1/analytics/events", api_events.AnalyticsApi.as_view(), name="analytics"),
     path("v1/sync", api_events.SyncApi.as_view(), name="sync"),
     path("healthz", api.healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),

@@ -1,12 +1,14 @@
-"""`make run`: the whole service in one terminal — web (ASGI), Celery worker and Celery beat.
+"""`make run`: the whole service in one terminal — web (ASGI), one Celery worker per lane, beat,
+and the event consumers (audit, analytics, webhooks).
 
 Starts embedded PostgreSQL and Redis first when DATABASE_URL / REDIS_URL are not set, migrates, then
-supervises the three processes: if one dies the others are stopped, and Ctrl-C stops them all.
+supervises the processes: if one dies the others are stopped, and Ctrl-C stops them all.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +29,13 @@ def _service_env() -> dict[str, str]:
     if not env.get("REDIS_URL"):
         env["REDIS_URL"] = embedded.ensure_redis(var_dir) + "/0"
     env.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
+    env["MEMORY_VAR_DIR"] = str(var_dir)
+    # Every process writes its metrics here and the web process's /metrics sums them; the folder
+    # is emptied at start, as prometheus_client requires.
+    metrics_dir = var_dir / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     return env
 
 
@@ -37,35 +46,22 @@ def main() -> int:
     python = sys.executable
     subprocess.run([python, "manage.py", "migrate", "--noinput"], cwd=BASE_DIR, env=env, check=True)
 
+    celery = [python, "-m", "celery", "-A", "memoryproject"]
+
+    def worker(lane: str, concurrency: str) -> list[str]:
+        # One worker per lane: a correction on `high` starts while `default` is saturated.
+        options = ["-n", f"{lane}@%h", "-Q", lane, "--concurrency", concurrency]
+        return [*celery, "worker", *options, "--loglevel", "INFO"]
+
+    schedule = str(Path(env["MEMORY_VAR_DIR"]) / "celerybeat-schedule")
+    web = ["memoryproject.asgi:application", "--host", host, "--port", port, "--no-access-log"]
     commands = {
-        "web": [
-            python,
-            "-m",
-            "uvicorn",
-            "memoryproject.asgi:application",
-            "--host",
-            host,
-            "--port",
-            port,
-            "--no-access-log",
-        ],
-        "worker": [
-            python,
-            "-m",
-            "celery",
-            "-A",
-            "memoryproject",
-            "worker",
-            "-n",
-            "worker@%h",
-            "-Q",
-            "high,default,batch",
-            "--concurrency",
-            env.get("WORKER_CONCURRENCY", "2"),
-            "--loglevel",
-            "INFO",
-        ],
-        "beat": [python, "-m", "celery", "-A", "memoryproject", "beat", "--loglevel", "INFO"],
+        "web": [python, "-m", "uvicorn", *web],
+        "worker-high": worker("high", env.get("HIGH_WORKER_CONCURRENCY", "1")),
+        "worker-default": worker("default", env.get("WORKER_CONCURRENCY", "2")),
+        "worker-batch": worker("batch", env.get("BATCH_WORKER_CONCURRENCY", "1")),
+        "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule", schedule],
+        "consumers": [python, "manage.py", "consume_events"],
     }
     processes = {
         name: subprocess.Popen(command, cwd=BASE_DIR, env=env) for name, command in commands.items()
@@ -74,7 +70,7 @@ def main() -> int:
         f"\n  Memory service on http://{host}:{port}/  (admin: http://{host}:{port}/admin/)\n"
         f"  Every /v1 call needs 'Authorization: Bearer <key>'. Get a key with:\n"
         f"    .venv/bin/python manage.py createapikey --tenant demo\n"
-        f"  Ctrl-C stops web, worker and beat.\n",
+        f"  Metrics: http://{host}:{port}/metrics   Ctrl-C stops everything.\n",
         flush=True,
     )
 

@@ -1,0 +1,144 @@
+"""Under load: backpressure and rate limits refuse cleanly, lanes stay apart, nothing is lost."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+
+import pytest
+from django.conf import settings
+from prometheus_client import REGISTRY
+
+from memories import services
+from memories.events.stream import redis_client
+from memories.logs import JsonLogFormatter, RequestIdFilter
+from memories.models import Memory, MemoryRequest
+from memories.pipeline import memory_request_run
+from tests.fake_openai import FakeOpenAI
+
+
+def job(api, user, text: str, **extra):
+    body = {"user_id": str(user.id), "messages": [{"role": "user", "content": text}], **extra}
+    return api.post("/v1/memories", body, format="json")
+
+
+def refusals(lane: str, reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "backpressure_refusals_total", {"lane": lane, "reason": reason}
+    )
+    return value or 0.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_full_default_lane_refuses_with_429_before_recording(settings, api, end_user) -> None:
+    settings.BACKPRESSURE_MAX_DEPTH = 3
+    settings.BACKPRESSURE_CACHE_SECONDS = 0
+    redis_client().delete("default", "high")  # messages earlier tests left without a worker
+    for n in range(3):  # no worker runs: the three jobs wait in the default lane
+        assert job(api, end_user, f"I have {n} bikes.").status_code == 202
+    before = refusals("default", "overload")
+
+    refused = job(api, end_user, "I like tea.")
+    assert refused.status_code == 429
+    assert int(refused["Retry-After"]) > 0 and refused.json()["error"] == "overloaded"
+    assert MemoryRequest.objects.count() == 3  # nothing recorded for the refused one
+    assert refusals("default", "overload") == before + 1
+    # The high lane keeps its own, larger allowance: a correction still gets in.
+    settings.BACKPRESSURE_HIGH_MAX_DEPTH = 100
+    assert job(api, end_user, "I like coffee.", priority="high").status_code == 202
+
+
+@pytest.mark.django_db
+def test_tenant_over_its_rate_gets_429_with_limit_headers(settings, api, other_api, end_user):
+    settings.RATE_LIMIT_PER_SECOND = 0.5
+    settings.RATE_LIMIT_BURST = 2
+    first = api.get(f"/v1/users/{end_user.id}")
+    assert first.status_code == 200 and first["X-RateLimit-Limit"] == "2"
+    assert first["X-RateLimit-Remaining"] == "1"
+    api.get(f"/v1/users/{end_user.id}")
+    limited = api.get(f"/v1/users/{end_user.id}")
+    assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
+    assert int(limited["Retry-After"]) >= 1 and limited["X-RateLimit-Remaining"] == "0"
+    # Buckets are per tenant: another tenant is not slowed down.
+    assert other_api.get(f"/v1/users/{end_user.id}").status_code == 404
+
+
+@pytest.mark.django_db
+def test_metrics_are_served_in_prometheus_format(api, end_user) -> None:
+    job(api, end_user, "I live in Paris.")
+    response = api.get("/metrics")
+    assert response.status_code == 200
+    text = response.content.decode()
+    assert 'queue_depth{lane="default"}' in text and "memory_requests_pending 1.0" in text
+    assert "backpressure_refusals_total" in text and "memory_job_stage_seconds" in text
+
+
+@pytest.mark.django_db
+def test_failed_requests_form_the_dead_letter_list(settings, api, end_user) -> None:
+    settings.MEMORY_JOB_MAX_ATTEMPTS = 1
+    ok = services.memory_request_submit(
+        user=end_user, payload={"messages": [{"role": "user", "content": "I like tea."}]}
+    )
+    bad = services.memory_request_submit(
+        user=end_user, payload={"messages": [{"role": "user", "content": "I like jam."}]}
+    )
+    memory_request_run(request_id=str(ok.id))
+    MemoryRequest.objects.filter(pk=bad.pk).update(attempts=1, error="ProviderError: boom")
+    memory_request_run(request_id=str(bad.id))
+
+    dead = api.get("/v1/requests", {"status": "failure"}).json()["results"]
+    assert [r["request_id"] for r in dead] == [str(bad.id)]
+    assert dead[0]["attempts"] == 1 and "boom" in dead[0]["error"]
+    assert api.get("/v1/requests", {"status": "exploded"}).status_code == 400
+
+
+@pytest.mark.django_db
+def test_every_log_line_of_a_job_is_json_with_its_request_id(openai_settings, end_user) -> None:
+    openai_settings.chat_handler = lambda body: "not json"  # the job fails and logs about it
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLogFormatter())
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        request = services.memory_request_submit(
+            user=end_user, payload={"messages": [{"role": "user", "content": "I like tea."}]}
+        )
+        assert memory_request_run(request_id=str(request.id)) == "retry"
+    finally:
+        root.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    job_lines = [line for line in lines if line["logger"].startswith("memories")]
+    assert job_lines, stream.getvalue()
+    assert {line["request_id"] for line in job_lines} == {str(request.id)}
+    assert {"time", "level", "message"} <= job_lines[0].keys()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_warm_shutdown_under_load_loses_and_repeats_nothing(api, end_user, start_worker) -> None:
+    with FakeOpenAI(delay_seconds=0.3, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
+        env = {
+            "LLM_PROVIDER": "openai",
+            "EMBEDDING_PROVIDER": "openai",
+            "OPENAI_API_KEY": "k",
+            "OPENAI_BASE_URL": fake.base_url,
+            "MEMORY_PENDING_GRACE_SECONDS": "1",
+            "MEMORY_SWEEP_INTERVAL_SECONDS": "0.5",
+            "MEMORY_JOB_LEASE_SECONDS": "2",
+        }
+        first = start_worker(concurrency=2, **env)
+        hobbies = [f"hobby{n}" for n in range(12)]
+        ids = [job(api, end_user, f"I like {hobby}.").json()["request_id"] for hobby in hobbies]
+        time.sleep(1.5)  # some done, some running, the rest queued
+        first.stop()  # SIGTERM: Celery's warm shutdown
+        assert first.process.returncode is not None
+        start_worker(concurrency=2, with_beat=True, **env)
+        deadline = time.monotonic() + 60
+        while MemoryRequest.objects.filter(pk__in=ids, status="success").count() < len(ids):
+            assert time.monotonic() < deadline, "jobs did not all finish after the restart"
+            time.sleep(0.2)
+    contents = sorted(Memory.objects.filter(user=end_user).values_list("content", flat=True))
+    assert contents == sorted(f"Likes {hobby}" for hobby in hobbies)
