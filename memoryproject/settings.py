@@ -180,7 +180,9 @@ SSE_HEARTBEAT_SECONDS = env_float("SSE_HEARTBEAT_SECONDS", 15.0)
 SSE_CLIENT_BUFFER = env_int("SSE_CLIENT_BUFFER", 1000)
 EVENT_CONSUMER_MAX_DELIVERIES = env_int("EVENT_CONSUMER_MAX_DELIVERIES", 5)
 EVENT_CONSUMER_CLAIM_IDLE_MS = env_int("EVENT_CONSUMER_CLAIM_IDLE_MS", 30_000)
-SYNC_PAGE_MAX = env_int("SYNC_PAGE_MAX", 1000)
+# Up to this many events of one transaction are published right after its commit; more (a bulk
+# write) are handed to the batch lane.
+EVENT_INLINE_PUBLISH_MAX = env_int("EVENT_INLINE_PUBLISH_MAX", 100)
 
 # --- Webhooks -------------------------------------------------------------------------------
 WEBHOOK_MAX_ATTEMPTS = env_int("WEBHOOK_MAX_ATTEMPTS", 5)  # then the delivery is dead-lettered

@@ -17,6 +17,15 @@ def relay_events() -> int:
     return relay_unpublished()
 
 
+@shared_task(name="tasks.events.publish_events", ignore_result=True, acks_late=True)
+def publish_events(ids: list[int]) -> int:
+    """Publish a bulk write's events; rows already published are skipped, so a redelivery is
+    harmless."""
+    from memories.events.publisher import publish_outbox
+
+    return publish_outbox(ids=ids)
+
+
 @shared_task(name="tasks.events.trim_events", ignore_result=True)
 def trim_events() -> int:
     """Trim the stream by age (MAXLEN caps its length on every write) and purge old outbox rows."""

@@ -162,3 +162,23 @@ def test_async_batch_runs_in_the_batch_lane_exactly_once(api, end_user, start_wo
     status = api.get(f"/v1/requests/{request_id}").json()
     assert len(status["events"]) == 120 and {e["status"] for e in status["events"]} == {"ok"}
     assert Memory.objects.filter(user=end_user).count() == 120
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_of_a_large_batch_are_published_by_the_batch_lane(api, end_user, start_worker):
+    from memories.events.stream import STREAM_KEY, redis_client
+
+    start_worker(queues="batch")
+    items = [{"user_id": str(end_user.id), "content": f"Fact {n}"} for n in range(150)]
+    assert batch(api, items).json()["ok"] == 150
+
+    def published() -> int:
+        entries = redis_client().xrange(STREAM_KEY)
+        return sum(f["tenant_id"] == str(end_user.tenant_id) for _, f in entries)
+
+    deadline = time.monotonic() + 20
+    while published() < 150:
+        assert time.monotonic() < deadline, f"only {published()} of 150 events published"
+        time.sleep(0.1)
+    assert published() == 150
+    assert not OutboxEvent.objects.filter(published_at__isnull=True).exists()

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from memories.events.stream import STREAM_KEY, entry_fields, pubsub_channel, redis_client
@@ -29,13 +29,51 @@ def record_many(events: list[dict[str, Any]]) -> None:
     """
     if not events:
         return
+    if len(events) == 1:
+        from memories.models import OutboxEvent
+
+        ids = [OutboxEvent.objects.create(event_type=events[0]["event_type"], payload=events[0]).id]
+    else:
+        ids = _copy_outbox(events)
+    if len(ids) > settings.EVENT_INLINE_PUBLISH_MAX:
+        # A bulk write should not wait for its thousand events to reach Redis: the batch lane
+        # publishes them (and the relay still catches whatever that misses).
+        from tasks.events import publish_events
+
+        transaction.on_commit(lambda: _defer(publish_events, ids), robust=True)
+    else:
+        transaction.on_commit(lambda: publish_outbox(ids=ids), robust=True)
+
+
+def _defer(task: Any, ids: list[int]) -> None:
+    try:
+        task.apply_async(args=[ids], queue="batch")
+    except Exception:
+        logger.exception("could not hand %d events to the batch lane; the relay will", len(ids))
+
+
+def _copy_outbox(events: list[dict[str, Any]]) -> list[int]:
+    """Many events in one binary COPY (bulk writes record one per item); ids are drawn from the
+    table's sequence first, since COPY returns none."""
+    from psycopg.types.json import Jsonb
+
     from memories.models import OutboxEvent
 
-    rows = OutboxEvent.objects.bulk_create(
-        [OutboxEvent(event_type=event["event_type"], payload=event) for event in events]
-    )
-    ids = [row.id for row in rows]
-    transaction.on_commit(lambda: publish_outbox(ids=ids), robust=True)
+    table = OutboxEvent._meta.db_table
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
+            [table, len(events)],
+        )
+        ids = [row[0] for row in cursor.fetchall()]
+        columns = "id, event_type, payload, created_at, stream_id"
+        statement = f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)"
+        with cursor.cursor.copy(statement) as copy:
+            copy.set_types(["int8", "varchar", "jsonb", "timestamptz", "varchar"])
+            for outbox_id, event in zip(ids, events, strict=True):
+                copy.write_row((outbox_id, event["event_type"], Jsonb(event), now, ""))
+    return ids
 
 
 def publish_outbox(*, ids: list[int] | None = None, limit: int = 1000) -> int:
@@ -53,10 +91,15 @@ def publish_outbox(*, ids: list[int] | None = None, limit: int = 1000) -> int:
         if not rows:
             return 0
         stream_ids = _send(rows)
-        now = timezone.now()
-        for row, stream_id in zip(rows, stream_ids, strict=True):
-            row.published_at, row.stream_id = now, stream_id
-        OutboxEvent.objects.bulk_update(rows, ["published_at", "stream_id"])
+        # One statement for the whole page (Django's bulk_update builds a CASE per row).
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"""UPDATE {OutboxEvent._meta.db_table} AS o
+                    SET published_at = %s, stream_id = v.stream_id
+                    FROM unnest(%s::bigint[], %s::text[]) AS v(id, stream_id)
+                    WHERE o.id = v.id""",
+                [timezone.now(), [row.id for row in rows], stream_ids],
+            )
     EVENTS_PUBLISHED.inc(len(rows))
     return len(rows)
 

@@ -332,15 +332,20 @@ def _slot(feature: str, dimensions: int) -> tuple[int, float]:
     return value % dimensions, (1.0 if value >> 63 else -1.0)
 
 
-def _features(text: str) -> list[tuple[str, float]]:
-    features = []
-    for word in _WORD.findall(text.casefold()):
-        if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
-            word = word[:-1]  # "likes" and "like" should meet
-        features.append((f"w:{word}", 1.0))
-        padded = f"#{word}#"
-        features.extend((f"t:{padded[i : i + 3]}", 0.5) for i in range(len(padded) - 2))
-    return features
+@lru_cache(maxsize=65536)
+def _word_slots(word: str, dimensions: int) -> tuple[tuple[int, float], ...]:
+    """The signed buckets one word adds (the word itself and its character trigrams), cached:
+    vocabularies repeat, so most words of a batch were hashed before."""
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        word = word[:-1]  # "likes" and "like" should meet
+    padded = f"#{word}#"
+    features = [(f"w:{word}", 1.0)]
+    features += [(f"t:{padded[i : i + 3]}", 0.5) for i in range(len(padded) - 2)]
+    slots = []
+    for feature, weight in features:
+        bucket, sign = _slot(feature, dimensions)
+        slots.append((bucket, sign * weight))
+    return tuple(slots)
 
 
 class HashingEmbedder:
@@ -360,10 +365,11 @@ class HashingEmbedder:
 
     def _embed_one(self, text: str) -> list[float]:
         vector = [0.0] * self.dimensions
-        for feature, weight in _features(text):
-            bucket, sign = _slot(feature, self.dimensions)
-            vector[bucket] += sign * weight
-        norm = math.sqrt(sum(x * x for x in vector))
+        for word in _WORD.findall(text.casefold()):
+            for bucket, value in _word_slots(word, self.dimensions):
+                vector[bucket] += value
+        norm = math.hypot(*vector)
         if norm == 0.0:  # empty text: still a unit vector, so cosine distance stays defined
             return [1.0] + [0.0] * (self.dimensions - 1)
-        return [x / norm for x in vector]
+        scale = 1.0 / norm
+        return [x * scale for x in vector]
