@@ -110,15 +110,17 @@ class EventsApi(TenantApi):
         return Response({"events": events, "next_after": next_after})
 
 
+def _session_events(tenant: Any, session_id: str) -> tuple[Any, list[dict[str, Any]]]:
+    session = selectors.session_get(tenant=tenant, session_id=session_id)
+    events = events_in_range(
+        tenant_id=str(tenant.id), session_id=str(session.id), since=session.started_at, limit=5000
+    )
+    return session, events
+
+
 class SessionTimelineApi(TenantApi):
     def get(self, request: Request, session_id: str) -> Response:
-        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
-        events = events_in_range(
-            tenant_id=str(self.tenant.id),
-            session_id=str(session.id),
-            since=session.started_at,
-            limit=5000,
-        )
+        session, events = _session_events(self.tenant, session_id)
         timeline = [
             {
                 "id": e["id"],
@@ -134,13 +136,7 @@ class SessionTimelineApi(TenantApi):
 
 class SessionReconstructApi(TenantApi):
     def get(self, request: Request, session_id: str) -> Response:
-        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
-        events = events_in_range(
-            tenant_id=str(self.tenant.id),
-            session_id=str(session.id),
-            since=session.started_at,
-            limit=5000,
-        )
+        session, events = _session_events(self.tenant, session_id)
         return Response({"session_id": str(session.id), **session_reconstruct(events)})
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 from django.core.management import call_command
@@ -19,6 +18,7 @@ from memories.events.analytics import analytics_summary
 from memories.events.consumers import StreamConsumer, audit_record, consumer_for
 from memories.events.stream import DEAD_LETTER_KEY, STREAM_KEY, redis_client
 from memories.models import AuditLogEntry, EndUser, Session
+from tests.helpers import wait_for
 from tests.workers import BASE_DIR
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,14 +30,6 @@ def empty_stream() -> None:
     client = redis_client()
     keys = [STREAM_KEY, DEAD_LETTER_KEY, *client.scan_iter(f"{STREAM_KEY}:errors:*")]
     client.delete(*keys, *client.scan_iter("analytics:*"))
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def run_session(user: EndUser, messages: int = 2, *, end: bool = True) -> Session:

@@ -15,6 +15,7 @@ from memories.events.publisher import relay_unpublished
 from memories.events.stream import STREAM_KEY, redis_client
 from memories.models import Memory, MemoryRequest, OutboxEvent
 from memories.pipeline import get_embedder, memory_request_run
+from tests.helpers import store_memories
 
 
 def tenant_events(tenant, event_type: str | None = None) -> list[dict]:
@@ -26,13 +27,7 @@ def tenant_events(tenant, event_type: str | None = None) -> list[dict]:
 
 
 def new_memory(user, text: str = "Lives in Paris") -> Memory:
-    return Memory.objects.create(
-        tenant=user.tenant,
-        user=user,
-        content=text,
-        embedding=get_embedder().embed([text])[0],
-        content_hash=services.content_hash(text),
-    )
+    return store_memories(user, text)[0]
 
 
 @pytest.mark.django_db(transaction=True)

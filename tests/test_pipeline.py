@@ -18,6 +18,7 @@ from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest
 from memories.pipeline import get_embedder, memory_request_run
 from memories.providers.openai_provider import DECIDE_PROMPT, EXTRACT_PROMPT
 from tests.fake_openai import FakeResponse, rule_based_chat
+from tests.helpers import store_memories
 from tests.workers import database_url_for
 
 
@@ -44,20 +45,6 @@ def live_contents(user: EndUser) -> list[str]:
     return sorted(
         Memory.objects.filter(user=user, deleted_at__isnull=True).values_list("content", flat=True)
     )
-
-
-def store(user: EndUser, *texts: str) -> list[Memory]:
-    vectors = get_embedder().embed(list(texts))
-    return [
-        Memory.objects.create(
-            tenant=user.tenant,
-            user=user,
-            content=text,
-            embedding=vector,
-            content_hash=services.content_hash(text),
-        )
-        for text, vector in zip(texts, vectors, strict=True)
-    ]
 
 
 # --- The offline pipeline ------------------------------------------------------------------------
@@ -256,7 +243,7 @@ def _decide_bodies(fake) -> list[dict]:
 
 @pytestmark_db
 def test_llm_sees_integer_ids_never_uuids(openai_settings, end_user) -> None:
-    memories = store(end_user, "Lives in Paris", "Likes hiking")
+    memories = store_memories(end_user, "Lives in Paris", "Likes hiking")
     run(end_user, "I moved to Berlin.")
     sent = _decide_bodies(openai_settings)
     assert len(sent) == 1
@@ -267,7 +254,7 @@ def test_llm_sees_integer_ids_never_uuids(openai_settings, end_user) -> None:
 
 @pytestmark_db
 def test_llm_update_and_delete_land_on_the_right_uuid(openai_settings, end_user) -> None:
-    paris, hiking, meat = store(end_user, "Lives in Paris", "Likes hiking", "Eats meat")
+    paris, hiking, meat = store_memories(end_user, "Lives in Paris", "Likes hiking", "Eats meat")
 
     def chat(body: dict) -> str | FakeResponse:
         if body["messages"][0]["content"] == EXTRACT_PROMPT:
@@ -295,7 +282,7 @@ def test_llm_update_and_delete_land_on_the_right_uuid(openai_settings, end_user)
 
 @pytestmark_db
 def test_hallucinated_memory_id_changes_nothing(openai_settings, end_user) -> None:
-    (paris,) = store(end_user, "Lives in Paris")
+    (paris,) = store_memories(end_user, "Lives in Paris")
 
     def chat(body: dict) -> str:
         if body["messages"][0]["content"] == EXTRACT_PROMPT:

@@ -7,8 +7,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from memories import selectors, services
-from memories.models import Memory
 from memories.pipeline import get_embedder
+from tests.helpers import store_memories
 
 pytestmark = pytest.mark.django_db
 
@@ -21,21 +21,6 @@ FACTS = [
 ]
 
 
-def store(user, texts, **fields) -> list[Memory]:
-    vectors = get_embedder().embed(list(texts))
-    return [
-        Memory.objects.create(
-            tenant=user.tenant,
-            user=user,
-            content=text,
-            embedding=vector,
-            content_hash=services.content_hash(text),
-            **fields,
-        )
-        for text, vector in zip(texts, vectors, strict=True)
-    ]
-
-
 def search(api, user, query: str, **extra) -> list[dict]:
     body = {"user_id": str(user.id), "query": query, **extra}
     response = api.post("/v1/memories/search", body, format="json")
@@ -44,7 +29,7 @@ def search(api, user, query: str, **extra) -> list[dict]:
 
 
 def test_results_are_ranked_by_cosine_similarity_with_scores(api, end_user) -> None:
-    store(end_user, FACTS)
+    store_memories(end_user, *FACTS)
     results = search(api, end_user, "a cat named Tom", limit=5)
     assert results[0]["content"] == "Has a cat named Tom"
     scores = [r["score"] for r in results]
@@ -54,29 +39,31 @@ def test_results_are_ranked_by_cosine_similarity_with_scores(api, end_user) -> N
 
 def test_search_never_returns_another_users_memories(api, tenant, end_user) -> None:
     bob = services.end_user_create(tenant=tenant, external_id="bob")
-    store(bob, ["Has a cat named Tom"] * 30)
-    store(end_user, FACTS)
+    store_memories(bob, *["Has a cat named Tom"] * 30)
+    store_memories(end_user, *FACTS)
     results = search(api, end_user, "a cat named Tom", limit=10)
     assert len(results) == len(FACTS)
     assert all(r["user_id"] == str(end_user.id) for r in results)
 
 
 def test_deleted_memories_are_not_found(api, end_user) -> None:
-    cat = store(end_user, FACTS)[3]
+    cat = store_memories(end_user, *FACTS)[3]
     services.memory_delete(memory=cat)
     assert "Has a cat named Tom" not in [r["content"] for r in search(api, end_user, "cat")]
 
 
 def test_filters_on_agent_session_type_and_metadata(api, end_user) -> None:
-    store(
+    store_memories(
         end_user,
-        ["Likes tea"],
+        "Likes tea",
         agent_id="a1",
         session_id="s1",
         type="preference",
         metadata={"source": "chat", "lang": "en"},
     )
-    store(end_user, ["Likes coffee"], agent_id="a2", session_id="s2", metadata={"source": "email"})
+    store_memories(
+        end_user, "Likes coffee", agent_id="a2", session_id="s2", metadata={"source": "email"}
+    )
     tea = [
         {"agent_id": "a1"},
         {"session_id": "s1"},
@@ -91,7 +78,7 @@ def test_filters_on_agent_session_type_and_metadata(api, end_user) -> None:
 
 
 def test_threshold_drops_weak_matches(api, end_user) -> None:
-    store(end_user, FACTS)
+    store_memories(end_user, *FACTS)
     strong = search(api, end_user, "Has a cat named Tom", threshold=0.9)
     assert [r["content"] for r in strong] == ["Has a cat named Tom"]
 
@@ -113,7 +100,7 @@ def test_top_k_stays_exact_after_many_searches(tenant, end_user) -> None:
     # for all users; whatever the plan, every search must return the user's full top-k.
     users = [services.end_user_create(tenant=tenant, external_id=f"u{i}") for i in range(4)]
     for n, user in enumerate(users):
-        store(user, [f"Fact {k} about person {n}" for k in range(25)])
+        store_memories(user, *[f"Fact {k} about person {n}" for k in range(25)])
     query = get_embedder().embed(["Fact about person"])[0]
     for round_number in range(12):
         for user in users:
@@ -125,7 +112,7 @@ def test_top_k_stays_exact_after_many_searches(tenant, end_user) -> None:
 
 
 def test_nearest_memories_for_all_facts_come_from_one_query(end_user) -> None:
-    store(end_user, FACTS)
+    store_memories(end_user, *FACTS)
     vectors = get_embedder().embed(["cat", "Paris", "blue"])
     with CaptureQueriesContext(connection) as queries:
         found = selectors.memory_nearest_for_many(

@@ -17,10 +17,11 @@ from rest_framework.test import APIClient
 from memories import services
 from memories.events.consumers import consumer_for
 from memories.events.stream import STREAM_KEY, redis_client
-from webhooks.models import Webhook, WebhookDelivery
-from webhooks.services import webhook_delivery_attempt
 
 # --- A receiver --------------------------------------------------------------------------------
+from tests.helpers import wait_for
+from webhooks.models import Webhook, WebhookDelivery
+from webhooks.services import webhook_delivery_attempt
 
 
 class Receiver:
@@ -79,14 +80,6 @@ def create_webhook(api: APIClient, url: str, **body: object) -> dict:
     response = api.post("/v1/webhooks", {"url": url, **body}, format="json")
     assert response.status_code == 201, response.content
     return response.json()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def deliveries(api: APIClient, webhook_id: str) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import psutil
 import pytest
@@ -14,16 +13,9 @@ from rest_framework.test import APIClient
 from memories.models import EndUser, Memory, MemoryRequest
 from tasks.memory_jobs import process_memory_request
 from tests.fake_openai import FakeOpenAI
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def status_of(request_id: str) -> str:

@@ -1,0 +1,36 @@
+"""Small helpers the test files share."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from memories import services
+from memories.models import EndUser, Memory
+from memories.pipeline import get_embedder
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    """Poll until `condition()` holds; fail the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def store_memories(user: EndUser, *texts: str, **fields: Any) -> list[Memory]:
+    """Memories written straight to the table (no job), embedded like the service does."""
+    vectors = get_embedder().embed(list(texts))
+    return [
+        Memory.objects.create(
+            tenant=user.tenant,
+            user=user,
+            content=text,
+            embedding=vector,
+            content_hash=services.content_hash(text),
+            **fields,
+        )
+        for text, vector in zip(texts, vectors, strict=True)
+    ]
