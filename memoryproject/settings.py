@@ -188,6 +188,9 @@ EVENT_INLINE_PUBLISH_MAX = env_int("EVENT_INLINE_PUBLISH_MAX", 100)
 WEBHOOK_MAX_ATTEMPTS = env_int("WEBHOOK_MAX_ATTEMPTS", 5)  # then the delivery is dead-lettered
 WEBHOOK_BACKOFF_SECONDS = env_float("WEBHOOK_BACKOFF_SECONDS", 2.0)  # doubled at each retry
 WEBHOOK_TIMEOUT_SECONDS = env_float("WEBHOOK_TIMEOUT_SECONDS", 5.0)
+# Off by default: a webhook may not target loopback or private addresses (SSRF). Turn on for a
+# receiver inside your own network (the tests' receivers listen on loopback).
+WEBHOOK_ALLOW_PRIVATE_TARGETS = env_bool("WEBHOOK_ALLOW_PRIVATE_TARGETS", False)
 
 # --- Backpressure and rate limits ----------------------------------------------------------
 # Above this many waiting jobs (queued in a lane, or pending in the database) new normal/batch

@@ -51,7 +51,8 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Callable[..., Receiver]]:
+def receiver(settings) -> Iterator[Callable[..., Receiver]]:
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = True  # the receivers listen on loopback
     started: list[Receiver] = []
 
     def start(*statuses: int) -> Receiver:
@@ -134,6 +135,36 @@ def test_a_body_that_is_not_an_object_is_400(api) -> None:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/hook",
+        "http://localhost/hook",
+        "http://10.0.0.5/hook",
+        "http://[::1]/hook",
+        "http://169.254.169.254/latest/meta-data",
+    ],
+)
+def test_private_and_loopback_targets_are_refused(api, url: str) -> None:
+    response = api.post("/v1/webhooks", {"url": url}, format="json")
+    assert response.status_code == 400 and "url" in response.json()["fields"]
+
+
+@pytest.mark.django_db
+def test_a_delivery_to_a_host_now_private_is_refused_not_sent(api, end_user, receiver, settings):
+    target = receiver(200)
+    webhook_id = create_webhook(api, target.url)["id"]
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False  # e.g. the name now resolves to loopback
+    webhook = Webhook.objects.get(pk=webhook_id)
+    delivery = WebhookDelivery.objects.create(
+        webhook=webhook, event_id=uuid.uuid4(), stream_id="1-0", payload={"event_type": "x"}
+    )
+    webhook_delivery_attempt(delivery_id=delivery.id)
+    delivery.refresh_from_db()
+    assert target.requests == [] and "private" in delivery.last_error
+
+
+@pytest.mark.django_db
 def test_another_tenants_webhook_is_404(api, other_api) -> None:
     webhook_id = create_webhook(api, "https://example.com/hook")["id"]
     assert other_api.get("/v1/webhooks").json()["results"] == []
@@ -205,7 +236,7 @@ def test_a_matching_event_is_delivered_once_signed_and_logged(
 def test_a_receiver_failing_twice_gets_the_delivery_on_the_third_attempt_via_a_real_worker(
     api, end_user, receiver, empty_stream, start_worker
 ) -> None:
-    start_worker(queues="batch", WEBHOOK_BACKOFF_SECONDS="0.2")
+    start_worker(queues="batch", WEBHOOK_BACKOFF_SECONDS="0.2", WEBHOOK_ALLOW_PRIVATE_TARGETS="1")
     hook = receiver(500, 503, 200)
     webhook = create_webhook(api, hook.url)
     services.session_start(user=end_user)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from django.conf import settings
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -41,6 +42,10 @@ class WebhookCollectionApi(TenantApi):
         def validate_url(self, value: str) -> str:
             if urlsplit(value).scheme not in ("http", "https"):
                 raise serializers.ValidationError("Use an http or https URL.")
+            if not settings.WEBHOOK_ALLOW_PRIVATE_TARGETS and services.url_targets_private_network(
+                value
+            ):
+                raise serializers.ValidationError("Private and loopback addresses are not allowed.")
             return value
 
     class CreatedOutput(WebhookOutput):

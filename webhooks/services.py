@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from django.conf import settings
@@ -33,6 +36,25 @@ from webhooks.models import Webhook, WebhookDelivery
 logger = logging.getLogger(__name__)
 
 Status = WebhookDelivery.Status
+
+
+def url_targets_private_network(url: str) -> bool:
+    """Whether the URL's host is, or resolves to, a loopback, private, link-local or reserved
+    address: a tenant must not make this service call into its own network (SSRF).
+
+    Checked when a webhook is registered and again before every delivery, since a name may
+    resolve elsewhere later. A name that does not resolve is not private (the POST will fail).
+    """
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
+            return True
+    return False
 
 
 def webhook_create(
@@ -161,6 +183,10 @@ def _post(delivery: WebhookDelivery) -> tuple[int | None, str]:
         "X-Memory-Timestamp": timestamp,
         "X-Memory-Signature": sign(secret=delivery.webhook.secret, timestamp=timestamp, body=body),
     }
+    if not settings.WEBHOOK_ALLOW_PRIVATE_TARGETS and url_targets_private_network(
+        delivery.webhook.url
+    ):
+        return None, "Refused: the URL resolves to a private or loopback address."
     try:
         response = httpx.post(
             delivery.webhook.url,
