@@ -227,6 +227,12 @@ def memory_request_claim(*, request_id: str) -> Claim | None:
     duplicate delivery and a no-op. A request that already used all its attempts ends as
     `failure` here, so a job that keeps killing its worker stops looping.
     """
+    try:
+        uuid.UUID(str(request_id))
+    except ValueError:
+        # A poison message: recorded in the log and acknowledged, never retried.
+        logger.error("task named %r, which is not a request id; dropped", request_id)
+        return None
     now = timezone.now()
     with transaction.atomic():
         memory_request = MemoryRequest.objects.select_for_update().filter(pk=request_id).first()

@@ -353,3 +353,9 @@ def test_rule_based_chat_is_the_default_fake_model() -> None:
         }
     )
     assert json.loads(answer) == {"facts": ["Lives in Oslo"]}
+
+
+@pytestmark_db
+@pytest.mark.parametrize("garbage", ["not-a-uuid", "", "1; DROP TABLE x"])
+def test_unparseable_request_id_is_dropped_not_retried(garbage) -> None:
+    assert memory_request_run(request_id=garbage) == "skipped"
