@@ -23,6 +23,7 @@ from memories.providers import (
     build_embedder,
     build_llm,
 )
+from memories.providers.batching import BatchingEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,13 @@ def get_llm() -> LLMProvider:
 
 @cache
 def get_embedder() -> Embedder:
-    return build_embedder(provider_config())
+    embedder = build_embedder(provider_config())
+    if settings.EMBEDDING_BATCH_WINDOW_MS > 0:
+        # Jobs running side by side in one worker (thread pool) share embedding calls.
+        embedder = BatchingEmbedder(
+            embedder, window_seconds=settings.EMBEDDING_BATCH_WINDOW_MS / 1000
+        )
+    return embedder
 
 
 def plan_changes(

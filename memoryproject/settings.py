@@ -235,6 +235,9 @@ LLM_MODEL = env_str("LLM_MODEL", "gpt-4o-mini")
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "text-embedding-3-small")
 EMBEDDING_DIMENSIONS = env_int("EMBEDDING_DIMENSIONS", 384)
 EMBEDDING_SEND_DIMENSIONS = env_bool("EMBEDDING_SEND_DIMENSIONS", True)
+# > 0: embedding calls of jobs running at once in one worker (`--pool threads`) within this window
+# are sent as one call.
+EMBEDDING_BATCH_WINDOW_MS = env_float("EMBEDDING_BATCH_WINDOW_MS", 0.0)
 LLM_REQUEST_TIMEOUT_SECONDS = env_float("LLM_REQUEST_TIMEOUT_SECONDS", 60.0)
 LLM_CLIENT_MAX_RETRIES = env_int("LLM_CLIENT_MAX_RETRIES", 1)
 

@@ -359,3 +359,15 @@ def test_rule_based_chat_is_the_default_fake_model() -> None:
 @pytest.mark.parametrize("garbage", ["not-a-uuid", "", "1; DROP TABLE x"])
 def test_unparseable_request_id_is_dropped_not_retried(garbage) -> None:
     assert memory_request_run(request_id=garbage) == "skipped"
+
+
+@pytestmark_db
+def test_jobs_run_through_the_batching_embedder_when_a_window_is_set(settings, end_user) -> None:
+    from memories.pipeline import get_embedder
+    from memories.providers.batching import BatchingEmbedder
+
+    settings.EMBEDDING_BATCH_WINDOW_MS = 5
+    get_embedder.cache_clear()
+    assert isinstance(get_embedder(), BatchingEmbedder)
+    run(end_user, "I live in Paris.")
+    assert live_contents(end_user) == ["Lives in Paris"]

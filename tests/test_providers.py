@@ -407,3 +407,35 @@ def test_unknown_provider_name_is_refused_naming_the_setting(
 ) -> None:
     with pytest.raises(ValueError, match=setting):
         build(config(**{field: "anthropic"}))
+
+
+def test_concurrent_embed_calls_share_one_provider_call_within_the_window() -> None:
+    import threading
+
+    from memories.providers.batching import BatchingEmbedder
+
+    calls: list[list[str]] = []
+
+    class Recording:
+        dimensions = 8
+
+        def embed(self, texts: list[str]) -> list[list[float]]:
+            calls.append(list(texts))
+            return HashingEmbedder(8).embed(texts)
+
+    batching = BatchingEmbedder(Recording(), window_seconds=0.2)
+    results: dict[int, list[list[float]]] = {}
+    barrier = threading.Barrier(4)
+
+    def job(n: int) -> None:
+        barrier.wait()
+        results[n] = batching.embed([f"job {n} fact a", f"job {n} fact b"])
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert len(calls) == 1 and len(calls[0]) == 8
+    for n in range(4):  # each caller gets its own vectors back, in order
+        assert results[n] == HashingEmbedder(8).embed([f"job {n} fact a", f"job {n} fact b"])
