@@ -1,0 +1,504 @@
+"""`GET /v1/stream`: Server-Sent Events over the event channels, resumable with Last-Event-ID.
+
+    GET /v1/stream?channels=user:<id>:memories,topic:news:updates&types=memory.created
+    Authorization: Bearer <key>            Last-Event-ID: <stream id>  (or ?last_event_id=)
+
+Each event is `id: <stream id>`, `event: <event_type>`, `data: <the event as JSON, with "id">`.
+The body starts with the comment `: subscribed`; every event committed after the client read it is
+delivered. Comments `: heartbeat` keep an idle connection open. Two events end a stream early:
+`overflow` (the client fell SSE_CLIENT_BUFFER events behind; reconnect with the id it names) and
+`stream-reset` (the Last-Event-ID is older than the oldest retained entry; fetch the state with
+`GET /v1/sync`, then the live events follow).
+
+    stream(request)     the async view: authorize, wait for the hub, return the streaming body
+    Hub                 one per process: the only reader of `memory:events`, fans entries out
+    event_stream(...)   one client's body: replay after Last-Event-ID, then live, with heartbeats
+
+Every channel is heard only inside the tenant that produced the event (topic names are chosen by
+clients, so two tenants may share one); only events without a tenant reach every `system:global`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from redis.exceptions import RedisError, ResponseError
+from rest_framework import exceptions
+
+from memories import selectors
+from memories.auth import ApiKeyAuthentication
+from memories.errors import NotFound
+from memories.events.schema import EVENT_TYPES, system_channel, tenant_channel, user_channel
+from memories.events.stream import STREAM_KEY
+from memories.metrics import SSE_SUBSCRIBERS
+from memories.models import Tenant
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_CHANNEL = system_channel()
+SUBSCRIBED = b": subscribed\n\n"
+HEARTBEAT = b": heartbeat\n\n"
+READ_BLOCK_MS = 5_000
+READ_BATCH = 500
+REPLAY_PAGE = 500
+HUB_READY_TIMEOUT_SECONDS = 5.0
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_USER = re.compile(r"user:([^:]+):memories")
+_TENANT = re.compile(r"tenant:([^:]+):shared")
+_TOPIC = re.compile(r"topic:(.{1,200}):updates")
+
+
+def stream_id_order(stream_id: str) -> tuple[int, int]:
+    """A stream id as a sortable pair (ids compare by milliseconds, then sequence)."""
+    millis, _, sequence = stream_id.partition("-")
+    return int(millis), int(sequence or 0)
+
+
+# --- Who may hear what ---------------------------------------------------------------------------
+
+
+class StreamRefused(Exception):
+    """A stream request that is not served, answered in the API's error JSON shape."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+    def response(self) -> JsonResponse:
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.field:
+            body["fields"] = {self.field: [self.message]}
+        response = JsonResponse(body, status=self.status)
+        if self.status == 401:
+            response["WWW-Authenticate"] = 'Bearer realm="memory"'
+        elif self.status == 405:
+            response["Allow"] = "GET"
+        return response
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """What an authorized client asked for: channels in canonical form, types (None: all)."""
+
+    tenant_id: str
+    channels: tuple[str, ...]
+    types: frozenset[str] | None
+    last_event_id: str | None
+
+
+def route_key(tenant_id: str, channel: str) -> str:
+    """The hub's key for a channel as heard by one tenant."""
+    if channel == SYSTEM_CHANNEL and not tenant_id:
+        return SYSTEM_CHANNEL
+    return f"{tenant_id}/{channel}"
+
+
+def event_route_keys(event: dict[str, Any]) -> set[str]:
+    tenant_id = event["source"]["tenant_id"]
+    return {route_key(tenant_id, channel) for channel in event.get("channels") or ()}
+
+
+def stream_request_authorize(request: HttpRequest) -> StreamRequest:
+    """Authenticate the key and check every parameter; blocking (it reads the database).
+
+    Raises StreamRefused: 401 without a valid key; 400 naming `channels`, `types` or
+    `Last-Event-ID` when one is missing or malformed; 403 naming `channels` for a channel of
+    another tenant (a user who is not the caller's is refused whether or not they exist elsewhere).
+    """
+    # Django's request cycle, done by hand: this runs in the shared thread pool, where the
+    # connection is kept for the next call, rather than in a thread bound to this request.
+    close_old_connections()
+    try:
+        tenant = _authenticate(request)
+        channels = _channels_authorize(tenant, request.GET.get("channels", ""))
+    finally:
+        close_old_connections()
+    return StreamRequest(
+        tenant_id=str(tenant.id),
+        channels=channels,
+        types=_types_parse(request.GET.get("types", "")),
+        last_event_id=_last_event_id_parse(request),
+    )
+
+
+def _authenticate(request: HttpRequest) -> Tenant:
+    try:
+        authenticated = ApiKeyAuthentication().authenticate(request)
+    except exceptions.AuthenticationFailed as exc:
+        raise StreamRefused(401, "authentication_failed", str(exc.detail)) from exc
+    if authenticated is None:
+        raise StreamRefused(401, "not_authenticated", "Authentication credentials were not given.")
+    principal, _ = authenticated
+    return principal.tenant
+
+
+def _channels_authorize(tenant: Tenant, raw: str) -> tuple[str, ...]:
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    if not names:
+        raise StreamRefused(
+            400, "invalid_request", "Name at least one channel: channels=a,b.", "channels"
+        )
+    channels: list[str] = []
+    for name in names:
+        channel = _channel_canonical(name)
+        if channel.startswith("user:"):
+            try:
+                selectors.end_user_get(tenant=tenant, user_id=channel.split(":")[1])
+            except NotFound as exc:
+                raise _forbidden(name) from exc
+        elif channel.startswith("tenant:") and channel != tenant_channel(tenant.id):
+            raise _forbidden(name)
+        if channel not in channels:
+            channels.append(channel)
+    return tuple(channels)
+
+
+def _channel_canonical(name: str) -> str:
+    # Ids are compared as text with the events' channels, so they are normalised here.
+    for pattern, build in ((_USER, user_channel), (_TENANT, tenant_channel)):
+        match = pattern.fullmatch(name)
+        if match:
+            try:
+                return build(uuid.UUID(match.group(1)))
+            except ValueError:
+                raise _malformed(name) from None
+    if _TOPIC.fullmatch(name) or name == SYSTEM_CHANNEL:
+        return name
+    raise _malformed(name)
+
+
+def _malformed(name: str) -> StreamRefused:
+    return StreamRefused(
+        400,
+        "invalid_request",
+        f"Unknown channel {name!r}: use user:<user_id>:memories, tenant:<tenant_id>:shared, "
+        "topic:<topic>:updates or system:global.",
+        "channels",
+    )
+
+
+def _forbidden(name: str) -> StreamRefused:
+    return StreamRefused(403, "forbidden", f"Channel {name!r} is not one of yours.", "channels")
+
+
+def _types_parse(raw: str) -> frozenset[str] | None:
+    types = frozenset(name.strip() for name in raw.split(",") if name.strip())
+    unknown = sorted(types - set(EVENT_TYPES))
+    if unknown:
+        raise StreamRefused(
+            400,
+            "invalid_request",
+            f"Unknown event type(s) {', '.join(unknown)}; known: {', '.join(EVENT_TYPES)}.",
+            "types",
+        )
+    return types or None
+
+
+def _last_event_id_parse(request: HttpRequest) -> str | None:
+    raw = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
+    if raw is None or not raw.strip():
+        return None
+    if not STREAM_ID.fullmatch(raw.strip()):
+        raise StreamRefused(
+            400, "invalid_request", "Last-Event-ID must be a stream id like 1700000000000-0.",
+            "Last-Event-ID",
+        )  # fmt: skip
+    return raw.strip()
+
+
+# --- The hub -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One event, encoded once for every subscriber that gets it."""
+
+    id: str
+    order: tuple[int, int]
+    data: bytes
+
+
+def frame_for(entry_id: str, event: dict[str, Any]) -> Frame:
+    # Compact JSON never contains a newline, so the event fits on one `data:` line.
+    data = json.dumps({"id": entry_id, **event}, separators=(",", ":"))
+    text = f"id: {entry_id}\nevent: {event['event_type']}\ndata: {data}\n\n"
+    return Frame(id=entry_id, order=stream_id_order(entry_id), data=text.encode())
+
+
+class Subscriber:
+    """One client's place in the hub: its route keys, its type filter and a bounded queue.
+
+    The hub never waits for a subscriber: when the queue is full the subscriber is marked
+    overflowed and taken out of the hub, so it receives nothing more and its stream must end.
+    `start_id` is the hub's position when it joined: every later entry it wants is queued.
+    """
+
+    __slots__ = ("keys", "types", "queue", "overflowed", "start_id", "registered")
+
+    def __init__(
+        self, keys: frozenset[str], types: frozenset[str] | None, buffer: int, start_id: str
+    ) -> None:
+        self.keys = keys
+        self.types = types
+        self.queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=max(buffer, 1))
+        self.overflowed = False
+        self.start_id = start_id
+        self.registered = True  # until the hub lets go of it (overflow or disconnect)
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        if self.types is not None and event["event_type"] not in self.types:
+            return False
+        return not self.keys.isdisjoint(event_route_keys(event))
+
+
+class Hub:
+    """The one reader of the event stream in this process (and event loop).
+
+    A single task does XREAD BLOCK on `memory:events` from the entry that was newest when it
+    started, and hands each entry to the subscribers of its channels, in stream order. A Redis
+    error is logged and retried with backoff from the same position, so no entry is skipped.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self.loop = asyncio.get_running_loop()
+        # The socket timeout outlives a blocked XREAD: it only fires on a dead connection.
+        self.redis = aioredis.Redis.from_url(
+            redis_url, decode_responses=True, socket_timeout=READ_BLOCK_MS / 1000 + 10
+        )
+        self.position: str | None = None
+        self._routes: dict[str, set[Subscriber]] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(set().union(*self._routes.values()))
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Start reading if not yet; return once the hub knows its position (TimeoutError)."""
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._read_forever(), name="sse-hub")
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
+
+    def subscribe(
+        self, *, keys: Iterable[str], types: frozenset[str] | None, buffer: int
+    ) -> Subscriber:
+        """Register a subscriber (the hub must be ready); it gets every entry read from now on."""
+        assert self.position is not None, "wait_ready() first"
+        subscriber = Subscriber(frozenset(keys), types, buffer, self.position)
+        for key in subscriber.keys:
+            self._routes.setdefault(key, set()).add(subscriber)
+        SSE_SUBSCRIBERS.inc()
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Take the subscriber out of the hub; a second call (overflow, then close) is a no-op."""
+        if not subscriber.registered:
+            return
+        subscriber.registered = False
+        SSE_SUBSCRIBERS.dec()
+        for key in subscriber.keys:
+            subscribers = self._routes.get(key)
+            if subscribers is not None:
+                subscribers.discard(subscriber)
+                if not subscribers:
+                    del self._routes[key]
+
+    async def trimmed_past(self, last_event_id: str) -> bool:
+        """Whether entries after `last_event_id` may have been trimmed away (replay would skip)."""
+        try:
+            info = await self.redis.xinfo_stream(STREAM_KEY)
+        except ResponseError:
+            return True  # no stream at all: whatever the client saw is gone
+        last = stream_id_order(last_event_id)
+        first_entry = info.get("first-entry")
+        if first_entry:
+            return last < stream_id_order(first_entry[0])
+        return last < stream_id_order(info["last-generated-id"])
+
+    async def replay(self, subscriber: Subscriber, after: str) -> AsyncIterator[Frame]:
+        """Stored entries after `after` (exclusive) up to the newest that it wants, in order."""
+        start = f"({after}"
+        while True:
+            entries = await self.redis.xrange(STREAM_KEY, min=start, max="+", count=REPLAY_PAGE)
+            for entry_id, fields in entries:
+                event = json.loads(fields["event"])
+                if subscriber.wants(event):
+                    yield frame_for(entry_id, event)
+            if len(entries) < REPLAY_PAGE:
+                return
+            start = f"({entries[-1][0]}"
+
+    async def _read_forever(self) -> None:
+        backoff = 0.1
+        try:
+            while True:
+                try:
+                    if self.position is None:
+                        self.position = await self._newest_id()
+                        self._ready.set()
+                    reply = await self.redis.xread(
+                        {STREAM_KEY: self.position}, count=READ_BATCH, block=READ_BLOCK_MS
+                    )
+                except Exception:
+                    logger.exception("event hub: reading %s failed; retrying", STREAM_KEY)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff = 0.1
+                for _stream, entries in reply or ():
+                    for entry_id, fields in entries:
+                        self._dispatch(entry_id, fields)
+        finally:
+            await self.redis.aclose()
+
+    async def _newest_id(self) -> str:
+        try:
+            return (await self.redis.xinfo_stream(STREAM_KEY))["last-generated-id"]
+        except ResponseError:
+            return "0-0"  # no stream yet: everything that arrives is new
+
+    def _dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
+        # Runs without awaiting, so no subscriber joins halfway through an entry.
+        self.position = entry_id
+        if not self._routes:
+            return
+        try:
+            event = json.loads(fields["event"])
+            targets: set[Subscriber] = set()
+            for key in event_route_keys(event):
+                targets.update(self._routes.get(key, ()))
+            if not targets:
+                return
+            frame = frame_for(entry_id, event)
+        except (KeyError, TypeError, ValueError):
+            logger.exception("event hub: entry %s is not an event; not delivered", entry_id)
+            return
+        for subscriber in targets:
+            if subscriber.types is not None and event["event_type"] not in subscriber.types:
+                continue
+            try:
+                subscriber.queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                subscriber.overflowed = True
+                self.unsubscribe(subscriber)
+
+
+_hub: Hub | None = None
+
+
+def get_hub() -> Hub:
+    """The process's hub, created in (and bound to) the running event loop on first use."""
+    global _hub
+    if _hub is None or _hub.loop is not asyncio.get_running_loop():
+        _hub = Hub(settings.REDIS_URL)
+    return _hub
+
+
+# --- One client's stream -------------------------------------------------------------------------
+
+
+def _control_frame(event: str, frame_id: str, **data: Any) -> bytes:
+    return f"id: {frame_id}\nevent: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def event_stream(
+    hub: Hub, wanted: StreamRequest, *, buffer: int, heartbeat: float
+) -> AsyncIterator[bytes]:
+    """One client's SSE body, from `: subscribed` until the client leaves or falls behind.
+
+    With a Last-Event-ID every wanted entry after it is delivered once, in order, with no gap:
+    the subscriber joins the hub before the stored entries are read, and live entries at or before
+    the last one delivered are dropped. If the stream was trimmed past that id, `stream-reset` is
+    sent instead and only live entries follow. A subscriber whose queue overflowed gets what was
+    queued, then `overflow` naming the last id delivered, and the stream ends. The subscriber
+    leaves the hub however the stream ends (disconnect, overflow, Redis error).
+    """
+    keys = {route_key(wanted.tenant_id, channel) for channel in wanted.channels}
+    if SYSTEM_CHANNEL in wanted.channels:
+        keys.add(SYSTEM_CHANNEL)
+    subscriber = hub.subscribe(keys=keys, types=wanted.types, buffer=buffer)
+    last_id = subscriber.start_id
+    try:
+        yield SUBSCRIBED
+        if wanted.last_event_id is not None:
+            if await hub.trimmed_past(wanted.last_event_id):
+                yield _control_frame(
+                    "stream-reset",
+                    last_id,
+                    last_event_id=wanted.last_event_id,
+                    message="Events after your Last-Event-ID were trimmed from the stream. "
+                    "Fetch the current state with GET /v1/sync; live events continue here.",
+                )
+            else:
+                last_id = wanted.last_event_id
+                async for frame in hub.replay(subscriber, after=last_id):
+                    yield frame.data
+                    last_id = frame.id
+        last_order = stream_id_order(last_id)
+        while True:
+            if subscriber.overflowed and subscriber.queue.empty():
+                yield _control_frame(
+                    "overflow",
+                    last_id,
+                    last_event_id=last_id,
+                    message=f"More than {buffer} events behind. Reconnect with Last-Event-ID: "
+                    f"{last_id} to continue without a gap.",
+                )
+                return
+            try:
+                async with asyncio.timeout(heartbeat):
+                    frame = await subscriber.queue.get()
+            except TimeoutError:
+                yield HEARTBEAT
+                continue
+            if frame.order <= last_order:
+                continue  # already sent by the replay
+            yield frame.data
+            last_id, last_order = frame.id, frame.order
+    except RedisError:
+        # Ending the stream is safe: the client reconnects with the last id it received.
+        logger.exception("event stream: Redis failed while catching up; closing the stream")
+    finally:
+        hub.unsubscribe(subscriber)
+
+
+@csrf_exempt  # a bearer-key API, like the DRF views (which DRF exempts too)
+async def stream(request: HttpRequest) -> HttpResponseBase:
+    """`GET /v1/stream` (see the module docstring). While it streams, the response is an async
+    iterator waiting on its queue: no thread of the pool is held for it."""
+    try:
+        if request.method != "GET":
+            raise StreamRefused(405, "method_not_allowed", f"Method {request.method} not allowed.")
+        # The shared pool rather than a thread per request: an open stream keeps its request's
+        # context (and any thread and connection bound to it) for hours.
+        wanted = await sync_to_async(stream_request_authorize, thread_sensitive=False)(request)
+        hub = get_hub()
+        try:
+            await hub.wait_ready(timeout=HUB_READY_TIMEOUT_SECONDS)
+        except TimeoutError as exc:
+            raise StreamRefused(503, "unavailable", "The event stream is unavailable.") from exc
+    except StreamRefused as refused:
+        return refused.response()
+    # Settings are read per connection, so a changed buffer or heartbeat applies to new clients.
+    body = event_stream(
+        hub, wanted, buffer=settings.SSE_CLIENT_BUFFER, heartbeat=settings.SSE_HEARTBEAT_SECONDS
+    )
+    response = StreamingHttpResponse(body, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
