@@ -174,6 +174,8 @@ MEMORY_MAX_CONTENT_CHARS = env_int("MEMORY_MAX_CONTENT_CHARS", 20_000)
 EVENT_STREAM_MAXLEN = env_int("EVENT_STREAM_MAXLEN", 100_000)
 EVENT_STREAM_MAX_AGE_SECONDS = env_int("EVENT_STREAM_MAX_AGE_SECONDS", 7 * 24 * 3600)
 EVENT_RELAY_INTERVAL_SECONDS = env_float("EVENT_RELAY_INTERVAL_SECONDS", 2.0)
+# The relay leaves younger rows alone: the process that committed them is publishing them.
+EVENT_RELAY_GRACE_SECONDS = env_float("EVENT_RELAY_GRACE_SECONDS", 10.0)
 OUTBOX_RETENTION_SECONDS = env_int("OUTBOX_RETENTION_SECONDS", 24 * 3600)
 SSE_HEARTBEAT_SECONDS = env_float("SSE_HEARTBEAT_SECONDS", 15.0)
 # Events buffered per SSE client; a client further behind is disconnected with a resumable id.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -42,7 +42,15 @@ def record_many(events: list[dict[str, Any]]) -> None:
 
         transaction.on_commit(lambda: _defer(publish_events, ids), robust=True)
     else:
-        transaction.on_commit(lambda: publish_outbox(ids=ids), robust=True)
+        transaction.on_commit(lambda: _publish_committed(ids, events), robust=True)
+
+
+def _publish_committed(ids: list[int], events: list[dict[str, Any]]) -> None:
+    """Right after commit: publish the events this process holds, then mark their rows. No read
+    of the outbox first; the relay only looks at rows older than EVENT_RELAY_GRACE_SECONDS, so
+    the two do not race (if this process dies between the two steps, the relay sends again:
+    delivery is at-least-once, and every event carries its `event_id`)."""
+    _mark_published(ids, _send(events))
 
 
 def _defer(task: Any, ids: list[int]) -> None:
@@ -78,7 +86,9 @@ def _copy_outbox(events: list[dict[str, Any]]) -> list[int]:
 
 def publish_outbox(*, ids: list[int] | None = None, limit: int = 1000) -> int:
     """Publish unpublished outbox rows (these ids, or the oldest `limit`) to the stream and their
-    channels, then mark them. Rows another publisher holds are skipped, so each is sent once."""
+    channels, then mark them. Rows another publisher holds are skipped. With no ids (the relay),
+    only rows older than EVENT_RELAY_GRACE_SECONDS: younger ones are being published right after
+    their commit."""
     from memories.models import OutboxEvent
 
     with transaction.atomic():
@@ -87,44 +97,55 @@ def publish_outbox(*, ids: list[int] | None = None, limit: int = 1000) -> int:
         )
         if ids is not None:
             pending = pending.filter(id__in=ids)
+        else:
+            grace = timedelta(seconds=settings.EVENT_RELAY_GRACE_SECONDS)
+            pending = pending.filter(created_at__lt=timezone.now() - grace)
         rows = list(pending.order_by("id")[:limit])
         if not rows:
             return 0
-        stream_ids = _send(rows)
-        # One statement for the whole page (Django's bulk_update builds a CASE per row).
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"""UPDATE {OutboxEvent._meta.db_table} AS o
-                    SET published_at = %s, stream_id = v.stream_id
-                    FROM unnest(%s::bigint[], %s::text[]) AS v(id, stream_id)
-                    WHERE o.id = v.id""",
-                [timezone.now(), [row.id for row in rows], stream_ids],
-            )
-    EVENTS_PUBLISHED.inc(len(rows))
+        _mark_published([row.id for row in rows], _send([row.payload for row in rows]))
     return len(rows)
 
 
-def _send(rows: list) -> list[str]:
+def _mark_published(ids: list[int], stream_ids: list[str]) -> None:
+    from memories.models import OutboxEvent
+
+    # One statement for the whole page (Django's bulk_update builds a CASE per row).
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""UPDATE {OutboxEvent._meta.db_table} AS o
+                SET published_at = %s, stream_id = v.stream_id
+                FROM unnest(%s::bigint[], %s::text[]) AS v(id, stream_id)
+                WHERE o.id = v.id""",
+            [timezone.now(), ids, stream_ids],
+        )
+    EVENTS_PUBLISHED.inc(len(ids))
+
+
+# XADD the event and PUBLISH it on its channels with the new stream id, in one round trip.
+# KEYS: stream, channels...; ARGV: maxlen, event JSON, type, tenant_id, user_id, session_id.
+_XADD_AND_PUBLISH = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[2],
+    'type', ARGV[3], 'tenant_id', ARGV[4], 'user_id', ARGV[5], 'session_id', ARGV[6])
+local message = '{"id":"' .. id .. '","event":' .. ARGV[2] .. '}'
+for i = 2, #KEYS do redis.call('PUBLISH', KEYS[i], message) end
+return id
+"""
+
+
+def _send(events: list[dict[str, Any]]) -> list[str]:
+    """Add the events to the stream and their channels; returns their stream ids, in order."""
     client = redis_client()
-    # XADD first, in one round trip: the stream ids are the events' cursors, carried on pub/sub.
+    script = client.register_script(_XADD_AND_PUBLISH)
     with client.pipeline(transaction=False) as pipe:
-        for row in rows:
-            pipe.xadd(
-                STREAM_KEY,
-                entry_fields(row.payload),
-                maxlen=settings.EVENT_STREAM_MAXLEN,
-                approximate=True,
-            )
-        stream_ids = pipe.execute()
-    with client.pipeline(transaction=False) as pipe:
-        for row, stream_id in zip(rows, stream_ids, strict=True):
-            message = {"id": stream_id, "event": row.payload}
-            body = json.dumps(message, separators=(",", ":"))
-            tenant_id = row.payload["source"]["tenant_id"]
-            for channel in row.payload["channels"]:
-                pipe.publish(pubsub_channel(channel, tenant_id), body)
-        pipe.execute()
-    return stream_ids
+        for event in events:
+            fields = entry_fields(event)
+            tenant_id = event["source"]["tenant_id"]
+            channels = [pubsub_channel(channel, tenant_id) for channel in event["channels"]]
+            args = [settings.EVENT_STREAM_MAXLEN, fields["event"], fields["type"]]
+            args += [fields["tenant_id"], fields["user_id"], fields["session_id"]]
+            script(keys=[STREAM_KEY, *channels], args=args, client=pipe)
+        return pipe.execute()
 
 
 def relay_unpublished() -> int:
