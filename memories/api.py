@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 from memories import backpressure, metrics, selectors, services
 from memories.batch import memories_batch_apply
 from memories.errors import InvalidInput
-from memories.models import Memory, MemoryRequest
+from memories.models import Memory, MemoryRequest, Tenant
 from memories.pipeline import get_embedder
 from tasks.queues import Queue
 
@@ -43,11 +43,12 @@ class TenantApi(APIView):
         return super().finalize_response(request, response, *args, **kwargs)
 
     @property
-    def tenant(self):
+    def tenant(self) -> Tenant:
         return self.request.user.tenant
 
 
-def _validated(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
+def validated_input(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
+    """The serializer's validated data; a non-object body or a bad field is a 400 naming it."""
     if not isinstance(data, dict):
         raise InvalidInput("The body must be a JSON object.", field="body")
     serializer = serializer_class(data=data)
@@ -71,7 +72,7 @@ class UserCreateApi(TenantApi):
         metadata = serializers.DictField(required=False, default=dict)
 
     def post(self, request: Request) -> Response:
-        data = _validated(self.InputSerializer, request.data)
+        data = validated_input(self.InputSerializer, request.data)
         user = services.end_user_create(
             tenant=self.tenant, external_id=data.get("external_id"), metadata=data["metadata"]
         )
@@ -170,7 +171,7 @@ class MemoryCollectionApi(TenantApi):
         limit = serializers.IntegerField(required=False, default=50, min_value=1, max_value=500)
 
     def post(self, request: Request) -> Response:
-        data = _validated(self.InputSerializer, request.data)
+        data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         idempotency_key = _idempotency_key(request)
         backpressure.admit(Queue.HIGH if data["priority"] == "high" else Queue.DEFAULT)
@@ -196,7 +197,7 @@ class MemoryCollectionApi(TenantApi):
                 params["metadata"] = json.loads(params["metadata"])
             except ValueError as exc:
                 raise InvalidInput("metadata must be a JSON object.", field="metadata") from exc
-        data = _validated(self.ListInput, params)
+        data = validated_input(self.ListInput, params)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         cursor = _decode_cursor(data["cursor"]) if data.get("cursor") else None
         page = selectors.memory_list(
@@ -264,7 +265,7 @@ class MemoryRequestListApi(TenantApi):
         limit = serializers.IntegerField(default=100, min_value=1, max_value=500)
 
     def get(self, request: Request) -> Response:
-        data = _validated(self.InputSerializer, request.query_params.dict())
+        data = validated_input(self.InputSerializer, request.query_params.dict())
         requests = selectors.memory_request_list(
             tenant=self.tenant,
             status=data.get("status"),
@@ -301,7 +302,7 @@ class MemoryDetailApi(TenantApi):
         return Response(MemoryOutput(memory).data, headers={"ETag": f'"{memory.version}"'})
 
     def patch(self, request: Request, memory_id: str) -> Response:
-        data = _validated(self.UpdateInput, request.data)
+        data = validated_input(self.UpdateInput, request.data)
         expected_version = _if_match_version(request)
         memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
         memory = services.memory_update(
@@ -359,7 +360,7 @@ class MemorySearchApi(TenantApi):
         score = serializers.FloatField()
 
     def post(self, request: Request) -> Response:
-        data = _validated(self.InputSerializer, request.data)
+        data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         results = services.memory_search(
             user=user,

@@ -11,7 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from memories import selectors, services
-from memories.api import MemoryOutput, MessageInput, TenantApi, _validated
+from memories.api import MemoryOutput, MessageInput, TenantApi, validated_input
 from memories.errors import InvalidInput
 from memories.events import EVENT_TYPES
 from memories.events.analytics import analytics_summary
@@ -38,7 +38,7 @@ class SessionCreateApi(TenantApi):
         metadata = serializers.DictField(required=False, default=dict)
 
     def post(self, request: Request) -> Response:
-        data = _validated(self.InputSerializer, request.data)
+        data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         session = services.session_start(
             user=user, agent_id=data["agent_id"], metadata=data["metadata"]
@@ -51,7 +51,7 @@ class SessionMessagesApi(TenantApi):
         messages = MessageInput(many=True, allow_empty=False, max_length=200)
 
     def post(self, request: Request, session_id: str) -> Response:
-        data = _validated(self.InputSerializer, request.data)
+        data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
         added = services.session_add_messages(
             session=session, messages=[dict(m) for m in data["messages"]]
@@ -64,7 +64,7 @@ class SessionEndApi(TenantApi):
         summarize = serializers.BooleanField(default=False)
 
     def post(self, request: Request, session_id: str) -> Response:
-        data = _validated(self.InputSerializer, request.data)
+        data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
         session = services.session_end(
             session=session,
@@ -95,7 +95,7 @@ class EventsApi(TenantApi):
     """Replay and time travel: the tenant's events in a time window, oldest first."""
 
     def get(self, request: Request) -> Response:
-        data = _validated(EventsQuery, request.query_params.dict())
+        data = validated_input(EventsQuery, request.query_params.dict())
         events = events_in_range(
             tenant_id=str(self.tenant.id),
             since=data.get("since"),
@@ -180,7 +180,7 @@ class SyncApi(TenantApi):
             return memory.deleted_at is not None
 
     def get(self, request: Request) -> Response:
-        data = _validated(self.InputSerializer, request.query_params.dict())
+        data = validated_input(self.InputSerializer, request.query_params.dict())
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         cursor = _decode_sync_cursor(data["since"]) if data.get("since") else None
         changes = selectors.memory_changes_since(user=user, cursor=cursor, limit=data["limit"])

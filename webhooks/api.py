@@ -9,7 +9,7 @@ from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from memories.api import TenantApi, _validated
+from memories.api import TenantApi, validated_input
 from memories.events import EVENT_TYPES
 from webhooks import selectors, services
 
@@ -52,7 +52,7 @@ class WebhookCollectionApi(TenantApi):
         secret = serializers.CharField()
 
     def post(self, request: Request) -> Response:
-        data = _validated(self.InputSerializer, request.data)
+        data = validated_input(self.InputSerializer, request.data)
         webhook = services.webhook_create(
             tenant=self.tenant,
             url=data["url"],
@@ -93,7 +93,7 @@ class WebhookDeliveriesApi(TenantApi):
         delivered_at = serializers.DateTimeField(allow_null=True)
 
     def get(self, request: Request, webhook_id: str) -> Response:
-        query = _validated(self.QuerySerializer, request.query_params.dict())
+        query = validated_input(self.QuerySerializer, request.query_params.dict())
         webhook = selectors.webhook_get(tenant=self.tenant, webhook_id=webhook_id)
         deliveries = selectors.webhook_deliveries(webhook=webhook, limit=query["limit"])
         return Response(
