@@ -1,0 +1,362 @@
+"""Memory writes per second through `POST /v1/memories/batch` (synchronous, 1000 creates a call),
+next to two baselines measured in the same run: the in-process service without HTTP
+(`memories.batch.memories_batch_apply`) and a raw binary COPY of as many rows into a scratch table
+with a B-tree on the user (the design doc measured 67,000 rows/s). Prints one JSON object.
+
+    .venv/bin/python bench/batch_writes.py [--clients 2,3,4] [--duration 20] [--profile]
+
+Target (issue): >= 10,000 writes/s on this 2-core machine, uvicorn --workers 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import common
+
+TARGET_WRITES_PER_S = 10_000
+DESIGN_DOC_COPY_ROWS_PER_S = 67_000
+MAX_CALLS_PER_CLIENT = 5_000  # a bound on every loop, whatever the clock says
+MAX_COPY_ROWS = 400_000
+# fmt: off
+VOCABULARY = [
+    "tea", "coffee", "hiking", "chess", "jazz", "paris", "berlin", "python", "rust", "cycling",
+    "tennis", "sushi", "pasta", "opera", "gardening", "poetry", "history", "physics", "dogs",
+    "cats", "running", "yoga", "baking", "skiing", "sailing", "piano", "violin", "football",
+    "cinema", "painting", "travel", "photography", "climbing", "swimming", "reading", "writing",
+    "drawing",
+]
+# fmt: on
+
+
+@dataclass
+class Call:
+    started: float
+    ended: float
+    ok: int
+    failed: int
+    status: int
+
+
+def make_items(prefix: str, user_ids: list[str], count: int) -> list[dict[str, Any]]:
+    """`count` create items with distinct contents (the prefix makes them unique across calls),
+    spread round-robin over the users. Mostly common words, one unique token: like real text,
+    the embedder's per-word cache mostly hits."""
+    words = len(VOCABULARY)
+    return [
+        {
+            "user_id": user_ids[i % len(user_ids)],
+            "content": f"Likes {VOCABULARY[i % words]} and {VOCABULARY[(i * 7 + 3) % words]} "
+            f"(note {prefix}-{i})",
+            "type": "fact",
+        }
+        for i in range(count)
+    ]
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+
+
+def client_loop(
+    *,
+    name: str,
+    web: common.WebServer,
+    tenancy: common.Tenancy,
+    items_per_call: int,
+    stop_at: float,
+    calls: list[Call],
+) -> None:
+    headers = {**tenancy.headers, "Content-Type": "application/json"}
+    errors_in_a_row = 0
+    with common.http_client(web.base_url, headers, timeout=120) as client:
+        for seq in range(MAX_CALLS_PER_CLIENT):
+            if time.monotonic() >= stop_at:
+                return
+            body = json.dumps(
+                {"items": make_items(f"{name}-{seq}", tenancy.user_ids, items_per_call)}
+            )
+            started = time.monotonic()
+            try:
+                response = client.post("/v1/memories/batch", content=body)
+            except Exception as exc:  # a dead server must not spin this loop
+                common.log(f"{name}: {exc!r}")
+                errors_in_a_row += 1
+                if errors_in_a_row >= 10:
+                    return
+                time.sleep(0.2)
+                continue
+            ended = time.monotonic()
+            errors_in_a_row = 0
+            ok = failed = 0
+            if response.status_code == 200:
+                answer = response.json()
+                ok, failed = answer["ok"], answer["failed"]
+            calls.append(Call(started, ended, ok, failed, response.status_code))
+
+
+def run_http(
+    *,
+    web: common.WebServer,
+    tenancy: common.Tenancy,
+    clients: int,
+    items_per_call: int,
+    warmup: float,
+    duration: float,
+    pids: dict[str, int],
+) -> dict[str, Any]:
+    """K client threads for warm-up + duration; calls completing inside the measured window
+    count, so the boundary calls on both sides roughly cancel."""
+    calls: list[Call] = []
+    begin = time.monotonic()
+    window_start, window_end = begin + warmup, begin + warmup + duration
+    run_id = uuid.uuid4().hex[:6]
+    threads = [
+        threading.Thread(
+            target=client_loop,
+            kwargs=dict(
+                name=f"{run_id}-k{clients}-c{i}",
+                web=web,
+                tenancy=tenancy,
+                items_per_call=items_per_call,
+                stop_at=window_end,
+                calls=calls,
+            ),
+            daemon=True,
+        )
+        for i in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(max(window_start - time.monotonic(), 0))
+    cpu_before = common.cpu_snapshot(pids)
+    time.sleep(max(window_end - time.monotonic(), 0))
+    cpu = common.cpu_delta(cpu_before, common.cpu_snapshot(pids))
+    for thread in threads:
+        thread.join(timeout=120)
+    measured = [c for c in calls if window_start <= c.ended <= window_end]
+    ok = sum(c.ok for c in measured)
+    return {
+        "clients": clients,
+        "writes_per_s": round(ok / duration),
+        "calls": len(measured),
+        "items_ok": ok,
+        "items_failed": sum(c.failed for c in measured),
+        "non_200_calls": sum(c.status != 200 for c in calls),
+        "call_latency": common.latency_summary([c.ended - c.started for c in measured]),
+        "cpu_cores_used": {name: round(seconds / duration, 2) for name, seconds in cpu.items()},
+        "cpu_ms_per_1000_writes": {
+            name: round(seconds * 1000 / ok * 1000, 1) for name, seconds in cpu.items() if ok
+        },
+        "total_rows_written": sum(c.ok for c in calls),
+    }
+
+
+# --- Baselines -----------------------------------------------------------------------------------
+
+
+def run_service(
+    *, tenancy: common.Tenancy, items_per_call: int, max_rows: int, max_seconds: float
+) -> dict[str, Any]:
+    """The service alone, in this process, one call at a time (one core at most); building the
+    items is left out of the timing, as parsing JSON is left out on the server's side."""
+    from memories.batch import memories_batch_apply
+    from memories.pipeline import get_embedder
+
+    embedder = get_embedder()
+    durations: list[float] = []
+    ok = 0
+    stop_at = time.monotonic() + max_seconds
+    for seq in range(max(max_rows // items_per_call, 1)):
+        if time.monotonic() >= stop_at:
+            break
+        items = make_items(f"svc-{seq}-{uuid.uuid4().hex[:6]}", tenancy.user_ids, items_per_call)
+        started = time.perf_counter()
+        results = memories_batch_apply(tenant=tenancy.tenant, raw_items=items, embedder=embedder)
+        durations.append(time.perf_counter() - started)
+        ok += sum(r["status"] == "ok" for r in results)
+    return {
+        "writes_per_s": round(ok / sum(durations)) if durations else 0,
+        "calls": len(durations),
+        "items_ok": ok,
+        "call_latency": common.latency_summary(durations),
+    }
+
+
+def profile_service(tenancy: common.Tenancy, items_per_call: int, calls: int = 10) -> None:
+    """cProfile of the service path, top functions to stderr (for --profile)."""
+    import cProfile
+    import io
+    import pstats
+
+    from memories.batch import memories_batch_apply
+    from memories.pipeline import get_embedder
+
+    embedder = get_embedder()
+    batches = [
+        make_items(f"prof-{i}-{uuid.uuid4().hex[:6]}", tenancy.user_ids, items_per_call)
+        for i in range(calls)
+    ]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for items in batches:
+        memories_batch_apply(tenant=tenancy.tenant, raw_items=items, embedder=embedder)
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).sort_stats("tottime")
+    stats.print_stats(25)
+    common.log(f"service profile ({calls} calls of {items_per_call} items), by tottime:\n")
+    print(out.getvalue(), file=sys.stderr)
+
+
+def run_copy(bench: common.BenchEnv, *, rows: int, user_ids: list[str], chunk: int) -> dict:
+    """Raw binary COPY of (id, user, content, embedding vector(384)) into a scratch table with a
+    B-tree on the user: once in `chunk`-row transactions (the batch API's shape), once as a
+    single COPY. Rows are built before the clock starts; vectors come from a pool of 1000."""
+    from pgvector import Vector
+    from pgvector.psycopg import register_vector
+
+    from memories.pipeline import get_embedder
+
+    contents = [item["content"] for item in make_items("copy", user_ids, rows)]
+    pool = [Vector(v) for v in get_embedder().embed(contents[:1000])]
+    users = [uuid.UUID(u) for u in user_ids]
+    table = [
+        (uuid.uuid4(), users[i % len(users)], contents[i], pool[i % len(pool)]) for i in range(rows)
+    ]
+    statement = "COPY bench_copy (id, user_id, content, embedding) FROM STDIN WITH (FORMAT BINARY)"
+    with common.raw_connection(bench) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        register_vector(conn)
+        conn.execute("DROP TABLE IF EXISTS bench_copy")
+        conn.execute(
+            "CREATE TABLE bench_copy (id uuid, user_id uuid, content text, embedding vector(384))"
+        )
+        conn.execute("CREATE INDEX bench_copy_user ON bench_copy (user_id)")
+        timings = {}
+        for label, size in (("chunked", chunk), ("single", rows)):
+            conn.execute("TRUNCATE bench_copy")
+            started = time.perf_counter()
+            for start in range(0, rows, size):
+                with conn.transaction(), conn.cursor() as cursor, cursor.copy(statement) as copy:
+                    copy.set_types(["uuid", "uuid", "text", "vector"])
+                    for row in table[start : start + size]:
+                        copy.write_row(row)
+            timings[label] = time.perf_counter() - started
+        conn.execute("DROP TABLE bench_copy")
+    return {
+        "rows": rows,
+        "rows_per_s_1000_per_transaction": round(rows / timings["chunked"]),
+        "rows_per_s_single_copy": round(rows / timings["single"]),
+        "design_doc_rows_per_s": DESIGN_DOC_COPY_ROWS_PER_S,
+    }
+
+
+# --- Main ----------------------------------------------------------------------------------------
+
+
+def main() -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="2,3,4", help="client thread counts to run, in turn")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--items", type=int, default=1000, help="items per call")
+    parser.add_argument("--web-workers", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="cProfile the service to stderr")
+    parser.add_argument("--max-seconds", type=float, default=420, help="total runtime cap")
+    args = parser.parse_args()
+    common.install_runtime_cap(args.max_seconds)
+    started = time.monotonic()
+    load_at_start = common.machine()
+    try:
+        bench = common.prepare()
+        tenancy = common.create_tenancy("bench-batch", args.users)
+        web = common.start_web(bench, workers=args.web_workers)
+        pids = {"web": web.process.pid, **common.server_pids(bench), "client": os.getpid()}
+        runs = []
+        for clients in [int(k) for k in args.clients.split(",") if k]:
+            common.log(f"HTTP: {clients} clients, {args.warmup}s warm-up + {args.duration}s")
+            runs.append(
+                run_http(
+                    web=web,
+                    tenancy=tenancy,
+                    clients=clients,
+                    items_per_call=args.items,
+                    warmup=args.warmup,
+                    duration=args.duration,
+                    pids=pids,
+                )
+            )
+            common.log(f"  {runs[-1]['writes_per_s']} writes/s")
+        web.process.stop()  # the baselines get the machine to themselves
+        best = max(runs, key=lambda run: run["writes_per_s"])
+        rows = min(max(best["items_ok"], args.items), MAX_COPY_ROWS)
+        common.log(f"service in-process baseline, up to {rows} rows")
+        service = run_service(
+            tenancy=tenancy, items_per_call=args.items, max_rows=rows, max_seconds=args.duration
+        )
+        if args.profile:
+            profile_service(tenancy, args.items)
+        common.log(f"COPY baseline, {rows} rows")
+        copy = run_copy(bench, rows=rows, user_ids=tenancy.user_ids, chunk=args.items)
+        checks = _row_checks(tenancy, runs, service)
+    finally:
+        common.stop_all()
+    denominator = copy["rows_per_s_1000_per_transaction"]
+    return {
+        "benchmark": "batch_writes",
+        "machine": load_at_start,
+        "config": {
+            "web": f"uvicorn --workers {args.web_workers}",
+            "items_per_call": args.items,
+            "users": args.users,
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "mode": "sync, create items only",
+        },
+        "http": runs,
+        "best_http_writes_per_s": best["writes_per_s"],
+        "service_in_process_single_thread": service,
+        "copy_baseline": copy,
+        "ratios": {
+            "http_over_copy": round(best["writes_per_s"] / denominator, 3),
+            "service_over_copy": round(service["writes_per_s"] / denominator, 3),
+            "http_over_service": round(best["writes_per_s"] / service["writes_per_s"], 3)
+            if service["writes_per_s"]
+            else None,
+        },
+        "target_writes_per_s": TARGET_WRITES_PER_S,
+        "meets_target": best["writes_per_s"] >= TARGET_WRITES_PER_S,
+        "checks": checks,
+        "total_seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _row_checks(
+    tenancy: common.Tenancy, runs: list[dict[str, Any]], service: dict[str, Any]
+) -> dict[str, Any]:
+    """Rows in the table vs rows reported written; and the bulk events left for the batch lane
+    (no batch worker runs here, so their publishing is not on the measured path)."""
+    from memories import backpressure
+    from memories.models import Memory, OutboxEvent
+
+    reported = sum(run["total_rows_written"] for run in runs) + service["items_ok"]
+    in_table = Memory.objects.filter(tenant=tenancy.tenant).count()
+    return {
+        "rows_reported_ok": reported,
+        "rows_in_table_incl_profile": in_table,
+        "unpublished_outbox_events": OutboxEvent.objects.filter(published_at__isnull=True).count(),
+        "batch_lane_depth": backpressure.lane_depths()["batch"],
+    }
+
+
+if __name__ == "__main__":
+    common.run_main("batch_writes", main)
