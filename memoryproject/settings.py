@@ -122,12 +122,17 @@ if not DATABASE_URL:
     from memoryproject.embedded import ensure_postgres
 
     DATABASE_URL = ensure_postgres(VAR_DIR)
-DATABASES = {
-    "default": dj_database_url.parse(
-        DATABASE_URL,
-        conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
-        conn_health_checks=True,
-    )
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
+# A connection pool per process (psycopg_pool), not a connection per request: under ASGI every
+# request runs in its own thread, and without a pool each would open (and leave open) a new
+# connection until PostgreSQL refuses more. Celery's workers return theirs to the pool too.
+DATABASES["default"]["OPTIONS"] = {
+    **DATABASES["default"].get("OPTIONS", {}),
+    "pool": {
+        "min_size": env_int("DB_POOL_MIN_SIZE", 1),
+        "max_size": env_int("DB_POOL_MAX_SIZE", 10),
+        "timeout": env_float("DB_POOL_TIMEOUT_SECONDS", 10.0),
+    },
 }
 
 # --- Redis and Celery -------------------------------------------------------------------------
