@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from memories import metrics, services
@@ -67,7 +67,15 @@ def request_run(*, request_id: str, work: Work) -> str:
 
 
 def _run(*, request_id: str, work: Work) -> str:
-    claim = services.memory_request_claim(request_id=request_id)
+    try:
+        claim = services.memory_request_claim(request_id=request_id)
+    except DatabaseError:
+        # Nothing was claimed, so no attempt is spent: the task retries with backoff instead of
+        # being acknowledged and left for the sweeper.
+        logger.exception("request %s: could not claim it; will retry", request_id)
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
+        return "retry"
     if claim is None:
         return "skipped"
     try:

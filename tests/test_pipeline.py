@@ -371,3 +371,18 @@ def test_jobs_run_through_the_batching_embedder_when_a_window_is_set(settings, e
     assert isinstance(get_embedder(), BatchingEmbedder)
     run(end_user, "I live in Paris.")
     assert live_contents(end_user) == ["Lives in Paris"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_database_error_while_claiming_is_retried_without_spending_an_attempt(end_user) -> None:
+    request = submit(end_user, "I live in Paris.")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    with psycopg.connect(database_url_for(connection.settings_dict), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    assert memory_request_run(request_id=str(request.id)) == "retry"
+    request.refresh_from_db()
+    assert request.status == "pending" and request.attempts == 0
+    assert memory_request_run(request_id=str(request.id)) == "done"
+    assert live_contents(end_user) == ["Lives in Paris"]
