@@ -482,19 +482,7 @@ def _apply_change(
             agent_id=payload.get("agent_id") or "",
             session_id=payload.get("session_id") or "",
         )
-        MemoryHistory.objects.create(
-            memory=memory,
-            event="ADD",
-            new_content=memory.content,
-            actor=actor,
-            request=memory_request,
-        )
-        return {
-            "event": "ADD",
-            "memory_id": str(memory.id),
-            "content": memory.content,
-            "previous_content": None,
-        }
+        return _record_change(memory_request, memory, "ADD", None, actor)
     memory = (
         Memory.objects.select_for_update()
         .filter(pk=change.memory_id, user=memory_request.user, deleted_at__isnull=True)
@@ -507,28 +495,28 @@ def _apply_change(
     previous = memory.content
     if change.event == "UPDATE":
         _memory_write_content(memory=memory, content=change.content, embedding=change.embedding)
-        MemoryHistory.objects.create(
-            memory=memory,
-            event="UPDATE",
-            old_content=previous,
-            new_content=memory.content,
-            actor=actor,
-            request=memory_request,
-        )
-        return {
-            "event": "UPDATE",
-            "memory_id": str(memory.id),
-            "content": memory.content,
-            "previous_content": previous,
-        }
-    _memory_tombstone(memory=memory)
+    else:
+        _memory_tombstone(memory=memory)
+    return _record_change(memory_request, memory, change.event, previous, actor)
+
+
+def _record_change(
+    memory_request: MemoryRequest, memory: Memory, event: str, previous: str | None, actor: str
+) -> dict[str, Any]:
+    """The history row of an applied change, and its entry in the request's result."""
+    content = None if event == "DELETE" else memory.content
     MemoryHistory.objects.create(
-        memory=memory, event="DELETE", old_content=previous, actor=actor, request=memory_request
+        memory=memory,
+        event=event,
+        old_content=previous,
+        new_content=content,
+        actor=actor,
+        request=memory_request,
     )
     return {
-        "event": "DELETE",
+        "event": event,
         "memory_id": str(memory.id),
-        "content": None,
+        "content": content,
         "previous_content": previous,
     }
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from celery import shared_task
-from django.conf import settings
+
+from tasks.queues import finish_request_task
 
 
 @shared_task(
@@ -17,12 +18,5 @@ def apply_batch_request(self, request_id: str) -> str:
     """Apply one batch. Its writes and `success` commit together, so a redelivery after the
     commit is a no-op and a crash before it leaves nothing behind; failures retry with backoff."""
     from memories.batch import batch_request_run
-    from memories.metrics import JOBS
 
-    outcome = batch_request_run(request_id=request_id)
-    JOBS.labels(lane="batch", outcome=outcome).inc()
-    if outcome == "retry":
-        raise self.retry(
-            countdown=settings.MEMORY_JOB_RETRY_BACKOFF_SECONDS * 2**self.request.retries
-        )
-    return outcome
+    return finish_request_task(self, batch_request_run(request_id=request_id))

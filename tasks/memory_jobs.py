@@ -6,10 +6,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from celery import shared_task
-from django.conf import settings
 
 from tasks.batch_jobs import apply_batch_request
-from tasks.queues import Queue
+from tasks.queues import Queue, finish_request_task
 
 if TYPE_CHECKING:
     from memories.models import MemoryRequest
@@ -50,12 +49,6 @@ def process_memory_request(self, request_id: str) -> str:
     request is still claimable; a failed attempt goes back to `pending` and is retried with
     exponential backoff until the attempts run out, then ends as `failure`.
     """
-    from memories.metrics import JOBS
     from memories.pipeline import memory_request_run
 
-    outcome = memory_request_run(request_id=request_id)
-    JOBS.labels(lane=self.request.delivery_info.get("routing_key") or "?", outcome=outcome).inc()
-    if outcome == "retry":
-        countdown = settings.MEMORY_JOB_RETRY_BACKOFF_SECONDS * (2**self.request.retries)
-        raise self.retry(countdown=countdown)
-    return outcome
+    return finish_request_task(self, memory_request_run(request_id=request_id))

@@ -20,6 +20,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "co
         time.sleep(0.05)
 
 
+def model_env(fake: Any) -> dict[str, str]:
+    """Environment for a worker process whose LLM and embedder are the fake OpenAI server."""
+    return {
+        "LLM_PROVIDER": "openai",
+        "EMBEDDING_PROVIDER": "openai",
+        "OPENAI_API_KEY": "test",
+        "OPENAI_BASE_URL": fake.base_url,
+        "LLM_CLIENT_MAX_RETRIES": "0",
+    }
+
+
 def store_memories(user: EndUser, *texts: str, **fields: Any) -> list[Memory]:
     """Memories written straight to the table (no job), embedded like the service does."""
     vectors = get_embedder().embed(list(texts))

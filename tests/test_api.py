@@ -312,3 +312,11 @@ def test_list_with_malformed_cursor_is_400(api, end_user) -> None:
 def test_unknown_path_is_a_json_404(api) -> None:
     response = api.get("/v1/nothing-here")
     assert response.status_code == 404 and response.json()["error"] == "not_found"
+
+
+def test_health_and_readiness_need_no_key_and_report_both_services(db) -> None:
+    client = APIClient()
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ok", "database": "ok", "broker": "ok"}

@@ -17,6 +17,7 @@ from memories.logs import JsonLogFormatter, RequestIdFilter
 from memories.models import Memory, MemoryRequest
 from memories.pipeline import memory_request_run
 from tests.fake_openai import FakeOpenAI
+from tests.helpers import model_env
 
 
 def job(api, user, text: str, **extra):
@@ -121,10 +122,7 @@ def test_every_log_line_of_a_job_is_json_with_its_request_id(openai_settings, en
 def test_warm_shutdown_under_load_loses_and_repeats_nothing(api, end_user, start_worker) -> None:
     with FakeOpenAI(delay_seconds=0.3, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
         env = {
-            "LLM_PROVIDER": "openai",
-            "EMBEDDING_PROVIDER": "openai",
-            "OPENAI_API_KEY": "k",
-            "OPENAI_BASE_URL": fake.base_url,
+            **model_env(fake),
             "MEMORY_PENDING_GRACE_SECONDS": "1",
             "MEMORY_SWEEP_INTERVAL_SECONDS": "0.5",
             "MEMORY_JOB_LEASE_SECONDS": "2",

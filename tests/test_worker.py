@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 from memories.models import EndUser, Memory, MemoryRequest
 from tasks.memory_jobs import process_memory_request
 from tests.fake_openai import FakeOpenAI
-from tests.helpers import wait_for
+from tests.helpers import model_env, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,16 +30,6 @@ def post_job(api: APIClient, user: EndUser, text: str) -> str:
     )
     assert response.status_code == 202, response.content
     return response.json()["request_id"]
-
-
-def model_env(fake: FakeOpenAI) -> dict[str, str]:
-    return {
-        "LLM_PROVIDER": "openai",
-        "EMBEDDING_PROVIDER": "openai",
-        "OPENAI_API_KEY": "test",
-        "OPENAI_BASE_URL": fake.base_url,
-        "LLM_CLIENT_MAX_RETRIES": "0",
-    }
 
 
 def test_real_worker_carries_a_job_from_post_to_success(api, end_user, start_worker) -> None:
