@@ -3,6 +3,8 @@
 import os
 
 from celery import Celery
+from celery.signals import task_postrun
+from django.db import close_old_connections
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
 
@@ -16,3 +18,10 @@ app.conf.imports = [
     "tasks.events",
     "tasks.webhooks",
 ]
+
+
+@task_postrun.connect(weak=False, dispatch_uid="return_database_connection")
+def _return_database_connection(**kwargs: object) -> None:
+    """After each task, give the connection back to the pool (and drop it if it broke), which the
+    fixup no longer does for us once CELERY_DB_REUSE_MAX is set (see settings)."""
+    close_old_connections()
