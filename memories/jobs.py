@@ -80,7 +80,7 @@ def _run(*, request_id: str, work: Work) -> str:
         return "skipped"
     try:
         with lease_kept(claim), metrics.timed("total"):
-            memory_request = MemoryRequest.objects.get(pk=claim.request_id)
+            memory_request = claim.request or MemoryRequest.objects.get(pk=claim.request_id)
             if claim.token == 1:
                 waited = (timezone.now() - memory_request.created_at).total_seconds()
                 metrics.JOB_SECONDS.labels(stage="queue_wait").observe(waited)

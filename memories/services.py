@@ -7,7 +7,7 @@ import json
 import logging
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -214,10 +214,26 @@ def _raise_for_live_duplicate(
 
 @dataclass(frozen=True)
 class Claim:
-    """A worker's hold on a request: `token` is the attempt number it claimed with."""
+    """A worker's hold on a request: `token` is the attempt number it claimed with, `request` the
+    row as the claim left it (so the work need not read it again)."""
 
     request_id: str
     token: int
+    request: MemoryRequest | None = field(default=None, compare=False, repr=False)
+
+
+# The common case of a claim in one round trip: the row changes only if it is claimable, and
+# PostgreSQL re-checks the condition after waiting on a concurrent claim's lock, so of two
+# racing workers exactly one gets a row back.
+_CLAIM_SQL = f"""
+    UPDATE {MemoryRequest._meta.db_table}
+    SET status = 'processing', attempts = attempts + 1, lease_until = %(lease_until)s,
+        updated_at = %(now)s
+    WHERE id = %(id)s AND attempts < %(max_attempts)s
+      AND (status = 'pending'
+           OR (status = 'processing' AND (lease_until IS NULL OR lease_until <= %(now)s)))
+    RETURNING *
+"""
 
 
 def memory_request_claim(*, request_id: str) -> Claim | None:
@@ -234,6 +250,22 @@ def memory_request_claim(*, request_id: str) -> Claim | None:
         logger.error("task named %r, which is not a request id; dropped", request_id)
         return None
     now = timezone.now()
+    params = {
+        "id": request_id,
+        "now": now,
+        "lease_until": now + timedelta(seconds=settings.MEMORY_JOB_LEASE_SECONDS),
+        "max_attempts": settings.MEMORY_JOB_MAX_ATTEMPTS,
+    }
+    claimed = list(MemoryRequest.objects.raw(_CLAIM_SQL, params))
+    if claimed:
+        return Claim(request_id=str(claimed[0].id), token=claimed[0].attempts, request=claimed[0])
+    return _claim_refused(request_id=request_id, now=now)
+
+
+def _claim_refused(*, request_id: str, now: datetime) -> Claim | None:
+    """Why the one-statement claim took nothing: the request is missing, finished, held by a live
+    lease, or out of attempts (then it ends as `failure`). Re-checked under the row lock, since
+    the state may have moved on since the UPDATE."""
     with transaction.atomic():
         memory_request = MemoryRequest.objects.select_for_update().filter(pk=request_id).first()
         if memory_request is None:
@@ -256,7 +288,9 @@ def memory_request_claim(*, request_id: str) -> Claim | None:
         memory_request.attempts += 1
         memory_request.lease_until = now + timedelta(seconds=settings.MEMORY_JOB_LEASE_SECONDS)
         memory_request.save(update_fields=["status", "attempts", "lease_until", "updated_at"])
-        return Claim(request_id=str(memory_request.id), token=memory_request.attempts)
+        return Claim(
+            request_id=str(memory_request.id), token=memory_request.attempts, request=memory_request
+        )
 
 
 def memory_request_renew_lease(*, claim: Claim) -> bool:
@@ -377,32 +411,28 @@ class LeaseLost(Exception):
     """Another worker took the request over; this worker's changes must not commit."""
 
 
-def _locked_claim(claim: Claim) -> MemoryRequest:
-    """The claimed request, row-locked; LeaseLost when the claim was taken over (fencing)."""
-    memory_request = (
-        MemoryRequest.objects.select_for_update(of=("self",))
-        .select_related("user")
-        .filter(pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token)
-        .first()
+def _finish_success(claim: Claim, result: list[dict[str, Any]]) -> None:
+    """Mark the claimed request `success`, fenced by the claim token: LeaseLost (and so a
+    rollback of the enclosing transaction) when another worker took the request over."""
+    now = timezone.now()
+    marked = MemoryRequest.objects.filter(
+        pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token
+    ).update(
+        status=MemoryRequest.Status.SUCCESS,
+        result=result,
+        error="",
+        lease_until=None,
+        finished_at=now,
+        updated_at=now,
     )
-    if memory_request is None:
+    if marked != 1:
         raise LeaseLost(claim.request_id)
-    return memory_request
-
-
-def _mark_success(memory_request: MemoryRequest, result: list[dict[str, Any]]) -> None:
-    memory_request.status = MemoryRequest.Status.SUCCESS
-    memory_request.result = result
-    memory_request.error = ""
-    memory_request.lease_until = None
-    memory_request.finished_at = timezone.now()
-    memory_request.save()
 
 
 def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -> None:
     """Mark the request done with its result; call inside the transaction that did its writes,
     so the writes and `success` commit together or not at all."""
-    _mark_success(_locked_claim(claim), result)
+    _finish_success(claim, result)
 
 
 def batch_request_submit(
@@ -450,75 +480,112 @@ def batch_request_submit(
 
 
 def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> list[dict[str, Any]]:
-    """Apply the changes, their history and `success` in ONE transaction, fenced by the claim.
+    """Apply the changes, their history, their events and `success` in ONE transaction, fenced by
+    the claim.
 
     A crash before the commit leaves the request claimable again; after it, a redelivered task
-    finds `success` and does nothing. Raises LeaseLost when the claim was taken over.
+    finds `success` and does nothing. Raises LeaseLost when the claim was taken over (the last
+    statement checks the claim token, so nothing of this attempt commits).
     """
+    memory_request = claim.request or MemoryRequest.objects.get(pk=claim.request_id)
     with transaction.atomic():
-        memory_request = _locked_claim(claim)
-        payload = memory_request.payload
-        events: list[dict[str, Any]] = []
-        for change in changes:
-            event = _apply_change(memory_request=memory_request, payload=payload, change=change)
-            if event is not None:
-                events.append(event)
-        _mark_success(memory_request, events)
-    return events
+        result = _apply_changes(memory_request=memory_request, changes=changes)
+        _finish_success(claim, result)
+    return result
 
 
-def _apply_change(
-    *, memory_request: MemoryRequest, payload: dict[str, Any], change: PlannedChange
-) -> dict[str, Any] | None:
+def _apply_changes(
+    *, memory_request: MemoryRequest, changes: list[PlannedChange]
+) -> list[dict[str, Any]]:
+    """Write a job's changes with a statement per kind of row, not per change: one INSERT of the
+    new memories, one locking read and an UPDATE each for the changed ones, one INSERT of the
+    history, one of the events. Returns the request's result entries, in decision order."""
+    payload = memory_request.payload
     actor = payload.get("agent_id") or "memory-job"
-    if change.event == "ADD":
-        memory = Memory.objects.create(
-            tenant_id=memory_request.tenant_id,
-            user=memory_request.user,
-            content=change.content,
-            embedding=change.embedding,
-            content_hash=content_hash(change.content),
-            metadata=payload.get("metadata") or {},
-            agent_id=payload.get("agent_id") or "",
-            session_id=payload.get("session_id") or "",
+    now = timezone.now()
+    targets = (
+        {
+            str(memory.id): memory
+            for memory in Memory.objects.select_for_update().filter(
+                pk__in=[c.memory_id for c in changes if c.event != "ADD"],
+                user_id=memory_request.user_id,
+                deleted_at__isnull=True,
+            )
+        }
+        if any(c.event != "ADD" for c in changes)
+        else {}
+    )
+    applied: list[tuple[str, Memory, str | None]] = []  # (event, memory, previous content)
+    for change in changes:
+        if change.event == "ADD":
+            memory = Memory(
+                tenant_id=memory_request.tenant_id,
+                user_id=memory_request.user_id,
+                content=change.content,
+                embedding=change.embedding,
+                content_hash=content_hash(change.content),
+                metadata=payload.get("metadata") or {},
+                agent_id=payload.get("agent_id") or "",
+                session_id=payload.get("session_id") or "",
+                created_at=now,
+                updated_at=now,
+            )
+            applied.append(("ADD", memory, None))
+            continue
+        memory = targets.get(change.memory_id)
+        if memory is None:
+            # Deleted or changed by someone else since the decision was made: nothing to apply.
+            logger.info("memory %s vanished before %s; skipped", change.memory_id, change.event)
+            continue
+        previous = memory.content
+        if change.event == "UPDATE":
+            memory.content = change.content
+            memory.embedding = change.embedding
+            memory.content_hash = content_hash(change.content)
+        else:
+            memory.deleted_at = now
+        memory.version += 1
+        memory.updated_at = now
+        # No save(): it would emit the change through post_save one event at a time; the events
+        # of the whole job are recorded together below.
+        Memory.objects.filter(pk=memory.pk).update(
+            content=memory.content,
+            embedding=memory.embedding,
+            content_hash=memory.content_hash,
+            deleted_at=memory.deleted_at,
+            version=memory.version,
+            updated_at=now,
         )
-        return _record_change(memory_request, memory, "ADD", None, actor)
-    memory = (
-        Memory.objects.select_for_update()
-        .filter(pk=change.memory_id, user=memory_request.user, deleted_at__isnull=True)
-        .first()
+        applied.append((change.event, memory, previous))
+    Memory.objects.bulk_create([memory for event, memory, _ in applied if event == "ADD"])
+    MemoryHistory.objects.bulk_create(
+        MemoryHistory(
+            memory=memory,
+            event=event,
+            old_content=previous,
+            new_content=None if event == "DELETE" else memory.content,
+            actor=actor,
+            request=memory_request,
+            created_at=now,
+        )
+        for event, memory, previous in applied
     )
-    if memory is None:
-        # Deleted or changed by someone else since the decision was made: nothing to apply.
-        logger.info("memory %s vanished before %s; skipped", change.memory_id, change.event)
-        return None
-    previous = memory.content
-    if change.event == "UPDATE":
-        _memory_write_content(memory=memory, content=change.content, embedding=change.embedding)
-    else:
-        _memory_tombstone(memory=memory)
-    return _record_change(memory_request, memory, change.event, previous, actor)
+    signals.memories_written.send(
+        sender=Memory,
+        changes=[(memory, _EVENT_TYPE_OF[event]) for event, memory, _ in applied],
+    )
+    return [
+        {
+            "event": event,
+            "memory_id": str(memory.id),
+            "content": None if event == "DELETE" else memory.content,
+            "previous_content": previous,
+        }
+        for event, memory, previous in applied
+    ]
 
 
-def _record_change(
-    memory_request: MemoryRequest, memory: Memory, event: str, previous: str | None, actor: str
-) -> dict[str, Any]:
-    """The history row of an applied change, and its entry in the request's result."""
-    content = None if event == "DELETE" else memory.content
-    MemoryHistory.objects.create(
-        memory=memory,
-        event=event,
-        old_content=previous,
-        new_content=content,
-        actor=actor,
-        request=memory_request,
-    )
-    return {
-        "event": event,
-        "memory_id": str(memory.id),
-        "content": content,
-        "previous_content": previous,
-    }
+_EVENT_TYPE_OF = {"ADD": "memory.created", "UPDATE": "memory.updated", "DELETE": "memory.deleted"}
 
 
 def _memory_write_content(*, memory: Memory, content: str, embedding: list[float]) -> None:

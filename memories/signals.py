@@ -21,6 +21,9 @@ memories_cleared = Signal()  # count
 error_occurred = Signal()  # error, request_id
 conflict_detected = Signal()  # memory, data
 summary_created = Signal()  # session
+# Many memories written at once (a memory job's changes, bulk writes), which bypass post_save so
+# that their events are recorded in one statement: changes = [(memory, event_type), ...].
+memories_written = Signal()
 
 
 @receiver(post_save, sender=Memory, dispatch_uid="memory_changed")
@@ -32,6 +35,11 @@ def memory_changed(sender: type, instance: Memory, created: bool, **kwargs: Any)
     else:
         event_type = "memory.updated"
     events.record(events.memory_event(instance, event_type))
+
+
+@receiver(memories_written, dispatch_uid="memories_written")
+def on_memories_written(sender: type, changes: list[tuple[Memory, str]], **kwargs: Any) -> None:
+    events.record_many([events.memory_event(memory, event_type) for memory, event_type in changes])
 
 
 @receiver(post_save, sender=Session, dispatch_uid="session_changed")

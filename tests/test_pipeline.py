@@ -9,7 +9,6 @@ from datetime import timedelta
 import psycopg
 import pytest
 from django.db import connection
-from django.db.models.signals import pre_save
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -204,24 +203,26 @@ def test_concurrent_identical_posts_create_one_request(api: APIClient, end_user)
 @pytest.mark.django_db(transaction=True)
 def test_killed_database_connection_rolls_back_and_the_retry_applies_once(end_user) -> None:
     request = submit(end_user, "I live in Paris. I like hiking. I work at Acme.")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
     inserts = {"count": 0}
 
-    def kill_connection_on_second_insert(sender, instance, **kwargs) -> None:
-        inserts["count"] += 1
-        if inserts["count"] == 2:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_backend_pid()")
-                pid = cursor.fetchone()[0]
-            with psycopg.connect(
-                database_url_for(connection.settings_dict), autocommit=True
-            ) as admin:
-                admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    def kill_connection_on_second_insert(execute, sql, params, many, context):
+        # The job's first INSERT (its memories) has run inside the transaction; the connection
+        # dies as the second one (their history) is sent.
+        if sql.lstrip().upper().startswith("INSERT"):
+            inserts["count"] += 1
+            if inserts["count"] == 2:
+                with psycopg.connect(
+                    database_url_for(connection.settings_dict), autocommit=True
+                ) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+        return execute(sql, params, many, context)
 
-    pre_save.connect(kill_connection_on_second_insert, sender=Memory)
-    try:
+    with connection.execute_wrapper(kill_connection_on_second_insert):
         assert memory_request_run(request_id=str(request.id)) == "retry"
-    finally:
-        pre_save.disconnect(kill_connection_on_second_insert, sender=Memory)
+    assert inserts["count"] == 2
     request.refresh_from_db()
     assert request.status == "pending" and "OperationalError" in request.error
     assert not Memory.objects.exists()  # the first insert was rolled back with the rest

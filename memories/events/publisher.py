@@ -16,6 +16,11 @@ from memories.metrics import EVENTS_PUBLISHED
 logger = logging.getLogger(__name__)
 
 
+# Up to this many events go in one multi-row INSERT (one round trip); more by binary COPY, which
+# costs a round trip for the ids first but far less per row.
+_INSERT_MAX = 50
+
+
 def record(event: dict[str, Any]) -> None:
     """Record one event in the current transaction; it is published once the transaction commits."""
     record_many([event])
@@ -29,10 +34,13 @@ def record_many(events: list[dict[str, Any]]) -> None:
     """
     if not events:
         return
-    if len(events) == 1:
+    if len(events) <= _INSERT_MAX:
         from memories.models import OutboxEvent
 
-        ids = [OutboxEvent.objects.create(event_type=events[0]["event_type"], payload=events[0]).id]
+        rows = OutboxEvent.objects.bulk_create(
+            OutboxEvent(event_type=event["event_type"], payload=event) for event in events
+        )
+        ids = [row.id for row in rows]
     else:
         ids = _copy_outbox(events)
     if len(ids) > settings.EVENT_INLINE_PUBLISH_MAX:
