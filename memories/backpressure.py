@@ -87,9 +87,9 @@ def rate_limit(tenant_id: str) -> dict[str, str]:
     rate, burst = settings.RATE_LIMIT_PER_SECOND, settings.RATE_LIMIT_BURST
     if rate <= 0:
         return {}
-    allowed, tokens = redis_client().eval(
-        _TOKEN_BUCKET, 1, f"ratelimit:{tenant_id}", rate, burst, time.time()
-    )
+    # A registered script is sent by its SHA (EVALSHA), not as source on every request.
+    take_token = redis_client().register_script(_TOKEN_BUCKET)
+    allowed, tokens = take_token(keys=[f"ratelimit:{tenant_id}"], args=[rate, burst, time.time()])
     remaining = int(float(tokens))
     reset = math.ceil((burst - float(tokens)) / rate)
     headers = {

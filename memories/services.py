@@ -120,8 +120,6 @@ def memory_request_hash(*, user: EndUser, payload: dict[str, Any]) -> str:
 def _release_expired_slots(
     *, user: EndUser, request_hash: str, idempotency_key: str | None
 ) -> None:
-    # Expiry is lazy: a request past its TTL stops blocking a duplicate the moment one arrives,
-    # without waiting for the beat sweep.
     expired = MemoryRequest.objects.filter(
         holds_idempotency_slot=True, expires_at__lte=timezone.now()
     )
@@ -148,28 +146,43 @@ def memory_request_submit(
     """
     request_hash = memory_request_hash(user=user, payload=payload)
     now = timezone.now()
+    new_request = MemoryRequest(
+        tenant_id=user.tenant_id,
+        user=user,
+        request_hash=request_hash,
+        idempotency_key=idempotency_key,
+        priority=priority,
+        payload=payload,
+        expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
+    )
     with transaction.atomic():
-        _release_expired_slots(
-            user=user, request_hash=request_hash, idempotency_key=idempotency_key
-        )
-        try:
-            with transaction.atomic():
-                memory_request = MemoryRequest.objects.create(
-                    tenant_id=user.tenant_id,
-                    user=user,
-                    request_hash=request_hash,
-                    idempotency_key=idempotency_key,
-                    priority=priority,
-                    payload=payload,
-                    expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
-                )
-        except IntegrityError:
+        memory_request = _memory_request_insert(new_request)
+        if memory_request is None:
+            # A slot is taken. Expiry is lazy: a request past its TTL stops blocking a duplicate
+            # the moment one arrives, without waiting for the beat sweep; then try once more.
+            _release_expired_slots(
+                user=user, request_hash=request_hash, idempotency_key=idempotency_key
+            )
+            memory_request = _memory_request_insert(new_request)
+        if memory_request is None:
             _raise_for_live_duplicate(
                 user=user, request_hash=request_hash, idempotency_key=idempotency_key
             )
-            raise
+            # The duplicate finished between the insert and the lookup: the caller may resend.
+            raise DuplicateRequest("An identical request was just finished; send it again.")
         _session_record_job_messages(user=user, payload=payload)
         transaction.on_commit(lambda: enqueue_memory_request(memory_request), robust=True)
+    return memory_request
+
+
+def _memory_request_insert(memory_request: MemoryRequest) -> MemoryRequest | None:
+    """Insert the request, or return None when a live request holds its idempotency slot (the
+    partial unique constraints decide, so two racing identical submissions cannot both win)."""
+    try:
+        with transaction.atomic():
+            memory_request.save(force_insert=True)
+    except IntegrityError:
+        return None
     return memory_request
 
 
