@@ -304,9 +304,9 @@ class MemoryDetailApi(TenantApi):
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
         expected_version = _if_match_version(request)
-        memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
         memory = services.memory_update(
-            memory=memory,
+            tenant_id=self.tenant.id,
+            memory_id=memory_id,
             embedder=get_embedder(),
             content=data.get("content"),
             metadata=data.get("metadata"),
@@ -315,8 +315,7 @@ class MemoryDetailApi(TenantApi):
         return Response(MemoryOutput(memory).data, headers={"ETag": f'"{memory.version}"'})
 
     def delete(self, request: Request, memory_id: str) -> Response:
-        memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
-        services.memory_delete(memory=memory)
+        services.memory_delete(tenant_id=self.tenant.id, memory_id=memory_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

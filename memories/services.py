@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -510,16 +511,15 @@ def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> li
 def _apply_changes(
     *, memory_request: MemoryRequest, changes: list[PlannedChange]
 ) -> list[dict[str, Any]]:
-    """Write a job's changes with a statement per kind of row, not per change: one INSERT of the
-    new memories, one locking read and an UPDATE each for the changed ones, one INSERT of the
-    history, one of the events. Returns the request's result entries, in decision order."""
+    """Write a job's changes. Returns the request's result entries, in decision order."""
     payload = memory_request.payload
-    actor = payload.get("agent_id") or "memory-job"
     now = timezone.now()
     targets = (
         {
             str(memory.id): memory
-            for memory in Memory.objects.select_for_update().filter(
+            for memory in Memory.objects.select_for_update()
+            .defer("embedding")
+            .filter(
                 pk__in=[c.memory_id for c in changes if c.event != "ADD"],
                 user_id=memory_request.user_id,
                 deleted_at__isnull=True,
@@ -528,7 +528,7 @@ def _apply_changes(
         if any(c.event != "ADD" for c in changes)
         else {}
     )
-    applied: list[tuple[str, Memory, str | None]] = []  # (event, memory, previous content)
+    applied: list[AppliedChange] = []
     for change in changes:
         if change.event == "ADD":
             memory = Memory(
@@ -543,7 +543,7 @@ def _apply_changes(
                 created_at=now,
                 updated_at=now,
             )
-            applied.append(("ADD", memory, None))
+            applied.append(AppliedChange("ADD", memory, None))
             continue
         memory = targets.get(change.memory_id)
         if memory is None:
@@ -552,67 +552,88 @@ def _apply_changes(
             continue
         previous = memory.content
         if change.event == "UPDATE":
-            memory.content = change.content
-            memory.embedding = change.embedding
-            memory.content_hash = content_hash(change.content)
+            _memory_set_content(memory, content=change.content, embedding=change.embedding)
         else:
             memory.deleted_at = now
-        memory.version += 1
-        memory.updated_at = now
-        # No save(): it would emit the change through post_save one event at a time; the events
-        # of the whole job are recorded together below.
-        Memory.objects.filter(pk=memory.pk).update(
-            content=memory.content,
-            embedding=memory.embedding,
-            content_hash=memory.content_hash,
-            deleted_at=memory.deleted_at,
-            version=memory.version,
-            updated_at=now,
-        )
-        applied.append((change.event, memory, previous))
-    Memory.objects.bulk_create([memory for event, memory, _ in applied if event == "ADD"])
-    MemoryHistory.objects.bulk_create(
-        MemoryHistory(
-            memory=memory,
-            event=event,
-            old_content=previous,
-            new_content=None if event == "DELETE" else memory.content,
-            actor=actor,
-            request=memory_request,
-            created_at=now,
-        )
-        for event, memory, previous in applied
-    )
-    signals.memories_written.send(
-        sender=Memory,
-        changes=[(memory, _EVENT_TYPE_OF[event]) for event, memory, _ in applied],
+        applied.append(AppliedChange(change.event, memory, previous))
+    _memories_write(
+        applied, actor=payload.get("agent_id") or "memory-job", request=memory_request, at=now
     )
     return [
         {
-            "event": event,
-            "memory_id": str(memory.id),
-            "content": None if event == "DELETE" else memory.content,
-            "previous_content": previous,
+            "event": change.event,
+            "memory_id": str(change.memory.id),
+            "content": None if change.event == "DELETE" else change.memory.content,
+            "previous_content": change.previous,
         }
-        for event, memory, previous in applied
+        for change in applied
     ]
 
 
-_EVENT_TYPE_OF = {"ADD": "memory.created", "UPDATE": "memory.updated", "DELETE": "memory.deleted"}
+@dataclass(frozen=True)
+class AppliedChange:
+    """A change about to be written: the memory as it will be, and its content before."""
+
+    event: str  # ADD | UPDATE | DELETE
+    memory: Memory
+    previous: str | None
 
 
-def _memory_write_content(*, memory: Memory, content: str, embedding: list[float]) -> None:
+def _memory_set_content(memory: Memory, *, content: str, embedding: list[float]) -> None:
     memory.content = content
     memory.embedding = embedding
     memory.content_hash = content_hash(content)
-    memory.version += 1
-    memory.save()
 
 
-def _memory_tombstone(*, memory: Memory) -> None:
-    memory.deleted_at = timezone.now()
-    memory.version += 1
-    memory.save()
+def _memories_write(
+    applied: list[AppliedChange],
+    *,
+    actor: str,
+    request: MemoryRequest | None = None,
+    at: datetime,
+) -> None:
+    """Write changes with a statement per kind of row, not per change: one INSERT of the new
+    memories, an UPDATE per changed one, one INSERT of the history, one of the events. Changed
+    memories must have been read under a row lock (select_for_update) in this transaction."""
+    for change in applied:
+        if change.event == "ADD":
+            continue
+        memory = change.memory
+        memory.version += 1
+        memory.updated_at = at
+        fields = {
+            "content": memory.content,
+            "content_hash": memory.content_hash,
+            "metadata": memory.metadata,
+            "deleted_at": memory.deleted_at,
+            "version": memory.version,
+            "updated_at": at,
+        }
+        if "embedding" not in memory.get_deferred_fields():
+            fields["embedding"] = memory.embedding
+        # No save(): post_save would record the events one at a time; they are recorded together
+        # below, through the memories_written signal.
+        Memory.objects.filter(pk=memory.pk).update(**fields)
+    Memory.objects.bulk_create([change.memory for change in applied if change.event == "ADD"])
+    MemoryHistory.objects.bulk_create(
+        MemoryHistory(
+            memory=change.memory,
+            event=change.event,
+            old_content=change.previous,
+            new_content=None if change.event == "DELETE" else change.memory.content,
+            actor=actor,
+            request=request,
+            created_at=at,
+        )
+        for change in applied
+    )
+    signals.memories_written.send(
+        sender=Memory,
+        changes=[(change.memory, _EVENT_TYPE_OF[change.event]) for change in applied],
+    )
+
+
+_EVENT_TYPE_OF = {"ADD": "memory.created", "UPDATE": "memory.updated", "DELETE": "memory.deleted"}
 
 
 def memories_create_direct(
@@ -626,62 +647,67 @@ def memories_create_direct(
     ]
 
 
+def _memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:
+    """The tenant's live memory, row-locked for a change; NotFound otherwise (another tenant's
+    memory is indistinguishable from none). Its embedding is not read: a change replaces it or
+    leaves it alone."""
+    try:
+        memory = (
+            Memory.objects.select_for_update()
+            .defer("embedding")
+            .filter(pk=memory_id, tenant_id=tenant_id, deleted_at__isnull=True)
+            .first()
+        )
+    except (ValueError, ValidationError):  # not a UUID
+        memory = None
+    if memory is None:
+        raise NotFound("Memory not found.")
+    return memory
+
+
 def memory_update(
     *,
-    memory: Memory,
+    tenant_id: Any,
+    memory_id: Any,
     embedder: Embedder,
     content: str | None = None,
     metadata: dict[str, Any] | None = None,
     expected_version: int | None = None,
     actor: str = "api",
 ) -> Memory:
-    """A correction, applied synchronously: embedding, update, history in one transaction.
+    """A correction, applied synchronously: embedding, update, history and event in one
+    transaction, with one locking read of the memory.
 
     `expected_version` (from If-Match) guards against overwriting a change the caller has not
     seen: a stale version raises VersionConflict and changes nothing.
     """
+    # Embedded before the lock is taken, so a slow embedder never holds the row.
     embedding = embedder.embed([content])[0] if content is not None else None
     with transaction.atomic():
-        locked = (
-            Memory.objects.select_for_update().filter(pk=memory.pk, deleted_at__isnull=True).first()
-        )
-        if locked is None:
-            raise NotFound("Memory not found.")
-        if expected_version is not None and locked.version != expected_version:
+        memory = _memory_lock(tenant_id=tenant_id, memory_id=memory_id)
+        if expected_version is not None and memory.version != expected_version:
             raise VersionConflict(
-                f"Memory is at version {locked.version}, not {expected_version}.",
-                current_version=locked.version,
+                f"Memory is at version {memory.version}, not {expected_version}.",
+                current_version=memory.version,
             )
-        previous = locked.content
+        previous = memory.content
         if metadata is not None:
-            locked.metadata = metadata
+            memory.metadata = metadata
         if content is not None:
-            _memory_write_content(memory=locked, content=content, embedding=embedding)
-        else:
-            locked.version += 1
-            locked.save()
-        MemoryHistory.objects.create(
-            memory=locked,
-            event="UPDATE",
-            old_content=previous,
-            new_content=locked.content,
-            actor=actor,
-        )
-    return locked
+            _memory_set_content(memory, content=content, embedding=embedding)
+        _memories_write([AppliedChange("UPDATE", memory, previous)], actor=actor, at=timezone.now())
+    return memory
 
 
-def memory_delete(*, memory: Memory, actor: str = "api") -> None:
+def memory_delete(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> None:
+    """Tombstone the memory (pull-sync hands the deletion to offline clients), with its history
+    and event."""
     with transaction.atomic():
-        locked = (
-            Memory.objects.select_for_update().filter(pk=memory.pk, deleted_at__isnull=True).first()
-        )
-        if locked is None:
-            raise NotFound("Memory not found.")
-        previous = locked.content
-        _memory_tombstone(memory=locked)
-        MemoryHistory.objects.create(
-            memory=locked, event="DELETE", old_content=previous, actor=actor
-        )
+        memory = _memory_lock(tenant_id=tenant_id, memory_id=memory_id)
+        previous = memory.content
+        now = timezone.now()
+        memory.deleted_at = now
+        _memories_write([AppliedChange("DELETE", memory, previous)], actor=actor, at=now)
 
 
 def memory_search(

@@ -122,6 +122,10 @@ if not DATABASE_URL:
     from memoryproject.embedded import ensure_postgres
 
     DATABASE_URL = ensure_postgres(VAR_DIR)
+# Threads serving request/response calls in each web process (see memoryproject/asgi.py); a
+# thread holds a pooled database connection while it serves, so keep it near DB_POOL_MAX_SIZE.
+WEB_THREADS = env_int("WEB_THREADS", 10)
+
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
 # A connection pool per process (psycopg_pool), not a connection per request: under ASGI every
 # request runs in its own thread, and without a pool each would open (and leave open) a new

@@ -87,8 +87,13 @@ def test_event_lost_to_a_redis_outage_is_relayed_later(settings, end_user) -> No
 @pytest.mark.django_db(transaction=True)
 def test_update_delete_search_and_clear_emit_their_events(end_user) -> None:
     memory = new_memory(end_user)
-    services.memory_update(memory=memory, embedder=get_embedder(), content="Lives in Rome")
-    services.memory_delete(memory=memory)
+    services.memory_update(
+        tenant_id=memory.tenant_id,
+        memory_id=memory.id,
+        embedder=get_embedder(),
+        content="Lives in Rome",
+    )
+    services.memory_delete(tenant_id=memory.tenant_id, memory_id=memory.id)
     services.memory_search(
         user=end_user, query="Rome", limit=5, filters={}, threshold=None, embedder=get_embedder()
     )
@@ -229,8 +234,13 @@ def test_sync_returns_changes_since_the_cursor_with_tombstones(api, end_user) ->
     first = sync(api, end_user, expect=2)
     assert [c["content"] for c in first["changes"]] == ["Lives in Paris", "Likes tea"]
 
-    services.memory_update(memory=paris, embedder=get_embedder(), content="Lives in Rome")
-    services.memory_delete(memory=tea)
+    services.memory_update(
+        tenant_id=paris.tenant_id,
+        memory_id=paris.id,
+        embedder=get_embedder(),
+        content="Lives in Rome",
+    )
+    services.memory_delete(tenant_id=tea.tenant_id, memory_id=tea.id)
     second = sync(api, end_user, since=first["next_cursor"], expect=2)
     changes = {c["id"]: c for c in second["changes"]}
     assert changes[str(paris.id)]["content"] == "Lives in Rome"

@@ -342,7 +342,12 @@ def test_an_event_both_replayed_and_queued_live_is_sent_once(tenant, end_user) -
 
     def write_three() -> None:
         for content in ("v1", "v2", "v3"):
-            services.memory_update(memory=memory, embedder=get_embedder(), content=content)
+            services.memory_update(
+                tenant_id=memory.tenant_id,
+                memory_id=memory.id,
+                embedder=get_embedder(),
+                content=content,
+            )
         connection.close()  # this thread's own connection
 
     async def scenario() -> list[bytes]:
