@@ -6,7 +6,9 @@ Shared by every kind of request (memory jobs, batches): only the work differs.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -23,6 +25,53 @@ logger = logging.getLogger(__name__)
 Work = Callable[[services.Claim, MemoryRequest], None]
 
 
+class _LeaseRenewer:
+    """One background thread per process renews the leases of every job running in it.
+
+    A thread per job would cost a thread start (and the wait for it to run) on every job; jobs
+    are short next to the lease, so one thread that wakes every lease/3 serves them all.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claims: dict[services.Claim, threading.Event] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, claim: services.Claim) -> threading.Event:
+        lost = threading.Event()
+        with self._lock:
+            self._claims[claim] = lost
+            # Started lazily, and again in a forked child (Celery's prefork pool), which inherits
+            # the object but not the thread.
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
+                self._thread.start()
+        return lost
+
+    def remove(self, claim: services.Claim) -> None:
+        with self._lock:
+            self._claims.pop(claim, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(max(settings.MEMORY_JOB_LEASE_SECONDS / 3, 0.2))
+            with self._lock:
+                claims = list(self._claims.items())
+            for claim, lost in claims:
+                try:
+                    if not services.memory_request_renew_lease(claim=claim):
+                        lost.set()
+                        self.remove(claim)
+                except Exception:  # a renewal that fails only shortens the lease; the job goes on
+                    logger.exception("lease renewal for %s failed", claim.request_id)
+            connection.close()  # back to the pool between rounds
+
+
+_renewer = _LeaseRenewer()
+
+
 @contextmanager
 def lease_kept(claim: services.Claim) -> Iterator[threading.Event]:
     """Renew the claim's lease in the background while the job runs.
@@ -30,28 +79,11 @@ def lease_kept(claim: services.Claim) -> Iterator[threading.Event]:
     Yields an Event that is set if the lease was lost (taken over by another worker), so the job
     can stop early; the final commit is fenced by the claim token either way.
     """
-    lost = threading.Event()
-    stop = threading.Event()
-    interval = max(settings.MEMORY_JOB_LEASE_SECONDS / 3, 0.2)
-
-    def renew() -> None:
-        try:
-            while not stop.wait(interval):
-                if not services.memory_request_renew_lease(claim=claim):
-                    lost.set()
-                    return
-        except Exception:  # a renewal that fails only shortens the lease; the job goes on
-            logger.exception("lease renewal for %s failed", claim.request_id)
-        finally:
-            connection.close()  # this thread's own connection
-
-    thread = threading.Thread(target=renew, name=f"lease-{claim.request_id}", daemon=True)
-    thread.start()
+    lost = _renewer.add(claim)
     try:
         yield lost
     finally:
-        stop.set()
-        thread.join()
+        _renewer.remove(claim)
 
 
 def request_run(*, request_id: str, work: Work) -> str:
