@@ -20,6 +20,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+from pgvector import Vector
 
 from memories import events
 from memories.models import EndUser, Memory, MemoryHistory, Tenant
@@ -175,13 +176,16 @@ def memories_batch_apply(
     return results
 
 
-def _embed(embedder: Embedder, items: list[BatchItem]) -> dict[int, list[float]]:
+def _embed(embedder: Embedder, items: list[BatchItem]) -> dict[int, bytes]:
+    """Each item's vector in pgvector's binary format, as COPY sends it. Packed as soon as a chunk
+    is embedded: a thousand lists of floats kept for the rest of the call would be walked
+    through again by every garbage collection the call triggers."""
     chunk = settings.BATCH_EMBED_CHUNK
-    vectors: dict[int, list[float]] = {}
+    vectors: dict[int, bytes] = {}
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
         for item, vector in zip(part, embedder.embed([i.content for i in part]), strict=True):
-            vectors[item.index] = vector
+            vectors[item.index] = _vector_binary(vector)
     return vectors
 
 
@@ -200,7 +204,7 @@ class NewMemory:
     metadata: dict[str, Any]
     agent_id: str
     session_id: str
-    embedding: list[float]
+    embedding: bytes  # pgvector's binary format
     created_at: Any
     updated_at: Any
     scope: str = Memory.Scope.USER.value
@@ -237,7 +241,7 @@ def _write(
     tenant: Tenant,
     items: list[BatchItem],
     targets: dict[str, Memory],
-    vectors: dict[int, list[float]],
+    vectors: dict[int, bytes],
     actor: str,
 ) -> list[dict[str, Any]]:
     if not items:
@@ -272,7 +276,7 @@ def _write(
         memory.updated_at = now
         if item.action == "update":
             memory.content, memory.type, memory.metadata = item.content, item.type, item.metadata
-            memory.embedding = vectors[item.index]
+            memory.embedding = Vector.from_binary(vectors[item.index])
             memory.content_hash = content_hash(item.content)
         else:
             memory.deleted_at = now
@@ -385,7 +389,7 @@ def _copy_memories(memories: list[NewMemory]) -> None:
                     m.topic,
                     m.type,
                     m.content,
-                    _vector_binary(m.embedding),
+                    m.embedding,
                     content_hash(m.content),
                     _jsonb_binary(m.metadata),
                     m.agent_id,

@@ -152,6 +152,14 @@ def test_batch_rows_read_back_as_written(api, end_user) -> None:
     )
     assert MemoryHistory.objects.get(memory_id=ids[0]).new_content == "Lives in Zürich"
 
+    update = {"action": "update", "id": ids[1], "user_id": uid, "content": "Likes green tea"}
+    assert batch(api, [update]).json()["results"][0]["version"] == 2
+    second.refresh_from_db()
+    expected = get_embedder().embed(["Likes green tea"])[0]
+    assert all(
+        math.isclose(a, b, abs_tol=1e-7) for a, b in zip(second.embedding, expected, strict=True)
+    )
+
     payloads = [e.payload for e in OutboxEvent.objects.filter(event_type="memory.created")]
     assert sorted(p["memory"]["id"] for p in payloads) == sorted(ids)
     assert len({p["event_id"] for p in payloads}) == 2
