@@ -129,7 +129,7 @@ def test_batch_rows_read_back_as_written(api, end_user) -> None:
     # Creates travel in hand-encoded binary COPY (uuid, vector, jsonb): read them back through
     # the ORM and the events, as a client would.
     uid = str(end_user.id).upper()  # any spelling of a UUID names the same user
-    metadata = {"city": "Zürich", "tags": ["a", "b"], "n": 12345678901234567890, "nested": {}}
+    metadata = {"city": "Zürich", "tags": ["a", "b"], "n": 2**70, "nested": {}}
     items = [
         {"user_id": uid, "content": "Lives in Zürich", "type": "preference", "metadata": metadata},
         {"user_id": uid, "content": "Likes tea", "agent_id": "bot", "session_id": "s-1"},
@@ -165,6 +165,8 @@ def test_batch_rows_read_back_as_written(api, end_user) -> None:
     assert len({p["event_id"] for p in payloads}) == 2
     assert all(uuid.UUID(p["event_id"]).version == 4 for p in payloads)
     assert {p["source"]["user_id"] for p in payloads} == {str(end_user.id)}
+    # An integer beyond 64 bits survives in the row and in its event.
+    assert [p["memory"]["metadata"] for p in payloads if p["memory"]["id"] == ids[0]] == [metadata]
 
 
 def test_new_uuid4s_are_random_version_4_uuids() -> None:
