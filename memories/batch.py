@@ -2,8 +2,11 @@
 transaction, each item answered on its own (one bad item does not sink the rest).
 
 Per-row work is kept off the write path: items are validated by plain code (a DRF serializer per
-item would cost more than the write), vectors travel in PostgreSQL's binary COPY format, history
-rows go in by COPY too, and the events are recorded in one INSERT.
+item would cost more than the write), new memories, their history and their events go in by
+binary COPY, and the costly fields (uuids, vectors, jsonb) are encoded by hand into their
+binary formats instead of through a Python object per value. Profiled in-process, these are
+what a 1,000-item call spends its CPU on: the embedder, packing the vectors, building the
+events, psycopg's COPY rows, handing the events to the batch lane, and garbage collection.
 """
 
 from __future__ import annotations
@@ -354,7 +357,9 @@ _EMPTY_JSONB = b"\x01{}"
 
 def _jsonb_binary(value: Any) -> bytes:
     # jsonb's binary format: a version byte (1), then the JSON text.
-    return b"\x01" + json.dumps(value).encode() if value != {} else _EMPTY_JSONB
+    if value == {}:
+        return _EMPTY_JSONB
+    return b"\x01" + json.dumps(value).encode()
 
 
 @lru_cache(maxsize=8)
