@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 
@@ -9,6 +10,7 @@ import pytest
 
 from memories import services
 from memories.models import Memory, MemoryHistory, MemoryRequest, OutboxEvent
+from memories.pipeline import get_embedder
 
 
 def batch(api, items: list, headers: dict | None = None, **body):
@@ -120,6 +122,63 @@ def batch_for(user, content: str) -> Memory:
         raw_items=[{"user_id": str(user.id), "content": content}],
     )
     return Memory.objects.get(pk=result["id"])
+
+
+@pytest.mark.django_db
+def test_batch_rows_read_back_as_written(api, end_user) -> None:
+    # Creates travel in hand-encoded binary COPY (uuid, vector, jsonb): read them back through
+    # the ORM and the events, as a client would.
+    uid = str(end_user.id).upper()  # any spelling of a UUID names the same user
+    metadata = {"city": "Zürich", "tags": ["a", "b"], "n": 2**70, "nested": {}}
+    items = [
+        {"user_id": uid, "content": "Lives in Zürich", "type": "preference", "metadata": metadata},
+        {"user_id": uid, "content": "Likes tea", "agent_id": "bot", "session_id": "s-1"},
+    ]
+    results = batch(api, items).json()["results"]
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    ids = [r["id"] for r in results]
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in ids)
+
+    first, second = (Memory.objects.get(pk=i) for i in ids)
+    assert (first.user_id, first.tenant_id) == (end_user.id, end_user.tenant_id)
+    assert first.metadata == metadata and first.type == "preference"
+    assert (second.agent_id, second.session_id, second.metadata) == ("bot", "s-1", {})
+    assert second.vector_clock == {} and second.version == 1
+    expected = get_embedder().embed(["Lives in Zürich"])[0]
+    assert len(first.embedding) == len(expected)
+    assert all(
+        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7)
+        for a, b in zip(first.embedding, expected, strict=True)
+    )
+    assert MemoryHistory.objects.get(memory_id=ids[0]).new_content == "Lives in Zürich"
+
+    update = {"action": "update", "id": ids[1], "user_id": uid, "content": "Likes green tea"}
+    assert batch(api, [update]).json()["results"][0]["version"] == 2
+    second.refresh_from_db()
+    expected = get_embedder().embed(["Likes green tea"])[0]
+    assert all(
+        math.isclose(a, b, abs_tol=1e-7) for a, b in zip(second.embedding, expected, strict=True)
+    )
+
+    payloads = [e.payload for e in OutboxEvent.objects.filter(event_type="memory.created")]
+    assert sorted(p["memory"]["id"] for p in payloads) == sorted(ids)
+    assert len({p["event_id"] for p in payloads}) == 2
+    assert all(uuid.UUID(p["event_id"]).version == 4 for p in payloads)
+    assert {p["source"]["user_id"] for p in payloads} == {str(end_user.id)}
+    # An integer beyond 64 bits survives in the row and in its event.
+    assert [p["memory"]["metadata"] for p in payloads if p["memory"]["id"] == ids[0]] == [metadata]
+
+
+def test_new_uuid4s_are_random_version_4_uuids() -> None:
+    from memories.batch import new_uuid4s
+
+    drawn = new_uuid4s(500)
+    for raw, text in drawn:
+        parsed = uuid.UUID(text)
+        assert parsed.bytes == raw and str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert len({text for _, text in drawn}) == 500
+    assert new_uuid4s(0) == []
 
 
 @pytest.mark.django_db

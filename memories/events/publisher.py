@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -88,8 +90,19 @@ def _copy_outbox(events: list[dict[str, Any]]) -> list[int]:
         with cursor.cursor.copy(statement) as copy:
             copy.set_types(["int8", "varchar", "jsonb", "timestamptz", "varchar"])
             for outbox_id, event in zip(ids, events, strict=True):
-                copy.write_row((outbox_id, event["event_type"], Jsonb(event), now, ""))
+                copy.write_row(
+                    (outbox_id, event["event_type"], Jsonb(event, dumps=_json_bytes), now, "")
+                )
     return ids
+
+
+def _json_bytes(value: Any) -> bytes:
+    # orjson encodes an event about 15x faster than json, which showed in bulk writes; json
+    # still takes what orjson refuses (integers beyond 64 bits in a user's metadata).
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value).encode()
 
 
 def publish_outbox(*, ids: list[int] | None = None, limit: int = 1000) -> int:

@@ -364,12 +364,18 @@ class HashingEmbedder:
         return [self._embed_one(text) for text in texts]
 
     def _embed_one(self, text: str) -> list[float]:
-        vector = [0.0] * self.dimensions
+        # A short text touches a few dozen of the buckets: sum and normalise those alone, then
+        # lay them out densely (the sums per bucket are the same as in a dense loop).
+        sums: dict[int, float] = {}
         for word in _WORD.findall(text.casefold()):
             for bucket, value in _word_slots(word, self.dimensions):
-                vector[bucket] += value
-        norm = math.hypot(*vector)
+                sums[bucket] = sums.get(bucket, 0.0) + value
+        norm = math.hypot(*sums.values())
+        vector = [0.0] * self.dimensions
         if norm == 0.0:  # empty text: still a unit vector, so cosine distance stays defined
-            return [1.0] + [0.0] * (self.dimensions - 1)
+            vector[0] = 1.0
+            return vector
         scale = 1.0 / norm
-        return [x * scale for x in vector]
+        for bucket, value in sums.items():
+            vector[bucket] = value * scale
+        return vector
