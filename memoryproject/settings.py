@@ -132,10 +132,6 @@ DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
 # connection until PostgreSQL refuses more. Celery's workers return theirs to the pool too.
 DATABASES["default"]["OPTIONS"] = {
     **DATABASES["default"].get("OPTIONS", {}),
-    # Parameters travel apart from the SQL (extended protocol) instead of being quoted into it
-    # by the client: a vector or a JSON event is sent as it is, not escaped. Statements are still
-    # not prepared (Django's default), so every query is planned for its own parameters.
-    "server_side_binding": True,
     "pool": {
         "min_size": env_int("DB_POOL_MIN_SIZE", 1),
         "max_size": env_int("DB_POOL_MAX_SIZE", 10),
