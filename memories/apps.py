@@ -6,4 +6,4 @@ class MemoriesConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from memories import signals  # noqa: F401 - connects the receivers
+        from memories import auth, signals  # noqa: F401 - connects the receivers

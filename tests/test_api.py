@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.test import override_settings
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from memories import services
-from memories.models import Memory, MemoryRequest
+from memories.models import ApiKey, Memory, MemoryRequest
 
 pytestmark = pytest.mark.django_db
 
@@ -42,6 +45,41 @@ def test_api_keys_are_stored_hashed(tenant) -> None:
     api_key, raw_key = services.api_key_create(tenant=tenant)
     api_key.refresh_from_db()
     assert raw_key not in api_key.key_hash and len(api_key.key_hash) == 64
+
+
+def _key_client(raw_key: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    return client
+
+
+def test_a_key_revoked_in_this_process_is_refused_at_once(end_user) -> None:
+    api_key, raw_key = services.api_key_create(tenant=end_user.tenant)
+    client = _key_client(raw_key)
+    assert client.get(f"/v1/users/{end_user.id}").status_code == 200
+    api_key.revoked_at = timezone.now()
+    api_key.save()  # as the admin does
+    assert client.get(f"/v1/users/{end_user.id}").status_code == 401
+
+
+def test_a_key_revoked_elsewhere_is_refused_once_the_key_cache_lapses(settings, end_user) -> None:
+    settings.API_KEY_CACHE_SECONDS = 0.3
+    api_key, raw_key = services.api_key_create(tenant=end_user.tenant)
+    client = _key_client(raw_key)
+    assert client.get(f"/v1/users/{end_user.id}").status_code == 200
+    # An UPDATE without signals, as a revocation by another web process looks from here.
+    ApiKey.objects.filter(pk=api_key.pk).update(revoked_at=timezone.now())
+    time.sleep(0.4)
+    assert client.get(f"/v1/users/{end_user.id}").status_code == 401
+
+
+def test_a_cached_key_still_expires_on_time(end_user) -> None:
+    expires_at = timezone.now() + timedelta(seconds=0.5)
+    _, raw_key = services.api_key_create(tenant=end_user.tenant, expires_at=expires_at)
+    client = _key_client(raw_key)
+    assert client.get(f"/v1/users/{end_user.id}").status_code == 200
+    time.sleep(0.6)
+    assert client.get(f"/v1/users/{end_user.id}").status_code == 401
 
 
 # --- Users ---------------------------------------------------------------------------------------
