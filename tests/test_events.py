@@ -15,7 +15,7 @@ from memories.events.publisher import relay_unpublished
 from memories.events.stream import STREAM_KEY, redis_client
 from memories.models import Memory, MemoryRequest, OutboxEvent
 from memories.pipeline import get_embedder, memory_request_run
-from tests.helpers import store_memories
+from tests.helpers import store_memories, wait_for
 
 
 def tenant_events(tenant, event_type: str | None = None) -> list[dict]:
@@ -57,7 +57,9 @@ def test_committed_change_is_published_to_stream_and_user_channel(end_user) -> N
     assert event["channels"] == [f"user:{end_user.id}:memories"]
     message = pubsub.get_message(timeout=2)
     assert json.loads(message["data"])["id"] == event["id"]
-    assert OutboxEvent.objects.get().published_at is not None
+    # Marked by the process's background marker, a moment after the publish.
+    wait_for(lambda: OutboxEvent.objects.get().published_at is not None, timeout=5, what="mark")
+    assert OutboxEvent.objects.get().stream_id == event["id"]
     pubsub.close()
 
 
