@@ -8,6 +8,7 @@ import psutil
 import pytest
 import redis
 from django.conf import settings
+from django.db import connection
 from rest_framework.test import APIClient
 
 from memories.models import EndUser, Memory, MemoryRequest
@@ -77,6 +78,27 @@ def test_jobs_survive_a_broker_that_lost_every_message(api, end_user, start_work
     for request_id in request_ids:
         wait_for(lambda rid=request_id: status_of(rid) == "success", what=f"{request_id} success")
     assert Memory.objects.filter(user=end_user, content="Lives in Oslo").count() == 1
+
+
+def _sessions_opened() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+        cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+        return cursor.fetchone()[0]
+
+
+def test_worker_keeps_its_database_connections_across_jobs(api, end_user, start_worker) -> None:
+    start_worker(queues="default")
+    warm_up = post_job(api, end_user, "I like tea.")
+    wait_for(lambda: status_of(warm_up) == "success", what="first job")
+    time.sleep(1.5)  # PostgreSQL publishes its session counts about once a second
+    before = _sessions_opened()
+    request_ids = [post_job(api, end_user, f"I like sport{n}.") for n in range(20)]
+    for request_id in request_ids:
+        wait_for(lambda rid=request_id: status_of(rid) == "success", what=f"{request_id}")
+    time.sleep(1.5)
+    # Celery's Django fixup used to close the pool after every task: two new sessions a job.
+    assert _sessions_opened() - before <= 4
 
 
 def test_long_job_keeps_its_lease_so_a_second_delivery_does_nothing(
