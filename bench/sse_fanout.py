@@ -67,14 +67,19 @@ def serve(port: int, loop: str, http: str) -> None:
     from memoryproject.asgi import application
 
     dispatched: dict[str, tuple[float, float]] = {}
-    gc_pauses_ms: list[float] = []
+    gc_pauses_ms: list[tuple[int, float]] = []  # (generation collected, pause)
     gc_started = [0.0]
+    gc_totals: dict[int, list[float]] = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}  # count, ms
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
             gc_started[0] = time.perf_counter()
-        elif (pause := (time.perf_counter() - gc_started[0]) * 1000) > 1:
-            gc_pauses_ms.append(round(pause, 1))
+        else:
+            pause = (time.perf_counter() - gc_started[0]) * 1000
+            gc_totals[info["generation"]][0] += 1
+            gc_totals[info["generation"]][1] += pause
+            if pause > 1:
+                gc_pauses_ms.append((info["generation"], round(pause, 1)))
 
     gc.callbacks.append(on_gc)
     original = sse.Hub._dispatch
@@ -96,10 +101,13 @@ def serve(port: int, loop: str, http: str) -> None:
                     "cpu_seconds": time.process_time(),
                     "rss_mb": rss_mb(),
                     "gc_pauses_over_1ms": list(gc_pauses_ms),
+                    "gc_totals": {g: [n, round(ms, 1)] for g, (n, ms) in gc_totals.items()},
                 }
             ).encode()
             dispatched.clear()
             gc_pauses_ms.clear()
+            for totals in gc_totals.values():
+                totals[:] = [0, 0.0]
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
@@ -391,6 +399,7 @@ async def run_round(
     state = await hub_state(port)
     dispatched, server_cpu = state["dispatched"], state["cpu_seconds"] - server_cpu
     gc_pauses = state["gc_pauses_over_1ms"]
+    gc_totals = state["gc_totals"]
 
     for task in tasks:
         task.cancel()
@@ -446,7 +455,12 @@ async def run_round(
         "round_seconds": round(elapsed, 2),
         "server_gc_pauses_over_1ms": {
             "count": len(gc_pauses),
-            "max_ms": max(gc_pauses, default=0.0),
+            "max_ms": max((ms for _, ms in gc_pauses), default=0.0),
+            "collections_and_ms_by_generation": gc_totals,
+            "over_1ms_by_generation": {
+                str(generation): sum(1 for g, _ in gc_pauses if g == generation)
+                for generation in sorted({g for g, _ in gc_pauses})
+            },
         },
         "server_threads_while_connected": threads,
         "server_rss_mb_while_connected": server_rss,

@@ -255,6 +255,7 @@ class Subscriber:
     The hub never waits for a subscriber: when the queue is full the subscriber is marked
     overflowed and taken out of the hub, so it receives nothing more and its stream must end.
     `start_id` is the hub's position when it joined: every later entry it wants is queued.
+    `None` in the queue is not an entry: the stream's heartbeat timer asks for a heartbeat.
     """
 
     __slots__ = ("keys", "types", "queue", "overflowed", "start_id", "registered")
@@ -264,7 +265,9 @@ class Subscriber:
     ) -> None:
         self.keys = keys
         self.types = types
-        self.queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=max(buffer, 1))
+        # One slot more than the buffer: a heartbeat request may sit in the queue, and it must
+        # not make the subscriber overflow sooner.
+        self.queue: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=max(buffer, 1) + 1)
         self.overflowed = False
         self.start_id = start_id
         self.registered = True  # until the hub lets go of it (overflow or disconnect)
@@ -374,6 +377,10 @@ class Hub:
                 for _stream, entries in reply or ():
                     for entry_id, fields in entries:
                         self._dispatch(entry_id, fields)
+                # Let the subscribers just woken send first: issuing the next XREAD costs a
+                # write that wakes Redis, and on a busy machine that write can hand the CPU away
+                # before any of them has sent a byte.
+                await asyncio.sleep(0)
         finally:
             await self.redis.aclose()
 
@@ -461,26 +468,45 @@ async def event_stream(
                     yield frame.data
                     last_id = frame.id
         last_order = stream_id_order(last_id)
-        while True:
-            if subscriber.overflowed and subscriber.queue.empty():
-                yield _control_frame(
-                    "overflow",
-                    last_id,
-                    last_event_id=last_id,
-                    message=f"More than {buffer} events behind. Reconnect with Last-Event-ID: "
-                    f"{last_id} to continue without a gap.",
-                )
-                return
-            try:
-                async with asyncio.timeout(heartbeat):
-                    frame = await subscriber.queue.get()
-            except TimeoutError:
-                yield HEARTBEAT
-                continue
-            if frame.order <= last_order:
-                continue  # already sent by the replay
-            yield frame.data
-            last_id, last_order = frame.id, frame.order
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+
+        def heartbeat_if_quiet() -> None:
+            # One timer per quiet period, not one per event (a timeout around every wait cost
+            # more than the rest of the hand-over): it queues a heartbeat request when nothing was
+            # sent for `heartbeat` seconds, else waits for the rest of the period. A timer that
+            # fires early just waits again. Only an empty queue gets one: else data is coming.
+            nonlocal timer
+            due = quiet_since + heartbeat
+            if loop.time() >= due:
+                if subscriber.queue.empty():
+                    subscriber.queue.put_nowait(None)
+                due = loop.time() + heartbeat
+            timer = loop.call_at(due, heartbeat_if_quiet)
+
+        timer = loop.call_at(quiet_since + heartbeat, heartbeat_if_quiet)
+        try:
+            while True:
+                if subscriber.overflowed and subscriber.queue.empty():
+                    yield _control_frame(
+                        "overflow",
+                        last_id,
+                        last_event_id=last_id,
+                        message=f"More than {buffer} events behind. Reconnect with "
+                        f"Last-Event-ID: {last_id} to continue without a gap.",
+                    )
+                    return
+                frame = await subscriber.queue.get()
+                if frame is None:
+                    yield HEARTBEAT
+                elif frame.order <= last_order:
+                    continue  # already sent by the replay
+                else:
+                    yield frame.data
+                    last_id, last_order = frame.id, frame.order
+                quiet_since = loop.time()
+        finally:
+            timer.cancel()
     except RedisError:
         # Ending the stream is safe: the client reconnects with the last id it received.
         logger.exception("event stream: Redis failed while catching up; closing the stream")
