@@ -286,6 +286,18 @@ def test_stream_is_503_when_the_hub_cannot_start(server, key, monkeypatch) -> No
     assert response.json()["error"] == "unavailable"
 
 
+def test_an_unexpected_error_while_checking_the_request_is_a_json_500(
+    server, key, monkeypatch
+) -> None:
+    def broken(header: str) -> None:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(sse, "api_key_authenticate", broken)
+    response = refusal(server, key, channels="system:global")
+    assert response.status_code == 500
+    assert response.json()["error"] == "server_error"
+
+
 def test_streams_and_refusals_carry_the_same_security_headers_as_the_api(server, key) -> None:
     names = ("x-content-type-options", "referrer-policy", "cross-origin-opener-policy")
     expected = {name: httpx.get(f"{server}/healthz").headers[name] for name in names}

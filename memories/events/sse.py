@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -436,7 +436,7 @@ def _control_frame(event: str, frame_id: str, **data: Any) -> bytes:
 
 async def event_stream(
     hub: Hub, wanted: StreamRequest, *, buffer: int, heartbeat: float
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """One client's SSE body, from `: subscribed` until the client leaves or falls behind.
 
     With a Last-Event-ID every wanted entry after it is delivered once, in order, with no gap:
@@ -519,8 +519,8 @@ async def event_stream(
 
 def _security_headers() -> list[tuple[bytes, bytes]]:
     # This path is served outside Django's middleware, so it adds the headers that
-    # SecurityMiddleware adds to every other response, from the same settings. (HSTS is left to
-    # the TLS terminator: SecurityMiddleware only sends it over https, which uvicorn is not here.)
+    # SecurityMiddleware adds to every other response, from the same settings. (Not HSTS: the
+    # settings leave SECURE_HSTS_SECONDS at 0, so Django sends none either.)
     headers = []
     if settings.SECURE_CONTENT_TYPE_NOSNIFF:
         headers.append((b"x-content-type-options", b"nosniff"))
@@ -561,6 +561,12 @@ async def stream_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
         logger.warning("event stream refused: %s %s", refused.status, refused.message)
         await refused.send_to(send)
         return
+    except Exception:
+        # What Django's handler500 (api_errors.server_error_view) answers on the other paths.
+        logger.exception("event stream: the request could not be checked")
+        failed = StreamRefused(500, "server_error", "Internal error; it has been logged.")
+        await failed.send_to(send)
+        return
     # Settings are read per connection, so a changed buffer or heartbeat applies to new clients.
     body = event_stream(
         hub, wanted, buffer=settings.SSE_CLIENT_BUFFER, heartbeat=settings.SSE_HEARTBEAT_SECONDS
@@ -572,8 +578,8 @@ async def stream_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
         *_security_headers(),
     ]
     await send({"type": "http.response.start", "status": 200, "headers": start_headers})
-    # uvicorn drops what is sent to a client that left without a word, so the stream ends when
-    # `receive` reports the disconnect, whichever comes first.
+    # The stream ends when the body does or when `receive` reports the disconnect, whichever
+    # comes first: uvicorn silently drops what is sent to a client that has gone.
     sending = asyncio.ensure_future(_send_all(body, send))
     listening = asyncio.ensure_future(_until_disconnect(receive))
     try:
