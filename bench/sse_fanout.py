@@ -9,8 +9,9 @@ Three processes, so that no timestamp waits on another part's GIL:
 - writer: `services.memory_update` (this file with --write); it stamps the wall clock just after
   COMMIT (an on_commit callback registered before the change, so it runs before the publisher's)
   and around the publisher's XADD + PUBLISH;
-- this process: the subscribers, as asyncio streams: raw sockets speaking HTTP/1.0 (so the body
-  is the SSE text itself), and httpx for comparison. It stamps each read as it returns.
+- this process: the subscribers, as asyncio protocols: raw sockets speaking HTTP/1.1 (a minimal
+  chunked decoder in front of the SSE parser), and httpx for comparison. It stamps each read as
+  it returns.
 One change at a time: the next is written when every subscriber has the previous one.
 
 Uses the development database (migrated by the writer) and its own Redis database (15) so the
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ BENCH_REDIS_DB = 15
 WARMUP_EVENTS = 5
 RECEIPT_DEADLINE_SECONDS = 5.0
 CONNECT_WAVE = 50
+SERVER_LOOP, SERVER_HTTP = "auto", "auto"  # as `make run`: uvloop and httptools, installed
 
 
 def rss_mb() -> float:
@@ -54,7 +57,7 @@ def rss_mb() -> float:
 # --- Server process (--serve) ------------------------------------------------------------------
 
 
-def serve(port: int) -> None:
+def serve(port: int, loop: str, http: str) -> None:
     """uvicorn on the project's ASGI app, plus /__bench__/hub: the hub's dispatch times."""
     import django
 
@@ -65,14 +68,19 @@ def serve(port: int) -> None:
     from memoryproject.asgi import application
 
     dispatched: dict[str, tuple[float, float]] = {}
-    gc_pauses_ms: list[float] = []
+    gc_pauses_ms: list[tuple[int, float]] = []  # (generation collected, pause)
     gc_started = [0.0]
+    gc_totals: dict[int, list[float]] = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}  # count, ms
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
             gc_started[0] = time.perf_counter()
-        elif (pause := (time.perf_counter() - gc_started[0]) * 1000) > 1:
-            gc_pauses_ms.append(round(pause, 1))
+        else:
+            pause = (time.perf_counter() - gc_started[0]) * 1000
+            gc_totals[info["generation"]][0] += 1
+            gc_totals[info["generation"]][1] += pause
+            if pause > 1:
+                gc_pauses_ms.append((info["generation"], round(pause, 1)))
 
     gc.callbacks.append(on_gc)
     original = sse.Hub._dispatch
@@ -94,10 +102,13 @@ def serve(port: int) -> None:
                     "cpu_seconds": time.process_time(),
                     "rss_mb": rss_mb(),
                     "gc_pauses_over_1ms": list(gc_pauses_ms),
+                    "gc_totals": {g: [n, round(ms, 1)] for g, (n, ms) in gc_totals.items()},
                 }
             ).encode()
             dispatched.clear()
             gc_pauses_ms.clear()
+            for totals in gc_totals.values():
+                totals[:] = [0, 0.0]
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
@@ -112,6 +123,8 @@ def serve(port: int) -> None:
         log_level="warning",
         access_log=False,
         backlog=4096,
+        loop=loop,
+        http=http,
     )
 
 
@@ -164,7 +177,10 @@ def write_loop() -> None:
         with transaction.atomic():
             transaction.on_commit(lambda stamp=stamp: stamp.setdefault("commit", time.time()))
             memory = services.memory_update(
-                memory=memory, embedder=embedder, content=f"bench change {n}"
+                tenant_id=memory.tenant_id,
+                memory_id=memory.id,
+                embedder=embedder,
+                content=f"bench change {n}",
             )
         [([stream_id], send_started, send_ended)] = sent
         reply = {"id": stream_id, "commit": stamp["commit"], "send_started": send_started,
@@ -225,13 +241,34 @@ class Receipts:
         self.parse_seconds += time.perf_counter() - started
 
 
+class Dechunker:
+    """HTTP/1.1 chunked transfer coding undone: bytes in, the body's bytes out. A chunk is handed
+    on once all of it has arrived (an SSE frame is one chunk, so it is received when complete)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> bytes:
+        self._buffer += data
+        body = []
+        while (line_end := self._buffer.find(b"\r\n")) >= 0:
+            size = int(self._buffer[:line_end].split(b";", 1)[0], 16)
+            start = line_end + 2
+            if len(self._buffer) < start + size + 2:
+                break
+            body.append(self._buffer[start : start + size])
+            self._buffer = self._buffer[start + size + 2 :]
+        return b"".join(body)
+
+
 class RawSSE(asyncio.Protocol):
     """An SSE client as a bare protocol (no StreamReader, no task): the least a Python client
-    can do per delivery. HTTP/1.0, so the body is not chunked: what arrives is the SSE text."""
+    can do per delivery. HTTP/1.1 as browsers speak it, so the body comes chunked."""
 
     def __init__(self, receipts: Receipts, request: bytes) -> None:
         self.receipts, self.request = receipts, request
         self.head: bytes | None = b""
+        self.dechunk: Dechunker | None = None  # None: the body is not chunked
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -246,7 +283,11 @@ class RawSSE(asyncio.Protocol):
             head, _, data = self.head.partition(b"\r\n\r\n")
             if b" 200 " not in head.split(b"\r\n", 1)[0]:
                 raise RuntimeError(f"stream refused: {head!r}")
+            if b"transfer-encoding: chunked" in head.lower():
+                self.dechunk = Dechunker()
             self.head = None
+        if self.dechunk is not None:
+            data = self.dechunk.feed(data)
         self.receipts.feed(data, received_at)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -256,7 +297,7 @@ class RawSSE(asyncio.Protocol):
 
 async def raw_subscriber(port: int, path: str, key: str, receipts: Receipts) -> None:
     request = (
-        f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
         "Accept: text/event-stream\r\n\r\n"
     ).encode()
     loop = asyncio.get_running_loop()
@@ -362,6 +403,7 @@ async def run_round(
     state = await hub_state(port)
     dispatched, server_cpu = state["dispatched"], state["cpu_seconds"] - server_cpu
     gc_pauses = state["gc_pauses_over_1ms"]
+    gc_totals = state["gc_totals"]
 
     for task in tasks:
         task.cancel()
@@ -417,7 +459,12 @@ async def run_round(
         "round_seconds": round(elapsed, 2),
         "server_gc_pauses_over_1ms": {
             "count": len(gc_pauses),
-            "max_ms": max(gc_pauses, default=0.0),
+            "max_ms": max((ms for _, ms in gc_pauses), default=0.0),
+            "collections_and_ms_by_generation": gc_totals,
+            "over_1ms_by_generation": {
+                str(generation): sum(1 for g, _ in gc_pauses if g == generation)
+                for generation in sorted({g for g, _ in gc_pauses})
+            },
         },
         "server_threads_while_connected": threads,
         "server_rss_mb_while_connected": server_rss,
@@ -426,6 +473,13 @@ async def run_round(
 
 
 # --- Main ---------------------------------------------------------------------------------------
+
+
+def uvicorn_choice(choice: str, *, fast: str, fallback: str) -> str:
+    """What uvicorn's "auto" picks: the faster implementation when it is installed."""
+    if choice != "auto":
+        return choice
+    return fast if find_spec(fast) else fallback
 
 
 def free_port() -> int:
@@ -501,9 +555,11 @@ def main() -> None:
     parser.add_argument("--counts", default="1,100,1000")
     parser.add_argument("--httpx-counts", default="1,100")
     parser.add_argument("--events", type=int, default=200)
+    parser.add_argument("--loop", default=SERVER_LOOP, help="uvicorn --loop (asyncio, uvloop)")
+    parser.add_argument("--http", default=SERVER_HTTP, help="uvicorn --http (h11, httptools)")
     args = parser.parse_args()
     if args.serve:
-        return serve(args.serve)
+        return serve(args.serve, args.loop, args.http)
     if args.write:
         return write_loop()
     args.counts = [int(n) for n in args.counts.split(",") if n]
@@ -511,8 +567,14 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     env = prepare_environment()
+    loop_name = uvicorn_choice(args.loop, fast="uvloop", fallback="asyncio")
+    http_name = uvicorn_choice(args.http, fast="httptools", fallback="h11")
     port = free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], cwd=ROOT, env=env)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), "--loop", args.loop, "--http", args.http],
+        cwd=ROOT,
+        env=env,
+    )
     started = time.monotonic()
     try:
         wait_for_port(port, server)
@@ -528,7 +590,7 @@ def main() -> None:
             {
                 "benchmark": "sse_fanout",
                 "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                "server": "uvicorn 1 process, h11, asyncio loop (no uvloop/httptools installed)",
+                "server": f"uvicorn 1 process, --loop {loop_name} --http {http_name}",
                 "latency": "subscriber's read returned - writer's COMMIT returned (wall clock)",
                 "rounds": rounds,
                 "total_seconds": round(time.monotonic() - started, 1),

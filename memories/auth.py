@@ -60,18 +60,29 @@ class TenantPrincipal:
     is_authenticated: bool = True
 
 
+def api_key_authenticate(header: str) -> TenantPrincipal | None:
+    """The caller named by an `Authorization` header value; None when there is no header.
+
+    Blocking (one indexed read, unless the key was read lately). Raises AuthenticationFailed for
+    another scheme, or a key that is unknown, revoked or expired. Shared by the DRF views and the
+    SSE endpoint, which is served outside DRF.
+    """
+    if not header:
+        return None
+    scheme, _, raw_key = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw_key.strip():
+        raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <api key>'.")
+    api_key = api_key_find(raw_key.strip())
+    if api_key is None or not api_key.is_usable(timezone.now()):
+        raise exceptions.AuthenticationFailed("Invalid, revoked or expired API key.")
+    return TenantPrincipal(tenant=api_key.tenant, api_key=api_key)
+
+
 class ApiKeyAuthentication(authentication.BaseAuthentication):
     def authenticate(self, request):
         header = authentication.get_authorization_header(request).decode(errors="replace")
-        if not header:
-            return None
-        scheme, _, raw_key = header.partition(" ")
-        if scheme.lower() != "bearer" or not raw_key.strip():
-            raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <api key>'.")
-        api_key = api_key_find(raw_key.strip())
-        if api_key is None or not api_key.is_usable(timezone.now()):
-            raise exceptions.AuthenticationFailed("Invalid, revoked or expired API key.")
-        return TenantPrincipal(tenant=api_key.tenant, api_key=api_key), api_key
+        principal = api_key_authenticate(header)
+        return None if principal is None else (principal, principal.api_key)
 
     def authenticate_header(self, request) -> str:
         # Having a value here makes DRF answer 401 (not 403) when the key is missing.

@@ -1,7 +1,6 @@
 from django.urls import path
 
 from memories import api, api_events
-from memories.events import sse
 from memories.metrics import metrics_view
 
 urlpatterns = [
@@ -44,7 +43,6 @@ urlpatterns = [
     path("v1/events", api_events.EventsApi.as_view(), name="events"),
     path("v1/analytics/events", api_events.AnalyticsApi.as_view(), name="analytics"),
     path("v1/sync", api_events.SyncApi.as_view(), name="sync"),
-    path("v1/stream", sse.stream, name="stream"),
     path("healthz", api.healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),
     path("readyz", api.readyz, name="readyz"),

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -273,6 +274,50 @@ def test_malformed_request_is_400_naming_the_field(server, key, params, field) -
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_request"
     assert field in response.json()["fields"]
+
+
+def test_stream_is_503_when_the_hub_cannot_start(server, key, monkeypatch) -> None:
+    async def never_ready(self, timeout: float) -> None:
+        raise TimeoutError
+
+    monkeypatch.setattr(sse.Hub, "wait_ready", never_ready)
+    response = refusal(server, key, channels="system:global")
+    assert response.status_code == 503
+    assert response.json()["error"] == "unavailable"
+
+
+def test_an_unexpected_error_while_checking_the_request_is_a_json_500(
+    server, key, monkeypatch
+) -> None:
+    def broken(header: str) -> None:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(sse, "api_key_authenticate", broken)
+    response = refusal(server, key, channels="system:global")
+    assert response.status_code == 500
+    assert response.json()["error"] == "server_error"
+
+
+def test_streams_and_refusals_carry_the_same_security_headers_as_the_api(server, key) -> None:
+    names = ("x-content-type-options", "referrer-policy", "cross-origin-opener-policy")
+    expected = {name: httpx.get(f"{server}/healthz").headers[name] for name in names}
+    refused = refusal(server, None, channels="system:global")
+    with open_stream(server, key, ["system:global"]) as stream:
+        served = stream.response
+    for response in (refused, served):
+        assert {name: response.headers.get(name) for name in names} == expected
+
+
+def test_open_streams_do_not_hold_a_thread_each(server, key) -> None:
+    count = 12
+    with open_stream(server, key, ["system:global"]):
+        before = threading.active_count()  # the server's pools have started by now
+        with ExitStack() as streams:
+            for _ in range(count):
+                streams.enter_context(open_stream(server, key, ["system:global"]))
+            during = threading.active_count()
+    # Keys are checked in a shared pool of a few threads; nothing is kept per open stream.
+    assert during - before < count
 
 
 # --- Resuming -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ delivered. Comments `: heartbeat` keep an idle connection open. Two events end a
 `stream-reset` (the Last-Event-ID is older than the oldest retained entry; fetch the state with
 `GET /v1/sync`, then the live events follow).
 
-    stream(request)     the async view: authorize, wait for the hub, return the streaming body
+    stream_app(...)     the ASGI app: authorize, wait for the hub, send the stream
     Hub                 one per process: the only reader of `memory:events`, fans entries out
     event_stream(...)   one client's body: replay after Last-Event-ID, then live, with heartbeats
 
@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +33,12 @@ import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
-from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
-from django.views.decorators.csrf import csrf_exempt
+from django.http import QueryDict
 from redis.exceptions import RedisError, ResponseError
 from rest_framework import exceptions
 
 from memories import selectors
-from memories.auth import ApiKeyAuthentication
+from memories.auth import api_key_authenticate
 from memories.errors import NotFound
 from memories.events.schema import EVENT_TYPES, system_channel, tenant_channel, user_channel
 from memories.events.stream import STREAM_KEY
@@ -47,6 +46,9 @@ from memories.metrics import SSE_SUBSCRIBERS
 from memories.models import Tenant
 
 logger = logging.getLogger(__name__)
+
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 SYSTEM_CHANNEL = system_channel()
 SUBSCRIBED = b": subscribed\n\n"
@@ -77,16 +79,23 @@ class StreamRefused(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
 
-    def response(self) -> JsonResponse:
+    async def send_to(self, send: ASGISend) -> None:
+        """Answer with the API's error JSON (the bytes JsonResponse would have written)."""
         body: dict[str, Any] = {"error": self.code, "message": self.message}
         if self.field:
             body["fields"] = {self.field: [self.message]}
-        response = JsonResponse(body, status=self.status)
+        content = json.dumps(body).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()),
+            *_security_headers(),
+        ]
         if self.status == 401:
-            response["WWW-Authenticate"] = 'Bearer realm="memory"'
+            headers.append((b"www-authenticate", b'Bearer realm="memory"'))
         elif self.status == 405:
-            response["Allow"] = "GET"
-        return response
+            headers.append((b"allow", b"GET"))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
 
 
 @dataclass(frozen=True)
@@ -111,9 +120,13 @@ def event_route_keys(event: dict[str, Any]) -> set[str]:
     return {route_key(tenant_id, channel) for channel in event.get("channels") or ()}
 
 
-def stream_request_authorize(request: HttpRequest) -> StreamRequest:
+def stream_request_authorize(
+    *, authorization: str, query: QueryDict, last_event_id: str | None
+) -> StreamRequest:
     """Authenticate the key and check every parameter; blocking (it reads the database).
 
+    `authorization` is the Authorization header ("" when absent), `query` the query string and
+    `last_event_id` the Last-Event-ID header (None when absent; `?last_event_id=` stands in).
     Raises StreamRefused: 401 without a valid key; 400 naming `channels`, `types` or
     `Last-Event-ID` when one is missing or malformed; 403 naming `channels` for a channel of
     another tenant (a user who is not the caller's is refused whether or not they exist elsewhere).
@@ -122,26 +135,25 @@ def stream_request_authorize(request: HttpRequest) -> StreamRequest:
     # connection is kept for the next call, rather than in a thread bound to this request.
     close_old_connections()
     try:
-        tenant = _authenticate(request)
-        channels = _channels_authorize(tenant, request.GET.get("channels", ""))
+        tenant = _authenticate(authorization)
+        channels = _channels_authorize(tenant, query.get("channels", ""))
     finally:
         close_old_connections()
     return StreamRequest(
         tenant_id=str(tenant.id),
         channels=channels,
-        types=_types_parse(request.GET.get("types", "")),
-        last_event_id=_last_event_id_parse(request),
+        types=_types_parse(query.get("types", "")),
+        last_event_id=_last_event_id_parse(last_event_id or query.get("last_event_id")),
     )
 
 
-def _authenticate(request: HttpRequest) -> Tenant:
+def _authenticate(authorization: str) -> Tenant:
     try:
-        authenticated = ApiKeyAuthentication().authenticate(request)
+        principal = api_key_authenticate(authorization)
     except exceptions.AuthenticationFailed as exc:
         raise StreamRefused(401, "authentication_failed", str(exc.detail)) from exc
-    if authenticated is None:
+    if principal is None:
         raise StreamRefused(401, "not_authenticated", "Authentication credentials were not given.")
-    principal, _ = authenticated
     return principal.tenant
 
 
@@ -207,8 +219,7 @@ def _types_parse(raw: str) -> frozenset[str] | None:
     return types or None
 
 
-def _last_event_id_parse(request: HttpRequest) -> str | None:
-    raw = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
+def _last_event_id_parse(raw: str | None) -> str | None:
     if raw is None or not raw.strip():
         return None
     if not STREAM_ID.fullmatch(raw.strip()):
@@ -244,6 +255,7 @@ class Subscriber:
     The hub never waits for a subscriber: when the queue is full the subscriber is marked
     overflowed and taken out of the hub, so it receives nothing more and its stream must end.
     `start_id` is the hub's position when it joined: every later entry it wants is queued.
+    `None` in the queue is not an entry: the stream's heartbeat timer asks for a heartbeat.
     """
 
     __slots__ = ("keys", "types", "queue", "overflowed", "start_id", "registered")
@@ -253,7 +265,9 @@ class Subscriber:
     ) -> None:
         self.keys = keys
         self.types = types
-        self.queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=max(buffer, 1))
+        # One slot more than the buffer: a heartbeat request may sit in the queue, and it must
+        # not make the subscriber overflow sooner.
+        self.queue: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=max(buffer, 1) + 1)
         self.overflowed = False
         self.start_id = start_id
         self.registered = True  # until the hub lets go of it (overflow or disconnect)
@@ -363,6 +377,10 @@ class Hub:
                 for _stream, entries in reply or ():
                     for entry_id, fields in entries:
                         self._dispatch(entry_id, fields)
+                # Let the subscribers just woken send first: issuing the next XREAD costs a
+                # write that wakes Redis, and on a busy machine that write can hand the CPU away
+                # before any of them has sent a byte.
+                await asyncio.sleep(0)
         finally:
             await self.redis.aclose()
 
@@ -418,7 +436,7 @@ def _control_frame(event: str, frame_id: str, **data: Any) -> bytes:
 
 async def event_stream(
     hub: Hub, wanted: StreamRequest, *, buffer: int, heartbeat: float
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """One client's SSE body, from `: subscribed` until the client leaves or falls behind.
 
     With a Last-Event-ID every wanted entry after it is delivered once, in order, with no gap:
@@ -450,26 +468,45 @@ async def event_stream(
                     yield frame.data
                     last_id = frame.id
         last_order = stream_id_order(last_id)
-        while True:
-            if subscriber.overflowed and subscriber.queue.empty():
-                yield _control_frame(
-                    "overflow",
-                    last_id,
-                    last_event_id=last_id,
-                    message=f"More than {buffer} events behind. Reconnect with Last-Event-ID: "
-                    f"{last_id} to continue without a gap.",
-                )
-                return
-            try:
-                async with asyncio.timeout(heartbeat):
-                    frame = await subscriber.queue.get()
-            except TimeoutError:
-                yield HEARTBEAT
-                continue
-            if frame.order <= last_order:
-                continue  # already sent by the replay
-            yield frame.data
-            last_id, last_order = frame.id, frame.order
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+
+        def heartbeat_if_quiet() -> None:
+            # One timer per quiet period, not one per event (a timeout around every wait cost
+            # more than the rest of the hand-over): it queues a heartbeat request when nothing was
+            # sent for `heartbeat` seconds, else waits for the rest of the period. A timer that
+            # fires early just waits again. Only an empty queue gets one: else data is coming.
+            nonlocal timer
+            due = quiet_since + heartbeat
+            if loop.time() >= due:
+                if subscriber.queue.empty():
+                    subscriber.queue.put_nowait(None)
+                due = loop.time() + heartbeat
+            timer = loop.call_at(due, heartbeat_if_quiet)
+
+        timer = loop.call_at(quiet_since + heartbeat, heartbeat_if_quiet)
+        try:
+            while True:
+                if subscriber.overflowed and subscriber.queue.empty():
+                    yield _control_frame(
+                        "overflow",
+                        last_id,
+                        last_event_id=last_id,
+                        message=f"More than {buffer} events behind. Reconnect with "
+                        f"Last-Event-ID: {last_id} to continue without a gap.",
+                    )
+                    return
+                frame = await subscriber.queue.get()
+                if frame is None:
+                    yield HEARTBEAT
+                elif frame.order <= last_order:
+                    continue  # already sent by the replay
+                else:
+                    yield frame.data
+                    last_id, last_order = frame.id, frame.order
+                quiet_since = loop.time()
+        finally:
+            timer.cancel()
     except RedisError:
         # Ending the stream is safe: the client reconnects with the last id it received.
         logger.exception("event stream: Redis failed while catching up; closing the stream")
@@ -477,28 +514,95 @@ async def event_stream(
         hub.unsubscribe(subscriber)
 
 
-@csrf_exempt  # a bearer-key API, like the DRF views (which DRF exempts too)
-async def stream(request: HttpRequest) -> HttpResponseBase:
-    """`GET /v1/stream` (see the module docstring). While it streams, the response is an async
-    iterator waiting on its queue: no thread of the pool is held for it."""
+# --- The ASGI endpoint ---------------------------------------------------------------------------
+
+
+def _security_headers() -> list[tuple[bytes, bytes]]:
+    # This path is served outside Django's middleware, so it adds the headers that
+    # SecurityMiddleware adds to every other response, from the same settings. (Not HSTS: the
+    # settings leave SECURE_HSTS_SECONDS at 0, so Django sends none either.)
+    headers = []
+    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
+        headers.append((b"x-content-type-options", b"nosniff"))
+    policy = settings.SECURE_REFERRER_POLICY
+    if policy:
+        values = policy.split(",") if isinstance(policy, str) else policy
+        headers.append((b"referrer-policy", ",".join(v.strip() for v in values).encode()))
+    if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
+        headers.append(
+            (b"cross-origin-opener-policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY.encode())
+        )
+    return headers
+
+
+async def stream_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+    """`GET /v1/stream` as a plain ASGI app (see the module docstring), mounted in front of Django.
+
+    Django's handler costs tens of microseconds per chunk sent and keeps a thread for each open
+    request; here the key and channels are checked once, in the shared thread pool, and then an
+    open stream is only a task waiting on its queue. Refusals have the API's error shape.
+    """
     try:
-        if request.method != "GET":
-            raise StreamRefused(405, "method_not_allowed", f"Method {request.method} not allowed.")
-        # The shared pool rather than a thread per request: an open stream keeps its request's
-        # context (and any thread and connection bound to it) for hours.
-        wanted = await sync_to_async(stream_request_authorize, thread_sensitive=False)(request)
+        if scope["method"] != "GET":
+            raise StreamRefused(405, "method_not_allowed", f"Method {scope['method']} not allowed.")
+        headers = dict(scope["headers"])  # ASGI header names are lower case
+        wanted = await sync_to_async(stream_request_authorize, thread_sensitive=False)(
+            authorization=headers.get(b"authorization", b"").decode(errors="replace"),
+            # As Django does: percent escapes decode as UTF-8, and a bad byte never raises.
+            query=QueryDict(scope["query_string"].decode("latin-1")),
+            last_event_id=_header_text(headers.get(b"last-event-id")),
+        )
         hub = get_hub()
         try:
             await hub.wait_ready(timeout=HUB_READY_TIMEOUT_SECONDS)
         except TimeoutError as exc:
             raise StreamRefused(503, "unavailable", "The event stream is unavailable.") from exc
     except StreamRefused as refused:
-        return refused.response()
+        logger.warning("event stream refused: %s %s", refused.status, refused.message)
+        await refused.send_to(send)
+        return
+    except Exception:
+        # What Django's handler500 (api_errors.server_error_view) answers on the other paths.
+        logger.exception("event stream: the request could not be checked")
+        failed = StreamRefused(500, "server_error", "Internal error; it has been logged.")
+        await failed.send_to(send)
+        return
     # Settings are read per connection, so a changed buffer or heartbeat applies to new clients.
     body = event_stream(
         hub, wanted, buffer=settings.SSE_CLIENT_BUFFER, heartbeat=settings.SSE_HEARTBEAT_SECONDS
     )
-    response = StreamingHttpResponse(body, content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
+    start_headers = [
+        (b"content-type", b"text/event-stream"),
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+        *_security_headers(),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": start_headers})
+    # The stream ends when the body does or when `receive` reports the disconnect, whichever
+    # comes first: uvicorn silently drops what is sent to a client that has gone.
+    sending = asyncio.ensure_future(_send_all(body, send))
+    listening = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait((sending, listening), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sending.cancel()
+        listening.cancel()
+        await asyncio.gather(sending, listening, return_exceptions=True)
+        await body.aclose()  # leaves the hub, even when cancelled in the middle of a send
+    if not sending.cancelled():
+        sending.result()  # re-raises what broke the stream, for the server to log
+
+
+def _header_text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+async def _send_all(body: AsyncIterator[bytes], send: ASGISend) -> None:
+    async for chunk in body:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _until_disconnect(receive: ASGIReceive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass  # a request body, which a GET should not have: ignored
