@@ -11,7 +11,15 @@ from django.db.models.expressions import RawSQL
 from pgvector.django import CosineDistance
 
 from memories.errors import NotFound
-from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest, Session, Tenant
+from memories.models import (
+    EndUser,
+    Memory,
+    MemoryHistory,
+    MemoryRequest,
+    Session,
+    Tenant,
+    vector_text,
+)
 
 
 def end_user_get(*, tenant: Tenant, user_id: UUID | str) -> EndUser:
@@ -101,7 +109,7 @@ def memory_nearest_for_many(
     """
     if not vectors:
         return []
-    literals = ["[" + ",".join(f"{x:.7g}" for x in vector) + "]" for vector in vectors]
+    literals = [vector_text(vector) for vector in vectors]
     with connection.cursor() as cursor:
         cursor.execute(
             """
