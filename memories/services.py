@@ -13,9 +13,10 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
+from psycopg.types.json import Jsonb
 
 from memories import selectors, signals
 from memories.auth import hash_api_key
@@ -27,6 +28,7 @@ from memories.errors import (
     NotFound,
     VersionConflict,
 )
+from memories.events.publisher import json_bytes
 from memories.models import (
     ApiKey,
     EndUser,
@@ -425,22 +427,28 @@ class LeaseLost(Exception):
     """Another worker took the request over; this worker's changes must not commit."""
 
 
+_FINISH_SUCCESS_SQL = f"""
+    UPDATE {MemoryRequest._meta.db_table}
+    SET status = 'success', result = %(result)s, error = '', lease_until = NULL,
+        finished_at = %(now)s, updated_at = %(now)s
+    WHERE id = %(id)s AND status = 'processing' AND attempts = %(token)s
+"""
+
+
 def _finish_success(claim: Claim, result: list[dict[str, Any]]) -> None:
     """Mark the claimed request `success`, fenced by the claim token: LeaseLost (and so a
-    rollback of the enclosing transaction) when another worker took the request over."""
-    now = timezone.now()
-    marked = MemoryRequest.objects.filter(
-        pk=claim.request_id, status=MemoryRequest.Status.PROCESSING, attempts=claim.token
-    ).update(
-        status=MemoryRequest.Status.SUCCESS,
-        result=result,
-        error="",
-        lease_until=None,
-        finished_at=now,
-        updated_at=now,
-    )
-    if marked != 1:
-        raise LeaseLost(claim.request_id)
+    rollback of the enclosing transaction) when another worker took the request over. One
+    statement by hand: it ends every job, and the ORM's update cost more than the write."""
+    params = {
+        "id": claim.request_id,
+        "token": claim.token,
+        "now": timezone.now(),
+        "result": Jsonb(result, dumps=json_bytes),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_FINISH_SUCCESS_SQL, params)
+        if cursor.rowcount != 1:
+            raise LeaseLost(claim.request_id)
 
 
 def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -> None:
@@ -615,18 +623,7 @@ def _memories_write(
         # below, through the memories_written signal.
         Memory.objects.filter(pk=memory.pk).update(**fields)
     Memory.objects.bulk_create([change.memory for change in applied if change.event == "ADD"])
-    MemoryHistory.objects.bulk_create(
-        MemoryHistory(
-            memory=change.memory,
-            event=change.event,
-            old_content=change.previous,
-            new_content=None if change.event == "DELETE" else change.memory.content,
-            actor=actor,
-            request=request,
-            created_at=at,
-        )
-        for change in applied
-    )
+    _history_insert(applied, actor=actor, request=request, at=at)
     signals.memories_written.send(
         sender=Memory,
         changes=[(change.memory, _EVENT_TYPE_OF[change.event]) for change in applied],
@@ -645,6 +642,40 @@ def memories_create_direct(
         PlannedChange(event="ADD", memory_id=None, content=text, embedding=vector)
         for text, vector in zip(texts, vectors, strict=True)
     ]
+
+
+_HISTORY_INSERT_SQL = f"""
+    INSERT INTO {MemoryHistory._meta.db_table}
+        (memory_id, event, old_content, new_content, actor, request_id, created_at)
+    SELECT m, e, o, n, %(actor)s, %(request_id)s, %(at)s
+    FROM unnest(%(memory_ids)s::uuid[], %(events)s::varchar[], %(old)s::text[], %(new)s::text[])
+        AS h(m, e, o, n)
+"""
+
+
+def _history_insert(
+    applied: list[AppliedChange], *, actor: str, request: MemoryRequest | None, at: datetime
+) -> None:
+    """The history rows of a write, in one INSERT by hand (bulk writes COPY theirs): every change
+    of the service records one, and the ORM's bulk_create cost more than the statement."""
+    if not applied:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _HISTORY_INSERT_SQL,
+            {
+                "actor": actor,
+                "request_id": request.id if request is not None else None,
+                "at": at,
+                "memory_ids": [change.memory.id for change in applied],
+                "events": [change.event for change in applied],
+                "old": [change.previous for change in applied],
+                "new": [
+                    None if change.event == "DELETE" else change.memory.content
+                    for change in applied
+                ],
+            },
+        )
 
 
 def _memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:

@@ -40,15 +40,7 @@ def record_many(events: list[dict[str, Any]]) -> None:
     """
     if not events:
         return
-    if len(events) <= _INSERT_MAX:
-        from memories.models import OutboxEvent
-
-        rows = OutboxEvent.objects.bulk_create(
-            OutboxEvent(event_type=event["event_type"], payload=event) for event in events
-        )
-        ids = [row.id for row in rows]
-    else:
-        ids = _copy_outbox(events)
+    ids = _insert_outbox(events) if len(events) <= _INSERT_MAX else _copy_outbox(events)
     if len(ids) > settings.EVENT_INLINE_PUBLISH_MAX:
         # A bulk write should not wait for its thousand events to reach Redis: the batch lane
         # publishes them (and the relay still catches whatever that misses).
@@ -132,6 +124,31 @@ def _defer(task: Any, ids: list[int]) -> None:
         logger.exception("could not hand %d events to the batch lane; the relay will", len(ids))
 
 
+def _insert_outbox(events: list[dict[str, Any]]) -> list[int]:
+    """A few events in one INSERT, their ids returned in order. Written by hand: every write of
+    the service records its events here, and the ORM's bulk_create cost as much as the rest of
+    the statement's work."""
+    from psycopg.types.json import Jsonb
+
+    from memories.models import OutboxEvent
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""INSERT INTO {OutboxEvent._meta.db_table}
+                    (event_type, payload, created_at, stream_id)
+                SELECT t, p, %s, ''
+                FROM unnest(%s::varchar[], %s::jsonb[]) WITH ORDINALITY AS e(t, p, n)
+                ORDER BY n
+                RETURNING id""",
+            [
+                timezone.now(),
+                [event["event_type"] for event in events],
+                [Jsonb(event, dumps=json_bytes) for event in events],
+            ],
+        )
+        return sorted(row[0] for row in cursor.fetchall())
+
+
 def _copy_outbox(events: list[dict[str, Any]]) -> list[int]:
     """Many events in one binary COPY (bulk writes record one per item); ids are drawn from the
     table's sequence first, since COPY returns none."""
@@ -153,12 +170,13 @@ def _copy_outbox(events: list[dict[str, Any]]) -> list[int]:
             copy.set_types(["int8", "varchar", "jsonb", "timestamptz", "varchar"])
             for outbox_id, event in zip(ids, events, strict=True):
                 copy.write_row(
-                    (outbox_id, event["event_type"], Jsonb(event, dumps=_json_bytes), now, "")
+                    (outbox_id, event["event_type"], Jsonb(event, dumps=json_bytes), now, "")
                 )
     return ids
 
 
-def _json_bytes(value: Any) -> bytes:
+def json_bytes(value: Any) -> bytes:
+    """JSON for a jsonb parameter (`Jsonb(value, dumps=json_bytes)`)."""
     # orjson encodes an event about 15x faster than json, which showed in bulk writes; json
     # still takes what orjson refuses (integers beyond 64 bits in a user's metadata).
     try:
