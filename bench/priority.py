@@ -56,7 +56,7 @@ def queue_backlog(tenancy: common.Tenancy, count: int) -> float:
                 MemoryRequest(
                     tenant_id=user.tenant_id,
                     user=user,
-                    request_hash=services.memory_request_hash(user=user, payload=payload),
+                    request_hash=services.memory_request_hash(user_id=user.id, payload=payload),
                     payload=payload,
                     expires_at=expires_at,
                 )

@@ -172,7 +172,6 @@ class MemoryCollectionApi(TenantApi):
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
-        user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         idempotency_key = _idempotency_key(request)
         backpressure.admit(Queue.HIGH if data["priority"] == "high" else Queue.DEFAULT)
         payload = {
@@ -183,7 +182,11 @@ class MemoryCollectionApi(TenantApi):
             "infer": data["infer"],
         }
         memory_request = services.memory_request_submit(
-            user=user, payload=payload, priority=data["priority"], idempotency_key=idempotency_key
+            tenant_id=self.tenant.id,
+            user_id=data["user_id"],
+            payload=payload,
+            priority=data["priority"],
+            idempotency_key=idempotency_key,
         )
         return Response(
             {"request_id": str(memory_request.id), "status": memory_request.status},

@@ -9,6 +9,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 from django.conf import settings
@@ -104,10 +105,10 @@ def end_user_delete(*, user: EndUser) -> int:
 # --- Memory jobs ---------------------------------------------------------------------------------
 
 
-def memory_request_hash(*, user: EndUser, payload: dict[str, Any]) -> str:
+def memory_request_hash(*, user_id: Any, payload: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of what makes two jobs the same job."""
     identity = {
-        "user_id": str(user.id),
+        "user_id": str(user_id),
         "messages": payload["messages"],
         "metadata": payload.get("metadata") or {},
         "options": {
@@ -121,80 +122,102 @@ def memory_request_hash(*, user: EndUser, payload: dict[str, Any]) -> str:
 
 
 def _release_expired_slots(
-    *, user: EndUser, request_hash: str, idempotency_key: str | None
+    *, tenant_id: Any, user_id: Any, request_hash: str, idempotency_key: str | None
 ) -> None:
     expired = MemoryRequest.objects.filter(
         holds_idempotency_slot=True, expires_at__lte=timezone.now()
     )
-    expired.filter(user=user, request_hash=request_hash).update(holds_idempotency_slot=False)
+    expired.filter(user_id=user_id, request_hash=request_hash).update(holds_idempotency_slot=False)
     if idempotency_key:
-        expired.filter(tenant_id=user.tenant_id, idempotency_key=idempotency_key).update(
+        expired.filter(tenant_id=tenant_id, idempotency_key=idempotency_key).update(
             holds_idempotency_slot=False
         )
 
 
 def memory_request_submit(
     *,
-    user: EndUser,
+    tenant_id: Any,
+    user_id: Any,
     payload: dict[str, Any],
     priority: str = MemoryRequest.Priority.NORMAL,
     idempotency_key: str | None = None,
 ) -> MemoryRequest:
-    """Record a memory job and ring the worker once the row is committed.
+    """Record a memory job for the tenant's user and ring the worker once the row is committed.
 
-    Raises DuplicateRequest when the same job (same user and body, or same Idempotency-Key and
-    body) is pending, processing or succeeded and not expired; IdempotencyKeyReused when the key
-    is live with a different body. Exactly one of two racing identical submissions wins: the
-    partial unique constraints decide.
+    Raises NotFound (naming `user_id`) when the tenant has no such user; DuplicateRequest when
+    the same job (same user and body, or same Idempotency-Key and body) is pending, processing or
+    succeeded and not expired; IdempotencyKeyReused when the key is live with a different body.
+    Exactly one of two racing identical submissions wins: the partial unique constraints decide.
     """
-    request_hash = memory_request_hash(user=user, payload=payload)
+    request_hash = memory_request_hash(user_id=user_id, payload=payload)
     now = timezone.now()
-    new_request = MemoryRequest(
-        tenant_id=user.tenant_id,
-        user=user,
+    memory_request = MemoryRequest(
+        tenant_id=tenant_id,
+        user_id=user_id,
         request_hash=request_hash,
         idempotency_key=idempotency_key,
         priority=priority,
         payload=payload,
+        created_at=now,
+        updated_at=now,
         expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
     )
+    slot = {"tenant_id": tenant_id, "user_id": user_id, "request_hash": request_hash}
     with transaction.atomic():
-        memory_request = _memory_request_insert(new_request)
-        if memory_request is None:
+        if not _memory_request_insert(memory_request):
+            if not EndUser.objects.filter(pk=user_id, tenant_id=tenant_id).exists():
+                raise NotFound("User not found.", field="user_id")
             # A slot is taken. Expiry is lazy: a request past its TTL stops blocking a duplicate
             # the moment one arrives, without waiting for the beat sweep; then try once more.
-            _release_expired_slots(
-                user=user, request_hash=request_hash, idempotency_key=idempotency_key
-            )
-            memory_request = _memory_request_insert(new_request)
-        if memory_request is None:
-            _raise_for_live_duplicate(
-                user=user, request_hash=request_hash, idempotency_key=idempotency_key
-            )
-            # The duplicate finished between the insert and the lookup: the caller may resend.
-            raise DuplicateRequest("An identical request was just finished; send it again.")
-        _session_record_job_messages(user=user, payload=payload)
+            _release_expired_slots(**slot, idempotency_key=idempotency_key)
+            if not _memory_request_insert(memory_request):
+                _raise_for_live_duplicate(**slot, idempotency_key=idempotency_key)
+                # The duplicate finished between the insert and the lookup: it may be resent.
+                raise DuplicateRequest("An identical request was just finished; send it again.")
+        _session_record_job_messages(user_id=user_id, payload=payload)
         transaction.on_commit(lambda: enqueue_memory_request(memory_request), robust=True)
     return memory_request
 
 
-def _memory_request_insert(memory_request: MemoryRequest) -> MemoryRequest | None:
-    """Insert the request, or return None when a live request holds its idempotency slot (the
-    partial unique constraints decide, so two racing identical submissions cannot both win)."""
-    try:
-        with transaction.atomic():
-            memory_request.save(force_insert=True)
-    except IntegrityError:
-        return None
-    return memory_request
+# The insert of a job, guarded in the same statement: it takes place only if the tenant has the
+# user (so the API needs no read of the user first), and not at all while a live request holds
+# its idempotency slot (the partial unique indexes; DO NOTHING instead of an error, so no
+# savepoint is needed around it).
+@cache
+def _memory_request_insert_sql() -> str:
+    fields = MemoryRequest._meta.concrete_fields
+    return f"""
+        INSERT INTO {MemoryRequest._meta.db_table} ({", ".join(f.column for f in fields)})
+        SELECT {", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields)}
+        FROM {EndUser._meta.db_table} WHERE id = %s AND tenant_id = %s
+        ON CONFLICT DO NOTHING
+        RETURNING id
+    """
 
 
-def _session_record_job_messages(*, user: EndUser, payload: dict[str, Any]) -> None:
+def _memory_request_insert(memory_request: MemoryRequest) -> bool:
+    """Insert the request; False when the tenant has no such user or its slot is taken."""
+    values = [
+        field.get_db_prep_save(getattr(memory_request, field.attname), connection)
+        for field in MemoryRequest._meta.concrete_fields
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _memory_request_insert_sql(),
+            [*values, memory_request.user_id, memory_request.tenant_id],
+        )
+        inserted = cursor.fetchone() is not None
+    if inserted:
+        memory_request._state.adding = False
+    return inserted
+
+
+def _session_record_job_messages(*, user_id: Any, payload: dict[str, Any]) -> None:
     """A job naming an open session of its user adds its messages to that session's record."""
     session_id = payload.get("session_id")
     try:
         session = Session.objects.filter(
-            pk=uuid.UUID(session_id), user=user, ended_at__isnull=True
+            pk=uuid.UUID(session_id), user_id=user_id, ended_at__isnull=True
         ).first()
     except (TypeError, ValueError):
         return
@@ -203,11 +226,11 @@ def _session_record_job_messages(*, user: EndUser, payload: dict[str, Any]) -> N
 
 
 def _raise_for_live_duplicate(
-    *, user: EndUser, request_hash: str, idempotency_key: str | None
+    *, tenant_id: Any, user_id: Any, request_hash: str, idempotency_key: str | None
 ) -> None:
     live = MemoryRequest.objects.filter(holds_idempotency_slot=True)
     if idempotency_key:
-        by_key = live.filter(tenant_id=user.tenant_id, idempotency_key=idempotency_key).first()
+        by_key = live.filter(tenant_id=tenant_id, idempotency_key=idempotency_key).first()
         if by_key is not None and by_key.request_hash != request_hash:
             raise IdempotencyKeyReused(
                 "This Idempotency-Key was used with a different request body.",
@@ -219,7 +242,7 @@ def _raise_for_live_duplicate(
                 request_id=str(by_key.id),
                 status=by_key.status,
             )
-    original = live.filter(user=user, request_hash=request_hash).first()
+    original = live.filter(user_id=user_id, request_hash=request_hash).first()
     if original is not None:
         raise DuplicateRequest(
             "This request was already accepted.",

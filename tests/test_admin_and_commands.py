@@ -56,7 +56,9 @@ def test_admin_shows_a_new_api_key_once(admin_client, tenant) -> None:
 
 def test_admin_retry_action_sends_a_failed_request_again(admin_client, end_user) -> None:
     payload = {"messages": [{"role": "user", "content": "I live in Rome."}], "infer": True}
-    memory_request = services.memory_request_submit(user=end_user, payload=payload)
+    memory_request = services.memory_request_submit(
+        tenant_id=end_user.tenant_id, user_id=end_user.id, payload=payload
+    )
     MemoryRequest.objects.filter(pk=memory_request.pk).update(
         status="failure", attempts=3, error="boom", holds_idempotency_slot=False
     )

@@ -118,7 +118,9 @@ def test_update_delete_search_and_clear_emit_their_events(end_user) -> None:
 def test_failed_job_emits_error_occurred(settings, end_user) -> None:
     settings.MEMORY_JOB_MAX_ATTEMPTS = 1
     request = services.memory_request_submit(
-        user=end_user, payload={"messages": [{"role": "user", "content": "x"}], "infer": True}
+        tenant_id=end_user.tenant_id,
+        user_id=end_user.id,
+        payload={"messages": [{"role": "user", "content": "x"}], "infer": True},
     )
     MemoryRequest.objects.filter(pk=request.pk).update(attempts=1)
     assert memory_request_run(request_id=str(request.id)) == "skipped"

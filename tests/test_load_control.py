@@ -80,10 +80,14 @@ def test_metrics_are_served_in_prometheus_format(api, end_user) -> None:
 def test_failed_requests_form_the_dead_letter_list(settings, api, end_user) -> None:
     settings.MEMORY_JOB_MAX_ATTEMPTS = 1
     ok = services.memory_request_submit(
-        user=end_user, payload={"messages": [{"role": "user", "content": "I like tea."}]}
+        tenant_id=end_user.tenant_id,
+        user_id=end_user.id,
+        payload={"messages": [{"role": "user", "content": "I like tea."}]},
     )
     bad = services.memory_request_submit(
-        user=end_user, payload={"messages": [{"role": "user", "content": "I like jam."}]}
+        tenant_id=end_user.tenant_id,
+        user_id=end_user.id,
+        payload={"messages": [{"role": "user", "content": "I like jam."}]},
     )
     memory_request_run(request_id=str(ok.id))
     MemoryRequest.objects.filter(pk=bad.pk).update(attempts=1, error="ProviderError: boom")
@@ -106,7 +110,9 @@ def test_every_log_line_of_a_job_is_json_with_its_request_id(openai_settings, en
     root.addHandler(handler)
     try:
         request = services.memory_request_submit(
-            user=end_user, payload={"messages": [{"role": "user", "content": "I like tea."}]}
+            tenant_id=end_user.tenant_id,
+            user_id=end_user.id,
+            payload={"messages": [{"role": "user", "content": "I like tea."}]},
         )
         assert memory_request_run(request_id=str(request.id)) == "retry"
     finally:

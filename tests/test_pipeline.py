@@ -29,7 +29,9 @@ def submit(user: EndUser, *texts: str, infer: bool = True) -> MemoryRequest:
         "session_id": "",
         "infer": infer,
     }
-    return services.memory_request_submit(user=user, payload=payload)
+    return services.memory_request_submit(
+        tenant_id=user.tenant_id, user_id=user.id, payload=payload
+    )
 
 
 def run(user: EndUser, *texts: str) -> MemoryRequest:
