@@ -325,14 +325,16 @@ class RuleBasedLLM:
 _WORD = re.compile(r"\w+")
 
 
-@lru_cache(maxsize=65536)
+# Both caches are sized with memory in mind: full, they hold ~17 MB per process (a word's entry
+# keeps a pair per trigram); at 65k entries each they grew to ~100 MB under a flood of new words.
+@lru_cache(maxsize=16384)
 def _slot(feature: str, dimensions: int) -> tuple[int, float]:
     # blake2b, not hash(): hash() is salted per process, and vectors are stored across processes.
     value = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "big")
     return value % dimensions, (1.0 if value >> 63 else -1.0)
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=8192)
 def _word_slots(word: str, dimensions: int) -> tuple[tuple[int, float], ...]:
     """The signed buckets one word adds (the word itself and its character trigrams), cached:
     vocabularies repeat, so most words of a batch were hashed before."""
