@@ -64,6 +64,15 @@ def test_committed_change_is_published_to_stream_and_user_channel(end_user) -> N
 
 
 @pytest.mark.django_db(transaction=True)
+def test_events_are_published_after_redis_forgets_its_scripts(end_user) -> None:
+    new_memory(end_user, "Lives in Paris")
+    redis_client().script_flush()  # as after a Redis restart
+    new_memory(end_user, "Likes tea")
+    published = [e["memory"]["content"] for e in tenant_events(end_user.tenant, "memory.created")]
+    assert published == ["Lives in Paris", "Likes tea"]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_rolled_back_transaction_publishes_nothing(end_user) -> None:
     with pytest.raises(RuntimeError), transaction.atomic():
         new_memory(end_user)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import orjson
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+from redis.exceptions import NoScriptError
 
 from memories.events.stream import STREAM_KEY, entry_fields, pubsub_channel, redis_client
 from memories.metrics import EVENTS_PUBLISHED
@@ -234,18 +236,43 @@ return id
 """
 
 
+_XADD_AND_PUBLISH_SHA = hashlib.sha1(_XADD_AND_PUBLISH.encode()).hexdigest()
+
+
 def _send(events: list[dict[str, Any]]) -> list[str]:
-    """Add the events to the stream and their channels; returns their stream ids, in order."""
+    """Add the events to the stream and their channels; returns their stream ids, in order.
+
+    One round trip: the script runs by its SHA. (redis-py's registered scripts ask Redis whether
+    the script exists before every pipeline, a second round trip on every write.) When Redis does
+    not know the script (restarted, or its scripts flushed) every call of the pipeline failed,
+    so nothing was applied: load it and send again.
+    """
     client = redis_client()
-    script = client.register_script(_XADD_AND_PUBLISH)
+    try:
+        return _send_by_sha(client, events)
+    except NoScriptError:
+        client.script_load(_XADD_AND_PUBLISH)
+        return _send_by_sha(client, events)
+
+
+def _send_by_sha(client: Any, events: list[dict[str, Any]]) -> list[str]:
     with client.pipeline(transaction=False) as pipe:
         for event in events:
             fields = entry_fields(event)
             tenant_id = event["source"]["tenant_id"]
             channels = [pubsub_channel(channel, tenant_id) for channel in event["channels"]]
-            args = [settings.EVENT_STREAM_MAXLEN, fields["event"], fields["type"]]
-            args += [fields["tenant_id"], fields["user_id"], fields["session_id"]]
-            script(keys=[STREAM_KEY, *channels], args=args, client=pipe)
+            pipe.evalsha(
+                _XADD_AND_PUBLISH_SHA,
+                1 + len(channels),
+                STREAM_KEY,
+                *channels,
+                settings.EVENT_STREAM_MAXLEN,
+                fields["event"],
+                fields["type"],
+                fields["tenant_id"],
+                fields["user_id"],
+                fields["session_id"],
+            )
         return pipe.execute()
 
 
