@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import cache
+from typing import Any
 
 from django.conf import settings
 
@@ -82,14 +84,21 @@ return {allowed, tostring(tokens)}
 """
 
 
+@cache
+def _token_bucket(client: Any) -> Any:
+    # A registered script runs by its SHA (EVALSHA, loading it if Redis lacks it), not as source
+    # on every request; one per client, built once.
+    return client.register_script(_TOKEN_BUCKET)
+
+
 def rate_limit(tenant_id: str) -> dict[str, str]:
     """Take one token from the tenant's bucket; return the limit headers, or raise RateLimited."""
     rate, burst = settings.RATE_LIMIT_PER_SECOND, settings.RATE_LIMIT_BURST
     if rate <= 0:
         return {}
-    # A registered script is sent by its SHA (EVALSHA), not as source on every request.
-    take_token = redis_client().register_script(_TOKEN_BUCKET)
-    allowed, tokens = take_token(keys=[f"ratelimit:{tenant_id}"], args=[rate, burst, time.time()])
+    allowed, tokens = _token_bucket(redis_client())(
+        keys=[f"ratelimit:{tenant_id}"], args=[rate, burst, time.time()]
+    )
     remaining = int(float(tokens))
     reset = math.ceil((burst - float(tokens)) / rate)
     headers = {

@@ -6,7 +6,6 @@ Shared by every kind of request (memory jobs, batches): only the work differs.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from memories import metrics, services
+from memories.background import ProcessThread
 from memories.logs import log_context
 from memories.models import MemoryRequest
 
@@ -35,19 +35,13 @@ class _LeaseRenewer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._claims: dict[services.Claim, threading.Event] = {}
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._thread = ProcessThread(self._run, name="lease-renewer")
 
     def add(self, claim: services.Claim) -> threading.Event:
         lost = threading.Event()
         with self._lock:
             self._claims[claim] = lost
-            # Started lazily, and again in a forked child (Celery's prefork pool), which inherits
-            # the object but not the thread.
-            if self._thread is None or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
-                self._thread.start()
+        self._thread.ensure_running()
         return lost
 
     def remove(self, claim: services.Claim) -> None:
@@ -112,7 +106,7 @@ def _run(*, request_id: str, work: Work) -> str:
         return "skipped"
     try:
         with lease_kept(claim), metrics.timed("total"):
-            memory_request = claim.request or MemoryRequest.objects.get(pk=claim.request_id)
+            memory_request = claim.request
             if claim.token == 1:
                 waited = (timezone.now() - memory_request.created_at).total_seconds()
                 metrics.JOB_SECONDS.labels(stage="queue_wait").observe(waited)

@@ -258,7 +258,7 @@ class Claim:
 
     request_id: str
     token: int
-    request: MemoryRequest | None = field(default=None, compare=False, repr=False)
+    request: MemoryRequest = field(compare=False, repr=False)
 
 
 # The common case of a claim in one round trip: the row changes only if it is claimable, and
@@ -458,10 +458,12 @@ _FINISH_SUCCESS_SQL = f"""
 """
 
 
-def _finish_success(claim: Claim, result: list[dict[str, Any]]) -> None:
-    """Mark the claimed request `success`, fenced by the claim token: LeaseLost (and so a
-    rollback of the enclosing transaction) when another worker took the request over. One
-    statement by hand: it ends every job, and the ORM's update cost more than the write."""
+def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -> None:
+    """Mark the claimed request `success` with its result. Call it inside the transaction that
+    did its writes, so they and `success` commit together or not at all: it is fenced by the
+    claim token, and raises LeaseLost (rolling that transaction back) when another worker took
+    the request over. One statement by hand: it ends every job, and the ORM's update cost more
+    than the write."""
     params = {
         "id": claim.request_id,
         "token": claim.token,
@@ -472,12 +474,6 @@ def _finish_success(claim: Claim, result: list[dict[str, Any]]) -> None:
         cursor.execute(_FINISH_SUCCESS_SQL, params)
         if cursor.rowcount != 1:
             raise LeaseLost(claim.request_id)
-
-
-def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -> None:
-    """Mark the request done with its result; call inside the transaction that did its writes,
-    so the writes and `success` commit together or not at all."""
-    _finish_success(claim, result)
 
 
 def batch_request_submit(
@@ -532,10 +528,9 @@ def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> li
     finds `success` and does nothing. Raises LeaseLost when the claim was taken over (the last
     statement checks the claim token, so nothing of this attempt commits).
     """
-    memory_request = claim.request or MemoryRequest.objects.get(pk=claim.request_id)
     with transaction.atomic():
-        result = _apply_changes(memory_request=memory_request, changes=changes)
-        _finish_success(claim, result)
+        result = _apply_changes(memory_request=claim.request, changes=changes)
+        memory_request_mark_success(claim=claim, result=result)
     return result
 
 
@@ -545,20 +540,16 @@ def _apply_changes(
     """Write a job's changes. Returns the request's result entries, in decision order."""
     payload = memory_request.payload
     now = timezone.now()
-    targets = (
-        {
-            str(memory.id): memory
-            for memory in Memory.objects.select_for_update()
-            .defer("embedding")
-            .filter(
-                pk__in=[c.memory_id for c in changes if c.event != "ADD"],
-                user_id=memory_request.user_id,
-                deleted_at__isnull=True,
+    target_ids = [c.memory_id for c in changes if c.event != "ADD"]
+    targets: dict[str, Memory] = {}
+    if target_ids:  # the memories to change, locked (a job of ADDs alone needs no round trip)
+        locked = Memory.objects.select_for_update().defer("embedding")
+        targets = {
+            str(m.id): m
+            for m in locked.filter(
+                pk__in=target_ids, user_id=memory_request.user_id, deleted_at__isnull=True
             )
         }
-        if any(c.event != "ADD" for c in changes)
-        else {}
-    )
     applied: list[AppliedChange] = []
     for change in changes:
         if change.event == "ADD":
@@ -640,6 +631,8 @@ def _memories_write(
             "version": memory.version,
             "updated_at": at,
         }
+        # Locked memories are read without their embedding; one is written only if the change
+        # set it (assigning a deferred field loads it into the instance).
         if "embedding" not in memory.get_deferred_fields():
             fields["embedding"] = memory.embedding
         # No save(): post_save would record the events one at a time; they are recorded together

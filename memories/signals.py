@@ -21,8 +21,9 @@ memories_cleared = Signal()  # count
 error_occurred = Signal()  # error, request_id
 conflict_detected = Signal()  # memory, data
 summary_created = Signal()  # session
-# Many memories written at once (a memory job's changes, bulk writes), which bypass post_save so
-# that their events are recorded in one statement: changes = [(memory, event_type), ...].
+# Memories written by the services without save() (a memory job's changes, a correction, a
+# delete), so that the events of one write go in one statement: changes = [(memory, event_type),
+# ...]. Bulk writes (memories.batch) record theirs directly, with ids drawn in bulk.
 memories_written = Signal()
 
 

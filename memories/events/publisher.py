@@ -6,7 +6,6 @@ import atexit
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from datetime import timedelta
@@ -18,6 +17,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from redis.exceptions import NoScriptError
 
+from memories.background import ProcessThread
 from memories.events.stream import STREAM_KEY, entry_fields, pubsub_channel, redis_client
 from memories.metrics import EVENTS_PUBLISHED
 
@@ -78,19 +78,13 @@ class _PublishedMarks:
         self._ids: list[int] = []
         self._stream_ids: list[str] = []
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._thread = ProcessThread(self._run, name="outbox-marks")
 
     def add(self, ids: list[int], stream_ids: list[str]) -> None:
         with self._lock:
             self._ids += ids
             self._stream_ids += stream_ids
-            # Started lazily, and again in a forked child (Celery's prefork pool), which inherits
-            # the object but not the thread.
-            if self._thread is None or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="outbox-marks", daemon=True)
-                self._thread.start()
+        self._thread.ensure_running()
         self._wake.set()
 
     def flush(self) -> None:

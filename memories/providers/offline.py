@@ -325,8 +325,9 @@ class RuleBasedLLM:
 _WORD = re.compile(r"\w+")
 
 
-# Both caches are sized with memory in mind: full, they hold ~17 MB per process (a word's entry
-# keeps a pair per trigram); at 65k entries each they grew to ~100 MB under a flood of new words.
+# Both caches are sized with memory in mind: full, they hold ~17 MB per process (measured; a
+# word's entry keeps a pair per trigram). At 65k entries each, a flood of new words kept a
+# worker growing for minutes.
 @lru_cache(maxsize=16384)
 def _slot(feature: str, dimensions: int) -> tuple[int, float]:
     # blake2b, not hash(): hash() is salted per process, and vectors are stored across processes.
