@@ -287,6 +287,18 @@ def test_patch_corrects_a_memory_and_records_history(api, memory) -> None:
     assert search[0]["content"] == "Lives in Rome"
 
 
+def test_patch_of_metadata_alone_keeps_content_and_embedding(api, memory) -> None:
+    embedding_before = list(Memory.objects.get(pk=memory.pk).embedding)
+    response = api.patch(
+        f"/v1/memories/{memory.id}", {"metadata": {"city": "Paris"}}, format="json"
+    )
+    assert response.status_code == 200
+    assert response.json()["version"] == 2 and response.json()["metadata"] == {"city": "Paris"}
+    stored = Memory.objects.get(pk=memory.pk)
+    assert stored.content == "Lives in Paris"
+    assert list(stored.embedding) == embedding_before
+
+
 def test_patch_with_stale_if_match_is_412_and_changes_nothing(api, memory) -> None:
     api.patch(f"/v1/memories/{memory.id}", {"content": "Lives in Rome"}, format="json")
     response = api.patch(

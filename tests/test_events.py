@@ -7,10 +7,11 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from memories import services
+from memories.events import publisher
 from memories.events.publisher import relay_unpublished
 from memories.events.stream import STREAM_KEY, redis_client
 from memories.models import Memory, MemoryRequest, OutboxEvent
@@ -70,6 +71,31 @@ def test_events_are_published_after_redis_forgets_its_scripts(end_user) -> None:
     new_memory(end_user, "Likes tea")
     published = [e["memory"]["content"] for e in tenant_events(end_user.tenant, "memory.created")]
     assert published == ["Lives in Paris", "Likes tea"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_event_whose_row_could_not_be_marked_is_sent_again_by_the_relay(
+    settings, monkeypatch, end_user
+) -> None:
+    attempts = []
+
+    def failing_mark(ids, stream_ids) -> None:
+        attempts.append(ids)
+        raise DatabaseError("the database went away")
+
+    monkeypatch.setattr(publisher, "_mark_published", failing_mark)
+    new_memory(end_user)
+    wait_for(lambda: attempts, timeout=5, what="the marker's attempt")
+    monkeypatch.undo()
+    (row,) = OutboxEvent.objects.all()
+    assert row.published_at is None  # published to Redis, but not known to be
+    settings.EVENT_RELAY_GRACE_SECONDS = 0
+    assert relay_unpublished() == 1
+    row.refresh_from_db()
+    assert row.published_at is not None
+    # At-least-once: the relay sent it again, under the same event_id.
+    sent = tenant_events(end_user.tenant, "memory.created")
+    assert len(sent) == 2 and sent[0]["event_id"] == sent[1]["event_id"]
 
 
 @pytest.mark.django_db(transaction=True)
