@@ -19,7 +19,7 @@ from django.db.models import Q
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
-from memories import selectors, signals
+from memories import rows, selectors, signals
 from memories.auth import hash_api_key
 from memories.errors import (
     AlreadyExists,
@@ -271,7 +271,7 @@ _CLAIM_SQL = f"""
     WHERE id = %(id)s AND attempts < %(max_attempts)s
       AND (status = 'pending'
            OR (status = 'processing' AND (lease_until IS NULL OR lease_until <= %(now)s)))
-    RETURNING *
+    RETURNING {rows.select_columns(MemoryRequest)}
 """
 
 
@@ -295,10 +295,13 @@ def memory_request_claim(*, request_id: str) -> Claim | None:
         "lease_until": now + timedelta(seconds=settings.MEMORY_JOB_LEASE_SECONDS),
         "max_attempts": settings.MEMORY_JOB_MAX_ATTEMPTS,
     }
-    claimed = list(MemoryRequest.objects.raw(_CLAIM_SQL, params))
-    if claimed:
-        return Claim(request_id=str(claimed[0].id), token=claimed[0].attempts, request=claimed[0])
-    return _claim_refused(request_id=request_id, now=now)
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM_SQL, params)
+        row = cursor.fetchone()
+    if row is None:
+        return _claim_refused(request_id=request_id, now=now)
+    claimed = rows.instance_from_row(MemoryRequest, row)
+    return Claim(request_id=str(claimed.id), token=claimed.attempts, request=claimed)
 
 
 def _claim_refused(*, request_id: str, now: datetime) -> Claim | None:
@@ -638,7 +641,7 @@ def _memories_write(
         # No save(): post_save would record the events one at a time; they are recorded together
         # below, through the memories_written signal.
         Memory.objects.filter(pk=memory.pk).update(**fields)
-    Memory.objects.bulk_create([change.memory for change in applied if change.event == "ADD"])
+    rows.insert_instances([change.memory for change in applied if change.event == "ADD"])
     _history_insert(applied, actor=actor, request=request, at=at)
     signals.memories_written.send(
         sender=Memory,
@@ -660,38 +663,26 @@ def memories_create_direct(
     ]
 
 
-_HISTORY_INSERT_SQL = f"""
-    INSERT INTO {MemoryHistory._meta.db_table}
-        (memory_id, event, old_content, new_content, actor, request_id, created_at)
-    SELECT m, e, o, n, %(actor)s, %(request_id)s, %(at)s
-    FROM unnest(%(memory_ids)s::uuid[], %(events)s::varchar[], %(old)s::text[], %(new)s::text[])
-        AS h(m, e, o, n)
-"""
-
-
 def _history_insert(
     applied: list[AppliedChange], *, actor: str, request: MemoryRequest | None, at: datetime
 ) -> None:
-    """The history rows of a write, in one INSERT by hand (bulk writes COPY theirs): every change
-    of the service records one, and the ORM's bulk_create cost more than the statement."""
-    if not applied:
-        return
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _HISTORY_INSERT_SQL,
+    """The history rows of a write, in one statement (bulk writes COPY theirs)."""
+    request_id = request.id if request is not None else None
+    rows.insert_rows(
+        MemoryHistory,
+        [
             {
+                "memory_id": change.memory.id,
+                "event": change.event,
+                "old_content": change.previous,
+                "new_content": None if change.event == "DELETE" else change.memory.content,
                 "actor": actor,
-                "request_id": request.id if request is not None else None,
-                "at": at,
-                "memory_ids": [change.memory.id for change in applied],
-                "events": [change.event for change in applied],
-                "old": [change.previous for change in applied],
-                "new": [
-                    None if change.event == "DELETE" else change.memory.content
-                    for change in applied
-                ],
-            },
-        )
+                "request_id": request_id,
+                "created_at": at,
+            }
+            for change in applied
+        ],
+    )
 
 
 def _memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:

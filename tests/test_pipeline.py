@@ -13,7 +13,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from memories import services
-from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest
+from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest, OutboxEvent
 from memories.pipeline import get_embedder, memory_request_run
 from memories.providers.openai_provider import DECIDE_PROMPT, EXTRACT_PROMPT
 from tests.fake_openai import FakeResponse, rule_based_chat
@@ -111,6 +111,37 @@ def test_infer_false_stores_messages_verbatim(end_user) -> None:
     memory_request = submit(end_user, "Remember the code 4711", infer=False)
     assert memory_request_run(request_id=str(memory_request.id)) == "done"
     assert live_contents(end_user) == ["Remember the code 4711"]
+
+
+@pytestmark_db
+def test_a_job_stores_awkward_text_and_metadata_exactly(end_user) -> None:
+    # A job's rows travel to PostgreSQL as one JSON document (memories.rows): quotes,
+    # backslashes, non-ASCII text and an integer beyond 64 bits must come back as they went in.
+    text = 'Remember "C:\\temp\\new" — naïve 北京 {"not": json} \' ; -- $1'
+    metadata = {"big": 2**70, "quote": 'say "hi"', "nested": {"list": [1.5, None, True]}}
+    payload = {
+        "messages": [{"role": "user", "content": text}],
+        "metadata": metadata,
+        "agent_id": 'agent "7"',
+        "session_id": "",
+        "infer": False,
+    }
+    memory_request = services.memory_request_submit(
+        tenant_id=end_user.tenant_id, user_id=end_user.id, payload=payload
+    )
+    assert memory_request_run(request_id=str(memory_request.id)) == "done"
+
+    memory = Memory.objects.get(user=end_user)
+    assert (memory.content, memory.metadata, memory.agent_id) == (text, metadata, 'agent "7"')
+    assert memory.version == 1 and memory.scope == "user" and memory.deleted_at is None
+    expected = get_embedder().embed([text])[0]
+    assert memory.embedding == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    history = memory.history.get()
+    assert (history.event, history.old_content, history.new_content) == ("ADD", None, text)
+    assert (history.actor, history.request_id) == ('agent "7"', memory_request.id)
+    event = OutboxEvent.objects.get(event_type="memory.created")
+    assert event.payload["memory"]["content"] == text
+    assert event.payload["memory"]["metadata"] == metadata
 
 
 @pytestmark_db

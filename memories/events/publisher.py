@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError
 from memories.background import ProcessThread
 from memories.events.stream import STREAM_KEY, entry_fields, pubsub_channel, redis_client
 from memories.metrics import EVENTS_PUBLISHED
+from memories.rows import insert_rows
 
 logger = logging.getLogger(__name__)
 
@@ -121,28 +122,23 @@ def _defer(task: Any, ids: list[int]) -> None:
 
 
 def _insert_outbox(events: list[dict[str, Any]]) -> list[int]:
-    """A few events in one INSERT, their ids returned in order. Written by hand: every write of
-    the service records its events here, and the ORM's bulk_create cost as much as the rest of
-    the statement's work."""
-    from psycopg.types.json import Jsonb
-
+    """A few events in one INSERT, their ids returned in order."""
     from memories.models import OutboxEvent
 
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""INSERT INTO {OutboxEvent._meta.db_table}
-                    (event_type, payload, created_at, stream_id)
-                SELECT t, p, %s, ''
-                FROM unnest(%s::varchar[], %s::jsonb[]) WITH ORDINALITY AS e(t, p, n)
-                ORDER BY n
-                RETURNING id""",
-            [
-                timezone.now(),
-                [event["event_type"] for event in events],
-                [Jsonb(event, dumps=json_bytes) for event in events],
-            ],
-        )
-        return sorted(row[0] for row in cursor.fetchall())
+    now = timezone.now()
+    return insert_rows(
+        OutboxEvent,
+        [
+            {
+                "event_type": event["event_type"],
+                "payload": event,
+                "created_at": now,
+                "stream_id": "",
+            }
+            for event in events
+        ],
+        returning="id",
+    )
 
 
 def _copy_outbox(events: list[dict[str, Any]]) -> list[int]:
