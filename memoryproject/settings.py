@@ -150,6 +150,10 @@ if not REDIS_URL:
     REDIS_URL = f"{ensure_redis(VAR_DIR)}/{int(worker[2:]) + 1 if worker else 0}"
 
 CELERY_BROKER_URL = REDIS_URL
+if REDIS_URL.startswith("redis://"):
+    # kombu's Redis transport, reusing its clients (memoryproject/broker.py). Other schemes
+    # (rediss://, sentinel://, redis+socket://) keep kombu's own transport as the URL names it.
+    CELERY_BROKER_TRANSPORT = "memoryproject.broker:Transport"
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True  # PostgreSQL is the ledger; Celery only rings the doorbell.
