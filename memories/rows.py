@@ -18,29 +18,41 @@ from typing import Any, TypeVar
 
 import orjson
 from django.db import connection
-from django.db.models import Field, Model
+from django.db.models import Model
 
 M = TypeVar("M", bound=Model)
 
 
-def _fields_by_attname(model: type[Model]) -> dict[str, Field]:
-    return {f.attname: f for f in model._meta.concrete_fields}
-
-
 @cache
-def _insert_sql(model: type[Model], attnames: tuple[str, ...], returning: str | None) -> str:
-    fields = _fields_by_attname(model)
-    columns = ", ".join(fields[name].column for name in attnames)
-    typed = ", ".join(f"{fields[n].column} {fields[n].db_type(connection)}" for n in attnames)
+def insert_sql(
+    model: type[Model],
+    attnames: tuple[str, ...],
+    *,
+    returning: str | None = None,
+    condition: str = "",
+    on_conflict: str = "",
+) -> str:
+    """The INSERT of rows given as one JSON parameter, keyed by the fields' attnames; then the
+    parameters of `condition` (a WHERE clause the rows must pass), if any."""
+    fields = {f.attname: f for f in model._meta.concrete_fields}
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(fields[name].column) for name in attnames)
+    keys = ", ".join(quote(name) for name in attnames)
+    typed = ", ".join(f"{quote(name)} {fields[name].db_type(connection)}" for name in attnames)
     if returning is None:
-        source = f"json_to_recordset(%s::json) AS r({typed})"
-        tail = ""
+        source, order = f"json_to_recordset(%s::json) AS r({typed})", ""
     else:
         # In the rows' order, so that the returned values line up with them.
-        source = f"ROWS FROM (json_to_recordset(%s::json) AS ({typed})) WITH ORDINALITY AS r"
-        source += f"({columns}, row_number)"
-        tail = f" ORDER BY row_number RETURNING {returning}"
-    return f"INSERT INTO {model._meta.db_table} ({columns}) SELECT {columns} FROM {source}{tail}"
+        source = f"ROWS FROM (json_to_recordset(%s::json) AS ({typed})) WITH ORDINALITY"
+        source += f" AS r({keys}, row_number)"
+        order = " ORDER BY row_number"
+    return (
+        f"INSERT INTO {quote(model._meta.db_table)} ({columns}) SELECT {keys} FROM {source}"
+        + (f" WHERE {condition}" if condition else "")
+        + order
+        + (f" ON CONFLICT {on_conflict}" if on_conflict else "")
+        + (f" RETURNING {returning}" if returning else "")
+    )
 
 
 def _to_json(value: Any) -> Any:
@@ -60,17 +72,32 @@ def rows_json(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def insert_rows(
-    model: type[Model], rows: Sequence[Mapping[str, Any]], *, returning: str | None = None
+    model: type[Model],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    returning: str | None = None,
+    condition: str = "",
+    condition_params: Sequence[Any] = (),
+    on_conflict: str = "",
 ) -> list[Any]:
     """INSERT the rows (mappings from field attname to value, all with the same keys) into the
-    model's table in one statement. Returns the `returning` column of each row, in row order
-    (nothing when it is None). Values are written as they are: no defaults, no pre_save."""
+    model's table in one statement. Returns the `returning` column of each row inserted, in row
+    order (nothing when it is None). Values are written as they are: no defaults, no pre_save.
+    `condition` and `on_conflict` are SQL: a WHERE clause (with `condition_params`) and what
+    follows ON CONFLICT."""
     if not rows:
         return []
-    sql = _insert_sql(model, tuple(rows[0]), returning)
+    sql = insert_sql(
+        model, tuple(rows[0]), returning=returning, condition=condition, on_conflict=on_conflict
+    )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [rows_json(rows)])
+        cursor.execute(sql, [rows_json(rows), *condition_params])
         return [row[0] for row in cursor.fetchall()] if returning else []
+
+
+def instance_row(instance: Model) -> dict[str, Any]:
+    """Every concrete field of the instance, by attname, as `insert_rows` takes them."""
+    return {f.attname: getattr(instance, f.attname) for f in instance._meta.concrete_fields}
 
 
 def insert_instances(instances: Sequence[Model]) -> None:
@@ -78,11 +105,7 @@ def insert_instances(instances: Sequence[Model]) -> None:
     defaults were applied when each was built; auto_now fields must be set by the caller)."""
     if not instances:
         return
-    fields = type(instances[0])._meta.concrete_fields
-    insert_rows(
-        type(instances[0]),
-        [{f.attname: getattr(instance, f.attname) for f in fields} for instance in instances],
-    )
+    insert_rows(type(instances[0]), [instance_row(instance) for instance in instances])
     for instance in instances:
         instance._state.adding = False
         instance._state.db = connection.alias

@@ -7,9 +7,9 @@ import json
 import logging
 import secrets
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cache
 from typing import Any
 
 from django.conf import settings
@@ -163,7 +163,9 @@ def memory_request_submit(
         expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
     )
     slot = {"tenant_id": tenant_id, "user_id": user_id, "request_hash": request_hash}
-    with transaction.atomic():
+    # The insert alone is one statement and needs no transaction (BEGIN and COMMIT would be two
+    # more round trips on every job); with a session, its messages are recorded in the same one.
+    with transaction.atomic() if payload.get("session_id") else nullcontext():
         if not _memory_request_insert(memory_request):
             if not EndUser.objects.filter(pk=user_id, tenant_id=tenant_id).exists():
                 raise NotFound("User not found.", field="user_id")
@@ -183,33 +185,24 @@ def memory_request_submit(
 # user (so the API needs no read of the user first), and not at all while a live request holds
 # its idempotency slot (the partial unique indexes; DO NOTHING instead of an error, so no
 # savepoint is needed around it).
-@cache
-def _memory_request_insert_sql() -> str:
-    fields = MemoryRequest._meta.concrete_fields
-    return f"""
-        INSERT INTO {MemoryRequest._meta.db_table} ({", ".join(f.column for f in fields)})
-        SELECT {", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields)}
-        FROM {EndUser._meta.db_table} WHERE id = %s AND tenant_id = %s
-        ON CONFLICT DO NOTHING
-        RETURNING id
-    """
+_TENANT_HAS_USER = (
+    f"EXISTS (SELECT 1 FROM {EndUser._meta.db_table} WHERE id = %s AND tenant_id = %s)"
+)
 
 
 def _memory_request_insert(memory_request: MemoryRequest) -> bool:
     """Insert the request; False when the tenant has no such user or its slot is taken."""
-    values = [
-        field.get_db_prep_save(getattr(memory_request, field.attname), connection)
-        for field in MemoryRequest._meta.concrete_fields
-    ]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _memory_request_insert_sql(),
-            [*values, memory_request.user_id, memory_request.tenant_id],
-        )
-        inserted = cursor.fetchone() is not None
+    inserted = rows.insert_rows(
+        MemoryRequest,
+        [rows.instance_row(memory_request)],
+        returning="id",
+        condition=_TENANT_HAS_USER,
+        condition_params=[memory_request.user_id, memory_request.tenant_id],
+        on_conflict="DO NOTHING",
+    )
     if inserted:
         memory_request._state.adding = False
-    return inserted
+    return bool(inserted)
 
 
 def _session_record_job_messages(*, user_id: Any, payload: dict[str, Any]) -> None:
