@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "batch_writes": ([], ["--clients", "2", "--duration", "5", "--warmup", "2"], 480),
     "pipeline_overhead": ([], ["--jobs", "150"], 660),
+    "pipeline_instructions": ([], ["--jobs", "40", "--baseline-jobs", "20"], 1200),
     "priority": ([], ["--backlog", "2000", "--samples", "20", "--patches", "40"], 360),
     "backpressure": ([], ["--duration", "10"], 660),
     # Someone else's bench: run if present, with its own defaults.
