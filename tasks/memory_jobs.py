@@ -29,7 +29,13 @@ def enqueue_memory_request(memory_request: MemoryRequest) -> None:
         queue = Queue.HIGH if memory_request.priority == "high" else Queue.DEFAULT
     try:
         task.apply_async(
-            args=[str(memory_request.id)], task_id=str(memory_request.id), queue=queue.value
+            args=[str(memory_request.id)],
+            task_id=str(memory_request.id),
+            queue=queue.value,
+            # Celery sends to a direct queue on Redis as an LPUSH to the list of that name, which
+            # needs no binding; declaring it anyway cost a copy and bind of the queue entity on
+            # every send. (Workers declare the queues they consume.)
+            declare=[],
         )
     except Exception:
         logger.exception("could not send memory request %s; the sweeper will", memory_request.id)
