@@ -20,6 +20,7 @@ from memories.batch import memories_batch_apply
 from memories.errors import InvalidInput
 from memories.models import Memory, MemoryRequest, Tenant
 from memories.pipeline import get_embedder
+from memories.validation import NULL_CHARACTER_MESSAGE, contains_null_character
 from tasks.queues import Queue
 
 
@@ -47,6 +48,17 @@ class TenantApi(APIView):
         return self.request.user.tenant
 
 
+class JsonObjectField(serializers.DictField):
+    """A JSON object stored in a jsonb column (metadata): one PostgreSQL could not store is a 400
+    naming the field, not an error in the database."""
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        value = super().to_internal_value(data)
+        if contains_null_character(value):
+            raise serializers.ValidationError(NULL_CHARACTER_MESSAGE)
+        return value
+
+
 def validated_input(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
     """The serializer's validated data; a non-object body or a bad field is a 400 naming it."""
     if not isinstance(data, dict):
@@ -69,7 +81,7 @@ class UserOutput(serializers.Serializer):
 class UserCreateApi(TenantApi):
     class InputSerializer(serializers.Serializer):
         external_id = serializers.CharField(required=False, allow_null=True, max_length=200)
-        metadata = serializers.DictField(required=False, default=dict)
+        metadata = JsonObjectField(required=False, default=dict)
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
@@ -129,7 +141,7 @@ class FiltersInput(serializers.Serializer):
     agent_id = serializers.CharField(required=False, max_length=200)
     session_id = serializers.CharField(required=False, max_length=200)
     type = serializers.ChoiceField(required=False, choices=Memory.Type.choices)
-    metadata = serializers.DictField(required=False)
+    metadata = JsonObjectField(required=False)
 
 
 def _encode_cursor(memory: Memory) -> str:
@@ -155,7 +167,7 @@ class MemoryCollectionApi(TenantApi):
         messages = MessageInput(
             many=True, allow_empty=False, max_length=settings.MEMORY_MAX_MESSAGES
         )
-        metadata = serializers.DictField(required=False, default=dict)
+        metadata = JsonObjectField(required=False, default=dict)
         agent_id = serializers.CharField(
             required=False, default="", allow_blank=True, max_length=200
         )
@@ -293,7 +305,7 @@ class MemoryDetailApi(TenantApi):
         content = serializers.CharField(
             required=False, max_length=settings.MEMORY_MAX_CONTENT_CHARS
         )
-        metadata = serializers.DictField(required=False)
+        metadata = JsonObjectField(required=False)
 
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
             if not attrs:

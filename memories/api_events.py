@@ -11,7 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from memories import selectors, services
-from memories.api import MemoryOutput, MessageInput, TenantApi, validated_input
+from memories.api import JsonObjectField, MemoryOutput, MessageInput, TenantApi, validated_input
 from memories.errors import InvalidInput
 from memories.events import EVENT_TYPES
 from memories.events.analytics import analytics_summary
@@ -35,7 +35,7 @@ class SessionCreateApi(TenantApi):
         agent_id = serializers.CharField(
             required=False, default="", allow_blank=True, max_length=200
         )
-        metadata = serializers.DictField(required=False, default=dict)
+        metadata = JsonObjectField(required=False, default=dict)
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)

@@ -29,6 +29,7 @@ from memories import events
 from memories.models import EndUser, Memory, MemoryHistory, Tenant
 from memories.providers import Embedder
 from memories.services import content_hash
+from memories.validation import NULL_CHARACTER_MESSAGE, contains_null_character
 
 ACTIONS = ("create", "update", "delete")
 MEMORY_TYPES = {choice for choice, _ in Memory.Type.choices}
@@ -97,6 +98,22 @@ def parse_items(raw_items: list[Any]) -> tuple[list[BatchItem], list[dict[str, A
         agent_id, session_id = raw.get("agent_id", ""), raw.get("session_id", "")
         if not isinstance(agent_id, str) or not isinstance(session_id, str):
             errors.append(_error(index, "agent_id", "agent_id and session_id must be strings."))
+            continue
+        unstorable = next(
+            (
+                name
+                for name, value in (
+                    ("content", content),
+                    ("metadata", metadata),
+                    ("agent_id", agent_id),
+                    ("session_id", session_id),
+                )
+                if contains_null_character(value)
+            ),
+            None,
+        )
+        if unstorable:
+            errors.append(_error(index, unstorable, NULL_CHARACTER_MESSAGE))
             continue
         valid.append(
             BatchItem(

@@ -14,6 +14,7 @@ from rest_framework.test import APIClient
 
 from memories import services
 from memories.models import ApiKey, Memory, MemoryRequest
+from tests.helpers import store_memories
 
 pytestmark = pytest.mark.django_db
 
@@ -370,3 +371,32 @@ def test_health_and_readiness_need_no_key_and_report_both_services(db) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+# --- Text PostgreSQL cannot store ----------------------------------------------------------------
+
+NUL_METADATA = {"note": "a\x00b", "nested": [{"k\x00": 1}]}
+
+
+def test_a_null_character_in_job_metadata_is_400_naming_it(api, end_user) -> None:
+    for metadata in ({"note": "a\x00b"}, {"nested": [{"k\x00": 1}]}):
+        body = {"messages": [{"role": "user", "content": "I like tea."}], "metadata": metadata}
+        response = submit(api, end_user.id, body)
+        assert response.status_code == 400, response.content
+        assert response.json()["fields"] == {"metadata": ["Null characters are not allowed."]}
+    assert not MemoryRequest.objects.exists()
+
+
+def test_a_null_character_in_user_or_memory_metadata_is_400_and_changes_nothing(
+    api, end_user
+) -> None:
+    response = api.post("/v1/users", {"metadata": NUL_METADATA}, format="json")
+    assert response.status_code == 400 and "metadata" in response.json()["fields"]
+    (memory,) = store_memories(end_user, "Likes tea", metadata={"kept": True})
+    response = api.patch(f"/v1/memories/{memory.id}", {"metadata": NUL_METADATA}, format="json")
+    assert response.status_code == 400 and "metadata" in response.json()["fields"]
+    memory.refresh_from_db()
+    assert (memory.metadata, memory.version) == ({"kept": True}, 1)
+    search = {"user_id": str(end_user.id), "query": "tea", "filters": {"metadata": NUL_METADATA}}
+    response = api.post("/v1/memories/search", search, format="json")
+    assert response.status_code == 400 and "filters" in response.json()["fields"]

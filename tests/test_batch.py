@@ -241,3 +241,18 @@ def test_events_of_a_large_batch_are_published_by_the_batch_lane(api, end_user, 
         time.sleep(0.1)
     assert published() == 150
     assert not OutboxEvent.objects.filter(published_at__isnull=True).exists()
+
+
+@pytest.mark.django_db
+def test_a_batch_item_with_a_null_character_fails_alone(api, end_user) -> None:
+    uid = str(end_user.id)
+    items = [
+        {"user_id": uid, "content": "Likes tea"},
+        {"user_id": uid, "content": "Likes a\x00b"},
+        {"user_id": uid, "content": "Likes coffee", "metadata": {"note": "x\x00"}},
+        {"user_id": uid, "content": "Likes jam", "agent_id": "agent\x00"},
+    ]
+    results = batch(api, items).json()["results"]
+    assert [r["status"] for r in results] == ["ok", "error", "error", "error"]
+    assert [r["error"]["field"] for r in results[1:]] == ["content", "metadata", "agent_id"]
+    assert list(Memory.objects.values_list("content", flat=True)) == ["Likes tea"]
