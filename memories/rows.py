@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import orjson
 from django.db import connection
-from django.db.models import Model
+from django.db.models import Field, Model
 
 M = TypeVar("M", bound=Model)
 
@@ -111,17 +111,52 @@ def insert_instances(instances: Sequence[Model]) -> None:
         instance._state.db = connection.alias
 
 
-def select_columns(model: type[Model]) -> str:
-    """The model's columns in field order, to RETURN or SELECT for `instance_from_row`."""
-    return ", ".join(f.column for f in model._meta.concrete_fields)
+def update_rows(model: type[Model], rows: Sequence[Mapping[str, Any]]) -> int:
+    """UPDATE the model's rows named by the primary key in each mapping (attname to value, all
+    with the same keys) to the other values, in one statement. Returns how many rows changed."""
+    if not rows:
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute(_update_sql(model, tuple(rows[0])), [rows_json(rows)])
+        return cursor.rowcount
 
 
 @cache
-def _converters(model: type[Model]) -> tuple[tuple[tuple[Any, ...], Any], ...]:
+def _update_sql(model: type[Model], attnames: tuple[str, ...]) -> str:
+    fields = {f.attname: f for f in model._meta.concrete_fields}
+    quote = connection.ops.quote_name
+    pk = model._meta.pk.attname
+    typed = ", ".join(f"{quote(name)} {fields[name].db_type(connection)}" for name in attnames)
+    assignments = ", ".join(
+        f"{quote(fields[name].column)} = r.{quote(name)}" for name in attnames if name != pk
+    )
+    return (
+        f"UPDATE {quote(model._meta.db_table)} AS t SET {assignments}"
+        f" FROM json_to_recordset(%s::json) AS r({typed})"
+        f" WHERE t.{quote(model._meta.pk.column)} = r.{quote(pk)}"
+    )
+
+
+@cache
+def _loaded_fields(model: type[Model], exclude: tuple[str, ...]) -> tuple[Field, ...]:
+    return tuple(f for f in model._meta.concrete_fields if f.attname not in exclude)
+
+
+def select_columns(model: type[Model], *, exclude: tuple[str, ...] = ()) -> str:
+    """The model's columns in field order, less `exclude` (attnames), to RETURN or SELECT for
+    `instance_from_row` with the same `exclude`."""
+    quote = connection.ops.quote_name
+    return ", ".join(quote(f.column) for f in _loaded_fields(model, exclude))
+
+
+@cache
+def _converters(
+    model: type[Model], exclude: tuple[str, ...]
+) -> tuple[tuple[tuple[Any, ...], Any], ...]:
     """Per field: the backend's and the field's converters, and the expression they are called
     with (what the ORM's compiler does for each column it reads)."""
     converted = []
-    for field in model._meta.concrete_fields:
+    for field in _loaded_fields(model, exclude):
         expression = field.get_col(model._meta.db_table)
         functions = tuple(
             connection.ops.get_db_converters(expression) + expression.get_db_converters(connection)
@@ -131,15 +166,16 @@ def _converters(model: type[Model]) -> tuple[tuple[tuple[Any, ...], Any], ...]:
 
 
 @cache
-def _attnames(model: type[Model]) -> list[str]:
-    return [f.attname for f in model._meta.concrete_fields]
+def _attnames(model: type[Model], exclude: tuple[str, ...]) -> list[str]:
+    return [f.attname for f in _loaded_fields(model, exclude)]
 
 
-def instance_from_row(model: type[M], row: Sequence[Any]) -> M:
-    """A model instance from a row of `select_columns(model)`, as the ORM would have loaded it."""
+def instance_from_row(model: type[M], row: Sequence[Any], *, exclude: tuple[str, ...] = ()) -> M:
+    """A model instance from a row of `select_columns(model, exclude=...)`, as the ORM would have
+    loaded it; the excluded fields are deferred (read from the database if touched)."""
     values = []
-    for value, (functions, expression) in zip(row, _converters(model), strict=True):
+    for value, (functions, expression) in zip(row, _converters(model, exclude), strict=True):
         for function in functions:
             value = function(value, expression, connection)
         values.append(value)
-    return model.from_db(connection.alias, _attnames(model), values)
+    return model.from_db(connection.alias, _attnames(model, exclude), values)

@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -539,13 +538,7 @@ def _apply_changes(
     target_ids = [c.memory_id for c in changes if c.event != "ADD"]
     targets: dict[str, Memory] = {}
     if target_ids:  # the memories to change, locked (a job of ADDs alone needs no round trip)
-        locked = Memory.objects.select_for_update().defer("embedding")
-        targets = {
-            str(m.id): m
-            for m in locked.filter(
-                pk__in=target_ids, user_id=memory_request.user_id, deleted_at__isnull=True
-            )
-        }
+        targets = _user_memories_lock(user_id=memory_request.user_id, memory_ids=target_ids)
     applied: list[AppliedChange] = []
     for change in changes:
         if change.event == "ADD":
@@ -611,15 +604,19 @@ def _memories_write(
     at: datetime,
 ) -> None:
     """Write changes with a statement per kind of row, not per change: one INSERT of the new
-    memories, an UPDATE per changed one, one INSERT of the history, one of the events. Changed
-    memories must have been read under a row lock (select_for_update) in this transaction."""
+    memories, one UPDATE of the changed ones (two when only some have a new embedding), one
+    INSERT of the history, one of the events. Changed memories must have been read under a row
+    lock in this transaction."""
+    # By id: a memory changed twice in one job (UPDATE then DELETE) is written once, as it ends.
+    changed: dict[bool, dict[Any, dict[str, Any]]] = {True: {}, False: {}}
     for change in applied:
         if change.event == "ADD":
             continue
         memory = change.memory
         memory.version += 1
         memory.updated_at = at
-        fields = {
+        row = {
+            "id": memory.id,
             "content": memory.content,
             "content_hash": memory.content_hash,
             "metadata": memory.metadata,
@@ -629,11 +626,14 @@ def _memories_write(
         }
         # Locked memories are read without their embedding; one is written only if the change
         # set it (assigning a deferred field loads it into the instance).
-        if "embedding" not in memory.get_deferred_fields():
-            fields["embedding"] = memory.embedding
-        # No save(): post_save would record the events one at a time; they are recorded together
-        # below, through the memories_written signal.
-        Memory.objects.filter(pk=memory.pk).update(**fields)
+        new_embedding = "embedding" not in memory.get_deferred_fields()
+        if new_embedding:
+            row["embedding"] = memory.embedding
+        changed[new_embedding][memory.id] = row
+    # No save(): post_save would record the events one at a time; they are recorded together
+    # below, through the memories_written signal.
+    for changed_rows in changed.values():
+        rows.update_rows(Memory, list(changed_rows.values()))
     rows.insert_instances([change.memory for change in applied if change.event == "ADD"])
     _history_insert(applied, actor=actor, request=request, at=at)
     signals.memories_written.send(
@@ -678,22 +678,41 @@ def _history_insert(
     )
 
 
+# Memories are locked for a change without their embedding: a change replaces it or leaves it.
+_LOCKED_MEMORY_COLUMNS = rows.select_columns(Memory, exclude=("embedding",))
+_LOCK_MEMORY_SQL = f"""
+    SELECT {_LOCKED_MEMORY_COLUMNS} FROM {Memory._meta.db_table}
+    WHERE id = %s AND tenant_id = %s AND deleted_at IS NULL
+    FOR UPDATE
+"""
+_LOCK_USER_MEMORIES_SQL = f"""
+    SELECT {_LOCKED_MEMORY_COLUMNS} FROM {Memory._meta.db_table}
+    WHERE id = ANY(%s::uuid[]) AND user_id = %s AND deleted_at IS NULL
+    FOR UPDATE
+"""
+
+
 def _memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:
     """The tenant's live memory, row-locked for a change; NotFound otherwise (another tenant's
-    memory is indistinguishable from none). Its embedding is not read: a change replaces it or
-    leaves it alone."""
+    memory is indistinguishable from none)."""
     try:
-        memory = (
-            Memory.objects.select_for_update()
-            .defer("embedding")
-            .filter(pk=memory_id, tenant_id=tenant_id, deleted_at__isnull=True)
-            .first()
-        )
-    except (ValueError, ValidationError):  # not a UUID
-        memory = None
-    if memory is None:
+        memory_id = uuid.UUID(str(memory_id))
+    except ValueError:
+        raise NotFound("Memory not found.") from None
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCK_MEMORY_SQL, [memory_id, tenant_id])
+        row = cursor.fetchone()
+    if row is None:
         raise NotFound("Memory not found.")
-    return memory
+    return rows.instance_from_row(Memory, row, exclude=("embedding",))
+
+
+def _user_memories_lock(*, user_id: Any, memory_ids: list[str]) -> dict[str, Memory]:
+    """The user's live memories among these ids, row-locked for a change, by id."""
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCK_USER_MEMORIES_SQL, [memory_ids, user_id])
+        locked = [rows.instance_from_row(Memory, row, exclude=("embedding",)) for row in cursor]
+    return {str(memory.id): memory for memory in locked}
 
 
 def memory_update(
