@@ -20,7 +20,7 @@ from memories.batch import memories_batch_apply
 from memories.errors import InvalidInput
 from memories.models import Memory, MemoryRequest, Tenant
 from memories.pipeline import get_embedder
-from memories.validation import NULL_CHARACTER_MESSAGE, contains_null_character
+from memories.validation import unstorable_text
 from tasks.queues import Queue
 
 
@@ -54,8 +54,9 @@ class JsonObjectField(serializers.DictField):
 
     def to_internal_value(self, data: Any) -> dict[str, Any]:
         value = super().to_internal_value(data)
-        if contains_null_character(value):
-            raise serializers.ValidationError(NULL_CHARACTER_MESSAGE)
+        problem = unstorable_text(value)
+        if problem:
+            raise serializers.ValidationError(problem)
         return value
 
 
@@ -247,6 +248,11 @@ class MemoryBatchApi(TenantApi):
             raise InvalidInput(f"At most {limit} items per call.", field="items")
         metrics.BATCH_SIZE.observe(len(items))
         if run_async:
+            # Stored as they are until the lane applies them: refuse now what could not be stored.
+            for index, item in enumerate(items):
+                problem = unstorable_text(item)
+                if problem:
+                    raise InvalidInput(f"Item {index}: {problem}", field="items")
             backpressure.admit(Queue.BATCH)
             memory_request = services.batch_request_submit(
                 tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)

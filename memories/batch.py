@@ -29,7 +29,7 @@ from memories import events
 from memories.models import EndUser, Memory, MemoryHistory, Tenant
 from memories.providers import Embedder
 from memories.services import content_hash
-from memories.validation import NULL_CHARACTER_MESSAGE, contains_null_character
+from memories.validation import unstorable_text
 
 ACTIONS = ("create", "update", "delete")
 MEMORY_TYPES = {choice for choice, _ in Memory.Type.choices}
@@ -101,19 +101,19 @@ def parse_items(raw_items: list[Any]) -> tuple[list[BatchItem], list[dict[str, A
             continue
         unstorable = next(
             (
-                name
+                (name, problem)
                 for name, value in (
                     ("content", content),
                     ("metadata", metadata),
                     ("agent_id", agent_id),
                     ("session_id", session_id),
                 )
-                if contains_null_character(value)
+                if (problem := unstorable_text(value))
             ),
             None,
         )
         if unstorable:
-            errors.append(_error(index, unstorable, NULL_CHARACTER_MESSAGE))
+            errors.append(_error(index, *unstorable))
             continue
         valid.append(
             BatchItem(

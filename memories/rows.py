@@ -11,7 +11,10 @@ The column types come from the model's fields, so a field added to a model is wr
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any, TypeVar
@@ -56,18 +59,24 @@ def insert_sql(
 
 
 def _to_json(value: Any) -> Any:
+    """What orjson (or json) does not encode itself, or TypeError."""
     if hasattr(value, "tolist"):  # a vector as numpy or pgvector hold it
         return value.tolist()
-    return str(value)  # UUIDs and datetimes, for the standard library
+    if isinstance(value, uuid.UUID | datetime.date | datetime.time | decimal.Decimal):
+        return str(value)  # for the standard library; PostgreSQL reads the text back the same
+    raise TypeError(f"cannot write a {type(value).__name__} as a row value")
 
 
 def rows_json(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as one JSON array of objects."""
+    """The rows as one JSON array of objects, all with the keys of the first."""
+    keys = rows[0].keys()
+    if any(row.keys() != keys for row in rows):
+        raise ValueError("every row must have the same fields")
     try:
         return orjson.dumps(rows, default=_to_json).decode()
     except TypeError:
         # What orjson refuses (an integer beyond 64 bits in a user's metadata): the standard
-        # library, with UUIDs and datetimes as their text, which PostgreSQL reads back the same.
+        # library, which raises in turn for a value neither can write.
         return json.dumps(rows, default=_to_json)
 
 
@@ -95,14 +104,24 @@ def insert_rows(
         return [row[0] for row in cursor.fetchall()] if returning else []
 
 
+@cache
+def _stored_fields(model: type[Model]) -> tuple[Field, ...]:
+    return tuple(f for f in model._meta.concrete_fields if not getattr(f, "generated", False))
+
+
 def instance_row(instance: Model) -> dict[str, Any]:
-    """Every concrete field of the instance, by attname, as `insert_rows` takes them."""
-    return {f.attname: getattr(instance, f.attname) for f in instance._meta.concrete_fields}
+    """Every stored field of the instance, by attname, as `insert_rows` takes them (a field the
+    database computes, GeneratedField, is left out)."""
+    row = {f.attname: getattr(instance, f.attname) for f in _stored_fields(type(instance))}
+    if any(hasattr(value, "resolve_expression") for value in row.values()):
+        raise ValueError("an expression (or db_default) cannot be written as a row value")
+    return row
 
 
 def insert_instances(instances: Sequence[Model]) -> None:
-    """INSERT new model instances, every concrete field as set on the instance (the model's
-    defaults were applied when each was built; auto_now fields must be set by the caller)."""
+    """INSERT new model instances, every stored field as set on the instance (the model's
+    defaults were applied when each was built; auto_now fields and the primary key must be set
+    by the caller: no serial key comes back)."""
     if not instances:
         return
     insert_rows(type(instances[0]), [instance_row(instance) for instance in instances])

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-# PostgreSQL's text and jsonb cannot hold U+0000; DRF's CharField refuses it with this message.
-NULL_CHARACTER_MESSAGE = "Null characters are not allowed."
+# What PostgreSQL's text and jsonb cannot hold: U+0000, and lone surrogates (no UTF-8 form).
+# DRF's CharField refuses both, with these messages.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
-def contains_null_character(value: Any) -> bool:
-    """Whether a JSON value holds U+0000 in any string or key, at any depth."""
+def unstorable_text(value: Any) -> str | None:
+    """Why a JSON value cannot be stored (a string or key holding U+0000 or a lone surrogate, at
+    any depth), or None when it can."""
     pending = [value]
     while pending:  # a loop, not recursion: a deeply nested body must not raise RecursionError
         item = pending.pop()
         if isinstance(item, str):
-            if "\x00" in item:
-                return True
+            found = _UNSTORABLE.search(item)
+            if found:
+                if found.group() == "\x00":
+                    return "Null characters are not allowed."
+                return f"Surrogate characters are not allowed: U+{ord(found.group()):X}."
         elif isinstance(item, dict):
             pending.extend(item.keys())
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
-    return False
+    return None

@@ -32,9 +32,11 @@ def enqueue_memory_request(memory_request: MemoryRequest) -> None:
             args=[str(memory_request.id)],
             task_id=str(memory_request.id),
             queue=queue.value,
-            # Celery sends to a direct queue on Redis as an LPUSH to the list of that name, which
-            # needs no binding; declaring it anyway cost a copy and bind of the queue entity on
-            # every send. (Workers declare the queues they consume.)
+            # Celery sends a task for a queue with a direct exchange (it makes the lanes'
+            # queues so: no task_queues are configured) through the anonymous exchange, which on
+            # Redis is an LPUSH onto the list named after the queue: no binding is read, so
+            # nothing needs declaring. Declaring anyway cost a copy and bind of the queue entity
+            # on every send. A topic or fanout exchange would need its binding: drop this then.
             declare=[],
         )
     except Exception:

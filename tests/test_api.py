@@ -378,12 +378,24 @@ def test_health_and_readiness_need_no_key_and_report_both_services(db) -> None:
 NUL_METADATA = {"note": "a\x00b", "nested": [{"k\x00": 1}]}
 
 
-def test_a_null_character_in_job_metadata_is_400_naming_it(api, end_user) -> None:
-    for metadata in ({"note": "a\x00b"}, {"nested": [{"k\x00": 1}]}):
-        body = {"messages": [{"role": "user", "content": "I like tea."}], "metadata": metadata}
-        response = submit(api, end_user.id, body)
-        assert response.status_code == 400, response.content
-        assert response.json()["fields"] == {"metadata": ["Null characters are not allowed."]}
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        ({"note": "a\x00b"}, "Null characters are not allowed."),
+        ({"nested": [{"k\x00": 1}]}, "Null characters are not allowed."),
+        ({"note": "lone \ud800 surrogate"}, "Surrogate characters are not allowed: U+D800."),
+    ],
+)
+def test_unstorable_text_in_job_metadata_is_400_naming_it(api, end_user, metadata, problem):
+    body = {
+        "user_id": str(end_user.id),
+        "messages": [{"role": "user", "content": "I like tea."}],
+        "metadata": metadata,
+    }
+    # As a client would send it: ASCII JSON, a lone surrogate as its \u escape.
+    response = api.post("/v1/memories", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert response.json()["fields"] == {"metadata": [problem]}
     assert not MemoryRequest.objects.exists()
 
 

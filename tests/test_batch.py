@@ -256,3 +256,15 @@ def test_a_batch_item_with_a_null_character_fails_alone(api, end_user) -> None:
     assert [r["status"] for r in results] == ["ok", "error", "error", "error"]
     assert [r["error"]["field"] for r in results[1:]] == ["content", "metadata", "agent_id"]
     assert list(Memory.objects.values_list("content", flat=True)) == ["Likes tea"]
+
+
+@pytest.mark.django_db
+def test_an_async_batch_with_a_null_character_is_400_and_records_nothing(api, end_user) -> None:
+    items = [
+        {"user_id": str(end_user.id), "content": "Likes tea"},
+        {"user_id": str(end_user.id), "content": "Likes jam", "metadata": {"k": "\x00"}},
+    ]
+    response = batch(api, items, **{"async": True})
+    assert response.status_code == 400, response.content
+    assert response.json()["fields"] == {"items": ["Item 1: Null characters are not allowed."]}
+    assert not MemoryRequest.objects.exists()

@@ -49,3 +49,41 @@ def test_publishing_goes_on_after_redis_drops_the_connection() -> None:
         producer.publish({"n": 2}, routing_key=queue)
     assert _queued(direct, queue) == 2
     direct.delete(queue)
+
+
+def test_the_reused_client_follows_the_channel_to_its_new_pool() -> None:
+    # After a disconnect (or a fork) kombu replaces the channel's pool; the reused client must
+    # move with it, not keep sending through the old pool.
+    queue = "test-broker-new-pool"
+    direct = redis.Redis.from_url(settings.REDIS_URL)
+    direct.delete(queue)
+    with app.producer_or_acquire() as producer:
+        producer.publish({"n": 1}, routing_key=queue)
+        channel = producer.channel
+        old_pool = channel._commands_client.connection_pool
+        channel._disconnect_pools()
+        producer.publish({"n": 2}, routing_key=queue)
+        assert channel._commands_client.connection_pool is channel.pool is not old_pool
+    assert _queued(direct, queue) == 2
+    direct.delete(queue)
+
+
+def test_a_job_sent_to_an_empty_redis_reaches_its_lane(end_user) -> None:
+    # Tasks are sent without declaring their queue (tasks/memory_jobs.py): on a Redis that has
+    # never seen a worker, no binding exists, and the message must still land on the lane.
+    from memories import services
+    from tasks.memory_jobs import enqueue_memory_request
+
+    direct = redis.Redis.from_url(settings.REDIS_URL)
+    direct.flushdb()
+    payload = {"messages": [{"role": "user", "content": "I like tea."}], "metadata": {}}
+    payload |= {"agent_id": "", "session_id": "", "infer": True}
+    memory_request = services.memory_request_submit(
+        tenant_id=end_user.tenant_id, user_id=end_user.id, payload=payload
+    )
+    direct.delete("default")  # whatever the commit hook sent already; send it once more here
+    enqueue_memory_request(memory_request)
+    assert direct.keys("_kombu.binding.*") == []
+    (message,) = direct.lrange("default", 0, -1)
+    assert str(memory_request.id) in message.decode()
+    direct.delete("default")

@@ -352,3 +352,29 @@ def test_stream_is_trimmed_by_age(settings) -> None:
     settings.EVENT_STREAM_MAX_AGE_SECONDS = 24 * 3600
     trim_stream()
     assert [entry_id for entry_id, _ in client.xrange(STREAM_KEY)] == [recent_id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_outbox_row_of_a_job_is_marked_with_its_own_stream_entry(end_user) -> None:
+    # A job's events are inserted in one statement and their ids come back in order; the
+    # publisher pairs them with the stream ids by position, so an order mix-up would mark
+    # each row with another event's entry.
+    payload = {"messages": [{"role": "user", "content": "I like tea. I play chess. I own a cat."}]}
+    payload |= {"metadata": {}, "agent_id": "", "session_id": "", "infer": True}
+    memory_request = services.memory_request_submit(
+        tenant_id=end_user.tenant_id, user_id=end_user.id, payload=payload
+    )
+    assert memory_request_run(request_id=str(memory_request.id)) == "done"
+    rows = list(OutboxEvent.objects.filter(event_type="memory.created").order_by("id"))
+    assert len(rows) == 3
+    ids = [row.pk for row in rows]
+    wait_for(
+        lambda: all(row.published_at for row in OutboxEvent.objects.filter(pk__in=ids)),
+        timeout=5,
+        what="marks",
+    )
+    by_stream_id = {event["id"]: event for event in tenant_events(end_user.tenant)}
+    for row in OutboxEvent.objects.filter(pk__in=ids):
+        assert by_stream_id[row.stream_id]["event_id"] == row.payload["event_id"]
+    contents = [row.payload["memory"]["content"] for row in rows]
+    assert contents == [e["content"] for e in MemoryRequest.objects.get().result]

@@ -116,6 +116,12 @@ _marks = _PublishedMarks()
 atexit.register(_marks.flush)
 
 
+def flush_published_marks() -> None:
+    """Mark the rows published so far now. For exits that skip atexit: a Celery pool process
+    leaves through os._exit (memoryproject.celery calls this on its shutdown signal)."""
+    _marks.flush()
+
+
 def _defer(task: Any, ids: list[int]) -> None:
     try:
         task.apply_async(args=[ids], queue="batch")
