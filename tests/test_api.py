@@ -412,3 +412,65 @@ def test_a_null_character_in_user_or_memory_metadata_is_400_and_changes_nothing(
     search = {"user_id": str(end_user.id), "query": "tea", "filters": {"metadata": NUL_METADATA}}
     response = api.post("/v1/memories/search", search, format="json")
     assert response.status_code == 400 and "filters" in response.json()["fields"]
+
+
+# --- Input serializers used again ----------------------------------------------------------------
+
+
+def test_a_reused_input_serializer_keeps_nothing_from_the_call_before() -> None:
+    from rest_framework.exceptions import ValidationError
+
+    from memories.api import MemoryCollectionApi, validated_input
+
+    serializer_class = MemoryCollectionApi.InputSerializer
+    user_id = str(uuid.uuid4())
+    first = validated_input(
+        serializer_class,
+        {
+            "user_id": user_id,
+            "messages": [{"role": "user", "content": "one"}],
+            "metadata": {"a": 1},
+        },
+    )
+    with pytest.raises(ValidationError) as bad:
+        validated_input(serializer_class, {"user_id": "nope", "messages": []})
+    assert set(bad.value.detail) == {"user_id", "messages"}
+    second = validated_input(
+        serializer_class, {"user_id": user_id, "messages": [{"role": "user", "content": "two"}]}
+    )
+    # Defaults are fresh per call, and the first call's result is left as it was.
+    assert second["metadata"] == {} and second["messages"] == [{"role": "user", "content": "two"}]
+    assert first["metadata"] == {"a": 1} and first["messages"][0]["content"] == "one"
+    assert second["metadata"] is not first["metadata"]
+
+
+def test_input_serializers_are_not_shared_between_threads() -> None:
+    import sys
+    import threading
+
+    from memories.api import MemoryCollectionApi, validated_input
+
+    results: dict[int, str] = {}
+    barrier = threading.Barrier(4)
+
+    def validate(n: int) -> None:
+        body = {"user_id": str(uuid.uuid4()), "messages": [{"role": "user", "content": f"m{n}"}]}
+        barrier.wait(timeout=10)  # all four threads validate at the same time
+        for _ in range(200):
+            data = validated_input(MemoryCollectionApi.InputSerializer, body)
+            assert data["messages"][0]["content"] == f"m{n}"
+        results[n] = data["messages"][0]["content"]
+
+    # Switch threads every few bytecodes, so that a serializer shared between them would see
+    # another thread's data in the middle of a validation.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=validate, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        sys.setswitchinterval(previous)
+    assert results == {n: f"m{n}" for n in range(4)}
