@@ -28,7 +28,6 @@ from memories.errors import (
     NotFound,
     VersionConflict,
 )
-from memories.events.publisher import json_bytes
 from memories.models import (
     ApiKey,
     EndUser,
@@ -40,6 +39,7 @@ from memories.models import (
     Tenant,
 )
 from memories.providers import Embedder, LLMProvider
+from memories.rows import json_bytes
 from tasks.memory_jobs import enqueue_memory_request
 
 logger = logging.getLogger(__name__)
@@ -608,14 +608,14 @@ def _memories_write(
     INSERT of the history, one of the events. Changed memories must have been read under a row
     lock in this transaction."""
     # By id: a memory changed twice in one job (UPDATE then DELETE) is written once, as it ends.
-    changed: dict[bool, dict[Any, dict[str, Any]]] = {True: {}, False: {}}
+    changed: dict[Any, dict[str, Any]] = {}
     for change in applied:
         if change.event == "ADD":
             continue
         memory = change.memory
         memory.version += 1
         memory.updated_at = at
-        row = {
+        changed[memory.id] = {
             "id": memory.id,
             "content": memory.content,
             "content_hash": memory.content_hash,
@@ -626,14 +626,11 @@ def _memories_write(
         }
         # Locked memories are read without their embedding; one is written only if the change
         # set it (assigning a deferred field loads it into the instance).
-        new_embedding = "embedding" not in memory.get_deferred_fields()
-        if new_embedding:
-            row["embedding"] = memory.embedding
-        changed[new_embedding][memory.id] = row
+        if "embedding" not in memory.get_deferred_fields():
+            changed[memory.id]["embedding"] = memory.embedding
     # No save(): post_save would record the events one at a time; they are recorded together
     # below, through the memories_written signal.
-    for changed_rows in changed.values():
-        rows.update_rows(Memory, list(changed_rows.values()))
+    rows.update_rows(Memory, list(changed.values()))
     rows.insert_instances([change.memory for change in applied if change.event == "ADD"])
     _history_insert(applied, actor=actor, request=request, at=at)
     signals.memories_written.send(
@@ -679,17 +676,18 @@ def _history_insert(
 
 
 # Memories are locked for a change without their embedding: a change replaces it or leaves it.
-_LOCKED_MEMORY_COLUMNS = rows.select_columns(Memory, exclude=("embedding",))
-_LOCK_MEMORY_SQL = f"""
-    SELECT {_LOCKED_MEMORY_COLUMNS} FROM {Memory._meta.db_table}
-    WHERE id = %s AND tenant_id = %s AND deleted_at IS NULL
+_LOCK_MEMORIES_SQL = f"""
+    SELECT {rows.select_columns(Memory, exclude=("embedding",))} FROM {Memory._meta.db_table}
+    WHERE deleted_at IS NULL AND {{condition}}
     FOR UPDATE
 """
-_LOCK_USER_MEMORIES_SQL = f"""
-    SELECT {_LOCKED_MEMORY_COLUMNS} FROM {Memory._meta.db_table}
-    WHERE id = ANY(%s::uuid[]) AND user_id = %s AND deleted_at IS NULL
-    FOR UPDATE
-"""
+
+
+def _live_memories_lock(condition: str, params: list[Any]) -> list[Memory]:
+    """The live memories matching `condition` (SQL), row-locked for a change."""
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCK_MEMORIES_SQL.format(condition=condition), params)
+        return [rows.instance_from_row(Memory, row, exclude=("embedding",)) for row in cursor]
 
 
 def _memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:
@@ -699,19 +697,15 @@ def _memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:
         memory_id = uuid.UUID(str(memory_id))
     except ValueError:
         raise NotFound("Memory not found.") from None
-    with connection.cursor() as cursor:
-        cursor.execute(_LOCK_MEMORY_SQL, [memory_id, tenant_id])
-        row = cursor.fetchone()
-    if row is None:
+    locked = _live_memories_lock("id = %s AND tenant_id = %s", [memory_id, tenant_id])
+    if not locked:
         raise NotFound("Memory not found.")
-    return rows.instance_from_row(Memory, row, exclude=("embedding",))
+    return locked[0]
 
 
 def _user_memories_lock(*, user_id: Any, memory_ids: list[str]) -> dict[str, Memory]:
     """The user's live memories among these ids, row-locked for a change, by id."""
-    with connection.cursor() as cursor:
-        cursor.execute(_LOCK_USER_MEMORIES_SQL, [memory_ids, user_id])
-        locked = [rows.instance_from_row(Memory, row, exclude=("embedding",)) for row in cursor]
+    locked = _live_memories_lock("id = ANY(%s::uuid[]) AND user_id = %s", [memory_ids, user_id])
     return {str(memory.id): memory for memory in locked}
 
 
