@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from memories import services
-from memories.models import EndUser, Memory
+from memories.models import EndUser, Memory, MemoryRequest
 from memories.pipeline import get_embedder
 
 
@@ -45,3 +45,19 @@ def store_memories(user: EndUser, *texts: str, **fields: Any) -> list[Memory]:
         )
         for text, vector in zip(texts, vectors, strict=True)
     ]
+
+
+def submit_job(user: EndUser, *texts: str, infer: bool = True, **fields: Any) -> MemoryRequest:
+    """A memory job of these user messages, recorded through the service (as the API does);
+    `fields` override the payload's metadata, agent_id, session_id."""
+    payload = {
+        "messages": [{"role": "user", "content": text} for text in texts],
+        "metadata": {},
+        "agent_id": "",
+        "session_id": "",
+        "infer": infer,
+        **fields,
+    }
+    return services.memory_request_submit(
+        tenant_id=user.tenant_id, user_id=user.id, payload=payload
+    )

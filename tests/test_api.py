@@ -474,3 +474,15 @@ def test_input_serializers_are_not_shared_between_threads() -> None:
     finally:
         sys.setswitchinterval(previous)
     assert results == {n: f"m{n}" for n in range(4)}
+
+
+def test_a_correction_of_a_memory_id_that_is_not_a_uuid_is_not_found(tenant) -> None:
+    from memories.errors import NotFound
+    from memories.pipeline import get_embedder
+
+    with pytest.raises(NotFound):
+        services.memory_update(
+            tenant_id=tenant.id, memory_id="not-a-uuid", embedder=get_embedder(), content="x"
+        )
+    with pytest.raises(NotFound):
+        services.memory_delete(tenant_id=tenant.id, memory_id="not-a-uuid")

@@ -7,6 +7,7 @@ from django.conf import settings
 
 from memoryproject.broker import Transport
 from memoryproject.celery import app
+from tests.helpers import submit_job
 
 
 def _queued(client: redis.Redis, queue: str) -> int:
@@ -71,16 +72,11 @@ def test_the_reused_client_follows_the_channel_to_its_new_pool() -> None:
 def test_a_job_sent_to_an_empty_redis_reaches_its_lane(end_user) -> None:
     # Tasks are sent without declaring their queue (tasks/memory_jobs.py): on a Redis that has
     # never seen a worker, no binding exists, and the message must still land on the lane.
-    from memories import services
     from tasks.memory_jobs import enqueue_memory_request
 
     direct = redis.Redis.from_url(settings.REDIS_URL)
     direct.flushdb()
-    payload = {"messages": [{"role": "user", "content": "I like tea."}], "metadata": {}}
-    payload |= {"agent_id": "", "session_id": "", "infer": True}
-    memory_request = services.memory_request_submit(
-        tenant_id=end_user.tenant_id, user_id=end_user.id, payload=payload
-    )
+    memory_request = submit_job(end_user, "I like tea.")
     direct.delete("default")  # whatever the commit hook sent already; send it once more here
     enqueue_memory_request(memory_request)
     assert direct.keys("_kombu.binding.*") == []

@@ -16,7 +16,7 @@ from memories.events.publisher import relay_unpublished
 from memories.events.stream import STREAM_KEY, redis_client
 from memories.models import Memory, MemoryRequest, OutboxEvent
 from memories.pipeline import get_embedder, memory_request_run
-from tests.helpers import store_memories, wait_for
+from tests.helpers import store_memories, submit_job, wait_for
 
 
 def tenant_events(tenant, event_type: str | None = None) -> list[dict]:
@@ -359,11 +359,7 @@ def test_each_outbox_row_of_a_job_is_marked_with_its_own_stream_entry(end_user) 
     # A job's events are inserted in one statement and their ids come back in order; the
     # publisher pairs them with the stream ids by position, so an order mix-up would mark
     # each row with another event's entry.
-    payload = {"messages": [{"role": "user", "content": "I like tea. I play chess. I own a cat."}]}
-    payload |= {"metadata": {}, "agent_id": "", "session_id": "", "infer": True}
-    memory_request = services.memory_request_submit(
-        tenant_id=end_user.tenant_id, user_id=end_user.id, payload=payload
-    )
+    memory_request = submit_job(end_user, "I like tea. I play chess. I own a cat.")
     assert memory_request_run(request_id=str(memory_request.id)) == "done"
     rows = list(OutboxEvent.objects.filter(event_type="memory.created").order_by("id"))
     assert len(rows) == 3
@@ -378,3 +374,21 @@ def test_each_outbox_row_of_a_job_is_marked_with_its_own_stream_entry(end_user) 
         assert by_stream_id[row.stream_id]["event_id"] == row.payload["event_id"]
     contents = [row.payload["memory"]["content"] for row in rows]
     assert contents == [e["content"] for e in MemoryRequest.objects.get().result]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pool_process_marks_its_published_rows_before_it_exits(end_user, monkeypatch) -> None:
+    # Celery ends a pool process with os._exit, past atexit: its shutdown signal marks the rows
+    # it published, or the relay would send their events a second time.
+    import threading
+
+    from celery.signals import worker_process_shutdown
+
+    # The background marker stays asleep: it waits on the event it already holds.
+    monkeypatch.setattr(publisher._marks, "_wake", threading.Event())
+    new_memory(end_user)
+    row = OutboxEvent.objects.get()
+    assert row.published_at is None  # published, and waiting for the marker
+    worker_process_shutdown.send(sender=None, pid=0, exitcode=0)
+    row.refresh_from_db()
+    assert row.published_at is not None and row.stream_id

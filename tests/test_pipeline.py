@@ -17,25 +17,12 @@ from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest, Outbo
 from memories.pipeline import get_embedder, memory_request_run
 from memories.providers.openai_provider import DECIDE_PROMPT, EXTRACT_PROMPT
 from tests.fake_openai import FakeResponse, rule_based_chat
-from tests.helpers import store_memories
+from tests.helpers import store_memories, submit_job
 from tests.workers import database_url_for
 
 
-def submit(user: EndUser, *texts: str, infer: bool = True) -> MemoryRequest:
-    payload = {
-        "messages": [{"role": "user", "content": text} for text in texts],
-        "metadata": {},
-        "agent_id": "",
-        "session_id": "",
-        "infer": infer,
-    }
-    return services.memory_request_submit(
-        tenant_id=user.tenant_id, user_id=user.id, payload=payload
-    )
-
-
 def run(user: EndUser, *texts: str) -> MemoryRequest:
-    memory_request = submit(user, *texts)
+    memory_request = submit_job(user, *texts)
     assert memory_request_run(request_id=str(memory_request.id)) == "done"
     memory_request.refresh_from_db()
     assert memory_request.status == "success"
@@ -108,7 +95,7 @@ def test_chit_chat_yields_no_memories(end_user) -> None:
 
 @pytestmark_db
 def test_infer_false_stores_messages_verbatim(end_user) -> None:
-    memory_request = submit(end_user, "Remember the code 4711", infer=False)
+    memory_request = submit_job(end_user, "Remember the code 4711", infer=False)
     assert memory_request_run(request_id=str(memory_request.id)) == "done"
     assert live_contents(end_user) == ["Remember the code 4711"]
 
@@ -119,15 +106,8 @@ def test_a_job_stores_awkward_text_and_metadata_exactly(end_user) -> None:
     # backslashes, non-ASCII text and an integer beyond 64 bits must come back as they went in.
     text = 'Remember "C:\\temp\\new" — naïve 北京 {"not": json} \' ; -- $1'
     metadata = {"big": 2**70, "quote": 'say "hi"', "nested": {"list": [1.5, None, True]}}
-    payload = {
-        "messages": [{"role": "user", "content": text}],
-        "metadata": metadata,
-        "agent_id": 'agent "7"',
-        "session_id": "",
-        "infer": False,
-    }
-    memory_request = services.memory_request_submit(
-        tenant_id=end_user.tenant_id, user_id=end_user.id, payload=payload
+    memory_request = submit_job(
+        end_user, text, infer=False, metadata=metadata, agent_id='agent "7"'
     )
     assert memory_request_run(request_id=str(memory_request.id)) == "done"
 
@@ -165,7 +145,7 @@ def test_duplicate_task_delivery_changes_nothing(end_user) -> None:
 
 @pytestmark_db
 def test_second_delivery_while_lease_is_live_does_nothing(end_user) -> None:
-    request = submit(end_user, "I live in Paris.")
+    request = submit_job(end_user, "I live in Paris.")
     claim = services.memory_request_claim(request_id=str(request.id))
     assert claim is not None
     assert services.memory_request_claim(request_id=str(request.id)) is None
@@ -176,7 +156,7 @@ def test_second_delivery_while_lease_is_live_does_nothing(end_user) -> None:
 
 @pytestmark_db
 def test_only_the_latest_claim_holder_commits(end_user) -> None:
-    request = submit(end_user, "I live in Paris.")
+    request = submit_job(end_user, "I live in Paris.")
     first = services.memory_request_claim(request_id=str(request.id))
     MemoryRequest.objects.filter(pk=request.pk).update(
         lease_until=timezone.now() - timedelta(seconds=1)
@@ -194,7 +174,7 @@ def test_only_the_latest_claim_holder_commits(end_user) -> None:
 @pytestmark_db
 def test_poison_job_fails_after_max_attempts(settings, end_user) -> None:
     settings.MEMORY_JOB_MAX_ATTEMPTS = 3
-    request = submit(end_user, "I live in Paris.")
+    request = submit_job(end_user, "I live in Paris.")
     for _ in range(3):  # each claim's worker "dies": the lease just runs out
         assert services.memory_request_claim(request_id=str(request.id)) is not None
         MemoryRequest.objects.filter(pk=request.pk).update(
@@ -235,7 +215,7 @@ def test_concurrent_identical_posts_create_one_request(api: APIClient, end_user)
 
 @pytest.mark.django_db(transaction=True)
 def test_killed_database_connection_rolls_back_and_the_retry_applies_once(end_user) -> None:
-    request = submit(end_user, "I live in Paris. I like hiking. I work at Acme.")
+    request = submit_job(end_user, "I live in Paris. I like hiking. I work at Acme.")
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         pid = cursor.fetchone()[0]
@@ -352,7 +332,7 @@ def test_invalid_json_ends_in_failure_after_the_retries(
 ) -> None:
     settings.MEMORY_JOB_MAX_ATTEMPTS = 3
     openai_settings.chat_handler = lambda body: "Sure! Here are the facts: Lives in Paris"
-    request = submit(end_user, "I live in Paris.")
+    request = submit_job(end_user, "I live in Paris.")
     outcomes = [memory_request_run(request_id=str(request.id)) for _ in range(3)]
     assert outcomes == ["retry", "retry", "failed"]
     request.refresh_from_db()
@@ -364,7 +344,7 @@ def test_invalid_json_ends_in_failure_after_the_retries(
 @pytestmark_db
 def test_provider_outage_is_retried_then_succeeds(openai_settings, end_user) -> None:
     openai_settings.fail_next(1, status=503)
-    request = submit(end_user, "I live in Paris.")
+    request = submit_job(end_user, "I live in Paris.")
     assert memory_request_run(request_id=str(request.id)) == "retry"
     assert memory_request_run(request_id=str(request.id)) == "done"
     assert live_contents(end_user) == ["Lives in Paris"]
@@ -409,7 +389,7 @@ def test_jobs_run_through_the_batching_embedder_when_a_window_is_set(settings, e
 
 @pytest.mark.django_db(transaction=True)
 def test_database_error_while_claiming_is_retried_without_spending_an_attempt(end_user) -> None:
-    request = submit(end_user, "I live in Paris.")
+    request = submit_job(end_user, "I live in Paris.")
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         pid = cursor.fetchone()[0]
