@@ -266,11 +266,6 @@ class MemoryBatchApi(TenantApi):
             raise InvalidInput(f"At most {limit} items per call.", field="items")
         metrics.BATCH_SIZE.observe(len(items))
         if run_async:
-            # Stored as they are until the lane applies them: refuse now what could not be stored.
-            for index, item in enumerate(items):
-                problem = unstorable_text(item)
-                if problem:
-                    raise InvalidInput(f"Item {index}: {problem}", field="items")
             backpressure.admit(Queue.BATCH)
             memory_request = services.batch_request_submit(
                 tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)

@@ -40,6 +40,7 @@ from memories.models import (
 )
 from memories.providers import Embedder, LLMProvider
 from memories.rows import json_bytes
+from memories.validation import unstorable_text
 from tasks.memory_jobs import enqueue_memory_request
 
 logger = logging.getLogger(__name__)
@@ -475,7 +476,13 @@ def batch_request_submit(
     *, tenant: Tenant, items: list[Any], idempotency_key: str | None = None
 ) -> MemoryRequest:
     """Record an asynchronous batch; the `batch` lane applies it. Same Idempotency-Key semantics
-    as memory jobs (a batch has no single user, so only the key deduplicates it)."""
+    as memory jobs (a batch has no single user, so only the key deduplicates it). Raises
+    InvalidInput (naming `items`) for an item PostgreSQL could not store: the items are kept as
+    they are until the lane applies them."""
+    for index, item in enumerate(items):
+        problem = unstorable_text(item)
+        if problem:
+            raise InvalidInput(f"Item {index}: {problem}", field="items")
     canonical = json.dumps(items, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     request_hash = hashlib.sha256(canonical.encode()).hexdigest()
     now = timezone.now()
