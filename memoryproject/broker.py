@@ -7,7 +7,7 @@ sending the command (about a tenth of a millisecond here, three times per job). 
 thin handle over the channel's connection pool and safe to share between threads, so one per
 channel does the same work.
 
-Selected in settings (CELERY_BROKER_TRANSPORT) for plain `redis://` broker URLs.
+Selected in settings (CELERY_BROKER_TRANSPORT, see `transport_for`).
 """
 
 from __future__ import annotations
@@ -36,3 +36,9 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def transport_for(broker_url: str) -> str | None:
+    """This transport for plain `redis://` URLs; None (kombu picks by the URL's scheme) for the
+    others: rediss://, sentinel://, redis+socket:// keep kombu's own handling."""
+    return "memoryproject.broker:Transport" if broker_url.startswith("redis://") else None

@@ -12,6 +12,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from memoryproject import broker
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -150,10 +152,8 @@ if not REDIS_URL:
     REDIS_URL = f"{ensure_redis(VAR_DIR)}/{int(worker[2:]) + 1 if worker else 0}"
 
 CELERY_BROKER_URL = REDIS_URL
-if REDIS_URL.startswith("redis://"):
-    # kombu's Redis transport, reusing its clients (memoryproject/broker.py). Other schemes
-    # (rediss://, sentinel://, redis+socket://) keep kombu's own transport as the URL names it.
-    CELERY_BROKER_TRANSPORT = "memoryproject.broker:Transport"
+# kombu's Redis transport, reusing its clients (memoryproject/broker.py), for redis:// URLs.
+CELERY_BROKER_TRANSPORT = broker.transport_for(REDIS_URL)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True  # PostgreSQL is the ledger; Celery only rings the doorbell.

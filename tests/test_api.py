@@ -153,6 +153,19 @@ def test_duplicate_request_returns_409_with_original_id(api, end_user) -> None:
     assert MemoryRequest.objects.count() == 1
 
 
+def test_a_duplicate_that_finished_meanwhile_is_409_telling_to_send_again(
+    api, end_user, monkeypatch
+) -> None:
+    # The race the guarded insert leaves: its slot was taken, but by the time the duplicate is
+    # looked up it has finished and released the slot. The caller is told to send again.
+    monkeypatch.setattr(services, "_memory_request_insert", lambda memory_request: False)
+    response = submit(api, end_user.id)
+    assert response.status_code == 409
+    assert "send it again" in response.json()["message"]
+    assert "request_id" not in response.json()
+    assert not MemoryRequest.objects.exists()
+
+
 def test_a_different_body_is_a_different_job(api, end_user) -> None:
     submit(api, end_user.id)
     other = {"messages": [{"role": "user", "content": "I like tea."}]}

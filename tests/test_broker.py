@@ -83,3 +83,13 @@ def test_a_job_sent_to_an_empty_redis_reaches_its_lane(end_user) -> None:
     (message,) = direct.lrange("default", 0, -1)
     assert str(memory_request.id) in message.decode()
     direct.delete("default")
+
+
+def test_only_plain_redis_urls_get_the_reusing_transport() -> None:
+    from memoryproject.broker import transport_for
+
+    assert transport_for("redis://127.0.0.1:6379/0") == "memoryproject.broker:Transport"
+    # TLS, Sentinel and socket URLs keep the transport kombu picks from their scheme.
+    for url in ("rediss://h:6380/0", "sentinel://h:26379", "redis+socket:///tmp/redis.sock"):
+        assert transport_for(url) is None
+    assert transport_for(settings.REDIS_URL) == settings.CELERY_BROKER_TRANSPORT
