@@ -152,6 +152,8 @@ def update_rows(model: type[Model], rows: Sequence[Mapping[str, Any]]) -> int:
     """UPDATE the model's rows named by the primary key in each mapping (attname to value) to the
     other values: one statement per set of fields the mappings carry. Returns how many rows
     changed."""
+    if not rows:  # a job of ADDs alone: no cursor either
+        return 0
     by_fields: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
         by_fields.setdefault(tuple(row), []).append(row)
