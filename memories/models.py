@@ -71,7 +71,9 @@ class EndUser(models.Model):
                 fields=["tenant", "external_id"],
                 name="end_user_external_id_unique_per_tenant",
                 condition=Q(external_id__isnull=False),
-            )
+            ),
+            # The target of memory_owner_fk (a memory's user and tenant together).
+            models.UniqueConstraint(fields=["id", "tenant"], name="end_user_id_tenant_unique"),
         ]
 
     def __str__(self) -> str:
@@ -167,8 +169,21 @@ class Memory(models.Model):
         COUNTER = "counter"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memories")
-    user = models.ForeignKey(EndUser, on_delete=models.CASCADE, related_name="memories")
+    # Both kept by ONE composite foreign key, (user_id, tenant_id) -> end user (id, tenant_id),
+    # added by migration 0007 (Django declares no composite foreign keys): it also holds a memory
+    # to its user's tenant, and costs each inserted row one check instead of two, which showed
+    # in bulk writes. The cascades are Django's, and need no constraint.
+    tenant = models.ForeignKey(
+        Tenant, on_delete=models.CASCADE, related_name="memories", db_constraint=False
+    )
+    # No index of its own: memory_user_changes below leads with the user and serves its lookups.
+    user = models.ForeignKey(
+        EndUser,
+        on_delete=models.CASCADE,
+        related_name="memories",
+        db_index=False,
+        db_constraint=False,
+    )
     scope = models.CharField(max_length=8, choices=Scope.choices, default=Scope.USER)
     topic = models.CharField(max_length=200, blank=True, default="")
     type = models.CharField(max_length=16, choices=Type.choices, default=Type.FACT)
@@ -216,20 +231,37 @@ class MemoryHistory(models.Model):
         DELETE = "DELETE"
 
     id = models.BigAutoField(primary_key=True)
-    memory = models.ForeignKey(Memory, on_delete=models.CASCADE, related_name="history")
+    # Indexed by memory_history_by_memory (memory, id) alone; a second index would cost every
+    # write of a memory another B-tree insertion.
+    memory = models.ForeignKey(
+        Memory, on_delete=models.CASCADE, related_name="history", db_index=False
+    )
     event = models.CharField(max_length=8, choices=Event.choices)
     old_content = models.TextField(null=True, blank=True)
     new_content = models.TextField(null=True, blank=True)
     actor = models.CharField(max_length=200, blank=True, default="")
     request = models.ForeignKey(
-        MemoryRequest, null=True, blank=True, on_delete=models.SET_NULL, related_name="history"
+        MemoryRequest,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="history",
+        db_index=False,  # memory_history_by_request below, which leaves out rows with no request
     )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         verbose_name_plural = "memory history"
         ordering = ["id"]
-        indexes = [models.Index(fields=["memory", "id"], name="memory_history_by_memory")]
+        indexes = [
+            models.Index(fields=["memory", "id"], name="memory_history_by_memory"),
+            # Batch writes and corrections have no request: no index entry for them.
+            models.Index(
+                fields=["request"],
+                name="memory_history_by_request",
+                condition=Q(request__isnull=False),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.event} {self.memory_id}"

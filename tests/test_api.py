@@ -8,12 +8,13 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.db import IntegrityError, connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from memories import services
-from memories.models import ApiKey, Memory, MemoryRequest
+from memories.models import ApiKey, Memory, MemoryHistory, MemoryRequest
 from tests.helpers import store_memories
 
 pytestmark = pytest.mark.django_db
@@ -111,18 +112,37 @@ def test_user_of_another_tenant_is_404(end_user, other_api) -> None:
     assert other_api.delete(f"/v1/users/{end_user.id}").status_code == 404
 
 
-def test_deleting_a_user_deletes_their_memories(api, end_user) -> None:
-    Memory.objects.create(
-        tenant=end_user.tenant,
-        user=end_user,
-        content="x",
-        embedding=[1.0] + [0.0] * 383,
-        content_hash="h",
+def _check_constraints_now() -> None:
+    """Foreign keys are checked at commit, which a test's rolled-back transaction never reaches:
+    have PostgreSQL check them at each statement instead."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+
+def _memory(**owner) -> Memory:
+    return Memory.objects.create(
+        **owner, content="x", embedding=[1.0] + [0.0] * 383, content_hash="h"
     )
+
+
+def test_deleting_a_user_deletes_their_memories(api, end_user) -> None:
+    _check_constraints_now()
+    memory = _memory(tenant=end_user.tenant, user=end_user)
+    MemoryHistory.objects.create(memory=memory, event="ADD", new_content="x")
     response = api.delete(f"/v1/users/{end_user.id}")
     assert response.status_code == 200 and response.json()["memories_deleted"] == 1
     assert not Memory.objects.filter(user_id=end_user.id).exists()
+    assert not MemoryHistory.objects.filter(memory_id=memory.id).exists()
     assert api.get(f"/v1/users/{end_user.id}").status_code == 404
+
+
+def test_the_database_holds_a_memory_to_its_users_tenant(end_user, other_tenant) -> None:
+    _check_constraints_now()
+    with pytest.raises(IntegrityError), transaction.atomic():
+        _memory(tenant=other_tenant, user=end_user)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        _memory(tenant=end_user.tenant, user_id=uuid.uuid4())
+    assert _memory(tenant=end_user.tenant, user=end_user).user_id == end_user.id
 
 
 # --- Memory jobs ---------------------------------------------------------------------------------
