@@ -6,23 +6,29 @@ every other call on Django's WSGI handler in a fixed pool of threads.
   thread.
 - A sync view under Django's ASGI handler costs a new thread per request (asgiref gives every
   request its own single-thread executor) and a thread hop for each request signal, about 2 ms of
-  CPU a call here; through a2wsgi's thread pool the same view costs a tenth of that.
+  CPU a call here; through a fixed pool of threads the same view costs a tenth of that
+  (`wsgi_bridge`, which also keeps each call to one hop between the loop and its thread).
 """
 
 import gc
 import os
 from typing import Any
 
-from a2wsgi import WSGIMiddleware
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.wsgi import get_wsgi_application
+
+from memoryproject.wsgi_bridge import BufferedWSGIMiddleware
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
 
 # Only what is not HTTP (uvicorn's lifespan probe) reaches Django's ASGI handler, which declines it.
 django_asgi_application = get_asgi_application()
-django_wsgi_application = WSGIMiddleware(get_wsgi_application(), workers=settings.WEB_THREADS)
+django_wsgi_application = BufferedWSGIMiddleware(
+    get_wsgi_application(),
+    threads=settings.WEB_THREADS,
+    max_body_bytes=settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
+)
 
 from memories.events.sse import ASGIReceive, ASGISend, stream_app  # noqa: E402 (needs setup)
 

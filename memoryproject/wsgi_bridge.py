@@ -1,0 +1,118 @@
+"""Django's WSGI handler under uvicorn, with one thread hop per request.
+
+a2wsgi, which this replaces for the API, hands every step of a request across threads: each read
+of the body, the response's start, each chunk, and its end are a round trip between the view's
+thread and the event loop, five per JSON call. Here the body is read on the loop before the view
+runs (it is small: Django refuses more than DATA_UPLOAD_MAX_MEMORY_SIZE anyway), the view runs in
+a fixed pool of threads, and a response that is not streaming comes back whole and is sent from
+the loop. Only a streaming response is still sent chunk by chunk from its thread, as it is
+produced. a2wsgi still builds the WSGI environ (`build_environ`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import io
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from a2wsgi.wsgi import build_environ
+
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class _Response:
+    """What the WSGI app answered: status and headers, then the body whole, or None when it
+    streams (sent from the thread as it comes)."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, Any] | None = None
+        self.body: bytes | None = None
+        self.exc_info: Any = None
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None and self.start is not None:
+            raise exc_info[1].with_traceback(exc_info[2])  # too late to change the status
+        self.start = {
+            "type": "http.response.start",
+            "status": int(status.split(" ", 1)[0]),
+            "headers": [
+                (name.lower().encode("latin1"), value.encode("latin1")) for name, value in headers
+            ],
+        }
+        return self._refuse_write
+
+    @staticmethod
+    def _refuse_write(chunk: bytes) -> None:
+        # WSGI's legacy write(); Django never calls it.
+        raise NotImplementedError("write() is not supported; return an iterable instead")
+
+
+class BufferedWSGIMiddleware:
+    """An ASGI app serving a WSGI app from `threads` threads; see the module's docstring."""
+
+    def __init__(self, app: WSGIApp, *, threads: int, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
+
+    async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        body = await self._read_body(receive)
+        if body is None:
+            return  # the client left before its request was whole: nobody to answer
+        environ = build_environ(scope, io.BytesIO(body))  # type: ignore[arg-type]
+        environ["wsgi.errors"] = sys.stderr
+        loop = asyncio.get_running_loop()
+        run = contextvars.copy_context().run
+        response = await loop.run_in_executor(self.executor, run, self._run, environ, send, loop)
+        if response.body is not None:
+            await send(response.start)
+            await send({"type": "http.response.body", "body": response.body})
+
+    async def _read_body(self, receive: ASGIReceive) -> bytes | None:
+        """The request's body, stopping one piece past the limit: Django then refuses it as too
+        large, without this process holding more of it. None if the client went away."""
+        chunks: list[bytes] = []
+        size = 0
+        while size <= self.max_body_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    def _run(
+        self, environ: dict[str, Any], send: ASGISend, loop: asyncio.AbstractEventLoop
+    ) -> _Response:
+        response = _Response()
+        iterable = self.app(environ, response.start_response)
+        try:
+            if response.start is None:
+                raise RuntimeError("the WSGI app returned without calling start_response")
+            if not getattr(iterable, "streaming", False):
+                response.body = b"".join(iterable)
+                return response
+
+            def send_now(message: dict[str, Any]) -> None:
+                asyncio.run_coroutine_threadsafe(send(message), loop).result()
+
+            send_now(response.start)
+            for chunk in iterable:
+                send_now({"type": "http.response.body", "body": chunk, "more_body": True})
+            send_now({"type": "http.response.body", "body": b""})
+            return response
+        finally:
+            close = getattr(iterable, "close", None)
+            if close is not None:
+                close()
