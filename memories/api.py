@@ -61,30 +61,40 @@ class JsonObjectField(serializers.DictField):
         return value
 
 
-# One input serializer per class and thread, used again for every request. Building one deep
-# copies and re-creates each of its fields (DRF binds fields to their serializer): that was 85 %
-# of validating a memory job, ~0.5 ms of CPU per POST here. Input serializers keep no state but
-# the data of the call in progress, which `validated_input` resets.
-_input_serializers = threading.local()
+# One serializer per class and thread, used again for every request. Building one deep copies and
+# re-creates each of its fields (DRF binds fields to their serializer): that was 85 % of validating
+# a memory job, ~0.5 ms of CPU per POST here, and most of answering a correction. A serializer
+# keeps no state but the data of the call in progress, which `validated_input` resets; an output's
+# `to_representation` keeps none at all.
+_serializers = threading.local()
+
+
+def _serializer(serializer_class: type[serializers.Serializer]) -> serializers.Serializer:
+    by_class = _serializers.__dict__.setdefault("by_class", {})
+    serializer = by_class.get(serializer_class)
+    if serializer is None:
+        serializer = by_class[serializer_class] = serializer_class()
+    return serializer
 
 
 def validated_input(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
     """The serializer's validated data; a non-object body or a bad field is a 400 naming it."""
     if not isinstance(data, dict):
         raise InvalidInput("The body must be a JSON object.", field="body")
-    by_class = _input_serializers.__dict__.setdefault("by_class", {})
-    serializer = by_class.get(serializer_class)
-    if serializer is None:
-        serializer = by_class[serializer_class] = serializer_class(data=data)
-    else:
-        for result in ("_validated_data", "_errors", "_data"):  # the previous call's
-            serializer.__dict__.pop(result, None)
-        serializer.initial_data = data
+    serializer = _serializer(serializer_class)
+    for result in ("_validated_data", "_errors", "_data"):  # the previous call's
+        serializer.__dict__.pop(result, None)
+    serializer.initial_data = data
     try:
         serializer.is_valid(raise_exception=True)
         return serializer.validated_data
     finally:
         serializer.initial_data = None  # no request body kept past its call
+
+
+def represented(serializer_class: type[serializers.Serializer], instance: Any) -> dict[str, Any]:
+    """`serializer_class(instance).data`, without building the serializer again."""
+    return _serializer(serializer_class).to_representation(instance)
 
 
 # --- Users ---------------------------------------------------------------------------------------
@@ -241,7 +251,7 @@ class MemoryCollectionApi(TenantApi):
         page = page[: data["limit"]]
         return Response(
             {
-                "results": MemoryOutput(page, many=True).data,
+                "results": [represented(MemoryOutput, memory) for memory in page],
                 "next_cursor": _encode_cursor(page[-1]) if has_more else None,
             }
         )
@@ -307,13 +317,13 @@ class MemoryRequestListApi(TenantApi):
             before=data.get("before"),
             limit=data["limit"],
         )
-        return Response({"results": MemoryRequestOutput(requests, many=True).data})
+        return Response({"results": [represented(MemoryRequestOutput, r) for r in requests]})
 
 
 class MemoryRequestStatusApi(TenantApi):
     def get(self, request: Request, request_id: str) -> Response:
         memory_request = selectors.memory_request_get(tenant=self.tenant, request_id=request_id)
-        return Response(MemoryRequestOutput(memory_request).data)
+        return Response(represented(MemoryRequestOutput, memory_request))
 
 
 # --- Memories ------------------------------------------------------------------------------------
@@ -333,7 +343,7 @@ class MemoryDetailApi(TenantApi):
 
     def get(self, request: Request, memory_id: str) -> Response:
         memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
-        return Response(MemoryOutput(memory).data, headers={"ETag": f'"{memory.version}"'})
+        return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
@@ -346,7 +356,7 @@ class MemoryDetailApi(TenantApi):
             metadata=data.get("metadata"),
             expected_version=expected_version,
         )
-        return Response(MemoryOutput(memory).data, headers={"ETag": f'"{memory.version}"'})
+        return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
     def delete(self, request: Request, memory_id: str) -> Response:
         services.memory_delete(tenant_id=self.tenant.id, memory_id=memory_id)
@@ -403,7 +413,7 @@ class MemorySearchApi(TenantApi):
             threshold=data.get("threshold"),
             embedder=get_embedder(),
         )
-        return Response({"results": self.OutputSerializer(results, many=True).data})
+        return Response({"results": [represented(self.OutputSerializer, m) for m in results]})
 
 
 # --- Health --------------------------------------------------------------------------------------
