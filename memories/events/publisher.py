@@ -150,7 +150,7 @@ def _insert_outbox(events: list[dict[str, Any]]) -> list[int]:
 def _copy_outbox(events: list[dict[str, Any]]) -> list[int]:
     """Many events in one binary COPY (bulk writes record one per item); ids are drawn from the
     table's sequence first, since COPY returns none."""
-    from psycopg.types.json import Jsonb
+    from psycopg.types.json import Json
 
     from memories.models import OutboxEvent
 
@@ -165,10 +165,10 @@ def _copy_outbox(events: list[dict[str, Any]]) -> list[int]:
         columns = "id, event_type, payload, created_at, stream_id"
         statement = f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)"
         with cursor.cursor.copy(statement) as copy:
-            copy.set_types(["int8", "varchar", "jsonb", "timestamptz", "varchar"])
+            copy.set_types(["int8", "varchar", "json", "timestamptz", "varchar"])
             for outbox_id, event in zip(ids, events, strict=True):
                 copy.write_row(
-                    (outbox_id, event["event_type"], Jsonb(event, dumps=json_bytes), now, "")
+                    (outbox_id, event["event_type"], Json(event, dumps=json_bytes), now, "")
                 )
     return ids
 
