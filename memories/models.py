@@ -232,7 +232,13 @@ class Memory(models.Model):
                 condition=Q(deleted_at__isnull=True),
             ),
             GinIndex(fields=["metadata"], name="memory_metadata_gin"),
-            models.Index(fields=["user", "change_txid", "id"], name="memory_user_changes"),
+            # Pull-sync's order is (change_txid, id), but the id is left out of the key: the rows
+            # one transaction writes for a user then share one key, which PostgreSQL keeps once
+            # (B-tree deduplication). With the id every insert added an entry of its own: the
+            # index was 71 MB for 731,000 memories (6.5 MB without), and took ~24 of the ~58 ms
+            # PostgreSQL spent inserting 1,000 of them. A page sorts the rows of its
+            # transactions by id (an incremental sort).
+            models.Index(fields=["user", "change_txid"], name="memory_user_changes"),
         ]
 
     def __str__(self) -> str:

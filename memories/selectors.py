@@ -155,7 +155,12 @@ def memory_changes_since(
     queryset = Memory.objects.filter(user=user, change_txid__lt=settled)
     if cursor is not None:
         txid, memory_id = cursor
-        queryset = queryset.filter(Q(change_txid__gt=txid) | Q(change_txid=txid, id__gt=memory_id))
+        # The first condition is implied by the second, but PostgreSQL cannot start an index
+        # scan from an OR: without it every page read the user's whole history before the
+        # cursor (80 ms at the 7,000th change; 0.2 ms with it).
+        queryset = queryset.filter(change_txid__gte=txid).filter(
+            Q(change_txid__gt=txid) | Q(change_txid=txid, id__gt=memory_id)
+        )
     return list(queryset.order_by("change_txid", "id").defer("embedding")[:limit])
 
 

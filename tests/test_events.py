@@ -7,10 +7,11 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from memories import services
+from memories import selectors, services
 from memories.events import publisher
 from memories.events.publisher import relay_unpublished
 from memories.events.stream import STREAM_KEY, redis_client
@@ -301,6 +302,36 @@ def test_sync_pages_through_everything_exactly_once(api, end_user) -> None:
         if not page["has_more"]:
             break
     assert sorted(seen) == sorted(created)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_pages_through_one_transactions_changes_exactly_once(api, end_user) -> None:
+    # Rows written together share their transaction id: within it, pages go by memory id.
+    with transaction.atomic():
+        created = {str(new_memory(end_user, f"Fact {n}").id) for n in range(7)}
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):
+        page = sync(api, end_user, since=cursor, limit=3, expect=min(3, 7 - len(seen)))
+        seen += [c["id"] for c in page["changes"]]
+        cursor = page["next_cursor"]
+        if not page["has_more"]:
+            break
+    assert len(seen) == 7 and set(seen) == created
+
+
+@pytest.mark.django_db
+def test_a_sync_page_starts_its_index_scan_at_the_cursor(end_user) -> None:
+    # Not from the user's first change: a page must cost the same at the millionth change.
+    cursor = (12345, "00000000-0000-0000-0000-000000000000")
+    with CaptureQueriesContext(connection) as queries:
+        selectors.memory_changes_since(user=end_user, cursor=cursor, limit=10)
+    with connection.cursor() as cursor_:
+        cursor_.execute("SET LOCAL enable_seqscan = off")  # a test table is small
+        cursor_.execute("EXPLAIN " + queries[-1]["sql"])
+        plan = "\n".join(row[0] for row in cursor_.fetchall())
+    index_condition = next(line for line in plan.splitlines() if "Index Cond" in line)
+    assert "change_txid >= 12345" in index_condition, plan
 
 
 @pytest.mark.django_db(transaction=True)
