@@ -44,6 +44,10 @@ class EndUserAdmin(admin.ModelAdmin):
     list_filter = ["tenant"]
     search_fields = ["id", "external_id"]
 
+    def get_readonly_fields(self, request: HttpRequest, obj: EndUser | None = None) -> list[str]:
+        # A user's memories name its tenant too (memory_owner_fk): a user does not move.
+        return ["tenant"] if obj is not None else []
+
 
 @admin.register(Memory)
 class MemoryAdmin(admin.ModelAdmin):
@@ -52,7 +56,16 @@ class MemoryAdmin(admin.ModelAdmin):
     search_fields = ["content", "user__id", "user__external_id", "agent_id", "session_id"]
     raw_id_fields = ["user"]
     exclude = ["embedding"]
-    readonly_fields = ["content_hash", "version", "vector_clock", "created_at", "updated_at"]
+    # Owner fields too: a memory stays with its user and the user's tenant (memory_owner_fk).
+    readonly_fields = [
+        "tenant",
+        "user",
+        "content_hash",
+        "version",
+        "vector_clock",
+        "created_at",
+        "updated_at",
+    ]
 
 
 @admin.register(MemoryRequest)

@@ -29,18 +29,17 @@ class EmbeddingField(VectorField):
 
 class JsonTextField(models.JSONField):
     """JSON stored as PostgreSQL's `json` (the text, checked), not `jsonb`: for documents written
-    once and read back whole, never queried inside. Parsing into jsonb on every write and back to
-    text on every read is then pure cost: 7 of the ~90 ms PostgreSQL spent per 1,000 batch writes
-    went to the events' jsonb."""
+    once and read back whole, never queried inside (lookups into them do not work). Parsing into
+    jsonb on every write and back to text on every read is then pure cost: 7 of the ~90 ms
+    PostgreSQL spent per 1,000 batch writes went to the events' jsonb."""
 
     def db_type(self, connection: Any) -> str:
         return "json"
 
     def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
-        # psycopg parses `json` itself; Django has only `jsonb` handed over as text.
-        if not isinstance(value, str):
-            return value
-        return super().from_db_value(value, expression, connection)
+        # psycopg has parsed `json` already (Django has only `jsonb` handed over as text): a
+        # string here is a JSON string, not a document to decode again.
+        return value
 
 
 class Tenant(models.Model):
@@ -187,7 +186,7 @@ class Memory(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     # Both kept by ONE composite foreign key, (user_id, tenant_id) -> end user (id, tenant_id),
-    # added by migration 0007 (Django declares no composite foreign keys): it also holds a memory
+    # added by migration 0006 (Django declares no composite foreign keys): it also holds a memory
     # to its user's tenant, and costs each inserted row one check instead of two, which showed
     # in bulk writes. The cascades are Django's, and need no constraint.
     tenant = models.ForeignKey(

@@ -25,9 +25,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
 # Only what is not HTTP (uvicorn's lifespan probe) reaches Django's ASGI handler, which declines it.
 django_asgi_application = get_asgi_application()
 django_wsgi_application = BufferedWSGIMiddleware(
-    get_wsgi_application(),
-    threads=settings.WEB_THREADS,
-    max_body_bytes=settings.DATA_UPLOAD_MAX_MEMORY_SIZE,
+    get_wsgi_application(), threads=settings.WEB_THREADS
 )
 
 from memories.events.sse import ASGIReceive, ASGISend, stream_app  # noqa: E402 (needs setup)

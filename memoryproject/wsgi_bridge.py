@@ -3,10 +3,10 @@
 a2wsgi, which this replaces for the API, hands every step of a request across threads: each read
 of the body, the response's start, each chunk, and its end are a round trip between the view's
 thread and the event loop, five per JSON call. Here the body is read on the loop before the view
-runs (it is small: Django refuses more than DATA_UPLOAD_MAX_MEMORY_SIZE anyway), the view runs in
-a fixed pool of threads, and a response that is not streaming comes back whole and is sent from
-the loop. Only a streaming response is still sent chunk by chunk from its thread, as it is
-produced. a2wsgi still builds the WSGI environ (`build_environ`).
+runs (it is small: Django refuses more than DATA_UPLOAD_MAX_MEMORY_SIZE; see `_read_body`), the
+view runs in a fixed pool of threads, and a response that is not streaming comes back whole and is
+sent from the loop. Only a streaming response is still sent chunk by chunk from its thread, as it
+is produced. a2wsgi still builds the WSGI environ (`build_environ`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from a2wsgi.wsgi import build_environ
+from django.conf import settings
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -33,13 +34,15 @@ class _Response:
     def __init__(self) -> None:
         self.start: dict[str, Any] | None = None
         self.body: bytes | None = None
-        self.exc_info: Any = None
+        self.started_sending = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
     ) -> Callable[[bytes], None]:
-        if exc_info is not None and self.start is not None:
-            raise exc_info[1].with_traceback(exc_info[2])  # too late to change the status
+        # PEP 3333: with exc_info, the app replaces the status and headers (an error page), unless
+        # they have already gone out.
+        if exc_info is not None and self.started_sending:
+            raise exc_info[1].with_traceback(exc_info[2])
         self.start = {
             "type": "http.response.start",
             "status": int(status.split(" ", 1)[0]),
@@ -58,13 +61,12 @@ class _Response:
 class BufferedWSGIMiddleware:
     """An ASGI app serving a WSGI app from `threads` threads; see the module's docstring."""
 
-    def __init__(self, app: WSGIApp, *, threads: int, max_body_bytes: int) -> None:
+    def __init__(self, app: WSGIApp, *, threads: int) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        body = await self._read_body(receive)
+        body = await _read_body(scope, receive)
         if body is None:
             return  # the client left before its request was whole: nobody to answer
         environ = build_environ(scope, io.BytesIO(body))  # type: ignore[arg-type]
@@ -75,22 +77,6 @@ class BufferedWSGIMiddleware:
         if response.body is not None:
             await send(response.start)
             await send({"type": "http.response.body", "body": response.body})
-
-    async def _read_body(self, receive: ASGIReceive) -> bytes | None:
-        """The request's body, stopping one piece past the limit: Django then refuses it as too
-        large, without this process holding more of it. None if the client went away."""
-        chunks: list[bytes] = []
-        size = 0
-        while size <= self.max_body_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None
-            chunk = message.get("body", b"")
-            chunks.append(chunk)
-            size += len(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
 
     def _run(
         self, environ: dict[str, Any], send: ASGISend, loop: asyncio.AbstractEventLoop
@@ -107,6 +93,7 @@ class BufferedWSGIMiddleware:
             def send_now(message: dict[str, Any]) -> None:
                 asyncio.run_coroutine_threadsafe(send(message), loop).result()
 
+            response.started_sending = True
             send_now(response.start)
             for chunk in iterable:
                 send_now({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -116,3 +103,41 @@ class BufferedWSGIMiddleware:
             close = getattr(iterable, "close", None)
             if close is not None:
                 close()
+
+
+async def _read_body(scope: dict[str, Any], receive: ASGIReceive) -> bytes | None:
+    """The body Django's handler will read: its Content-Length's worth, when that is within
+    DATA_UPLOAD_MAX_MEMORY_SIZE. Above it nothing is read (Django refuses the call from the header,
+    and the client gets no `100 Continue` inviting the upload); without a Content-Length nothing
+    is read either, since Django's WSGI request reads none of such a body. None if the client
+    went away first.
+
+    A slow body waits here on the loop and holds no thread; what the waiting bodies hold in
+    memory is bounded by that limit times the connections uvicorn admits (`--limit-concurrency`).
+    """
+    declared = _content_length(scope)
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    if declared == 0 or (limit is not None and declared > limit):
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    while size < declared:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _content_length(scope: dict[str, Any]) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return max(int(value), 0)
+            except ValueError:
+                return 0  # as Django reads a malformed one
+    return 0

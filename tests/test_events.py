@@ -99,6 +99,16 @@ def test_event_whose_row_could_not_be_marked_is_sent_again_by_the_relay(
     assert len(sent) == 2 and sent[0]["event_id"] == sent[1]["event_id"]
 
 
+@pytest.mark.django_db
+def test_an_outbox_payload_reads_back_as_it_was_written() -> None:
+    # Stored as json text: strings that look like numbers stay strings, key order stays.
+    payload = {"z": "123", "a": ["1", 2, None], "nested": {"s": "true"}}
+    row = OutboxEvent.objects.create(event_type="memory.created", payload=payload)
+    assert OutboxEvent.objects.get(pk=row.pk).payload == payload
+    assert OutboxEvent.objects.values_list("payload", flat=True).get(pk=row.pk) == payload
+    assert OutboxEvent.objects.values_list("payload__z", flat=True).get(pk=row.pk) == "123"
+
+
 @pytest.mark.django_db(transaction=True)
 def test_rolled_back_transaction_publishes_nothing(end_user) -> None:
     with pytest.raises(RuntimeError), transaction.atomic():

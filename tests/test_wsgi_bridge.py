@@ -4,6 +4,7 @@ response whole out of it, streaming responses as they are produced."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import httpx
@@ -34,12 +35,20 @@ def pieces(*chunks: bytes) -> list[dict[str, Any]]:
 
 
 def serve(
-    app: BufferedWSGIMiddleware, incoming: list[dict[str, Any]], sent: list[dict] | None = None
+    app: BufferedWSGIMiddleware,
+    incoming: list[dict[str, Any]],
+    sent: list[dict] | None = None,
+    *,
+    content_length: int | None = None,
 ) -> tuple[list[dict], int]:
-    """Run one request through `app`; return what it sent and how many messages it received
-    (after `incoming`, the client is gone)."""
+    """Run one request through `app`, its Content-Length the size of `incoming` unless given;
+    return what it sent and how many messages it received (after `incoming`, the client is
+    gone)."""
     sent = [] if sent is None else sent
     received = 0
+    if content_length is None:
+        content_length = sum(len(message["body"]) for message in incoming)
+    scope = {**SCOPE, "headers": [*SCOPE["headers"], (b"content-length", b"%d" % content_length)]}
 
     async def receive() -> dict[str, Any]:
         nonlocal received
@@ -49,7 +58,7 @@ def serve(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    asyncio.run(app(SCOPE, receive, send))
+    asyncio.run(app(scope, receive, send))
     return sent, received
 
 
@@ -62,7 +71,7 @@ def echo(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 
 def test_a_body_in_pieces_reaches_the_view_whole_and_the_answer_leaves_in_one_message() -> None:
-    app = BufferedWSGIMiddleware(echo, threads=2, max_body_bytes=1000)
+    app = BufferedWSGIMiddleware(echo, threads=2)
     sent, _ = serve(app, pieces(b"hello ", b"wor", b"ld"))
     assert sent == [
         {
@@ -74,11 +83,29 @@ def test_a_body_in_pieces_reaches_the_view_whole_and_the_answer_leaves_in_one_me
     ]
 
 
-def test_a_body_over_the_limit_is_read_no_further_than_one_piece_past_it() -> None:
-    app = BufferedWSGIMiddleware(echo, threads=2, max_body_bytes=10)
-    sent, received = serve(app, pieces(*[b"12345678"] * 5))
-    assert received == 2  # 16 bytes read: past the limit, so the other 24 are left unread
-    assert sent[1]["body"] == b"got " + b"12345678" * 2
+def test_a_body_declared_over_the_limit_is_not_read_at_all(settings) -> None:
+    # Django refuses it from its Content-Length; reading it would only invite the upload.
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10
+    app = BufferedWSGIMiddleware(echo, threads=2)
+    sent, received = serve(app, pieces(b"12345678", b"12345678"))
+    assert received == 0 and sent[1]["body"] == b"got "
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 16  # the limit is read at each call
+    sent, received = serve(app, pieces(b"12345678", b"12345678"))
+    assert received == 2 and sent[1]["body"] == b"got 1234567812345678"
+
+
+def test_an_error_page_replaces_the_headers_of_a_response_not_yet_sent() -> None:
+    def fails_then_answers(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("X-Half", "done")])
+        try:
+            raise ValueError("broke after starting")
+        except ValueError:
+            start_response("500 Internal Server Error", [("X-Error", "1")], sys.exc_info())
+        return [b"error page"]
+
+    sent, _ = serve(BufferedWSGIMiddleware(fails_then_answers, threads=2), pieces(b""))
+    assert sent[0]["status"] == 500 and sent[0]["headers"] == [(b"x-error", b"1")]
+    assert sent[1]["body"] == b"error page"
 
 
 def test_a_client_gone_before_its_body_was_whole_reaches_no_view() -> None:
@@ -89,9 +116,9 @@ def test_a_client_gone_before_its_body_was_whole_reaches_no_view() -> None:
         start_response("200 OK", [])
         return [b""]
 
-    app = BufferedWSGIMiddleware(record, threads=2, max_body_bytes=1000)
+    app = BufferedWSGIMiddleware(record, threads=2)
     half = {"type": "http.request", "body": b'{"half', "more_body": True}
-    sent, _ = serve(app, [half])  # then the client is gone
+    sent, _ = serve(app, [half], content_length=100)  # then the client is gone
     assert calls == [] and sent == []
 
 
@@ -114,7 +141,7 @@ def test_a_streaming_response_is_sent_as_it_is_produced() -> None:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return Streaming()
 
-    app = BufferedWSGIMiddleware(stream, threads=2, max_body_bytes=1000)
+    app = BufferedWSGIMiddleware(stream, threads=2)
     sent: list[dict] = []
     serve(app, pieces(b""), sent)
     assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 3
