@@ -25,7 +25,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from pgvector import Vector
 
-from memories import events
+from memories import events, rows
 from memories.models import EndUser, Memory, MemoryHistory, Tenant
 from memories.providers import Embedder
 from memories.services import content_hash
@@ -296,7 +296,7 @@ def _write(
         memory.updated_at = now
         if item.action == "update":
             memory.content, memory.type, memory.metadata = item.content, item.type, item.metadata
-            memory.embedding = Vector.from_binary(vectors[item.index])
+            memory.embedding = Vector.from_binary(vectors[item.index]).to_list()
             memory.content_hash = content_hash(item.content)
         else:
             memory.deleted_at = now
@@ -425,30 +425,33 @@ def _copy_memories(memories: list[NewMemory]) -> None:
 
 
 def _update_memories(changed: list[tuple[BatchItem, Memory, str]]) -> None:
-    if not changed:
-        return
-    Memory.objects.bulk_update(
-        [m for _, m, _ in changed],
-        [
-            "content",
-            "type",
-            "metadata",
-            "embedding",
-            "content_hash",
-            "version",
-            "updated_at",
-            "deleted_at",
-        ],
-        batch_size=500,
-    )
+    """The changed memories in one UPDATE per kind of change: an update writes its new content
+    and embedding, a delete its tombstone alone (its embedding was never read: a deferred field
+    named here would cost a query per memory)."""
+    rows.update_rows(Memory, [_changed_row(item, memory) for item, memory, _ in changed])
 
 
-def _copy_history(rows: list[tuple], *, actor: str, at: Any) -> None:
+def _changed_row(item: BatchItem, memory: Memory) -> dict[str, Any]:
+    row = {"id": memory.id, "version": memory.version, "updated_at": memory.updated_at}
+    if item.action == "update":
+        row |= {
+            "content": memory.content,
+            "type": memory.type,
+            "metadata": memory.metadata,
+            "embedding": memory.embedding,
+            "content_hash": memory.content_hash,
+        }
+    else:
+        row["deleted_at"] = memory.deleted_at
+    return row
+
+
+def _copy_history(entries: list[tuple], *, actor: str, at: Any) -> None:
     columns = ", ".join(HISTORY_COPY_COLUMNS)
     statement = f"COPY {MemoryHistory._meta.db_table} ({columns}) FROM STDIN WITH (FORMAT BINARY)"
     with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
         copy.set_types(list(HISTORY_COPY_COLUMNS.values()))
-        for memory_id, event, old, new in rows:
+        for memory_id, event, old, new in entries:
             copy.write_row((memory_id, event, old, new, actor, at))
 
 

@@ -148,21 +148,17 @@ def insert_instances(instances: Sequence[Model]) -> None:
         instance._state.db = connection.alias
 
 
-def update_rows(model: type[Model], rows: Sequence[Mapping[str, Any]]) -> int:
+def update_rows(model: type[Model], rows: Sequence[Mapping[str, Any]]) -> None:
     """UPDATE the model's rows named by the primary key in each mapping (attname to value) to the
-    other values: one statement per set of fields the mappings carry. Returns how many rows
-    changed."""
+    other values: one statement per set of fields the mappings carry."""
     if not rows:  # a job of ADDs alone: no cursor either
-        return 0
+        return
     by_fields: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
         by_fields.setdefault(tuple(row), []).append(row)
-    changed = 0
     with connection.cursor() as cursor:
         for attnames, same_fields in by_fields.items():
             cursor.execute(_update_sql(model, attnames), [_rows_json(same_fields)])
-            changed += cursor.rowcount
-    return changed
 
 
 @cache

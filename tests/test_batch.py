@@ -7,8 +7,11 @@ import time
 import uuid
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from memories import services
+from memories.batch import memories_batch_apply
 from memories.models import Memory, MemoryHistory, MemoryRequest, OutboxEvent
 from memories.pipeline import get_embedder
 
@@ -57,6 +60,40 @@ def test_batch_creates_updates_and_deletes_with_per_item_results(api, end_user) 
     events = list(MemoryHistory.objects.filter(memory_id=ids[0]).values_list("event", flat=True))
     assert events == ["ADD", "UPDATE"]
     assert MemoryHistory.objects.get(memory_id=ids[1], event="DELETE").old_content == "Fact 1"
+
+
+@pytest.mark.django_db
+def test_a_batch_of_changes_costs_the_same_queries_for_two_memories_as_for_twenty(
+    end_user,
+) -> None:
+    uid = str(end_user.id)
+
+    def queries_to_change(count: int) -> int:
+        created = memories_batch_apply(
+            tenant=end_user.tenant,
+            raw_items=[{"user_id": uid, "content": f"Fact {n} of {count}"} for n in range(count)],
+            embedder=get_embedder(),
+        )
+        changes = [
+            {"action": "delete", "id": r["id"], "user_id": uid}
+            if n % 2
+            else {"action": "update", "id": r["id"], "user_id": uid, "content": f"New {n}"}
+            for n, r in enumerate(created)
+        ]
+        with CaptureQueriesContext(connection) as queries:
+            results = memories_batch_apply(
+                tenant=end_user.tenant, raw_items=changes, embedder=get_embedder()
+            )
+        assert all(r["status"] == "ok" for r in results)
+        return len(queries)
+
+    assert queries_to_change(2) == queries_to_change(20)
+    live = Memory.objects.filter(user=end_user, deleted_at__isnull=True)
+    assert sorted(live.values_list("content", flat=True))[:2] == ["New 0", "New 0"]
+    assert live.count() == 11  # 1 of 2 and 10 of 20 updated, the others deleted
+    updated = live.filter(content="New 2").get()
+    expected = get_embedder().embed(["New 2"])[0]
+    assert max(abs(a - b) for a, b in zip(updated.embedding, expected, strict=True)) < 1e-6
 
 
 @pytest.mark.django_db
