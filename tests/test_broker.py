@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
 import redis
 from django.conf import settings
 
@@ -10,14 +14,26 @@ from memoryproject.celery import app
 from tests.helpers import submit_job
 
 
-def _queued(client: redis.Redis, queue: str) -> int:
-    return client.llen(queue)
+@dataclass
+class Queue:
+    name: str
+    redis: redis.Redis
+
+    def depth(self) -> int:
+        return self.redis.llen(self.name)
 
 
-def test_tasks_are_published_through_one_reused_client(monkeypatch) -> None:
-    queue = "test-broker-reuse"
+@pytest.fixture
+def queue(request) -> Iterator[Queue]:
+    """An empty Redis list named after the test, as a queue to publish to; emptied after."""
     direct = redis.Redis.from_url(settings.REDIS_URL)
-    direct.delete(queue)
+    name = f"test-broker-{request.node.name}"
+    direct.delete(name)
+    yield Queue(name, direct)
+    direct.delete(name)
+
+
+def test_tasks_are_published_through_one_reused_client(monkeypatch, queue) -> None:
     built = []
     original_init = redis.Redis.__init__
 
@@ -27,46 +43,37 @@ def test_tasks_are_published_through_one_reused_client(monkeypatch) -> None:
 
     with app.producer_or_acquire() as producer:
         assert isinstance(producer.connection.transport, Transport)
-        producer.publish({"n": -1}, routing_key=queue)  # warm: the channel's client is built
+        producer.publish({"n": -1}, routing_key=queue.name)  # warm: the channel's client is built
         monkeypatch.setattr(redis.Redis, "__init__", counting_init)
         for n in range(20):
-            producer.publish({"n": n}, routing_key=queue)
+            producer.publish({"n": n}, routing_key=queue.name)
         monkeypatch.undo()
-    assert _queued(direct, queue) == 21
+    assert queue.depth() == 21
     assert built == []  # kombu alone would have built a client per message
-    direct.delete(queue)
 
 
-def test_publishing_goes_on_after_redis_drops_the_connection() -> None:
-    queue = "test-broker-reconnect"
-    direct = redis.Redis.from_url(settings.REDIS_URL)
-    direct.delete(queue)
+def test_publishing_goes_on_after_redis_drops_the_connection(queue) -> None:
     with app.producer_or_acquire() as producer:
-        producer.publish({"n": 1}, routing_key=queue)
+        producer.publish({"n": 1}, routing_key=queue.name)
         # Redis closes the publisher's connection, as on a restart or an idle timeout.
         with producer.channel.conn_or_acquire() as client:
             publisher_id = client.client_id()
-        assert direct.client_kill_filter(_id=publisher_id) == 1
-        producer.publish({"n": 2}, routing_key=queue)
-    assert _queued(direct, queue) == 2
-    direct.delete(queue)
+        assert queue.redis.client_kill_filter(_id=publisher_id) == 1
+        producer.publish({"n": 2}, routing_key=queue.name)
+    assert queue.depth() == 2
 
 
-def test_the_reused_client_follows_the_channel_to_its_new_pool() -> None:
+def test_the_reused_client_follows_the_channel_to_its_new_pool(queue) -> None:
     # After a disconnect (or a fork) kombu replaces the channel's pool; the reused client must
     # move with it, not keep sending through the old pool.
-    queue = "test-broker-new-pool"
-    direct = redis.Redis.from_url(settings.REDIS_URL)
-    direct.delete(queue)
     with app.producer_or_acquire() as producer:
-        producer.publish({"n": 1}, routing_key=queue)
+        producer.publish({"n": 1}, routing_key=queue.name)
         channel = producer.channel
         old_pool = channel._commands_client.connection_pool
         channel._disconnect_pools()
-        producer.publish({"n": 2}, routing_key=queue)
+        producer.publish({"n": 2}, routing_key=queue.name)
         assert channel._commands_client.connection_pool is channel.pool is not old_pool
-    assert _queued(direct, queue) == 2
-    direct.delete(queue)
+    assert queue.depth() == 2
 
 
 def test_a_job_sent_to_an_empty_redis_reaches_its_lane(end_user) -> None:

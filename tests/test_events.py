@@ -278,6 +278,20 @@ def sync(api, user, since: str | None = None, limit: int = 500, expect: int = 0)
         time.sleep(0.05)
 
 
+def sync_pages(api, user, *, total: int, limit: int) -> list[str]:
+    """The ids of every change, cursor to cursor, `limit` a page, until no more (at most ten
+    pages more than `total` needs)."""
+    seen: list[str] = []
+    cursor = None
+    for _ in range(total // limit + 10):
+        page = sync(api, user, since=cursor, limit=limit, expect=min(limit, total - len(seen)))
+        seen += [c["id"] for c in page["changes"]]
+        cursor = page["next_cursor"]
+        if not page["has_more"]:
+            break
+    return seen
+
+
 @pytest.mark.django_db(transaction=True)
 def test_sync_returns_changes_since_the_cursor_with_tombstones(api, end_user) -> None:
     paris, tea = new_memory(end_user, "Lives in Paris"), new_memory(end_user, "Likes tea")
@@ -303,14 +317,7 @@ def test_sync_returns_changes_since_the_cursor_with_tombstones(api, end_user) ->
 @pytest.mark.django_db(transaction=True)
 def test_sync_pages_through_everything_exactly_once(api, end_user) -> None:
     created = {str(new_memory(end_user, f"Fact {n}").id) for n in range(7)}
-    seen: list[str] = []
-    cursor = None
-    for _ in range(10):
-        page = sync(api, end_user, since=cursor, limit=3, expect=min(3, 7 - len(seen)))
-        seen += [c["id"] for c in page["changes"]]
-        cursor = page["next_cursor"]
-        if not page["has_more"]:
-            break
+    seen = sync_pages(api, end_user, total=7, limit=3)
     assert sorted(seen) == sorted(created)
 
 
@@ -319,14 +326,7 @@ def test_sync_pages_through_one_transactions_changes_exactly_once(api, end_user)
     # Rows written together share their transaction id: within it, pages go by memory id.
     with transaction.atomic():
         created = {str(new_memory(end_user, f"Fact {n}").id) for n in range(7)}
-    seen: list[str] = []
-    cursor = None
-    for _ in range(10):
-        page = sync(api, end_user, since=cursor, limit=3, expect=min(3, 7 - len(seen)))
-        seen += [c["id"] for c in page["changes"]]
-        cursor = page["next_cursor"]
-        if not page["has_more"]:
-            break
+    seen = sync_pages(api, end_user, total=7, limit=3)
     assert len(seen) == 7 and set(seen) == created
 
 
