@@ -29,7 +29,7 @@ from memories import events, rows
 from memories.models import EndUser, Memory, MemoryHistory, Tenant
 from memories.providers import Embedder
 from memories.services import content_hash
-from memories.validation import unstorable_text
+from memories.validation import first_unstorable
 
 ACTIONS = ("create", "update", "delete")
 MEMORY_TYPES = {choice for choice, _ in Memory.Type.choices}
@@ -99,18 +99,13 @@ def parse_items(raw_items: list[Any]) -> tuple[list[BatchItem], list[dict[str, A
         if not isinstance(agent_id, str) or not isinstance(session_id, str):
             errors.append(_error(index, "agent_id", "agent_id and session_id must be strings."))
             continue
-        unstorable = next(
-            (
-                (name, problem)
-                for name, value in (
-                    ("content", content),
-                    ("metadata", metadata),
-                    ("agent_id", agent_id),
-                    ("session_id", session_id),
-                )
-                if (problem := unstorable_text(value))
-            ),
-            None,
+        unstorable = first_unstorable(
+            {
+                "content": content,
+                "metadata": metadata,
+                "agent_id": agent_id,
+                "session_id": session_id,
+            }
         )
         if unstorable:
             errors.append(_error(index, *unstorable))

@@ -28,3 +28,12 @@ def unstorable_text(value: Any) -> str | None:
         elif isinstance(item, list):
             pending.extend(item)
     return None
+
+
+def first_unstorable(fields: dict[str, Any]) -> tuple[str, str] | None:
+    """The first of these named values that cannot be stored, with why; None when all can."""
+    for name, value in fields.items():
+        problem = unstorable_text(value)
+        if problem:
+            return name, problem
+    return None
