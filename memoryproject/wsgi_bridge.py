@@ -112,6 +112,8 @@ async def _read_body(scope: dict[str, Any], receive: ASGIReceive) -> bytes | Non
     is read either, since Django's WSGI request reads none of such a body. None if the client
     went away first.
 
+    Django leaves file uploads out of that limit; bodies above it are not read here all the same,
+    since this service takes no uploads (one that does would need them streamed to its thread).
     A slow body waits here on the loop and holds no thread; what the waiting bodies hold in
     memory is bounded by that limit times the connections uvicorn admits (`--limit-concurrency`).
     """

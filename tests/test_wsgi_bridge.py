@@ -108,6 +108,19 @@ def test_an_error_page_replaces_the_headers_of_a_response_not_yet_sent() -> None
     assert sent[1]["body"] == b"error page"
 
 
+def test_an_app_that_never_starts_its_response_is_an_error_not_an_empty_answer() -> None:
+    closed: list[bool] = []
+
+    class Silent(list):
+        def close(self) -> None:
+            closed.append(True)
+
+    app = BufferedWSGIMiddleware(lambda environ, start_response: Silent([b"x"]), threads=2)
+    with pytest.raises(RuntimeError, match="start_response"):
+        serve(app, pieces(b""))  # uvicorn answers a raising app with a 500
+    assert closed == [True]
+
+
 def test_a_client_gone_before_its_body_was_whole_reaches_no_view() -> None:
     calls: list[bytes] = []
 
