@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 
 from memories import services
 from memories.models import ApiKey, MemoryRequest, Tenant
+from tests.helpers import store_memories
 
 pytestmark = pytest.mark.django_db
 
@@ -79,3 +80,16 @@ def test_admin_retry_action_sends_a_failed_request_again(admin_client, end_user)
 def test_admin_pages_render(admin_client, end_user) -> None:
     for model in ("tenant", "apikey", "enduser", "memory", "memoryrequest", "memoryhistory"):
         assert admin_client.get(f"/admin/memories/{model}/").status_code == 200, model
+
+
+def test_admin_edits_cannot_move_a_memory_or_a_user_to_another_owner(admin_client, end_user):
+    # The database holds a memory to its user's tenant (memory_owner_fk): the forms offer no way
+    # to break that, so no edit fails at commit.
+    (memory,) = store_memories(end_user, "Lives in Paris")
+    memory_form = admin_client.get(f"/admin/memories/memory/{memory.id}/change/")
+    user_form = admin_client.get(f"/admin/memories/enduser/{end_user.id}/change/")
+    assert memory_form.status_code == 200 and user_form.status_code == 200
+    assert b'name="user"' not in memory_form.content
+    assert b'name="tenant"' not in memory_form.content
+    assert b'name="tenant"' not in user_form.content
+    assert b'name="tenant"' in admin_client.get("/admin/memories/enduser/add/").content
