@@ -74,8 +74,8 @@ def _to_json(value: Any) -> Any:
 
 
 def json_bytes(value: Any) -> bytes:
-    """JSON as the service writes it to PostgreSQL: rows here, jsonb parameters elsewhere
-    (`Jsonb(value, dumps=json_bytes)`)."""
+    """JSON as the service writes it to PostgreSQL: rows here, json and jsonb values elsewhere
+    (`Json(value, dumps=json_bytes)`, `Jsonb(...)`)."""
     # orjson encodes ~15x faster than json, which showed on every job; json still takes what
     # orjson refuses (an integer beyond 64 bits in a user's metadata), and raises in turn for a
     # value neither can write.
