@@ -368,7 +368,7 @@ def _if_match_version(request: Request) -> int | None:
     if raw is None:
         return None
     value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # "²" is a digit to isdigit(), not to int()
         raise InvalidInput("If-Match must be a memory version number.", field="If-Match")
     return int(value)
 

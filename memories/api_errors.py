@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from memories import errors
+from memories.providers import ProviderError
 
 STATUS_BY_ERROR: dict[type[errors.ServiceError], int] = {
     errors.NotFound: status.HTTP_404_NOT_FOUND,
@@ -47,6 +48,13 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
             _body(exc.code, exc.message, fields, **details),
             status=STATUS_BY_ERROR[type(exc)],
             headers=headers,
+        )
+    if isinstance(exc, ProviderError):
+        # The embedding model, called in the request (a correction, a batch), failed: nothing
+        # was written, and the same call may succeed later.
+        return Response(
+            _body("provider_unavailable", f"The model provider failed: {exc}"),
+            status=status.HTTP_502_BAD_GATEWAY,
         )
     if isinstance(exc, RequestDataTooBig):
         return Response(

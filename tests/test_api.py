@@ -251,6 +251,27 @@ def test_malformed_json_is_400(api) -> None:
     assert response.status_code == 400 and "body" in response.json()["fields"]
 
 
+def _job_body_with(user_id, metadata_json: str) -> str:
+    """A job's body whose metadata is `metadata_json`, as raw text: what json.dumps cannot write."""
+    body = json.dumps({"user_id": str(user_id), **JOB, "metadata": "METADATA"})
+    return body.replace('"METADATA"', metadata_json)
+
+
+@pytest.mark.parametrize(
+    "metadata_json",
+    ['{"n": 1e400}', '{"n": NaN}', "[" * 100_000 + "]" * 100_000],
+    ids=["number-beyond-a-double", "nan", "nested-100000-deep"],
+)
+def test_json_no_column_can_hold_is_400_naming_the_body(api, end_user, metadata_json) -> None:
+    response = api.post(
+        "/v1/memories",
+        data=_job_body_with(end_user.id, metadata_json),
+        content_type="application/json",
+    )
+    assert response.status_code == 400 and "body" in response.json()["fields"]
+    assert not MemoryRequest.objects.exists()
+
+
 def test_json_that_is_not_an_object_is_400(api) -> None:
     response = api.post("/v1/memories", data="[1, 2]", content_type="application/json")
     assert response.status_code == 400 and "body" in response.json()["fields"]
@@ -354,6 +375,30 @@ def test_patch_with_current_if_match_succeeds(api, memory) -> None:
         HTTP_IF_MATCH='"1"',
     )
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize("if_match", ['"²"', '"one"', '""', '"-1"'])
+def test_patch_with_an_if_match_that_is_no_version_is_400_naming_it(api, memory, if_match):
+    response = api.patch(
+        f"/v1/memories/{memory.id}",
+        {"content": "Lives in Oslo"},
+        format="json",
+        HTTP_IF_MATCH=if_match,
+    )
+    assert response.status_code == 400 and "If-Match" in response.json()["fields"]
+    memory.refresh_from_db()
+    assert memory.content == "Lives in Paris" and memory.version == 1
+
+
+def test_a_correction_the_embedding_provider_fails_is_502_and_changes_nothing(
+    api, memory, openai_settings
+) -> None:
+    openai_settings.fail_next(1, status=400)  # a 4xx: the openai client does not retry it
+    response = api.patch(f"/v1/memories/{memory.id}", {"content": "Lives in Oslo"}, format="json")
+    assert response.status_code == 502 and response.json()["error"] == "provider_unavailable"
+    memory.refresh_from_db()
+    assert memory.content == "Lives in Paris" and memory.version == 1
+    assert not MemoryHistory.objects.filter(memory=memory).exists()
 
 
 def test_patch_with_nothing_to_change_is_400(api, memory) -> None:
