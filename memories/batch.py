@@ -42,8 +42,9 @@ class BatchItem:
     user_id: str
     memory_id: str | None = None
     content: str | None = None
-    type: str = "fact"
-    metadata: dict[str, Any] = field(default_factory=dict)
+    # None on an update: the memory keeps the type and metadata it has.
+    type: str | None = "fact"
+    metadata: dict[str, Any] | None = field(default_factory=dict)
     agent_id: str = ""
     session_id: str = ""
 
@@ -72,6 +73,9 @@ def parse_items(raw_items: list[Any]) -> tuple[list[BatchItem], list[dict[str, A
             errors.append(_error(index, "user_id", "Must be a valid UUID."))
             continue
         memory_id = raw.get("id")
+        if action == "create" and memory_id is not None:
+            errors.append(_error(index, "id", "Leave out id to create: the service assigns it."))
+            continue
         if action != "create":
             try:
                 memory_id = _canonical_uuid(memory_id, canonical)
@@ -85,14 +89,21 @@ def parse_items(raw_items: list[Any]) -> tuple[list[BatchItem], list[dict[str, A
         if isinstance(content, str) and len(content) > max_chars:
             errors.append(_error(index, "content", f"At most {max_chars} characters."))
             continue
-        memory_type = raw.get("type", "fact")
-        if memory_type not in MEMORY_TYPES:
+        # What an update leaves out (or sends as null) stays as it is; a create takes defaults.
+        memory_type = raw.get("type")
+        if memory_type is None and action != "update":
+            memory_type = "fact"
+        if memory_type is not None and (
+            not isinstance(memory_type, str) or memory_type not in MEMORY_TYPES
+        ):
             errors.append(
                 _error(index, "type", f"Must be one of {', '.join(sorted(MEMORY_TYPES))}.")
             )
             continue
-        metadata = raw.get("metadata", {})
-        if not isinstance(metadata, dict):
+        metadata = raw.get("metadata")
+        if metadata is None and action != "update":
+            metadata = {}
+        if metadata is not None and not isinstance(metadata, dict):
             errors.append(_error(index, "metadata", "Must be a JSON object."))
             continue
         agent_id, session_id = raw.get("agent_id", ""), raw.get("session_id", "")
@@ -290,7 +301,11 @@ def _write(
         memory.version += 1
         memory.updated_at = now
         if item.action == "update":
-            memory.content, memory.type, memory.metadata = item.content, item.type, item.metadata
+            memory.content = item.content
+            if item.type is not None:
+                memory.type = item.type
+            if item.metadata is not None:
+                memory.metadata = item.metadata
             memory.embedding = Vector.from_binary(vectors[item.index]).to_list()
             memory.content_hash = content_hash(item.content)
         else:

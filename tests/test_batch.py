@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -305,3 +306,84 @@ def test_an_async_batch_with_a_null_character_is_400_and_records_nothing(api, en
     assert response.status_code == 400, response.content
     assert response.json()["fields"] == {"items": ["Item 1: Null characters are not allowed."]}
     assert not MemoryRequest.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("bad_item", "field"),
+    [
+        ({"content": "Likes x", "type": ["fact"]}, "type"),
+        ({"content": "Likes x", "type": {"k": "v"}}, "type"),
+        ({"content": "Likes x", "type": 7}, "type"),
+        ({"content": "Likes x", "id": ["a"]}, "id"),
+        ({"content": "Likes x", "id": str(uuid.uuid4())}, "id"),
+        ({"content": "Likes x", "metadata": ["a"]}, "metadata"),
+        ({"action": ["create"], "content": "Likes x"}, "action"),
+        ({"action": "update", "id": {"a": 1}, "content": "Likes x"}, "id"),
+    ],
+)
+def test_a_batch_item_of_the_wrong_shape_fails_alone(api, end_user, bad_item, field) -> None:
+    uid = str(end_user.id)
+    response = batch(
+        api,
+        [{"user_id": uid, "content": "Likes tea"}, {"user_id": uid, **bad_item}],
+    )
+    assert response.status_code == 200, response.content
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == ["ok", "error"]
+    assert results[1]["error"]["field"] == field
+    assert list(Memory.objects.values_list("content", flat=True)) == ["Likes tea"]
+
+
+@pytest.mark.django_db
+def test_a_batch_update_keeps_the_type_and_metadata_it_leaves_out(api, end_user) -> None:
+    uid = str(end_user.id)
+    created = batch(
+        api,
+        [
+            {
+                "user_id": uid,
+                "content": f"Likes tea {n}",
+                "type": "preference",
+                "metadata": {"n": n},
+            }
+            for n in range(2)
+        ],
+    ).json()["results"]
+    response = batch(
+        api,
+        [
+            {"action": "update", "id": created[0]["id"], "user_id": uid, "content": "Likes jam"},
+            {
+                "action": "update",
+                "id": created[1]["id"],
+                "user_id": uid,
+                "content": "Likes honey",
+                "type": None,
+                "metadata": {"n": 10},
+            },
+        ],
+    )
+    assert [r["status"] for r in response.json()["results"]] == ["ok", "ok"]
+    first, second = (Memory.objects.get(pk=r["id"]) for r in created)
+    assert (first.content, first.type, first.metadata) == ("Likes jam", "preference", {"n": 0})
+    assert (second.content, second.type, second.metadata) == (
+        "Likes honey",
+        "preference",
+        {"n": 10},
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_a_batch_with_a_number_no_column_can_hold_is_400_and_writes_nothing(
+    api, end_user, run_async
+) -> None:
+    items = [
+        {"user_id": str(end_user.id), "content": "Likes tea"},
+        {"user_id": str(end_user.id), "content": "Likes jam", "metadata": {"n": "HUGE"}},
+    ]
+    body = json.dumps({"async": run_async, "items": items}).replace('"HUGE"', "-1e999")
+    response = api.post("/v1/memories/batch", data=body, content_type="application/json")
+    assert response.status_code == 400 and "body" in response.json()["fields"]
+    assert not Memory.objects.exists() and not MemoryRequest.objects.exists()
