@@ -136,13 +136,31 @@ def test_warm_shutdown_under_load_loses_and_repeats_nothing(api, end_user, start
         first = start_worker(concurrency=2, **env)
         hobbies = [f"hobby{n}" for n in range(12)]
         ids = [job(api, end_user, f"I like {hobby}.").json()["request_id"] for hobby in hobbies]
-        time.sleep(1.5)  # some done, some running, the rest queued
-        first.stop()  # SIGTERM: Celery's warm shutdown
-        assert first.process.returncode is not None
+        deadline = time.monotonic() + 30
+        while not MemoryRequest.objects.filter(pk__in=ids, status="success").exists():
+            assert time.monotonic() < deadline, "no job finished before the shutdown"
+            time.sleep(0.05)
+        in_flight = set(
+            MemoryRequest.objects.filter(pk__in=ids, status="processing").values_list(
+                "pk", flat=True
+            )
+        )
+        first.stop()  # SIGTERM to the main process: Celery's warm shutdown
+        assert first.process.returncode == 0, first.output()[-2000:]
+        finished_by_the_first = set(
+            MemoryRequest.objects.filter(pk__in=ids, status="success").values_list("pk", flat=True)
+        )
+        # The jobs running at SIGTERM were finished, not cut short: none left half-done.
+        assert in_flight <= finished_by_the_first
+        assert not MemoryRequest.objects.filter(pk__in=ids, status="processing").exists()
         start_worker(concurrency=2, with_beat=True, **env)
         deadline = time.monotonic() + 60
         while MemoryRequest.objects.filter(pk__in=ids, status="success").count() < len(ids):
             assert time.monotonic() < deadline, "jobs did not all finish after the restart"
             time.sleep(0.2)
+    assert len(finished_by_the_first) < len(ids)  # the restart had work left: it was returned
     contents = sorted(Memory.objects.filter(user=end_user).values_list("content", flat=True))
     assert contents == sorted(f"Likes {hobby}" for hobby in hobbies)
+    # Each job ran once: the warm shutdown neither interrupted one nor left one to be re-run.
+    attempts = MemoryRequest.objects.filter(pk__in=ids).values_list("attempts", flat=True)
+    assert set(attempts) == {1}

@@ -91,7 +91,13 @@ class CeleryWorker:
             self.process.wait(timeout=10)
 
     def stop(self, timeout: float = 30) -> None:
-        """SIGTERM: Celery's warm shutdown."""
+        """SIGTERM to the main process alone, as `make run`, docker and systemd send it: Celery's
+        warm shutdown. (SIGTERM to the whole group would end the pool children at once, cutting
+        their jobs short.) Whatever is left after `timeout` is killed."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=timeout)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
