@@ -51,6 +51,28 @@ def test_full_default_lane_refuses_with_429_before_recording(settings, api, end_
     assert job(api, end_user, "I like coffee.", priority="high").status_code == 202
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_high_job_finishes_while_the_default_lane_is_saturated(api, end_user, start_worker):
+    redis_client().delete("default", "high")  # messages earlier tests left without a worker
+    with FakeOpenAI(delay_seconds=0.4, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
+        start_worker(queues="default", concurrency=1, **model_env(fake))
+        start_worker(queues="high", concurrency=1, **model_env(fake))
+        backlog = [job(api, end_user, f"I like hobby{n}.").json()["request_id"] for n in range(8)]
+        deadline = time.monotonic() + 20
+        while not MemoryRequest.objects.filter(pk__in=backlog, status="processing").exists():
+            assert time.monotonic() < deadline, "the default worker took no job"
+            time.sleep(0.05)
+
+        high = job(api, end_user, "I live in Oslo.", priority="high").json()["request_id"]
+        while MemoryRequest.objects.get(pk=high).status != "success":
+            assert time.monotonic() < deadline, "the high job did not finish"
+            time.sleep(0.05)
+        # Each default job takes two model calls of 0.4 s on the one default process: had the
+        # high job queued behind them, it would have finished last of nine.
+        unfinished = MemoryRequest.objects.filter(pk__in=backlog).exclude(status="success")
+        assert unfinished.count() >= 4
+
+
 @pytest.mark.django_db
 def test_tenant_over_its_rate_gets_429_with_limit_headers(settings, api, other_api, end_user):
     settings.RATE_LIMIT_PER_SECOND = 0.5
