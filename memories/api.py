@@ -274,9 +274,9 @@ class MemoryBatchApi(TenantApi):
             raise InvalidInput("A non-empty list of items is required.", field="items")
         if len(items) > limit:
             raise InvalidInput(f"At most {limit} items per call.", field="items")
-        metrics.BATCH_SIZE.observe(len(items))
         if run_async:
             backpressure.admit(Queue.BATCH)
+            metrics.BATCH_SIZE.observe(len(items))
             memory_request = services.batch_request_submit(
                 tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)
             )
@@ -284,6 +284,7 @@ class MemoryBatchApi(TenantApi):
                 {"request_id": str(memory_request.id), "status": memory_request.status},
                 status=status.HTTP_202_ACCEPTED,
             )
+        metrics.BATCH_SIZE.observe(len(items))
         results = memories_batch_apply(tenant=self.tenant, raw_items=items, embedder=get_embedder())
         failed = sum(result["status"] == "error" for result in results)
         return Response({"results": results, "ok": len(results) - failed, "failed": failed})

@@ -20,6 +20,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "co
         time.sleep(0.05)
 
 
+def metric_value(exposition: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus text exposition (None if it is not there)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
 def model_env(fake: Any) -> dict[str, str]:
     """Environment for a worker process whose LLM and embedder are the fake OpenAI server."""
     return {

@@ -17,7 +17,7 @@ from memories.logs import JsonLogFormatter, RequestIdFilter
 from memories.models import Memory, MemoryRequest
 from memories.pipeline import memory_request_run
 from tests.fake_openai import FakeOpenAI
-from tests.helpers import model_env
+from tests.helpers import metric_value, model_env, wait_for
 
 
 def job(api, user, text: str, **extra):
@@ -77,6 +77,7 @@ def test_a_high_job_finishes_while_the_default_lane_is_saturated(api, end_user, 
 def test_tenant_over_its_rate_gets_429_with_limit_headers(settings, api, other_api, end_user):
     settings.RATE_LIMIT_PER_SECOND = 0.5
     settings.RATE_LIMIT_BURST = 2
+    refused_before = refusals("api", "rate_limit")
     first = api.get(f"/v1/users/{end_user.id}")
     assert first.status_code == 200 and first["X-RateLimit-Limit"] == "2"
     assert first["X-RateLimit-Remaining"] == "1"
@@ -84,18 +85,69 @@ def test_tenant_over_its_rate_gets_429_with_limit_headers(settings, api, other_a
     limited = api.get(f"/v1/users/{end_user.id}")
     assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
     assert int(limited["Retry-After"]) >= 1 and limited["X-RateLimit-Remaining"] == "0"
+    assert int(limited["X-RateLimit-Reset"]) >= 1
+    assert refusals("api", "rate_limit") == refused_before + 1
     # Buckets are per tenant: another tenant is not slowed down.
     assert other_api.get(f"/v1/users/{end_user.id}").status_code == 404
 
 
-@pytest.mark.django_db
-def test_metrics_are_served_in_prometheus_format(api, end_user) -> None:
+@pytest.mark.django_db(transaction=True)  # the job's task is sent on commit
+def test_metrics_are_served_in_prometheus_format(settings, api, end_user) -> None:
+    settings.BACKPRESSURE_CACHE_SECONDS = 0
+    redis_client().delete("default", "high")  # messages earlier tests left without a worker
+
+    def scraped(name: str, **labels: str) -> float:
+        response = api.get("/metrics")
+        assert response.status_code == 200 and response["Content-Type"].startswith("text/plain")
+        return metric_value(response.content.decode(), name, **labels) or 0.0
+
+    batches, items = scraped("batch_write_items_count"), scraped("batch_write_items_sum")
     job(api, end_user, "I live in Paris.")
-    response = api.get("/metrics")
-    assert response.status_code == 200
-    text = response.content.decode()
-    assert 'queue_depth{lane="default"}' in text and "memory_requests_pending 1.0" in text
-    assert "backpressure_refusals_total" in text and "memory_job_stage_seconds" in text
+    assert scraped("queue_depth", lane="default") == 1.0
+    assert scraped("memory_requests_pending") == 1.0
+    uid = str(end_user.id)
+    batch = {"items": [{"user_id": uid, "content": "Likes tea"}] * 3}
+    assert api.post("/v1/memories/batch", batch, format="json").json()["ok"] == 3
+    assert scraped("batch_write_items_count") == batches + 1
+    assert scraped("batch_write_items_sum") == items + 3
+    settings.BACKPRESSURE_MAX_DEPTH = 1  # the job above fills the lanes
+    refused = api.post("/v1/memories/batch", {**batch, "async": True}, format="json")
+    assert refused.status_code == 429
+    assert scraped("batch_write_items_count") == batches + 1  # a refused batch wrote nothing
+
+
+@pytest.mark.django_db(transaction=True)
+def test_what_workers_count_shows_on_the_web_process_metrics(
+    api, end_user, start_worker, tmp_path, monkeypatch
+) -> None:
+    # As under `make run`: every process writes its metrics into one folder, /metrics sums them.
+    start_worker(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    jobs = [
+        job(api, end_user, "I like tea.").json()["request_id"],
+        job(api, end_user, "I live in Oslo.", priority="high").json()["request_id"],
+    ]
+    items = [{"user_id": str(end_user.id), "content": f"Likes jam {n}"} for n in range(3)]
+    accepted = api.post("/v1/memories/batch", {"items": items, "async": True}, format="json")
+    jobs.append(accepted.json()["request_id"])
+    wait_for(
+        lambda: MemoryRequest.objects.filter(pk__in=jobs, status="success").count() == 3,
+        what="the three requests to succeed",
+    )
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+    def scraped(name: str, **labels: str) -> float | None:
+        return metric_value(api.get("/metrics").content.decode(), name, **labels)
+
+    for lane in ("default", "high", "batch"):
+        assert scraped("memory_jobs_total", lane=lane, outcome="done") == 1.0, lane
+    assert scraped("memory_jobs_total", lane="default", outcome="failed") is None
+    # Two memory jobs: each waited in its queue, called the LLM twice, embedded once, wrote once.
+    assert scraped("memory_job_stage_seconds_count", stage="queue_wait") == 3.0
+    assert scraped("memory_job_stage_seconds_count", stage="llm") == 4.0
+    assert scraped("memory_job_stage_seconds_count", stage="embedding") == 2.0
+    assert scraped("memory_job_stage_seconds_count", stage="database") == 2.0
+    # Two memories from the jobs, three from the batch: an event each, published by the worker.
+    wait_for(lambda: scraped("events_published_total") == 5.0, what="five events counted")
 
 
 @pytest.mark.django_db

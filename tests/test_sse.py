@@ -25,6 +25,7 @@ from memories.events import sse
 from memories.events.stream import STREAM_KEY, redis_client
 from memories.models import EndUser, Memory, Tenant
 from memories.pipeline import get_embedder
+from tests.helpers import metric_value
 from tests.live_server import uvicorn_live_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -471,9 +472,16 @@ def test_a_client_that_disconnects_leaves_the_hub(server, key, end_user) -> None
     with open_stream(server, key, ["system:global"]):
         assert sse._hub is not None
     assert subscribers_settle_at(0) == 0
+
+    def scraped_subscribers() -> float | None:
+        exposition = httpx.get(f"{server}/metrics").text
+        return metric_value(exposition, "sse_subscribers")
+
     with (
         open_stream(server, key, [user_channel(end_user)]),
         open_stream(server, key, ["system:global"]),
     ):
         assert sse._hub.subscriber_count == 2
+        assert scraped_subscribers() == 2.0  # as /metrics shows it
     assert subscribers_settle_at(0) == 0
+    assert scraped_subscribers() == 0.0
