@@ -54,13 +54,17 @@ class _LeaseRenewer:
             with self._lock:
                 claims = list(self._claims.items())
             for claim, lost in claims:
-                try:
-                    if not services.memory_request_renew_lease(claim=claim):
-                        lost.set()
-                        self.remove(claim)
-                except Exception:  # a renewal that fails only shortens the lease; the job goes on
-                    logger.exception("lease renewal for %s failed", claim.request_id)
+                with log_context(request_id=str(claim.request_id)):
+                    self._renew(claim, lost)
             connection.close()  # back to the pool between rounds
+
+    def _renew(self, claim: services.Claim, lost: threading.Event) -> None:
+        try:
+            if not services.memory_request_renew_lease(claim=claim):
+                lost.set()
+                self.remove(claim)
+        except Exception:  # a renewal that fails only shortens the lease; the job goes on
+            logger.exception("lease renewal for %s failed", claim.request_id)
 
 
 _renewer = _LeaseRenewer()

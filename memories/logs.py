@@ -22,9 +22,22 @@ def log_context(*, request_id: str) -> Iterator[None]:
         _request_id.reset(token)
 
 
+# A request's task is sent with the request id as its task id (tasks.memory_jobs), so Celery's
+# own lines about it ("received", "succeeded", "retry"), written in the worker's main process
+# outside any log_context, name the request in the task fields they carry as `record.data`.
+REQUEST_TASKS = frozenset(
+    {"tasks.memory_jobs.process_memory_request", "tasks.batch_jobs.apply_batch_request"}
+)
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = _request_id.get()
+        request_id = _request_id.get()
+        if not request_id:
+            task = getattr(record, "data", None)
+            if isinstance(task, dict) and task.get("name") in REQUEST_TASKS:
+                request_id = str(task.get("id") or "")
+        record.request_id = request_id
         return True
 
 

@@ -173,29 +173,54 @@ def test_failed_requests_form_the_dead_letter_list(settings, api, end_user) -> N
     assert api.get("/v1/requests", {"status": "exploded"}).status_code == 400
 
 
-@pytest.mark.django_db
-def test_every_log_line_of_a_job_is_json_with_its_request_id(openai_settings, end_user) -> None:
-    openai_settings.chat_handler = lambda body: "not json"  # the job fails and logs about it
+@pytest.mark.django_db(transaction=True)
+def test_every_log_line_of_a_job_is_json_with_its_request_id(api, end_user, start_worker) -> None:
+    with FakeOpenAI(dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
+        fake.fail_next(1)  # the first model call fails: the job logs the error, then retries
+        worker = start_worker(**model_env(fake))  # the project's LOGGING, as a deployed worker
+        request_id = job(api, end_user, "I like tea.").json()["request_id"]
+        wait_for(lambda: MemoryRequest.objects.get(pk=request_id).status == "success")
+        wait_for(lambda: "succeeded" in worker.output(), what="Celery's last line of the job")
+    mentioning = [line for line in worker.output().splitlines() if request_id in line]
+    records = [json.loads(line) for line in mentioning]  # each one a JSON object
+    assert {record["request_id"] for record in records} == {request_id}
+    messages = " | ".join(record["message"] for record in records)
+    for said in ("received", "attempt 1 failed", "retry", "succeeded"):
+        assert said in messages, messages
+    # Lines that do not name the request carry it too: the model calls made for it.
+    loggers = {record["logger"] for record in records}
+    assert {"celery.worker.strategy", "celery.app.trace", "memories.jobs"} <= loggers
+    assert loggers - {"celery.worker.strategy", "celery.app.trace", "memories.jobs"}, loggers
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_renewal_logs_under_its_request_id(settings, end_user, monkeypatch) -> None:
+    from memories import jobs
+
+    settings.MEMORY_JOB_LEASE_SECONDS = 0.6  # the renewer wakes every 0.2 s
+    request = services.memory_request_submit(
+        tenant_id=end_user.tenant_id,
+        user_id=end_user.id,
+        payload={"messages": [{"role": "user", "content": "I like tea."}]},
+    )
+    claim = services.memory_request_claim(request_id=str(request.id))
+
+    def broken_renewal(**kwargs):
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(services, "memory_request_renew_lease", broken_renewal)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonLogFormatter())
     handler.addFilter(RequestIdFilter())
-    root = logging.getLogger()
-    root.addHandler(handler)
+    logging.getLogger("memories.jobs").addHandler(handler)
     try:
-        request = services.memory_request_submit(
-            tenant_id=end_user.tenant_id,
-            user_id=end_user.id,
-            payload={"messages": [{"role": "user", "content": "I like tea."}]},
-        )
-        assert memory_request_run(request_id=str(request.id)) == "retry"
+        with jobs.lease_kept(claim):
+            wait_for(lambda: "lease renewal" in stream.getvalue(), timeout=5)
     finally:
-        root.removeHandler(handler)
-    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
-    job_lines = [line for line in lines if line["logger"].startswith("memories")]
-    assert job_lines, stream.getvalue()
-    assert {line["request_id"] for line in job_lines} == {str(request.id)}
-    assert {"time", "level", "message"} <= job_lines[0].keys()
+        logging.getLogger("memories.jobs").removeHandler(handler)
+    record = json.loads(stream.getvalue().splitlines()[0])
+    assert record["request_id"] == str(request.id) and "failed" in record["message"]
 
 
 @pytest.mark.django_db(transaction=True)
