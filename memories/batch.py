@@ -17,7 +17,7 @@ import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from django.conf import settings
@@ -466,20 +466,47 @@ def _copy_history(entries: list[tuple], *, actor: str, at: Any) -> None:
 
 
 def batch_request_work(claim: Any, memory_request: Any) -> None:
-    """The work of an asynchronous batch, for `jobs.request_run`: all items and `success`
-    commit in one transaction, fenced by the claim."""
+    """The work of an asynchronous batch, for `jobs.request_run`: BATCH_MAX_ITEMS items at a
+    time, each chunk in its own transaction together with the request's progress (the results so
+    far, fenced by the claim; the last chunk's transaction marks it `success`). An attempt that
+    fails part way leaves the chunks it committed; the next attempt starts after them, so no item
+    is applied twice and no chunk's lock is held while the next is written."""
     from memories import services
     from memories.pipeline import get_embedder
 
-    memories_batch_apply(
-        tenant=memory_request.tenant,
-        raw_items=memory_request.payload["items"],
-        embedder=get_embedder(),
-        actor="batch-job",
-        on_applied=lambda results: services.memory_request_mark_success(
-            claim=claim, result=results
-        ),
-    )
+    items: list[Any] = memory_request.payload["items"]
+    done: list[dict[str, Any]] = list(memory_request.result or [])
+    chunk = settings.BATCH_MAX_ITEMS
+    embedder = get_embedder()
+    for start in range(len(done), len(items), chunk):
+        finish = (
+            services.memory_request_mark_success
+            if start + chunk >= len(items)
+            else services.batch_request_record_progress
+        )
+        results = memories_batch_apply(
+            tenant=memory_request.tenant,
+            raw_items=items[start : start + chunk],
+            embedder=embedder,
+            actor="batch-job",
+            on_applied=partial(_record_chunk, finish, claim, done, start),
+        )
+        done = done + _shifted(results, start)
+
+
+def _record_chunk(
+    finish: Callable[..., None],
+    claim: Any,
+    done: list[dict[str, Any]],
+    start: int,
+    results: list[dict[str, Any]],
+) -> None:
+    finish(claim=claim, result=done + _shifted(results, start))
+
+
+def _shifted(results: list[dict[str, Any]], start: int) -> list[dict[str, Any]]:
+    """A chunk's results, indexed by the items' places in the whole batch."""
+    return [{**result, "index": result["index"] + start} for result in results]
 
 
 def batch_request_run(*, request_id: str) -> str:

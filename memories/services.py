@@ -472,6 +472,27 @@ def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -
             raise LeaseLost(claim.request_id)
 
 
+_RECORD_PROGRESS_SQL = f"""
+    UPDATE {MemoryRequest._meta.db_table} SET result = %(result)s, updated_at = %(now)s
+    WHERE id = %(id)s AND status = 'processing' AND attempts = %(token)s
+"""
+
+
+def batch_request_record_progress(*, claim: Claim, result: list[dict[str, Any]]) -> None:
+    """Record the results of the chunks of a batch applied so far, inside the transaction of the
+    last of them; fenced by the claim like `memory_request_mark_success` (LeaseLost)."""
+    params = {
+        "id": claim.request_id,
+        "token": claim.token,
+        "now": timezone.now(),
+        "result": Jsonb(result, dumps=json_bytes),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_RECORD_PROGRESS_SQL, params)
+        if cursor.rowcount != 1:
+            raise LeaseLost(claim.request_id)
+
+
 def batch_request_submit(
     *, tenant: Tenant, items: list[Any], idempotency_key: str | None = None
 ) -> MemoryRequest:

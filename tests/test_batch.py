@@ -387,3 +387,58 @@ def test_a_batch_with_a_number_no_column_can_hold_is_400_and_writes_nothing(
     response = api.post("/v1/memories/batch", data=body, content_type="application/json")
     assert response.status_code == 400 and "body" in response.json()["fields"]
     assert not Memory.objects.exists() and not MemoryRequest.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_async_batch_is_applied_in_chunks_and_resumes_after_the_last_one_committed(
+    settings, api, end_user, monkeypatch
+) -> None:
+    from memories import batch as batch_module
+    from memories.batch import batch_request_run
+
+    settings.BATCH_MAX_ITEMS = 50
+    uid = str(end_user.id)
+    items = [{"user_id": uid, "content": f"Bulk fact {n}"} for n in range(120)]
+    items[60] = {"user_id": uid, "content": ""}  # a bad item keeps its own place in the results
+    accepted = batch(api, items, **{"async": True})
+    request_id = accepted.json()["request_id"]
+
+    copy_history, calls = batch_module._copy_history, []
+
+    def second_chunk_fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("database went away")
+        return copy_history(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "_copy_history", second_chunk_fails_once)
+    assert batch_request_run(request_id=request_id) == "retry"
+    # The first chunk committed with its progress; the second rolled back whole.
+    assert Memory.objects.filter(user=end_user).count() == 50
+    assert len(MemoryRequest.objects.get(pk=request_id).result) == 50
+
+    assert batch_request_run(request_id=request_id) == "done"
+    stored = Memory.objects.filter(user=end_user).values_list("content", flat=True)
+    assert sorted(stored) == sorted(item["content"] for item in items if item["content"])
+    results = api.get(f"/v1/requests/{request_id}").json()["events"]
+    assert [r["index"] for r in results] == list(range(120))
+    assert [r["status"] for r in results].count("error") == 1 and results[60]["status"] == "error"
+    assert MemoryRequest.objects.get(pk=request_id).attempts == 2
+
+
+@pytest.mark.django_db
+def test_an_async_batch_of_the_largest_size_with_realistic_items_is_accepted(
+    settings, api, end_user
+) -> None:
+    uid = str(end_user.id)
+    note = "Prefers window seats on long flights and asks for vegetarian meals. " * 3
+    items = [
+        {"user_id": uid, "content": f"{n}: {note}", "type": "preference", "metadata": {"n": n}}
+        for n in range(settings.BATCH_ASYNC_MAX_ITEMS)
+    ]
+    body = json.dumps({"items": items, "async": True})
+    assert len(body) > 2_000_000  # ~250 bytes an item
+    response = api.post("/v1/memories/batch", data=body, content_type="application/json")
+    assert response.status_code == 202, response.content[:300]
+    recorded = MemoryRequest.objects.get(pk=response.json()["request_id"])
+    assert len(recorded.payload["items"]) == settings.BATCH_ASYNC_MAX_ITEMS
