@@ -115,8 +115,10 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-# Bodies above this are refused with 413/400 before they are parsed.
-DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 1_000_000)
+# Bodies above this are refused with 400 before they are read. Sized for the largest call: an
+# asynchronous batch of BATCH_ASYNC_MAX_ITEMS items of about 1 KB each. Every field has its own
+# limit besides; a body waiting for its last bytes holds at most this much memory.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 10_000_000)
 
 # --- PostgreSQL -------------------------------------------------------------------------------
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
