@@ -7,7 +7,7 @@ case "$1" in
     exec uvicorn memoryproject.asgi:application --host 0.0.0.0 --port "${PORT:-8000}" ;;
   worker)
     exec celery -A memoryproject worker -Q "${WORKER_QUEUES:-high,default,batch}" \
-      --concurrency "${WORKER_CONCURRENCY:-2}" --loglevel INFO ;;
+      --concurrency "${WORKER_CONCURRENCY:-2}" --pool "${WORKER_POOL:-prefork}" --loglevel INFO ;;
   beat)
     exec celery -A memoryproject beat --loglevel INFO --schedule /tmp/celerybeat-schedule ;;
   migrate)

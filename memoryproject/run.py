@@ -51,6 +51,8 @@ def main() -> int:
     def worker(lane: str, concurrency: str) -> list[str]:
         # One worker per lane: a correction on `high` starts while `default` is saturated.
         options = ["-n", f"{lane}@%h", "-Q", lane, "--concurrency", concurrency]
+        # `threads` lets the jobs of one worker share embedding calls (EMBEDDING_BATCH_WINDOW_MS).
+        options += ["--pool", env.get("WORKER_POOL", "prefork")]
         return [*celery, "worker", *options, "--loglevel", "INFO"]
 
     schedule = str(Path(env["MEMORY_VAR_DIR"]) / "celerybeat-schedule")

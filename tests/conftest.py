@@ -107,10 +107,15 @@ def start_worker(worker_env: dict[str, str]) -> Iterator:
         queues: str = "high,default,batch",
         concurrency: int = 1,
         with_beat: bool = False,
+        pool: str = "prefork",
         **overrides: str,
     ) -> CeleryWorker:
         worker = CeleryWorker(
-            {**worker_env, **overrides}, queues=queues, concurrency=concurrency, with_beat=with_beat
+            {**worker_env, **overrides},
+            queues=queues,
+            concurrency=concurrency,
+            with_beat=with_beat,
+            pool=pool,
         )
         worker.start()
         started.append(worker)

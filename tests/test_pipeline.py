@@ -388,6 +388,45 @@ def test_jobs_run_through_the_batching_embedder_when_a_window_is_set(settings, e
 
 
 @pytest.mark.django_db(transaction=True)
+def test_jobs_running_at_once_in_a_threads_worker_share_one_embedding_call(
+    api, end_user, start_worker
+) -> None:
+    from django.conf import settings
+
+    from tests.fake_openai import FakeOpenAI
+    from tests.helpers import model_env, wait_for
+
+    with FakeOpenAI(delay_seconds=0.3, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
+        start_worker(
+            queues="default",
+            concurrency=4,
+            pool="threads",
+            EMBEDDING_BATCH_WINDOW_MS="150",
+            **model_env(fake),
+        )
+        hobbies = ["chess", "golf", "tennis", "rowing"]
+        ids = []
+        for hobby in hobbies:
+            body = {
+                "user_id": str(end_user.id),
+                "messages": [{"role": "user", "content": f"I like {hobby}."}],
+            }
+            ids.append(api.post("/v1/memories", body, format="json").json()["request_id"])
+        wait_for(
+            lambda: MemoryRequest.objects.filter(pk__in=ids, status="success").count() == 4,
+            what="the four jobs",
+        )
+        embedding_calls = [r.body["input"] for r in fake.requests if r.path.endswith("/embeddings")]
+    # The four jobs reached their embedding step together (their first model calls ran side by
+    # side), so the window gathered their facts into fewer calls than jobs.
+    assert len(embedding_calls) < 4, embedding_calls
+    assert sorted(text for call in embedding_calls for text in call) == sorted(
+        f"Likes {hobby}" for hobby in hobbies
+    )
+    assert live_contents(end_user) == sorted(f"Likes {hobby}" for hobby in hobbies)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_database_error_while_claiming_is_retried_without_spending_an_attempt(end_user) -> None:
     request = submit_job(end_user, "I live in Paris.")
     with connection.cursor() as cursor:

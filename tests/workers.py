@@ -32,10 +32,12 @@ class CeleryWorker:
         queues: str = "high,default,batch",
         concurrency: int = 1,
         with_beat: bool = False,
+        pool: str = "prefork",
     ) -> None:
         self.env = env
         self.queues = queues
         self.concurrency = concurrency
+        self.pool = pool
         self.with_beat = with_beat
         self.process: subprocess.Popen | None = None
         self.log = Path(tempfile.mkstemp(prefix="celery-worker-", suffix=".log")[1])
@@ -53,7 +55,7 @@ class CeleryWorker:
             "--concurrency",
             str(self.concurrency),
             "--pool",
-            "prefork",
+            self.pool,
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
