@@ -12,9 +12,10 @@ import math
 import time
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
+from django.db.models import Count, Q
 
 from memories import metrics
 from memories.errors import Overloaded, RateLimited
@@ -25,7 +26,8 @@ from tasks.queues import Queue
 # Kombu's Redis transport keeps a lane in a list named after it, plus one list per priority step
 # when messages carry a priority; count them all.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-_cache: dict[str, tuple[float, int]] = {}
+_cache: dict[str, tuple[float, Any]] = {}
+T = TypeVar("T")
 
 
 def lane_depths() -> dict[str, int]:
@@ -43,7 +45,21 @@ def pending_requests() -> int:
     return MemoryRequest.objects.filter(status=MemoryRequest.Status.PENDING).count()
 
 
-def _cached(key: str, read: Callable[[], int]) -> int:
+def pending_by_lane() -> dict[str, int]:
+    """Requests waiting for a worker, by the lane their task is sent on (tasks.memory_jobs):
+    a lost task leaves its request pending, so this counts what Redis may no longer hold."""
+    batch, high = Q(kind=MemoryRequest.Kind.BATCH), Q(priority=MemoryRequest.Priority.HIGH)
+    counts = MemoryRequest.objects.filter(status=MemoryRequest.Status.PENDING).aggregate(
+        all=Count("pk"), batch=Count("pk", filter=batch), high=Count("pk", filter=high & ~batch)
+    )
+    return {
+        Queue.HIGH.value: counts["high"],
+        Queue.DEFAULT.value: counts["all"] - counts["batch"] - counts["high"],
+        Queue.BATCH.value: counts["batch"],
+    }
+
+
+def _cached(key: str, read: Callable[[], T]) -> T:
     # Under a flood every POST asks; a reading half a second old is as good and costs nothing.
     now = time.monotonic()
     hit = _cache.get(key)
@@ -55,13 +71,15 @@ def _cached(key: str, read: Callable[[], int]) -> int:
 
 
 def admit(lane: Queue) -> None:
-    """Raise Overloaded (429) when the lane is too deep to take more work."""
+    """Raise Overloaded (429) when the lane is too deep to take more work. Each lane is judged by
+    its own depth, so a flood of one kind of work does not shut out the others; `high` has its
+    own, larger allowance."""
     if lane is Queue.HIGH:
         limit = settings.BACKPRESSURE_HIGH_MAX_DEPTH
     else:
         limit = settings.BACKPRESSURE_MAX_DEPTH
-    depth = _cached("depths", lambda: sum(lane_depths().values()))
-    pending = _cached("pending", pending_requests)
+    depth = _cached("depths", lane_depths)[lane.value]
+    pending = _cached("pending", pending_by_lane)[lane.value]
     if depth >= limit or pending >= limit:
         metrics.REFUSALS.labels(lane=lane.value, reason="overload").inc()
         raise Overloaded(

@@ -52,6 +52,29 @@ def test_full_default_lane_refuses_with_429_before_recording(settings, api, end_
 
 
 @pytest.mark.django_db(transaction=True)
+def test_each_lane_is_refused_by_its_own_depth(settings, api, end_user) -> None:
+    settings.BACKPRESSURE_MAX_DEPTH = 2
+    settings.BACKPRESSURE_CACHE_SECONDS = 0
+    redis_client().delete("default", "high", "batch")  # messages earlier tests left
+    items = [{"user_id": str(end_user.id), "content": "Likes tea"}]
+
+    def async_batch(n: int):
+        body = {"items": [{**items[0], "content": f"Likes tea {n}"}], "async": True}
+        return api.post("/v1/memories/batch", body, format="json")
+
+    assert [async_batch(n).status_code for n in range(3)] == [202, 202, 429]
+    # The full batch lane does not shut out memory jobs, nor the other way round.
+    assert [job(api, end_user, f"I have {n} cats.").status_code for n in range(3)] == [
+        202,
+        202,
+        429,
+    ]
+    redis_client().delete("batch")
+    MemoryRequest.objects.filter(kind="batch").delete()
+    assert async_batch(3).status_code == 202
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_high_job_finishes_while_the_default_lane_is_saturated(api, end_user, start_worker):
     redis_client().delete("default", "high")  # messages earlier tests left without a worker
     with FakeOpenAI(delay_seconds=0.4, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
@@ -214,10 +237,12 @@ def test_a_lease_renewal_logs_under_its_request_id(settings, end_user, monkeypat
     handler.setFormatter(JsonLogFormatter())
     handler.addFilter(RequestIdFilter())
     logging.getLogger("memories.jobs").addHandler(handler)
+    renewer = jobs._LeaseRenewer()  # its own thread, sleeping by this test's lease
     try:
-        with jobs.lease_kept(claim):
-            wait_for(lambda: "lease renewal" in stream.getvalue(), timeout=5)
+        renewer.add(claim)
+        wait_for(lambda: "lease renewal" in stream.getvalue(), timeout=5)
     finally:
+        renewer.remove(claim)
         logging.getLogger("memories.jobs").removeHandler(handler)
     record = json.loads(stream.getvalue().splitlines()[0])
     assert record["request_id"] == str(request.id) and "failed" in record["message"]
