@@ -11,8 +11,8 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from memories import services
-from memories.models import ApiKey, MemoryRequest, Tenant
-from tests.helpers import store_memories
+from memories.models import ApiKey, Memory, MemoryRequest, Tenant
+from tests.helpers import store_memories, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -55,7 +55,11 @@ def test_admin_shows_a_new_api_key_once(admin_client, tenant) -> None:
     assert client.post("/v1/users", {}, format="json").status_code == 201
 
 
-def test_admin_retry_action_sends_a_failed_request_again(admin_client, end_user) -> None:
+@pytest.mark.django_db(transaction=True)  # the task is sent on commit
+def test_admin_retry_action_sends_a_failed_request_again(
+    admin_client, end_user, start_worker
+) -> None:
+    start_worker(queues="default")
     payload = {"messages": [{"role": "user", "content": "I live in Rome."}], "infer": True}
     memory_request = services.memory_request_submit(
         tenant_id=end_user.tenant_id, user_id=end_user.id, payload=payload
@@ -69,12 +73,13 @@ def test_admin_retry_action_sends_a_failed_request_again(admin_client, end_user)
         follow=True,
     )
     assert response.status_code == 200
+    # Sent again with a fresh set of attempts: the worker runs it to success.
+    wait_for(lambda: MemoryRequest.objects.get(pk=memory_request.pk).status == "success")
     memory_request.refresh_from_db()
-    assert (memory_request.status, memory_request.attempts, memory_request.error) == (
-        "pending",
-        0,
-        "",
-    )
+    assert (memory_request.attempts, memory_request.error) == (1, "")
+    assert list(Memory.objects.filter(user=end_user).values_list("content", flat=True)) == [
+        "Lives in Rome"
+    ]
 
 
 def test_admin_pages_render(admin_client, end_user) -> None:
