@@ -98,6 +98,27 @@ def test_a_batch_of_changes_costs_the_same_queries_for_two_memories_as_for_twent
 
 
 @pytest.mark.django_db
+def test_a_batch_of_creates_costs_the_same_queries_for_two_memories_as_for_two_hundred(
+    end_user,
+) -> None:
+    uid = str(end_user.id)
+
+    def queries_to_create(count: int) -> int:
+        items = [{"user_id": uid, "content": f"Fact {n} of {count}"} for n in range(count)]
+        with CaptureQueriesContext(connection) as queries:
+            results = memories_batch_apply(
+                tenant=end_user.tenant, raw_items=items, embedder=get_embedder()
+            )
+        assert [r["status"] for r in results] == ["ok"] * count
+        return len(queries)
+
+    assert queries_to_create(2) == queries_to_create(200)
+    assert Memory.objects.filter(user=end_user).count() == 202
+    assert MemoryHistory.objects.filter(event="ADD").count() == 202
+    assert OutboxEvent.objects.filter(event_type="memory.created").count() == 202
+
+
+@pytest.mark.django_db
 def test_batch_items_are_searchable_by_meaning(api, end_user) -> None:
     uid = str(end_user.id)
     batch(
