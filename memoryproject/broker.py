@@ -12,15 +12,29 @@ Selected in settings (CELERY_BROKER_TRANSPORT, see `transport_for`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
+logger = logging.getLogger(__name__)
+
 
 class Channel(kombu_redis.Channel):
     _commands_client: Any = None
+
+    def _brpop_read(self, **options: Any) -> bool:
+        # kombu parses what BRPOP popped as its JSON envelope; an entry that is not one (written
+        # to the list by something other than kombu) raises out of the consumer, and Celery stops
+        # the whole worker as an unrecoverable error. The entry is already off the list, so it is
+        # dropped here, with a log line, and the worker goes on: a poison message never loops.
+        try:
+            return super()._brpop_read(**options)
+        except (ValueError, TypeError, KeyError) as exc:
+            logger.error("dropped a broker entry that is not a message (%r)", exc)
+            return True
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:

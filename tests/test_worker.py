@@ -148,3 +148,43 @@ def test_job_that_keeps_killing_its_worker_ends_in_failure_and_others_flow(
     assert list(Memory.objects.filter(user=end_user).values_list("content", flat=True)) == [
         "Likes tea"
     ]
+
+
+def test_poison_messages_are_acknowledged_and_never_come_back(api, end_user, start_worker) -> None:
+    from memoryproject.celery import app
+
+    worker = start_worker(queues="default")
+    unknown_request = "00000000-0000-0000-0000-000000000000"
+    with app.connection_for_write() as connection_, connection_.Producer() as producer:
+        # Not a message at all: Redis holds a string that is not kombu's JSON envelope.
+        for garbage in ("garbage{", "[1, 2]", '{"body": "x"}'):
+            connection_.default_channel.client.lpush("default", garbage)
+        # A message whose body does not decode as its content type says.
+        producer.publish(
+            "{not json",
+            routing_key="default",
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers={"task": "tasks.memory_jobs.process_memory_request", "id": "poison-1"},
+        )
+        # A task no worker knows.
+        producer.publish(
+            [[], {}, {}],
+            routing_key="default",
+            serializer="json",
+            headers={"task": "tasks.no_such_task", "id": "poison-2"},
+        )
+    process_memory_request.apply_async(args=[unknown_request], queue="default")
+    process_memory_request.apply_async(args=["not-a-uuid"], queue="default")
+
+    request_id = post_job(api, end_user, "I live in Paris.")
+    wait_for(lambda: status_of(request_id) == "success", what="the job after the poison")
+    assert worker.process.poll() is None, worker.output()[-3000:]
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    wait_for(lambda: broker.llen("default") == 0 and broker.hlen("unacked") == 0, timeout=10)
+    time.sleep(1.5)  # had any been left unacknowledged, Redis would hand it out again
+    assert broker.llen("default") == 0 and broker.hlen("unacked") == 0
+    log = worker.output()
+    assert log.count("not a message") == 3
+    for recorded in ("poison-1", "poison-2", "no_such_task", "not-a-uuid"):
+        assert recorded in log, recorded
