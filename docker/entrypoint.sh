@@ -1,6 +1,11 @@
 #!/bin/sh
 # web | worker | beat | migrate | any command
 set -e
+if [ -n "$PROMETHEUS_MULTIPROC_DIR" ]; then
+  # This container's metric files from an earlier life (same hostname): a restarted process
+  # would read its old gauges back from them.
+  rm -f "$PROMETHEUS_MULTIPROC_DIR"/*_"$(hostname | tr _ -)"-*.db
+fi
 case "$1" in
   web)
     python manage.py migrate --noinput

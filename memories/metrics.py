@@ -1,9 +1,11 @@
-"""Prometheus metrics. Under `make run` every process writes to PROMETHEUS_MULTIPROC_DIR and the
-web process's `/metrics` sums them; without it, `/metrics` shows the web process alone."""
+"""Prometheus metrics. Under `make run` and the compose file every process writes to
+PROMETHEUS_MULTIPROC_DIR (one folder, shared by the containers in compose) and the web process's
+`/metrics` sums them; without it, `/metrics` shows the web process alone."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +19,15 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Each process writes files named after it. Containers sharing one folder (the compose file)
+    # reuse the same small pids, so the name carries the host too ("-": the reader splits on "_").
+    _HOST = socket.gethostname().replace("_", "-")
+    values.ValueClass = values.MultiProcessValue(lambda: f"{_HOST}-{os.getpid()}")
 
 JOBS = Counter("memory_jobs_total", "Requests processed, by lane and outcome", ["lane", "outcome"])
 JOB_SECONDS = Histogram(

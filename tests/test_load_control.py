@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 
 import pytest
@@ -288,3 +289,50 @@ def test_warm_shutdown_under_load_loses_and_repeats_nothing(api, end_user, start
     # Each job ran once: the warm shutdown neither interrupted one nor left one to be re-run.
     attempts = MemoryRequest.objects.filter(pk__in=ids).values_list("attempts", flat=True)
     assert set(attempts) == {1}
+
+
+COUNT_ONE_JOB = """
+import os, sys, time
+from pathlib import Path
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
+from memories.metrics import JOBS
+counter = JOBS.labels(lane="default", outcome="done")
+ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+counter.inc()
+"""
+
+
+def test_metrics_of_containers_sharing_one_folder_add_up(tmp_path) -> None:
+    """As in the compose file: processes of different hosts (here each in its own UTS and pid
+    namespace, so both are pid 1) write into one folder, and /metrics counts them all."""
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    go = tmp_path / "go"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    containers = []
+    for host in ("web-1", "worker-1"):
+        ready = tmp_path / f"{host}.ready"
+        command = f"hostname {host} && exec {sys.executable} -c '{COUNT_ONE_JOB}' {ready} {go}"
+        containers.append(
+            (
+                ready,
+                subprocess.Popen(
+                    ["unshare", "--uts", "--pid", "--fork", "sh", "-c", command], env=env
+                ),
+            )
+        )
+    wait_for(lambda: all(ready.exists() for ready, _ in containers), what="both processes")
+    go.touch()  # both hold their files open, then count
+    assert [process.wait(timeout=30) for _, process in containers] == [0, 0]
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(folder))
+    exposition = generate_latest(registry).decode()
+    assert metric_value(exposition, "memory_jobs_total", lane="default", outcome="done") == 2.0
