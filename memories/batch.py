@@ -25,7 +25,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from pgvector import Vector
 
-from memories import events, rows
+from memories import events, metrics, rows
 from memories.models import EndUser, Memory, MemoryHistory, Tenant
 from memories.providers import Embedder
 from memories.services import content_hash
@@ -172,9 +172,10 @@ def memories_batch_apply(
         if item.user_id not in known_users:
             results.append(_error(item.index, "user_id", "User not found."))
     items = [item for item in items if item.user_id in known_users]
-    vectors = _embed(embedder, [item for item in items if item.action != "delete"])
+    with metrics.timed("embedding", kind="batch"):
+        vectors = _embed(embedder, [item for item in items if item.action != "delete"])
     target_ids = [item.memory_id for item in items if item.action != "create"]
-    with transaction.atomic():
+    with metrics.timed("database", kind="batch"), transaction.atomic():
         targets: dict[str, Memory] = {}
         if target_ids:  # creates alone need no lock, nor the round trip
             targets = {

@@ -109,11 +109,13 @@ def _run(*, request_id: str, work: Work) -> str:
     if claim is None:
         return "skipped"
     try:
-        with lease_kept(claim), metrics.timed("total"):
-            memory_request = claim.request
+        memory_request = claim.request
+        with lease_kept(claim), metrics.timed("total", kind=memory_request.kind):
             if claim.token == 1:
                 waited = (timezone.now() - memory_request.created_at).total_seconds()
-                metrics.JOB_SECONDS.labels(stage="queue_wait").observe(waited)
+                metrics.JOB_SECONDS.labels(stage="queue_wait", kind=memory_request.kind).observe(
+                    waited
+                )
             work(claim, memory_request)
     except services.LeaseLost:
         logger.warning("request %s: lease taken over; this attempt's work discarded", request_id)

@@ -32,8 +32,9 @@ if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 JOBS = Counter("memory_jobs_total", "Requests processed, by lane and outcome", ["lane", "outcome"])
 JOB_SECONDS = Histogram(
     "memory_job_stage_seconds",
-    "Time spent per stage of a job: queue_wait, llm, embedding, database, total",
-    ["stage"],
+    "Seconds per stage of a memory job or batch write (kind): queue_wait, llm, embedding, "
+    "database, total; one observation per call of the stage",
+    ["stage", "kind"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 REFUSALS = Counter("backpressure_refusals_total", "Requests refused with 429", ["lane", "reason"])
@@ -47,12 +48,12 @@ SSE_SUBSCRIBERS = Gauge(
 
 
 @contextmanager
-def timed(stage: str) -> Iterator[None]:
+def timed(stage: str, kind: str = "memory_job") -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
     finally:
-        JOB_SECONDS.labels(stage=stage).observe(time.perf_counter() - start)
+        JOB_SECONDS.labels(stage=stage, kind=kind).observe(time.perf_counter() - start)
 
 
 class QueueDepthCollector:

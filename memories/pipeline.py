@@ -77,11 +77,12 @@ def plan_changes(
         return []
     with metrics.timed("embedding"):
         fact_vectors = embedder.embed(facts)
-    neighbours = selectors.memory_nearest_for_many(
-        user_id=memory_request.user_id,
-        vectors=fact_vectors,
-        per_vector=settings.MEMORY_NEIGHBOURS_PER_FACT,
-    )
+    with metrics.timed("database"):
+        neighbours = selectors.memory_nearest_for_many(
+            user_id=memory_request.user_id,
+            vectors=fact_vectors,
+            per_vector=settings.MEMORY_NEIGHBOURS_PER_FACT,
+        )
     # The LLM sees memories as 1..n: it copies short integers reliably, long UUIDs it invents.
     id_by_number = {number: memory_id for number, (memory_id, _) in enumerate(neighbours, start=1)}
     shown = [ExistingMemory(id=n, text=text) for n, (_, text) in enumerate(neighbours, start=1)]
@@ -93,8 +94,10 @@ def plan_changes(
         {d.text for d in decisions if d.event in ("ADD", "UPDATE") and d.text}
         - vector_by_text.keys()
     )
-    if needs_embedding:
-        vector_by_text.update(zip(needs_embedding, embedder.embed(needs_embedding), strict=True))
+    if needs_embedding:  # texts the decider wrote anew
+        with metrics.timed("embedding"):
+            vectors = embedder.embed(needs_embedding)
+        vector_by_text.update(zip(needs_embedding, vectors, strict=True))
 
     changes: list[services.PlannedChange] = []
     targeted: set[str] = set()

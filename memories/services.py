@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
-from memories import rows, selectors, signals
+from memories import metrics, rows, selectors, signals
 from memories.auth import hash_api_key
 from memories.errors import (
     AlreadyExists,
@@ -674,7 +674,8 @@ def memories_create_direct(
     *, memory_request: MemoryRequest, texts: list[str], embedder: Embedder
 ) -> list[PlannedChange]:
     """`infer: false`: every message becomes a memory as it is, with no LLM call."""
-    vectors = embedder.embed(texts) if texts else []
+    with metrics.timed("embedding"):
+        vectors = embedder.embed(texts) if texts else []
     return [
         PlannedChange(event="ADD", memory_id=None, content=text, embedding=vector)
         for text, vector in zip(texts, vectors, strict=True)

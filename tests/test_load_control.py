@@ -165,11 +165,18 @@ def test_what_workers_count_shows_on_the_web_process_metrics(
     for lane in ("default", "high", "batch"):
         assert scraped("memory_jobs_total", lane=lane, outcome="done") == 1.0, lane
     assert scraped("memory_jobs_total", lane="default", outcome="failed") is None
-    # Two memory jobs: each waited in its queue, called the LLM twice, embedded once, wrote once.
-    assert scraped("memory_job_stage_seconds_count", stage="queue_wait") == 3.0
-    assert scraped("memory_job_stage_seconds_count", stage="llm") == 4.0
-    assert scraped("memory_job_stage_seconds_count", stage="embedding") == 2.0
-    assert scraped("memory_job_stage_seconds_count", stage="database") == 2.0
+
+    # Two memory jobs: each waited in its queue, called the LLM twice, embedded its facts once,
+    # read their neighbours and wrote its changes. The batch: one embedding call, one write.
+    def stage_count(stage: str, kind: str = "memory_job") -> float | None:
+        return scraped("memory_job_stage_seconds_count", stage=stage, kind=kind)
+
+    assert stage_count("queue_wait") == 2.0 and stage_count("total") == 2.0
+    assert stage_count("llm") == 4.0
+    assert stage_count("embedding") == 2.0
+    assert stage_count("database") == 4.0
+    assert stage_count("queue_wait", "batch") == 1.0 and stage_count("total", "batch") == 1.0
+    assert stage_count("embedding", "batch") == 1.0 and stage_count("database", "batch") == 1.0
     # Two memories from the jobs, three from the batch: an event each, published by the worker.
     wait_for(lambda: scraped("events_published_total") == 5.0, what="five events counted")
 
