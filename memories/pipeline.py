@@ -7,8 +7,9 @@ applied by `services.memory_request_complete` in one short transaction.
 from __future__ import annotations
 
 import logging
-from functools import cache
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from django.conf import settings
 
@@ -43,12 +44,37 @@ def provider_config() -> ProviderConfig:
     )
 
 
-@cache
+T = TypeVar("T")
+
+
+class _BuiltOnce(Generic[T]):
+    """`functools.cache` for a builder without arguments, but built once only: the threads of a
+    `threads` worker that ask at the same moment get the same provider, so they share its
+    connections and its batching window (with `cache`, each first caller built its own)."""
+
+    def __init__(self, build: Callable[[], T]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._built: list[T] = []
+
+    def __call__(self) -> T:
+        if not self._built:
+            with self._lock:
+                if not self._built:
+                    self._built.append(self._build())
+        return self._built[0]
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._built.clear()
+
+
+@_BuiltOnce
 def get_llm() -> LLMProvider:
     return build_llm(provider_config())
 
 
-@cache
+@_BuiltOnce
 def get_embedder() -> Embedder:
     embedder = build_embedder(provider_config())
     if settings.EMBEDDING_BATCH_WINDOW_MS > 0:

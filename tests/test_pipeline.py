@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -389,7 +389,7 @@ def test_jobs_run_through_the_batching_embedder_when_a_window_is_set(settings, e
 
 @pytest.mark.django_db(transaction=True)
 def test_jobs_running_at_once_in_a_threads_worker_share_one_embedding_call(
-    api, end_user, start_worker
+    end_user, start_worker
 ) -> None:
     from django.conf import settings
 
@@ -401,17 +401,12 @@ def test_jobs_running_at_once_in_a_threads_worker_share_one_embedding_call(
             queues="default",
             concurrency=4,
             pool="threads",
-            EMBEDDING_BATCH_WINDOW_MS="150",
+            EMBEDDING_BATCH_WINDOW_MS="250",
             **model_env(fake),
         )
         hobbies = ["chess", "golf", "tennis", "rowing"]
-        ids = []
-        for hobby in hobbies:
-            body = {
-                "user_id": str(end_user.id),
-                "messages": [{"role": "user", "content": f"I like {hobby}."}],
-            }
-            ids.append(api.post("/v1/memories", body, format="json").json()["request_id"])
+        with transaction.atomic():  # their four tasks are sent together, on commit
+            ids = [submit_job(end_user, f"I like {hobby}.").id for hobby in hobbies]
         wait_for(
             lambda: MemoryRequest.objects.filter(pk__in=ids, status="success").count() == 4,
             what="the four jobs",
