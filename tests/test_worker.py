@@ -153,6 +153,9 @@ def test_job_that_keeps_killing_its_worker_ends_in_failure_and_others_flow(
 def test_poison_messages_are_acknowledged_and_never_come_back(api, end_user, start_worker) -> None:
     from memoryproject.celery import app
 
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    # What killed workers of earlier tests left unacknowledged would come back during this one.
+    broker.delete("default", "unacked", "unacked_index")
     worker = start_worker(queues="default")
     unknown_request = "00000000-0000-0000-0000-000000000000"
     with app.connection_for_write() as connection_, connection_.Producer() as producer:
@@ -180,7 +183,6 @@ def test_poison_messages_are_acknowledged_and_never_come_back(api, end_user, sta
     request_id = post_job(api, end_user, "I live in Paris.")
     wait_for(lambda: status_of(request_id) == "success", what="the job after the poison")
     assert worker.process.poll() is None, worker.output()[-3000:]
-    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     wait_for(lambda: broker.llen("default") == 0 and broker.hlen("unacked") == 0, timeout=10)
     time.sleep(1.5)  # had any been left unacknowledged, Redis would hand it out again
     assert broker.llen("default") == 0 and broker.hlen("unacked") == 0
