@@ -15,13 +15,13 @@ from functools import cache
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db.models import Count, Q
+from django.db import connection
 
 from memories import metrics
 from memories.errors import Overloaded, RateLimited
 from memories.events.stream import redis_client
 from memories.models import MemoryRequest
-from tasks.queues import Queue
+from tasks.queues import Queue, lane_for
 
 # Kombu's Redis transport keeps a lane in a list named after it, plus one list per priority step
 # when messages carry a priority; count them all.
@@ -45,18 +45,22 @@ def pending_requests() -> int:
     return MemoryRequest.objects.filter(status=MemoryRequest.Status.PENDING).count()
 
 
+# By hand: the ORM's aggregate cost more to build than PostgreSQL took to count (0.5 vs 0.1 ms).
+_PENDING_BY_KIND_SQL = f"""
+    SELECT kind, priority, count(*) FROM {MemoryRequest._meta.db_table}
+    WHERE status = 'pending' GROUP BY kind, priority
+"""
+
+
 def pending_by_lane() -> dict[str, int]:
-    """Requests waiting for a worker, by the lane their task is sent on (tasks.memory_jobs):
-    a lost task leaves its request pending, so this counts what Redis may no longer hold."""
-    batch, high = Q(kind=MemoryRequest.Kind.BATCH), Q(priority=MemoryRequest.Priority.HIGH)
-    counts = MemoryRequest.objects.filter(status=MemoryRequest.Status.PENDING).aggregate(
-        all=Count("pk"), batch=Count("pk", filter=batch), high=Count("pk", filter=high & ~batch)
-    )
-    return {
-        Queue.HIGH.value: counts["high"],
-        Queue.DEFAULT.value: counts["all"] - counts["batch"] - counts["high"],
-        Queue.BATCH.value: counts["batch"],
-    }
+    """Requests waiting for a worker, by the lane their task is sent on: a lost task leaves its
+    request pending, so this counts what Redis may no longer hold."""
+    counts = {lane.value: 0 for lane in Queue}
+    with connection.cursor() as cursor:
+        cursor.execute(_PENDING_BY_KIND_SQL)
+        for kind, priority, count in cursor.fetchall():
+            counts[lane_for(kind, priority).value] += count
+    return counts
 
 
 def _cached(key: str, read: Callable[[], T]) -> T:

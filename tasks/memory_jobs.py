@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from celery import shared_task
 
 from tasks.batch_jobs import apply_batch_request
-from tasks.queues import Queue, finish_request_task
+from tasks.queues import Queue, finish_request_task, lane_for
 
 if TYPE_CHECKING:
     from memories.models import MemoryRequest
@@ -22,11 +22,8 @@ def enqueue_memory_request(memory_request: MemoryRequest) -> None:
     Called on commit. If the broker is unreachable the request stays `pending` and the sweeper
     sends it later, so a failure here is logged, never raised into the HTTP response.
     """
-    if memory_request.kind == "batch":
-        task, queue = apply_batch_request, Queue.BATCH
-    else:
-        task = process_memory_request
-        queue = Queue.HIGH if memory_request.priority == "high" else Queue.DEFAULT
+    queue = lane_for(memory_request.kind, memory_request.priority)
+    task = apply_batch_request if queue is Queue.BATCH else process_memory_request
     try:
         task.apply_async(
             args=[str(memory_request.id)],

@@ -12,6 +12,13 @@ class Queue(StrEnum):
     BATCH = "batch"  # bulk writes
 
 
+def lane_for(kind: str, priority: str) -> Queue:
+    """The lane a request's task is sent on, by the request's kind and priority."""
+    if kind == "batch":
+        return Queue.BATCH
+    return Queue.HIGH if priority == "high" else Queue.DEFAULT
+
+
 def finish_request_task(task: Any, outcome: str) -> str:
     """The common end of a request task: count the outcome on its lane, and on `retry` send the
     task again with exponential backoff (the database bounds the attempts, not Celery)."""
