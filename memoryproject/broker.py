@@ -13,7 +13,7 @@ Selected in settings (CELERY_BROKER_TRANSPORT, see `transport_for`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,19 +22,47 @@ from kombu.transport import redis as kombu_redis
 logger = logging.getLogger(__name__)
 
 
+# What the consumer must see to reconnect: the transport's connection errors, less KeyError, which
+# kombu counts among them and a task message missing a field raises too.
+_LOST_CONNECTION = tuple(
+    error for error in kombu_redis.Transport.connection_errors if error is not KeyError
+)
+
+
 class Channel(kombu_redis.Channel):
     _commands_client: Any = None
 
+    # Poison on the broker must not stop a worker. An exception out of a delivery reaches
+    # Celery's consumer loop, which stops the whole worker as an unrecoverable error; where a
+    # message cannot be read or handled, it is dropped instead, with a log line, and never loops.
+
     def _brpop_read(self, **options: Any) -> bool:
-        # kombu parses what BRPOP popped as its JSON envelope; an entry that is not one (written
-        # to the list by something other than kombu) raises out of the consumer, and Celery stops
-        # the whole worker as an unrecoverable error. The entry is already off the list, so it is
-        # dropped here, with a log line, and the worker goes on: a poison message never loops.
+        # An entry that is not kombu's JSON envelope (written to the list by something else)
+        # fails to parse before it is a message: it is already off the list, nothing to ack.
         try:
             return super()._brpop_read(**options)
         except (ValueError, TypeError, KeyError) as exc:
             logger.error("dropped a broker entry that is not a message (%r)", exc)
             return True
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Callable[[Any], Any], consumer_tag: str, **kw: Any
+    ) -> Any:
+        def handled(message: Any) -> Any:
+            # A message is in the unacked index by now: one its consumer failed on (a task message
+            # without its id, say) is acknowledged here, or it would hold its prefetch slot and
+            # come back after the visibility timeout to fail again.
+            try:
+                return callback(message)
+            except _LOST_CONNECTION:
+                raise  # the consumer reconnects; the message is restored
+            except Exception:
+                logger.exception("dropped a message its consumer failed on: %r", message.headers)
+                if not no_ack:
+                    message.reject(requeue=False)
+                return None
+
+        return super().basic_consume(queue, no_ack, handled, consumer_tag, **kw)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
