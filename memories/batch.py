@@ -53,13 +53,16 @@ def _error(index: int, field_name: str, message: str) -> dict[str, Any]:
     return {"index": index, "status": "error", "error": {"field": field_name, "message": message}}
 
 
-def parse_items(raw_items: list[Any]) -> tuple[list[BatchItem], list[dict[str, Any]]]:
-    """Check each raw item; return the valid ones and an error result for each invalid one."""
+def parse_items(
+    raw_items: list[Any], first_index: int = 0
+) -> tuple[list[BatchItem], list[dict[str, Any]]]:
+    """Check each raw item; return the valid ones and an error result for each invalid one.
+    Items are numbered from `first_index`: their places in the whole batch."""
     valid: list[BatchItem] = []
     errors: list[dict[str, Any]] = []
     max_chars = settings.MEMORY_MAX_CONTENT_CHARS
     canonical: dict[str, str] = {}  # a batch names the same few users over and over
-    for index, raw in enumerate(raw_items):
+    for index, raw in enumerate(raw_items, start=first_index):
         if not isinstance(raw, dict):
             errors.append(_error(index, "item", "Each item must be a JSON object."))
             continue
@@ -152,6 +155,8 @@ def memories_batch_apply(
     embedder: Embedder,
     actor: str = "batch",
     on_applied: Callable[[list[dict[str, Any]]], None] | None = None,
+    first_index: int = 0,
+    changed_before: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Apply a batch; return one result per item, in input order.
 
@@ -159,8 +164,10 @@ def memories_batch_apply(
     call per `BATCH_EMBED_CHUNK` texts, before any lock is taken); the valid ones are then written
     in ONE transaction, so a batch is applied entirely or, on a database error, not at all.
     `on_applied(results)` runs inside that transaction (a job marks itself done there).
+    For one chunk of a larger batch: `first_index` is the place of its first item in the whole,
+    `changed_before` the memories earlier chunks updated or deleted (each at most once a batch).
     """
-    items, results = parse_items(raw_items)
+    items, results = parse_items(raw_items, first_index)
     user_ids = {item.user_id for item in items}
     known_users = {
         str(pk)
@@ -185,7 +192,7 @@ def memories_batch_apply(
                 .defer("embedding")
             }
         accepted: list[BatchItem] = []
-        claimed: set[str] = set()
+        claimed = set(changed_before)
         for item in items:
             if item.action != "create" and not _owned(targets.get(item.memory_id), item.user_id):
                 results.append(_error(item.index, "id", "Memory not found for this user."))
@@ -485,29 +492,28 @@ def batch_request_work(claim: Any, memory_request: Any) -> None:
             if start + chunk >= len(items)
             else services.batch_request_record_progress
         )
+        changed = frozenset(
+            r["id"] for r in done if r["status"] == "ok" and r["action"] != "create"
+        )
         results = memories_batch_apply(
             tenant=memory_request.tenant,
             raw_items=items[start : start + chunk],
             embedder=embedder,
             actor="batch-job",
-            on_applied=partial(_record_chunk, finish, claim, done, start),
+            on_applied=partial(_record_chunk, finish, claim, done),
+            first_index=start,
+            changed_before=changed,
         )
-        done = done + _shifted(results, start)
+        done = done + results
 
 
 def _record_chunk(
     finish: Callable[..., None],
     claim: Any,
     done: list[dict[str, Any]],
-    start: int,
     results: list[dict[str, Any]],
 ) -> None:
-    finish(claim=claim, result=done + _shifted(results, start))
-
-
-def _shifted(results: list[dict[str, Any]], start: int) -> list[dict[str, Any]]:
-    """A chunk's results, indexed by the items' places in the whole batch."""
-    return [{**result, "index": result["index"] + start} for result in results]
+    finish(claim=claim, result=done + results)
 
 
 def batch_request_run(*, request_id: str) -> str:

@@ -337,12 +337,19 @@ def memory_request_renew_lease(*, claim: Claim) -> bool:
 
 
 def _finish_failure(memory_request: MemoryRequest, error: str) -> None:
+    # A batch keeps the results of the chunks it committed (batch.batch_request_work).
+    is_batch = memory_request.kind == MemoryRequest.Kind.BATCH
+    applied = len(memory_request.result or []) if is_batch else 0
+    if applied:
+        total = len(memory_request.payload["items"])
+        error = f"{applied} of {total} items applied; the admin's retry applies the rest. {error}"
     memory_request.status = MemoryRequest.Status.FAILURE
     memory_request.error = error[:4000]
     memory_request.lease_until = None
     memory_request.finished_at = timezone.now()
-    # A failed request may be sent again: it stops blocking duplicates.
-    memory_request.holds_idempotency_slot = False
+    # A failed request may be sent again: it stops blocking duplicates. Not a batch applied in
+    # part, though: sent again, that part would be applied twice.
+    memory_request.holds_idempotency_slot = applied > 0
     memory_request.save()
     signals.error_occurred.send(
         sender=MemoryRequest,

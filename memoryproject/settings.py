@@ -225,7 +225,8 @@ RATE_LIMIT_PER_SECOND = env_float("RATE_LIMIT_PER_SECOND", 200.0)  # per tenant;
 RATE_LIMIT_BURST = env_int("RATE_LIMIT_BURST", 400)
 
 # --- Batch writes ---------------------------------------------------------------------------
-BATCH_MAX_ITEMS = env_int("BATCH_MAX_ITEMS", 1000)  # per synchronous call
+# Items per synchronous call, and per transaction of an asynchronous one.
+BATCH_MAX_ITEMS = env_int("BATCH_MAX_ITEMS", 1000)
 BATCH_ASYNC_MAX_ITEMS = env_int("BATCH_ASYNC_MAX_ITEMS", 10_000)  # per `async: true` call
 BATCH_EMBED_CHUNK = env_int("BATCH_EMBED_CHUNK", 1000)  # texts per embedding call
 

@@ -15,8 +15,9 @@ from tasks.queues import finish_request_task
     max_retries=None,  # attempts are bounded in the database (MEMORY_JOB_MAX_ATTEMPTS)
 )
 def apply_batch_request(self, request_id: str) -> str:
-    """Apply one batch. Its writes and `success` commit together, so a redelivery after the
-    commit is a no-op and a crash before it leaves nothing behind; failures retry with backoff."""
+    """Apply one batch, BATCH_MAX_ITEMS items a transaction, each committed with the request's
+    progress: a redelivery resumes after the last chunk committed (after the last, which commits
+    `success`, it is a no-op), so no item is applied twice; failures retry with backoff."""
     from memories.batch import batch_request_run
 
     return finish_request_task(self, batch_request_run(request_id=request_id))

@@ -463,3 +463,53 @@ def test_an_async_batch_of_the_largest_size_with_realistic_items_is_accepted(
     assert response.status_code == 202, response.content[:300]
     recorded = MemoryRequest.objects.get(pk=response.json()["request_id"])
     assert len(recorded.payload["items"]) == settings.BATCH_ASYNC_MAX_ITEMS
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_that_fails_part_way_keeps_its_duplicates_out_and_says_what_it_applied(
+    settings, api, end_user, monkeypatch
+) -> None:
+    from memories import batch as batch_module
+    from memories.batch import batch_request_run
+
+    settings.BATCH_MAX_ITEMS = 50
+    settings.MEMORY_JOB_MAX_ATTEMPTS = 1
+    items = [{"user_id": str(end_user.id), "content": f"Bulk fact {n}"} for n in range(120)]
+    key = {"HTTP_IDEMPOTENCY_KEY": "nightly-import"}
+    request_id = batch(api, items, key, **{"async": True}).json()["request_id"]
+    copy_history, calls = batch_module._copy_history, []
+
+    def second_chunk_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("database went away")
+        return copy_history(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "_copy_history", second_chunk_fails)
+    assert batch_request_run(request_id=request_id) == "failed"
+    failed = api.get(f"/v1/requests/{request_id}").json()
+    assert failed["status"] == "failure" and "50 of 120 items applied" in failed["error"]
+    # Sent again, its first 50 items would be written twice: its key is still taken.
+    again = batch(api, items, key, **{"async": True})
+    assert again.status_code == 409 and again.json()["request_id"] == request_id
+    assert Memory.objects.filter(user=end_user).count() == 50
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_same_memory_twice_in_one_async_batch_is_refused_across_chunks(
+    settings, api, end_user
+) -> None:
+    from memories.batch import batch_request_run
+
+    settings.BATCH_MAX_ITEMS = 50
+    uid = str(end_user.id)
+    memory_id = batch(api, [{"user_id": uid, "content": "Likes tea"}]).json()["results"][0]["id"]
+    items = [{"user_id": uid, "content": f"Bulk fact {n}"} for n in range(100)]
+    items[10] = {"action": "update", "id": memory_id, "user_id": uid, "content": "Likes jam"}
+    items[70] = {"action": "update", "id": memory_id, "user_id": uid, "content": "Likes honey"}
+    request_id = batch(api, items, **{"async": True}).json()["request_id"]
+    assert batch_request_run(request_id=request_id) == "done"
+    results = api.get(f"/v1/requests/{request_id}").json()["events"]
+    assert results[10]["status"] == "ok"
+    assert results[70]["status"] == "error" and results[70]["error"]["field"] == "id"
+    assert Memory.objects.get(pk=memory_id).content == "Likes jam"
