@@ -369,7 +369,8 @@ def _if_match_version(request: Request) -> int | None:
     if raw is None:
         return None
     value = raw.strip().removeprefix("W/").strip('"')
-    if not (value.isascii() and value.isdigit()):  # "²" is a digit to isdigit(), not to int()
+    # ASCII digits only ("²" is a digit to isdigit(), not to int()), and few enough for int().
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
         raise InvalidInput("If-Match must be a memory version number.", field="If-Match")
     return int(value)
 

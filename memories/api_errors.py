@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
@@ -15,6 +16,9 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from memories import errors
 from memories.providers import ProviderError
+
+logger = logging.getLogger(__name__)
+PROVIDER_RETRY_AFTER_SECONDS = 5
 
 STATUS_BY_ERROR: dict[type[errors.ServiceError], int] = {
     errors.NotFound: status.HTTP_404_NOT_FOUND,
@@ -51,10 +55,13 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         )
     if isinstance(exc, ProviderError):
         # The embedding model, called in the request (a correction, a batch), failed: nothing
-        # was written, and the same call may succeed later.
+        # was written, and the same call may succeed later. What failed (the provider's address,
+        # its answer) goes to the log, not to the tenant.
+        logger.error("model provider failed during %s: %s", context.get("view"), exc)
         return Response(
-            _body("provider_unavailable", f"The model provider failed: {exc}"),
+            _body("provider_unavailable", "The model provider failed; nothing was changed."),
             status=status.HTTP_502_BAD_GATEWAY,
+            headers={"Retry-After": str(PROVIDER_RETRY_AFTER_SECONDS)},
         )
     if isinstance(exc, RequestDataTooBig):
         return Response(

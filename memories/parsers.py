@@ -21,7 +21,8 @@ def _finite_float(text: str) -> float:
 
 class StrictJSONParser(JSONParser):
     """DRF's JSON parser, refusing with a 400 (a ParseError) what it let through: numbers beyond
-    a double's range, and nesting deep enough to exhaust the decoder's stack (RecursionError)."""
+    a double's range, and nesting deep enough to exhaust the decoder's stack (RecursionError).
+    Always strict, whatever STRICT_JSON says: NaN and Infinity are refused too."""
 
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
         try:

@@ -377,7 +377,11 @@ def test_patch_with_current_if_match_succeeds(api, memory) -> None:
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("if_match", ['"²"', '"one"', '""', '"-1"'])
+@pytest.mark.parametrize(
+    "if_match",
+    ['"²"', '"one"', '""', '"-1"', '"' + "9" * 5000 + '"'],
+    ids=["superscript-two", "word", "empty", "negative", "5000-digits"],
+)
 def test_patch_with_an_if_match_that_is_no_version_is_400_naming_it(api, memory, if_match):
     response = api.patch(
         f"/v1/memories/{memory.id}",
@@ -396,6 +400,8 @@ def test_a_correction_the_embedding_provider_fails_is_502_and_changes_nothing(
     openai_settings.fail_next(1, status=400)  # a 4xx: the openai client does not retry it
     response = api.patch(f"/v1/memories/{memory.id}", {"content": "Lives in Oslo"}, format="json")
     assert response.status_code == 502 and response.json()["error"] == "provider_unavailable"
+    assert int(response["Retry-After"]) > 0
+    assert "127.0.0.1" not in response.content.decode()  # the provider's address stays inside
     memory.refresh_from_db()
     assert memory.content == "Lives in Paris" and memory.version == 1
     assert not MemoryHistory.objects.filter(memory=memory).exists()
