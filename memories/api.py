@@ -276,10 +276,10 @@ class MemoryBatchApi(TenantApi):
             raise InvalidInput(f"At most {limit} items per call.", field="items")
         if run_async:
             backpressure.admit(Queue.BATCH)
-            metrics.BATCH_SIZE.observe(len(items))
             memory_request = services.batch_request_submit(
                 tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)
             )
+            metrics.BATCH_SIZE.observe(len(items))  # of accepted batches only
             return Response(
                 {"request_id": str(memory_request.id), "status": memory_request.status},
                 status=status.HTTP_202_ACCEPTED,

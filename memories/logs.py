@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 from pythonjsonlogger.json import JsonFormatter
 
+from tasks.queues import BATCH_JOB_TASK, MEMORY_JOB_TASK
+
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
@@ -25,9 +27,7 @@ def log_context(*, request_id: str) -> Iterator[None]:
 # A request's task is sent with the request id as its task id (tasks.memory_jobs), so Celery's
 # own lines about it ("received", "succeeded", "retry"), written in the worker's main process
 # outside any log_context, name the request in the task fields they carry as `record.data`.
-REQUEST_TASKS = frozenset(
-    {"tasks.memory_jobs.process_memory_request", "tasks.batch_jobs.apply_batch_request"}
-)
+REQUEST_TASKS = frozenset({MEMORY_JOB_TASK, BATCH_JOB_TASK})
 
 
 class RequestIdFilter(logging.Filter):

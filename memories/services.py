@@ -467,6 +467,10 @@ def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -
     claim token, and raises LeaseLost (rolling that transaction back) when another worker took
     the request over. One statement by hand: it ends every job, and the ORM's update cost more
     than the write."""
+    _fenced_result_write(_FINISH_SUCCESS_SQL, claim=claim, result=result)
+
+
+def _fenced_result_write(sql: str, *, claim: Claim, result: list[dict[str, Any]]) -> None:
     params = {
         "id": claim.request_id,
         "token": claim.token,
@@ -474,7 +478,7 @@ def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -
         "result": Jsonb(result, dumps=json_bytes),
     }
     with connection.cursor() as cursor:
-        cursor.execute(_FINISH_SUCCESS_SQL, params)
+        cursor.execute(sql, params)
         if cursor.rowcount != 1:
             raise LeaseLost(claim.request_id)
 
@@ -488,16 +492,7 @@ _RECORD_PROGRESS_SQL = f"""
 def batch_request_record_progress(*, claim: Claim, result: list[dict[str, Any]]) -> None:
     """Record the results of the chunks of a batch applied so far, inside the transaction of the
     last of them; fenced by the claim like `memory_request_mark_success` (LeaseLost)."""
-    params = {
-        "id": claim.request_id,
-        "token": claim.token,
-        "now": timezone.now(),
-        "result": Jsonb(result, dumps=json_bytes),
-    }
-    with connection.cursor() as cursor:
-        cursor.execute(_RECORD_PROGRESS_SQL, params)
-        if cursor.rowcount != 1:
-            raise LeaseLost(claim.request_id)
+    _fenced_result_write(_RECORD_PROGRESS_SQL, claim=claim, result=result)
 
 
 def batch_request_submit(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from tasks.queues import finish_request_task
+from tasks.queues import BATCH_JOB_TASK, finish_request_task
 
 
 @shared_task(
-    name="tasks.batch_jobs.apply_batch_request",
+    name=BATCH_JOB_TASK,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,

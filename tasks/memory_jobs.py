@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from celery import shared_task
 
 from tasks.batch_jobs import apply_batch_request
-from tasks.queues import Queue, finish_request_task, lane_for
+from tasks.queues import MEMORY_JOB_TASK, Queue, finish_request_task, lane_for
 
 if TYPE_CHECKING:
     from memories.models import MemoryRequest
@@ -41,7 +41,7 @@ def enqueue_memory_request(memory_request: MemoryRequest) -> None:
 
 
 @shared_task(
-    name="tasks.memory_jobs.process_memory_request",
+    name=MEMORY_JOB_TASK,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,

@@ -12,6 +12,11 @@ class Queue(StrEnum):
     BATCH = "batch"  # bulk writes
 
 
+# The tasks that run a request, sent with the request id as their task id (tasks.memory_jobs).
+MEMORY_JOB_TASK = "tasks.memory_jobs.process_memory_request"
+BATCH_JOB_TASK = "tasks.batch_jobs.apply_batch_request"
+
+
 def lane_for(kind: str, priority: str) -> Queue:
     """The lane a request's task is sent on, by the request's kind and priority."""
     if kind == "batch":
