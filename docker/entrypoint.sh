@@ -4,7 +4,7 @@ set -e
 if [ -n "$PROMETHEUS_MULTIPROC_DIR" ]; then
   # This container's metric files from an earlier life (same hostname): a restarted process
   # would read its old gauges back from them.
-  rm -f "$PROMETHEUS_MULTIPROC_DIR"/*_"$(hostname | tr _ -)"-*.db
+  rm -f "$PROMETHEUS_MULTIPROC_DIR"/*_"$(hostname | tr _ -)"@*.db
 fi
 case "$1" in
   web)

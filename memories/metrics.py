@@ -25,9 +25,11 @@ from prometheus_client.core import GaugeMetricFamily
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # Each process writes files named after it. Containers sharing one folder (the compose file)
-    # reuse the same small pids, so the name carries the host too ("-": the reader splits on "_").
+    # reuse the same small pids, so the name carries the host too: "host@pid", "@" being in no
+    # hostname (so one host's files are told from another's) and "_" kept out (the reader splits
+    # file names on it).
     _HOST = socket.gethostname().replace("_", "-")
-    values.ValueClass = values.MultiProcessValue(lambda: f"{_HOST}-{os.getpid()}")
+    values.ValueClass = values.MultiProcessValue(lambda: f"{_HOST}@{os.getpid()}")
 
 JOBS = Counter("memory_jobs_total", "Requests processed, by lane and outcome", ["lane", "outcome"])
 JOB_SECONDS = Histogram(
