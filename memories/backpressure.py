@@ -77,7 +77,8 @@ def _cached(key: str, read: Callable[[], T]) -> T:
 def admit(lane: Queue) -> None:
     """Raise Overloaded (429) when the lane is too deep to take more work. Each lane is judged by
     its own depth, so a flood of one kind of work does not shut out the others; `high` has its
-    own, larger allowance."""
+    own, larger allowance. The `batch` lane also carries bulk event publishing and webhook
+    deliveries: a backlog of those slows async batches down too."""
     if lane is Queue.HIGH:
         limit = settings.BACKPRESSURE_HIGH_MAX_DEPTH
     else:

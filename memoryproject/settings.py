@@ -116,9 +116,9 @@ STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Bodies above this are refused with 400 before they are read. Sized for the largest call: an
-# asynchronous batch of BATCH_ASYNC_MAX_ITEMS items of about 1 KB each. Every field has its own
-# limit besides; a body waiting for its last bytes holds at most this much memory.
-DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 10_000_000)
+# asynchronous batch of BATCH_ASYNC_MAX_ITEMS items of up to 1.5 KB of JSON each. Every field has
+# its own limit besides; a body waiting for its last bytes holds at most this much memory.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 16_000_000)
 
 # --- PostgreSQL -------------------------------------------------------------------------------
 DATABASE_URL = os.environ.get("DATABASE_URL", "")

@@ -316,7 +316,8 @@ counter.inc()
 
 def test_metrics_of_containers_sharing_one_folder_add_up(tmp_path) -> None:
     """As in the compose file: processes of different hosts (here each in its own UTS and pid
-    namespace, so both are pid 1) write into one folder, and /metrics counts them all."""
+    namespace, so both are pid 1; a user namespace lets a user other than root make them) write
+    into one folder, and /metrics counts them all."""
     import subprocess
     import sys
 
@@ -334,7 +335,8 @@ def test_metrics_of_containers_sharing_one_folder_add_up(tmp_path) -> None:
             (
                 ready,
                 subprocess.Popen(
-                    ["unshare", "--uts", "--pid", "--fork", "sh", "-c", command], env=env
+                    ["unshare", "--map-root-user", "--uts", "--pid", "--fork", "sh", "-c", command],
+                    env=env,
                 ),
             )
         )

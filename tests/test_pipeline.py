@@ -401,7 +401,7 @@ def test_jobs_running_at_once_in_a_threads_worker_share_one_embedding_call(
             queues="default",
             concurrency=4,
             pool="threads",
-            EMBEDDING_BATCH_WINDOW_MS="250",
+            EMBEDDING_BATCH_WINDOW_MS="400",
             **model_env(fake),
         )
         hobbies = ["chess", "golf", "tennis", "rowing"]

@@ -77,7 +77,7 @@ def test_make_run_serves_every_lane_sums_their_metrics_and_stops_cleanly(
         for lane in ("default", "high", "batch"):
             assert metric_value(exposition, "memory_jobs_total", lane=lane, outcome="done") == 1
     finally:
-        service.send_signal(signal.SIGTERM)  # as Ctrl-C does: every process is stopped warmly
+        service.send_signal(signal.SIGTERM)  # as systemd does: every process is stopped warmly
         try:
             exit_code = service.wait(timeout=45)
         except subprocess.TimeoutExpired:
