@@ -8,26 +8,40 @@ from typing import Any
 # What PostgreSQL's text and jsonb cannot hold: U+0000, and lone surrogates (no UTF-8 form).
 # DRF's CharField refuses both, with these messages.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# Deeper values are refused: the JSON encoders between a request and PostgreSQL recurse, and
+# a value nested some hundreds deep, which the parser still reads, exhausts their stack.
+MAX_JSON_DEPTH = 64
 
 
 def unstorable_text(value: Any) -> str | None:
     """Why a JSON value cannot be stored (a string or key holding U+0000 or a lone surrogate, at
-    any depth), or None when it can."""
-    pending = [value]
+    any depth; nesting deeper than MAX_JSON_DEPTH), or None when it can."""
+    if isinstance(value, str):  # most fields: no walk to set up
+        return _text_problem(value)
+    pending = [(value, 0)]
     while pending:  # a loop, not recursion: a deeply nested body must not raise RecursionError
-        item = pending.pop()
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"Nested deeper than {MAX_JSON_DEPTH} levels."
         if isinstance(item, str):
-            found = _UNSTORABLE.search(item)
-            if found:
-                if found.group() == "\x00":
-                    return "Null characters are not allowed."
-                return f"Surrogate characters are not allowed: U+{ord(found.group()):X}."
+            problem = _text_problem(item)
+            if problem:
+                return problem
         elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
+            pending.extend((key, depth) for key in item)
+            pending.extend((child, depth + 1) for child in item.values())
         elif isinstance(item, list):
-            pending.extend(item)
+            pending.extend((child, depth + 1) for child in item)
     return None
+
+
+def _text_problem(text: str) -> str | None:
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return "Null characters are not allowed."
+    return f"Surrogate characters are not allowed: U+{ord(found.group()):X}."
 
 
 def first_unstorable(fields: dict[str, Any]) -> tuple[str, str] | None:

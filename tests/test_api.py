@@ -570,3 +570,54 @@ def test_a_correction_of_a_memory_id_that_is_not_a_uuid_is_not_found(tenant) -> 
         )
     with pytest.raises(NotFound):
         services.memory_delete(tenant_id=tenant.id, memory_id="not-a-uuid")
+
+
+@pytest.mark.parametrize("depth", [65, 900], ids=["just-too-deep", "deep-enough-to-crash-encoders"])
+def test_metadata_nested_too_deep_is_400_naming_it_everywhere(api, end_user, memory, depth):
+    from memories.validation import MAX_JSON_DEPTH
+
+    assert depth > MAX_JSON_DEPTH
+    nested = "[" * depth + "]" * depth
+
+    def body(document: dict) -> str:
+        return json.dumps(document).replace('"NESTED"', nested)
+
+    uid = str(end_user.id)
+    job = api.post(
+        "/v1/memories",
+        data=body({"user_id": uid, **JOB, "metadata": {"k": "NESTED"}}),
+        content_type="application/json",
+    )
+    assert job.status_code == 400 and "metadata" in job.json()["fields"]
+    patch = api.patch(
+        f"/v1/memories/{memory.id}",
+        data=body({"metadata": {"k": "NESTED"}}),
+        content_type="application/json",
+    )
+    assert patch.status_code == 400 and "metadata" in patch.json()["fields"]
+    item = {"user_id": uid, "content": "Likes tea", "metadata": {"k": "NESTED"}}
+    sync_batch = api.post(
+        "/v1/memories/batch", data=body({"items": [item]}), content_type="application/json"
+    )
+    assert sync_batch.status_code == 200
+    assert sync_batch.json()["results"][0]["error"]["field"] == "metadata"
+    async_batch = api.post(
+        "/v1/memories/batch",
+        data=body({"items": [item], "async": True}),
+        content_type="application/json",
+    )
+    assert async_batch.status_code == 400 and "items" in async_batch.json()["fields"]
+    assert not MemoryRequest.objects.exists()
+    memory.refresh_from_db()
+    assert memory.version == 1 and Memory.objects.count() == 1
+
+
+def test_metadata_nested_as_deep_as_allowed_is_stored(api, end_user) -> None:
+    from memories.validation import MAX_JSON_DEPTH
+
+    nested = "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1)
+    body = json.dumps({"user_id": str(end_user.id), **JOB, "metadata": {"k": "N"}})
+    response = api.post(
+        "/v1/memories", data=body.replace('"N"', nested), content_type="application/json"
+    )
+    assert response.status_code == 202, response.content
