@@ -272,7 +272,7 @@ API_KEY_CACHE_SECONDS = env_float("API_KEY_CACHE_SECONDS", 5.0)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["memories.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_RENDERER_CLASSES": ["memories.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["memories.parsers.StrictJSONParser"],
     "EXCEPTION_HANDLER": "memories.api_errors.exception_handler",
     "UNAUTHENTICATED_USER": None,

@@ -272,6 +272,13 @@ def test_json_no_column_can_hold_is_400_naming_the_body(api, end_user, metadata_
     assert not MemoryRequest.objects.exists()
 
 
+def test_an_error_quoting_a_lone_surrogate_is_a_400_in_valid_json(api, end_user) -> None:
+    body = {"user_id": str(end_user.id), **JOB, "priority": "\ud800"}
+    response = api.post("/v1/memories", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 400
+    assert "priority" in json.loads(response.content)["fields"]  # escaped, not unencodable
+
+
 def test_json_that_is_not_an_object_is_400(api) -> None:
     response = api.post("/v1/memories", data="[1, 2]", content_type="application/json")
     assert response.status_code == 400 and "body" in response.json()["fields"]
