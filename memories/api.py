@@ -20,6 +20,7 @@ from memories import backpressure, metrics, selectors, services
 from memories.batch import memories_batch_apply
 from memories.errors import InvalidInput
 from memories.models import Memory, MemoryRequest, Tenant
+from memories.parsers import strict_loads
 from memories.pipeline import get_embedder
 from memories.validation import unstorable_text
 from tasks.queues import Queue
@@ -180,7 +181,7 @@ def _encode_cursor(memory: Memory) -> str:
 
 def _decode_cursor(cursor: str) -> tuple[str, str]:
     try:
-        created_at, memory_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        created_at, memory_id = strict_loads(base64.urlsafe_b64decode(cursor.encode()))
         serializers.UUIDField().to_internal_value(memory_id)
         serializers.DateTimeField().to_internal_value(created_at)
         return created_at, memory_id
@@ -208,7 +209,7 @@ class MemoryCollectionApi(TenantApi):
 
     class ListInput(FiltersInput):
         user_id = serializers.UUIDField()
-        cursor = serializers.CharField(required=False)
+        cursor = serializers.CharField(required=False, max_length=200)  # ours are ~90
         limit = serializers.IntegerField(required=False, default=50, min_value=1, max_value=500)
 
     def post(self, request: Request) -> Response:
@@ -238,7 +239,7 @@ class MemoryCollectionApi(TenantApi):
         params = request.query_params.dict()
         if "metadata" in params:
             try:
-                params["metadata"] = json.loads(params["metadata"])
+                params["metadata"] = strict_loads(params["metadata"])
             except ValueError as exc:
                 raise InvalidInput("metadata must be a JSON object.", field="metadata") from exc
         data = validated_input(self.ListInput, params)

@@ -1,4 +1,5 @@
-"""The API's JSON body parser: DRF's, closed to two bodies that got through it into a 500."""
+"""JSON from clients, read strictly: DRF's parser and the JSON in query parameters, closed to
+what got through them into a 500."""
 
 from __future__ import annotations
 
@@ -19,17 +20,22 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def strict_loads(text: str | bytes) -> Any:
+    """json.loads refusing, as ValueError, what no column can hold: NaN, Infinity and numbers
+    beyond a double's range, and nesting deep enough to exhaust the decoder's stack."""
+    try:
+        return json.loads(text, parse_float=_finite_float)  # DRF's: NaN and Infinity refused
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 class StrictJSONParser(JSONParser):
-    """DRF's JSON parser, refusing with a 400 (a ParseError) what it let through: numbers beyond
-    a double's range, and nesting deep enough to exhaust the decoder's stack (RecursionError).
-    Always strict, whatever STRICT_JSON says: NaN and Infinity are refused too."""
+    """DRF's JSON parser reading with `strict_loads`, whatever STRICT_JSON says."""
 
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        # DRF's charset choice: the request's, refusing codecs that are not text encodings.
+        reader = codecs.getreader(get_encoding(parser_context or {}))(stream)
         try:
-            # DRF's charset choice: the request's, refusing codecs that are not text encodings.
-            decoded = codecs.getreader(get_encoding(parser_context or {}))(stream)
-            return json.load(decoded, parse_float=_finite_float)  # strict: no NaN or Infinity
+            return strict_loads(reader.read())
         except ValueError as exc:
             raise ParseError(f"JSON parse error - {exc}") from None
-        except RecursionError:
-            raise ParseError("JSON parse error - nested too deeply.") from None

@@ -276,7 +276,8 @@ def test_an_error_quoting_a_lone_surrogate_is_a_400_in_valid_json(api, end_user)
     body = {"user_id": str(end_user.id), **JOB, "priority": "\ud800"}
     response = api.post("/v1/memories", data=json.dumps(body), content_type="application/json")
     assert response.status_code == 400
-    assert "priority" in json.loads(response.content)["fields"]  # escaped, not unencodable
+    assert "priority" in json.loads(response.content)["fields"]
+    assert b"\\ud800" in response.content  # escaped: it has no UTF-8 form
 
 
 def test_json_that_is_not_an_object_is_400(api) -> None:
@@ -444,6 +445,22 @@ def test_list_memories_paginates_with_a_cursor(api, end_user) -> None:
         if cursor is None:
             break
     assert sorted(seen) == sorted(texts) and len(seen) == 5
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"metadata": '{"a": NaN}'},
+        {"metadata": '{"a": 1e400}'},
+        {"metadata": "[" * 5000 + "]" * 5000},
+        {"cursor": "W1s" * 100},
+    ],
+    ids=["nan", "beyond-a-double", "nested-5000-deep", "cursor-too-long"],
+)
+def test_list_with_json_in_a_query_no_column_can_hold_is_400(api, end_user, query) -> None:
+    response = api.get("/v1/memories", {"user_id": str(end_user.id), **query})
+    assert response.status_code == 400, response.content[:200]
+    assert set(response.json()["fields"]) == set(query)
 
 
 def test_list_with_malformed_cursor_is_400(api, end_user) -> None:
@@ -622,7 +639,7 @@ def test_metadata_nested_too_deep_is_400_naming_it_everywhere(api, end_user, mem
 def test_metadata_nested_as_deep_as_allowed_is_stored(api, end_user) -> None:
     from memories.validation import MAX_JSON_DEPTH
 
-    nested = "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1)
+    nested = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
     body = json.dumps({"user_id": str(end_user.id), **JOB, "metadata": {"k": "N"}})
     response = api.post(
         "/v1/memories", data=body.replace('"N"', nested), content_type="application/json"
