@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import secrets
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import reduce
 from typing import Any
 
 from django.conf import settings
@@ -40,7 +42,7 @@ from memories.models import (
 )
 from memories.providers import Embedder, LLMProvider
 from memories.rows import json_bytes
-from memories.validation import unstorable_text
+from memories.validation import first_unstorable, unstorable_text
 from tasks.memory_jobs import enqueue_memory_request
 
 logger = logging.getLogger(__name__)
@@ -386,26 +388,28 @@ def memory_request_record_error(*, claim: Claim, error: str) -> bool:
 
 
 def memory_request_retry(*, memory_request: MemoryRequest) -> MemoryRequest:
-    """Send a failed request again (the admin's retry): a fresh set of attempts."""
+    """Send a failed request again (the admin's retry): a fresh set of attempts, and a fresh
+    idempotency window, unless another live request took its place meanwhile (DuplicateRequest).
+    A batch that failed part way resumes after the chunks it applied."""
     with transaction.atomic():
         locked = MemoryRequest.objects.select_for_update().get(pk=memory_request.pk)
         if locked.status != MemoryRequest.Status.FAILURE:
             return locked
-        if (
-            MemoryRequest.objects.filter(
-                user_id=locked.user_id,
-                request_hash=locked.request_hash,
-                holds_idempotency_slot=True,
-            )
-            .exclude(pk=locked.pk)
-            .exists()
-        ):
+        # What the partial unique indexes would refuse: the same user and body, the same key.
+        rivals = []
+        if locked.user_id is not None:
+            rivals.append(Q(user_id=locked.user_id, request_hash=locked.request_hash))
+        if locked.idempotency_key:
+            rivals.append(Q(tenant_id=locked.tenant_id, idempotency_key=locked.idempotency_key))
+        live = MemoryRequest.objects.filter(holds_idempotency_slot=True).exclude(pk=locked.pk)
+        if rivals and live.filter(reduce(operator.or_, rivals)).exists():
             raise DuplicateRequest("An identical request is live already.")
         locked.status = MemoryRequest.Status.PENDING
         locked.attempts = 0
         locked.error = ""
         locked.finished_at = None
         locked.holds_idempotency_slot = True
+        locked.expires_at = timezone.now() + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS)
         locked.save()
         transaction.on_commit(lambda: enqueue_memory_request(locked), robust=True)
     return locked
@@ -503,7 +507,11 @@ def batch_request_submit(
     InvalidInput (naming `items`) for an item PostgreSQL could not store: the items are kept as
     they are until the lane applies them."""
     for index, item in enumerate(items):
-        problem = unstorable_text(item)
+        # Field by field, as the lane will check them (a field's own depth, not the item's).
+        fields = item if isinstance(item, dict) else {"item": item}
+        problem = unstorable_text(list(fields))
+        if problem is None and (found := first_unstorable(fields)):
+            problem = found[1]
         if problem:
             raise InvalidInput(f"Item {index}: {problem}", field="items")
     canonical = json.dumps(items, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

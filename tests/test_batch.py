@@ -494,6 +494,14 @@ def test_a_batch_that_fails_part_way_keeps_its_duplicates_out_and_says_what_it_a
     assert again.status_code == 409 and again.json()["request_id"] == request_id
     assert Memory.objects.filter(user=end_user).count() == 50
 
+    # The admin's retry applies the rest, each item once.
+    monkeypatch.setattr(batch_module, "_copy_history", copy_history)
+    services.memory_request_retry(memory_request=MemoryRequest.objects.get(pk=request_id))
+    assert batch_request_run(request_id=request_id) == "done"
+    stored = Memory.objects.filter(user=end_user).values_list("content", flat=True)
+    assert sorted(stored) == sorted(item["content"] for item in items)
+    assert len(api.get(f"/v1/requests/{request_id}").json()["events"]) == 120
+
 
 @pytest.mark.django_db(transaction=True)
 def test_the_same_memory_twice_in_one_async_batch_is_refused_across_chunks(
@@ -513,3 +521,17 @@ def test_the_same_memory_twice_in_one_async_batch_is_refused_across_chunks(
     assert results[10]["status"] == "ok"
     assert results[70]["status"] == "error" and results[70]["error"]["field"] == "id"
     assert Memory.objects.get(pk=memory_id).content == "Likes jam"
+
+
+@pytest.mark.django_db
+def test_an_async_batch_takes_metadata_as_deep_as_a_synchronous_one(api, end_user) -> None:
+    from memories.validation import MAX_JSON_DEPTH
+
+    nested = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH  # the deepest allowed
+    item = {"user_id": str(end_user.id), "content": "Likes tea", "metadata": {"k": "NESTED"}}
+    for run_async in (False, True):
+        body = json.dumps({"items": [item], "async": run_async}).replace('"NESTED"', nested)
+        response = api.post("/v1/memories/batch", data=body, content_type="application/json")
+        assert response.status_code in (200, 202), response.content
+        if not run_async:
+            assert response.json()["results"][0]["status"] == "ok"
