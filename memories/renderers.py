@@ -1,17 +1,11 @@
-"""The API's JSON renderer: DRF's, which fails (a 500) on a lone surrogate it cannot encode."""
+"""The API's JSON renderer: DRF's, able to write a body that holds a lone surrogate."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from rest_framework import renderers
-
-
-class _EscapingJSONRenderer(renderers.JSONRenderer):
-    ensure_ascii = True
-
-
-_escaping = _EscapingJSONRenderer()
 
 
 class JSONRenderer(renderers.JSONRenderer):
@@ -23,5 +17,7 @@ class JSONRenderer(renderers.JSONRenderer):
     ) -> bytes:
         try:
             return super().render(data, accepted_media_type, renderer_context)
-        except UnicodeEncodeError:
-            return _escaping.render(data, accepted_media_type, renderer_context)
+        except UnicodeEncodeError:  # DRF's would answer a 500
+            escaping = copy.copy(self)
+            escaping.ensure_ascii = True
+            return escaping.render(data, accepted_media_type, renderer_context)

@@ -58,7 +58,7 @@ class Channel(kombu_redis.Channel):
                 raise  # the consumer reconnects; the message is restored
             except Exception:
                 logger.exception("dropped a message its consumer failed on: %r", message.headers)
-                if not no_ack:
+                if not no_ack and not message.acknowledged:  # it may have acked, then failed
                     message.reject(requeue=False)
                 return None
 
