@@ -82,6 +82,33 @@ def test_admin_retry_action_sends_a_failed_request_again(
     ]
 
 
+def test_admin_retry_of_a_request_whose_key_was_taken_since_says_so(admin_client, end_user):
+    def submit(text: str) -> MemoryRequest:
+        payload = {"messages": [{"role": "user", "content": text}], "infer": True}
+        return services.memory_request_submit(
+            tenant_id=end_user.tenant_id,
+            user_id=end_user.id,
+            payload=payload,
+            idempotency_key="import-7",
+        )
+
+    failed = submit("I live in Rome.")
+    MemoryRequest.objects.filter(pk=failed.pk).update(
+        status="failure", attempts=3, error="boom", holds_idempotency_slot=False
+    )
+    submit("I live in Oslo.")  # the key, free again, now names another request
+    response = admin_client.post(
+        "/admin/memories/memoryrequest/",
+        {"action": "retry_failed", "_selected_action": [str(failed.pk)]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    messages = [str(m) for m in response.context["messages"]]
+    assert any("an identical request is live" in m for m in messages), messages
+    failed.refresh_from_db()
+    assert failed.status == "failure"
+
+
 def test_admin_pages_render(admin_client, end_user) -> None:
     for model in ("tenant", "apikey", "enduser", "memory", "memoryrequest", "memoryhistory"):
         assert admin_client.get(f"/admin/memories/{model}/").status_code == 200, model
