@@ -410,11 +410,31 @@ def test_a_batch_with_a_number_no_column_can_hold_is_400_and_writes_nothing(
     assert not Memory.objects.exists() and not MemoryRequest.objects.exists()
 
 
+@pytest.fixture
+def second_chunk_fails(monkeypatch):
+    """Make the second chunk a batch writes fail (its history COPY raises, as if the database
+    went away mid-batch); returns a function that heals the database again."""
+    from memories import batch as batch_module
+
+    copy_history, calls = batch_module._copy_history, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("database went away")
+        return copy_history(*args, **kwargs)
+
+    def arm():
+        monkeypatch.setattr(batch_module, "_copy_history", failing)
+        return lambda: monkeypatch.setattr(batch_module, "_copy_history", copy_history)
+
+    return arm
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_async_batch_is_applied_in_chunks_and_resumes_after_the_last_one_committed(
-    settings, api, end_user, monkeypatch
+    settings, api, end_user, second_chunk_fails
 ) -> None:
-    from memories import batch as batch_module
     from memories.batch import batch_request_run
 
     settings.BATCH_MAX_ITEMS = 50
@@ -424,15 +444,7 @@ def test_an_async_batch_is_applied_in_chunks_and_resumes_after_the_last_one_comm
     accepted = batch(api, items, **{"async": True})
     request_id = accepted.json()["request_id"]
 
-    copy_history, calls = batch_module._copy_history, []
-
-    def second_chunk_fails_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("database went away")
-        return copy_history(*args, **kwargs)
-
-    monkeypatch.setattr(batch_module, "_copy_history", second_chunk_fails_once)
+    second_chunk_fails()
     assert batch_request_run(request_id=request_id) == "retry"
     # The first chunk committed with its progress; the second rolled back whole.
     assert Memory.objects.filter(user=end_user).count() == 50
@@ -467,9 +479,8 @@ def test_an_async_batch_of_the_largest_size_with_realistic_items_is_accepted(
 
 @pytest.mark.django_db(transaction=True)
 def test_a_batch_that_fails_part_way_keeps_its_duplicates_out_and_says_what_it_applied(
-    settings, api, end_user, monkeypatch
+    settings, api, end_user, second_chunk_fails
 ) -> None:
-    from memories import batch as batch_module
     from memories.batch import batch_request_run
 
     settings.BATCH_MAX_ITEMS = 50
@@ -477,15 +488,7 @@ def test_a_batch_that_fails_part_way_keeps_its_duplicates_out_and_says_what_it_a
     items = [{"user_id": str(end_user.id), "content": f"Bulk fact {n}"} for n in range(120)]
     key = {"HTTP_IDEMPOTENCY_KEY": "nightly-import"}
     request_id = batch(api, items, key, **{"async": True}).json()["request_id"]
-    copy_history, calls = batch_module._copy_history, []
-
-    def second_chunk_fails(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("database went away")
-        return copy_history(*args, **kwargs)
-
-    monkeypatch.setattr(batch_module, "_copy_history", second_chunk_fails)
+    heal = second_chunk_fails()
     assert batch_request_run(request_id=request_id) == "failed"
     failed = api.get(f"/v1/requests/{request_id}").json()
     assert failed["status"] == "failure" and "50 of 120 items applied" in failed["error"]
@@ -495,7 +498,7 @@ def test_a_batch_that_fails_part_way_keeps_its_duplicates_out_and_says_what_it_a
     assert Memory.objects.filter(user=end_user).count() == 50
 
     # The admin's retry applies the rest, each item once.
-    monkeypatch.setattr(batch_module, "_copy_history", copy_history)
+    heal()
     services.memory_request_retry(memory_request=MemoryRequest.objects.get(pk=request_id))
     assert batch_request_run(request_id=request_id) == "done"
     stored = Memory.objects.filter(user=end_user).values_list("content", flat=True)
