@@ -23,7 +23,7 @@ from memories.models import Memory, MemoryRequest, Tenant
 from memories.parsers import strict_loads
 from memories.pipeline import get_embedder
 from memories.validation import unstorable_text
-from tasks.queues import Queue
+from tasks.queues import Queue, lane_for
 
 
 class TenantApi(APIView):
@@ -215,7 +215,7 @@ class MemoryCollectionApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         idempotency_key = _idempotency_key(request)
-        backpressure.admit(Queue.HIGH if data["priority"] == "high" else Queue.DEFAULT)
+        backpressure.admit(lane_for(MemoryRequest.Kind.MEMORY_JOB, data["priority"]))
         payload = {
             "messages": [dict(m) for m in data["messages"]],
             "metadata": data["metadata"],

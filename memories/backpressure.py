@@ -41,10 +41,6 @@ def lane_depths() -> dict[str, int]:
     return {lane.value: sum(lengths[i * steps : (i + 1) * steps]) for i, lane in enumerate(Queue)}
 
 
-def pending_requests() -> int:
-    return MemoryRequest.objects.filter(status=MemoryRequest.Status.PENDING).count()
-
-
 # By hand: the ORM's aggregate cost more to build than PostgreSQL took to count (0.5 vs 0.1 ms).
 _PENDING_BY_KIND_SQL = f"""
     SELECT kind, priority, count(*) FROM {MemoryRequest._meta.db_table}
@@ -61,6 +57,10 @@ def pending_by_lane() -> dict[str, int]:
         for kind, priority, count in cursor.fetchall():
             counts[lane_for(kind, priority).value] += count
     return counts
+
+
+def pending_requests() -> int:
+    return sum(pending_by_lane().values())
 
 
 def _cached(key: str, read: Callable[[], T]) -> T:
