@@ -5,13 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import operator
 import secrets
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import reduce
 from typing import Any
 
 from django.conf import settings
@@ -389,28 +387,24 @@ def memory_request_record_error(*, claim: Claim, error: str) -> bool:
 
 def memory_request_retry(*, memory_request: MemoryRequest) -> MemoryRequest:
     """Send a failed request again (the admin's retry): a fresh set of attempts, and a fresh
-    idempotency window, unless another live request took its place meanwhile (DuplicateRequest).
-    A batch that failed part way resumes after the chunks it applied."""
+    idempotency window, unless another live request took its place meanwhile (DuplicateRequest:
+    the partial unique indexes decide, as for a new request). A batch that failed part way
+    resumes after the chunks it applied."""
     with transaction.atomic():
         locked = MemoryRequest.objects.select_for_update().get(pk=memory_request.pk)
         if locked.status != MemoryRequest.Status.FAILURE:
             return locked
-        # What the partial unique indexes would refuse: the same user and body, the same key.
-        rivals = []
-        if locked.user_id is not None:
-            rivals.append(Q(user_id=locked.user_id, request_hash=locked.request_hash))
-        if locked.idempotency_key:
-            rivals.append(Q(tenant_id=locked.tenant_id, idempotency_key=locked.idempotency_key))
-        live = MemoryRequest.objects.filter(holds_idempotency_slot=True).exclude(pk=locked.pk)
-        if rivals and live.filter(reduce(operator.or_, rivals)).exists():
-            raise DuplicateRequest("An identical request is live already.")
         locked.status = MemoryRequest.Status.PENDING
         locked.attempts = 0
         locked.error = ""
         locked.finished_at = None
         locked.holds_idempotency_slot = True
         locked.expires_at = timezone.now() + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS)
-        locked.save()
+        try:
+            with transaction.atomic():
+                locked.save()
+        except IntegrityError:  # the same user and body, or the same key, is live again
+            raise DuplicateRequest("An identical request is live already.") from None
         transaction.on_commit(lambda: enqueue_memory_request(locked), robust=True)
     return locked
 

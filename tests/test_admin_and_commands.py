@@ -82,21 +82,28 @@ def test_admin_retry_action_sends_a_failed_request_again(
     ]
 
 
-def test_admin_retry_of_a_request_whose_key_was_taken_since_says_so(admin_client, end_user):
+@pytest.mark.parametrize(
+    ("key", "rival_text"),
+    [("import-7", "I live in Oslo."), (None, "I live in Rome.")],
+    ids=["its-key-names-another-request", "the-same-job-was-sent-again"],
+)
+def test_admin_retry_of_a_request_another_took_the_place_of_says_so(
+    admin_client, end_user, key, rival_text
+):
     def submit(text: str) -> MemoryRequest:
         payload = {"messages": [{"role": "user", "content": text}], "infer": True}
         return services.memory_request_submit(
             tenant_id=end_user.tenant_id,
             user_id=end_user.id,
             payload=payload,
-            idempotency_key="import-7",
+            idempotency_key=key,
         )
 
     failed = submit("I live in Rome.")
     MemoryRequest.objects.filter(pk=failed.pk).update(
         status="failure", attempts=3, error="boom", holds_idempotency_slot=False
     )
-    submit("I live in Oslo.")  # the key, free again, now names another request
+    submit(rival_text)  # live now, in the failed one's place
     response = admin_client.post(
         "/admin/memories/memoryrequest/",
         {"action": "retry_failed", "_selected_action": [str(failed.pk)]},
