@@ -538,3 +538,30 @@ def test_an_async_batch_takes_metadata_as_deep_as_a_synchronous_one(api, end_use
         assert response.status_code in (200, 202), response.content
         if not run_async:
             assert response.json()["results"][0]["status"] == "ok"
+
+
+@pytest.mark.django_db
+def test_a_batch_whose_embedding_provider_fails_is_502_and_writes_nothing(
+    api, end_user, openai_settings
+) -> None:
+    openai_settings.fail_next(1, status=400)  # a 4xx: the openai client does not retry it
+    response = batch(api, [{"user_id": str(end_user.id), "content": "Likes tea"}])
+    assert response.status_code == 502 and response.json()["error"] == "provider_unavailable"
+    assert int(response["Retry-After"]) > 0
+    assert not Memory.objects.exists() and not OutboxEvent.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_chunk_whose_claim_was_taken_over_commits_nothing(settings, api, end_user) -> None:
+    from memories.batch import batch_request_work
+
+    settings.BATCH_MAX_ITEMS = 50
+    items = [{"user_id": str(end_user.id), "content": f"Bulk fact {n}"} for n in range(120)]
+    request_id = batch(api, items, **{"async": True}).json()["request_id"]
+    claim = services.memory_request_claim(request_id=request_id)
+    # Another worker takes the request over (its lease ran out): this claim's token is stale.
+    MemoryRequest.objects.filter(pk=request_id).update(attempts=claim.token + 1)
+    with pytest.raises(services.LeaseLost):
+        batch_request_work(claim, claim.request)
+    assert not Memory.objects.exists()
+    assert MemoryRequest.objects.get(pk=request_id).result == []
