@@ -100,3 +100,32 @@ def test_only_plain_redis_urls_get_the_reusing_transport() -> None:
     for url in ("rediss://h:6380/0", "sentinel://h:26379", "redis+socket:///tmp/redis.sock"):
         assert transport_for(url) is None
     assert transport_for(settings.REDIS_URL) == settings.CELERY_BROKER_TRANSPORT
+
+
+@pytest.mark.parametrize(
+    ("failure", "propagates"),
+    [(KeyError("id"), False), (redis.exceptions.ConnectionError("gone"), True)],
+    ids=["a-message-the-consumer-fails-on", "a-lost-connection"],
+)
+def test_a_consumer_failure_drops_the_message_but_a_lost_connection_reaches_the_worker(
+    queue, failure, propagates
+) -> None:
+    import kombu
+
+    def consumer_fails(body, message) -> None:
+        raise failure
+
+    with kombu.Connection(settings.CELERY_BROKER_URL, transport=Transport) as connection:
+        kombu_queue = kombu.Queue(queue.name, routing_key=queue.name)
+        with connection.Producer() as producer:
+            producer.publish({"n": 1}, routing_key=queue.name, declare=[kombu_queue])
+        with connection.Consumer(kombu_queue, callbacks=[consumer_fails]):
+            if propagates:  # the worker must see it, to reconnect
+                with pytest.raises(redis.exceptions.ConnectionError):
+                    connection.drain_events(timeout=5)
+            else:  # logged and acknowledged
+                connection.drain_events(timeout=5)
+    unacked = [entry for entry in queue.redis.hvals("unacked") if queue.name.encode() in entry]
+    assert unacked == []
+    # A dropped message is gone; one whose connection was lost is back on its queue.
+    assert queue.depth() == (1 if propagates else 0)
