@@ -150,7 +150,7 @@ class LoadSampler:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        from memories import backpressure
+        from memories import queue_load
 
         connections = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         pending = "SELECT count(*) FROM memories_memoryrequest WHERE status = 'pending'"
@@ -158,7 +158,7 @@ class LoadSampler:
         with common.raw_connection(self.bench) as conn:
             while not self._stop.is_set():
                 with contextlib.suppress(Exception):  # a missed sample is not a failed bench
-                    depth = backpressure.lane_depths()["default"]
+                    depth = queue_load.lane_depths()["default"]
                     waiting = conn.execute(pending).fetchone()[0]
                     open_connections = conn.execute(connections).fetchone()[0] - 1
                     self.samples.append((depth, waiting, open_connections))

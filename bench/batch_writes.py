@@ -168,7 +168,7 @@ def run_service(
     """The service alone, in this process, one call at a time (one core at most); building the
     items is left out of the timing, as parsing JSON is left out on the server's side."""
     from memories.batch import memories_batch_apply
-    from memories.pipeline import get_embedder
+    from memories.providers.wiring import get_embedder
 
     embedder = get_embedder()
     durations: list[float] = []
@@ -197,7 +197,7 @@ def profile_service(tenancy: common.Tenancy, items_per_call: int, calls: int = 1
     import pstats
 
     from memories.batch import memories_batch_apply
-    from memories.pipeline import get_embedder
+    from memories.providers.wiring import get_embedder
 
     embedder = get_embedder()
     batches = [
@@ -223,7 +223,7 @@ def run_copy(bench: common.BenchEnv, *, rows: int, user_ids: list[str], chunk: i
     from pgvector import Vector
     from pgvector.psycopg import register_vector
 
-    from memories.pipeline import get_embedder
+    from memories.providers.wiring import get_embedder
 
     contents = [item["content"] for item in make_items("copy", user_ids, rows)]
     pool = [Vector(v) for v in get_embedder().embed(contents[:1000])]
@@ -345,7 +345,7 @@ def _row_checks(
 ) -> dict[str, Any]:
     """Rows in the table vs rows reported written; and the bulk events left for the batch lane
     (no batch worker runs here, so their publishing is not on the measured path)."""
-    from memories import backpressure
+    from memories import queue_load
     from memories.models import Memory, OutboxEvent
 
     reported = sum(run["total_rows_written"] for run in runs) + service["items_ok"]
@@ -354,7 +354,7 @@ def _row_checks(
         "rows_reported_ok": reported,
         "rows_in_table_incl_profile": in_table,
         "unpublished_outbox_events": OutboxEvent.objects.filter(published_at__isnull=True).count(),
-        "batch_lane_depth": backpressure.lane_depths()["batch"],
+        "batch_lane_depth": queue_load.lane_depths()["batch"],
     }
 
 

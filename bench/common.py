@@ -447,11 +447,11 @@ class Tenancy:
 
 def create_tenancy(name: str, users: int) -> Tenancy:
     """A tenant with a fresh API key and `users` end users, through the services (after setup)."""
-    from memories import services
+    from memories import accounts
 
-    tenant = services.tenant_get_or_create(name=f"{name}-{uuid.uuid4().hex[:8]}")
-    _, raw_key = services.api_key_create(tenant=tenant, name="bench")
-    user_ids = [str(services.end_user_create(tenant=tenant).id) for _ in range(users)]
+    tenant = accounts.tenant_get_or_create(name=f"{name}-{uuid.uuid4().hex[:8]}")
+    _, raw_key = accounts.api_key_create(tenant=tenant, name="bench")
+    user_ids = [str(accounts.end_user_create(tenant=tenant).id) for _ in range(users)]
     return Tenancy(tenant, raw_key, user_ids)
 
 

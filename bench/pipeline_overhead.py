@@ -28,8 +28,8 @@ def provider_cpu_ms_per_job(jobs: int = 300) -> float:
     """CPU of the offline models alone for such jobs (extract, embed, decide against five
     neighbours per fact), measured in this process: the part of a worker's CPU that is not
     framework."""
-    from memories.pipeline import get_embedder, get_llm
     from memories.providers import ExistingMemory
+    from memories.providers.wiring import get_embedder, get_llm
 
     llm, embedder = get_llm(), get_embedder()
     started = time.process_time()

@@ -33,9 +33,8 @@ def queue_backlog(tenancy: common.Tenancy, count: int) -> float:
     from django.db import transaction
     from django.utils import timezone
 
-    from memories import services
+    from memories import dispatch, ledger
     from memories.models import EndUser, MemoryRequest
-    from tasks.memory_jobs import enqueue_memory_request
 
     started = time.monotonic()
     users = list(EndUser.objects.filter(pk__in=tenancy.user_ids))
@@ -56,7 +55,7 @@ def queue_backlog(tenancy: common.Tenancy, count: int) -> float:
                 MemoryRequest(
                     tenant_id=user.tenant_id,
                     user=user,
-                    request_hash=services.memory_request_hash(user_id=user.id, payload=payload),
+                    request_hash=ledger.memory_request_hash(user_id=user.id, payload=payload),
                     payload=payload,
                     expires_at=expires_at,
                 )
@@ -64,16 +63,20 @@ def queue_backlog(tenancy: common.Tenancy, count: int) -> float:
         with transaction.atomic():
             MemoryRequest.objects.bulk_create(rows)
         for memory_request in rows:
-            enqueue_memory_request(memory_request)
+            dispatch.request_send(
+                request_id=str(memory_request.id),
+                kind=memory_request.kind,
+                priority=memory_request.priority,
+            )
     return time.monotonic() - started
 
 
 def lane_state() -> dict[str, int]:
-    from memories import backpressure
+    from memories import queue_load
 
     return {
-        "default_lane_depth": backpressure.lane_depths()["default"],
-        "pending_requests": backpressure.pending_requests(),
+        "default_lane_depth": queue_load.lane_depths()["default"],
+        "pending_requests": queue_load.pending_requests(),
     }
 
 
@@ -136,7 +139,7 @@ def measure_high(
 def measure_patch(web: common.WebServer, tenancy: common.Tenancy, patches: int) -> dict:
     """Synchronous corrections with new content, over 20 memories of one user, one at a time."""
     from memories.batch import memories_batch_apply
-    from memories.pipeline import get_embedder
+    from memories.providers.wiring import get_embedder
 
     user_id = tenancy.user_ids[-2]
     items = [{"user_id": user_id, "content": f"Lives in town{n}"} for n in range(20)]

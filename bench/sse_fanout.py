@@ -6,9 +6,9 @@ subscribers, all on one user channel, over loopback. Prints JSON.
 Three processes, so that no timestamp waits on another part's GIL:
 - server: uvicorn serving the real ASGI app (this file with --serve); it also records when the
   hub dispatches each entry, read back through /__bench__/hub;
-- writer: `services.memory_update` (this file with --write); it stamps the wall clock just after
-  COMMIT (an on_commit callback registered before the change, so it runs before the publisher's)
-  and around the publisher's XADD + PUBLISH;
+- writer: `memory_writes.memory_update` (this file with --write); it stamps the wall clock
+  just after COMMIT (an on_commit callback registered before the change, so it runs before the
+  publisher's) and around the publisher's XADD + PUBLISH;
 - this process: the subscribers, as asyncio protocols: raw sockets speaking HTTP/1.1 (a minimal
   chunked decoder in front of the SSE parser), and httpx for comparison. It stamps each read as
   it returns.
@@ -140,22 +140,22 @@ def write_loop() -> None:
     from django.core.management import call_command
     from django.db import transaction
 
-    from memories import services
+    from memories import accounts, memory_writes
     from memories.events import publisher
     from memories.models import Memory
-    from memories.pipeline import get_embedder
+    from memories.providers.wiring import get_embedder
 
     call_command("migrate", verbosity=0)
     embedder = get_embedder()
-    tenant = services.tenant_get_or_create(name="bench-sse")
-    api_key, key = services.api_key_create(tenant=tenant, name="sse fan-out bench")
-    user = services.end_user_create(tenant=tenant, external_id=f"sse-bench-{uuid.uuid4()}")
+    tenant = accounts.tenant_get_or_create(name="bench-sse")
+    api_key, key = accounts.api_key_create(tenant=tenant, name="sse fan-out bench")
+    user = accounts.end_user_create(tenant=tenant, external_id=f"sse-bench-{uuid.uuid4()}")
     memory = Memory.objects.create(
         tenant=tenant,
         user=user,
         content="bench change",
         embedding=embedder.embed(["bench change"])[0],
-        content_hash=services.content_hash("bench change"),
+        content_hash=memory_writes.content_hash("bench change"),
     )
     sent: list[tuple[list[str], float, float]] = []
     original_send = publisher._send
@@ -176,7 +176,7 @@ def write_loop() -> None:
         sent.clear()
         with transaction.atomic():
             transaction.on_commit(lambda stamp=stamp: stamp.setdefault("commit", time.time()))
-            memory = services.memory_update(
+            memory = memory_writes.memory_update(
                 tenant_id=memory.tenant_id,
                 memory_id=memory.id,
                 embedder=embedder,
@@ -186,7 +186,7 @@ def write_loop() -> None:
         reply = {"id": stream_id, "commit": stamp["commit"], "send_started": send_started,
                  "send_ended": send_ended}  # fmt: skip
         print(json.dumps(reply), flush=True)
-    services.end_user_delete(user=user)
+    accounts.end_user_delete(user=user)
     api_key.delete()
 
 

@@ -4,7 +4,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from memories import services
+from memories import accounts, ledger
 from memories.errors import DuplicateRequest
 from memories.models import ApiKey, EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
 
@@ -26,7 +26,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        api_key, raw_key = services.api_key_create(
+        api_key, raw_key = accounts.api_key_create(
             tenant=obj.tenant, name=obj.name, expires_at=obj.expires_at
         )
         obj.pk, obj.prefix, obj.key_hash = api_key.pk, api_key.prefix, api_key.key_hash
@@ -89,7 +89,7 @@ class MemoryRequestAdmin(admin.ModelAdmin):
         retried = 0
         for memory_request in queryset.filter(status=MemoryRequest.Status.FAILURE):
             try:
-                services.memory_request_retry(memory_request=memory_request)
+                ledger.memory_request_retry(memory_request=memory_request)
                 retried += 1
             except DuplicateRequest:
                 self.message_user(

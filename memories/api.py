@@ -5,25 +5,30 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import threading
 from typing import Any
 
+import prometheus_client
 from django.conf import settings
 from django.db import connection
-from django.http import JsonResponse
+from django.http import HttpResponse, JsonResponse
+from prometheus_client import multiprocess
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from memories import backpressure, metrics, selectors, services
+from memories import accounts, backpressure, ledger, memory_writes, metrics, search, selectors
 from memories.batch import memories_batch_apply
+from memories.dispatch import Queue, lane_for
 from memories.errors import InvalidInput
 from memories.models import Memory, MemoryRequest, Tenant
 from memories.parsers import strict_loads
-from memories.pipeline import get_embedder
+from memories.providers.wiring import get_embedder
+from memories.queue_load import QueueDepthCollector
 from memories.validation import unstorable_text
-from tasks.queues import Queue, lane_for
+from memoryproject.celery import app
 
 
 class TenantApi(APIView):
@@ -115,7 +120,7 @@ class UserCreateApi(TenantApi):
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
-        user = services.end_user_create(
+        user = accounts.end_user_create(
             tenant=self.tenant, external_id=data.get("external_id"), metadata=data["metadata"]
         )
         return Response(UserOutput(user).data, status=status.HTTP_201_CREATED)
@@ -128,7 +133,7 @@ class UserDetailApi(TenantApi):
 
     def delete(self, request: Request, user_id: str) -> Response:
         user = selectors.end_user_get(tenant=self.tenant, user_id=user_id)
-        removed = services.end_user_delete(user=user)
+        removed = accounts.end_user_delete(user=user)
         return Response({"user_id": str(user_id), "deleted": True, "memories_deleted": removed})
 
 
@@ -223,7 +228,7 @@ class MemoryCollectionApi(TenantApi):
             "session_id": data["session_id"],
             "infer": data["infer"],
         }
-        memory_request = services.memory_request_submit(
+        memory_request = ledger.memory_request_submit(
             tenant_id=self.tenant.id,
             user_id=data["user_id"],
             payload=payload,
@@ -277,7 +282,7 @@ class MemoryBatchApi(TenantApi):
             raise InvalidInput(f"At most {limit} items per call.", field="items")
         if run_async:
             backpressure.admit(Queue.BATCH)
-            memory_request = services.batch_request_submit(
+            memory_request = ledger.batch_request_submit(
                 tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)
             )
             metrics.BATCH_SIZE.observe(len(items))  # of accepted batches only
@@ -350,7 +355,7 @@ class MemoryDetailApi(TenantApi):
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
         expected_version = _if_match_version(request)
-        memory = services.memory_update(
+        memory = memory_writes.memory_update(
             tenant_id=self.tenant.id,
             memory_id=memory_id,
             embedder=get_embedder(),
@@ -361,7 +366,7 @@ class MemoryDetailApi(TenantApi):
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
     def delete(self, request: Request, memory_id: str) -> Response:
-        services.memory_delete(tenant_id=self.tenant.id, memory_id=memory_id)
+        memory_writes.memory_delete(tenant_id=self.tenant.id, memory_id=memory_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -408,7 +413,7 @@ class MemorySearchApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
-        results = services.memory_search(
+        results = search.memory_search(
             user=user,
             query=data["query"],
             limit=data["limit"],
@@ -428,8 +433,6 @@ def healthz(request: Any) -> JsonResponse:
 
 def readyz(request: Any) -> JsonResponse:
     """Ready when PostgreSQL and the broker both answer."""
-    from memoryproject.celery import app
-
     checks: dict[str, str] = {}
     try:
         with connection.cursor() as cursor:
@@ -447,3 +450,17 @@ def readyz(request: Any) -> JsonResponse:
     return JsonResponse(
         {"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503
     )
+
+
+def metrics_view(request: Any) -> HttpResponse:
+    """Every process's metrics (summed from PROMETHEUS_MULTIPROC_DIR when set), then the queue
+    depths, read now."""
+    registry = prometheus_client.REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = prometheus_client.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    output = prometheus_client.generate_latest(registry)
+    depth_registry = prometheus_client.CollectorRegistry()
+    depth_registry.register(QueueDepthCollector())
+    output += prometheus_client.generate_latest(depth_registry)
+    return HttpResponse(output, content_type=prometheus_client.CONTENT_TYPE_LATEST)

@@ -10,13 +10,13 @@ from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from memories import selectors, services
+from memories import selectors, sessions
 from memories.api import JsonObjectField, MemoryOutput, MessageInput, TenantApi, validated_input
 from memories.errors import InvalidInput
 from memories.events import EVENT_TYPES
 from memories.events.analytics import analytics_summary
 from memories.events.replay import events_in_range, session_reconstruct
-from memories.pipeline import get_llm
+from memories.providers.wiring import get_llm
 
 
 class SessionOutput(serializers.Serializer):
@@ -40,7 +40,7 @@ class SessionCreateApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
-        session = services.session_start(
+        session = sessions.session_start(
             user=user, agent_id=data["agent_id"], metadata=data["metadata"]
         )
         return Response(SessionOutput(session).data, status=status.HTTP_201_CREATED)
@@ -53,7 +53,7 @@ class SessionMessagesApi(TenantApi):
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
-        added = services.session_add_messages(
+        added = sessions.session_add_messages(
             session=session, messages=[dict(m) for m in data["messages"]]
         )
         return Response({"session_id": str(session.id), "added": len(added)}, status=201)
@@ -66,7 +66,7 @@ class SessionEndApi(TenantApi):
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
-        session = services.session_end(
+        session = sessions.session_end(
             session=session,
             summarize=data["summarize"],
             llm=get_llm() if data["summarize"] else None,

@@ -15,52 +15,15 @@ from functools import cache
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import connection
 
 from memories import metrics
+from memories.dispatch import Queue
 from memories.errors import Overloaded, RateLimited
 from memories.events.stream import redis_client
-from memories.models import MemoryRequest
-from tasks.queues import Queue, lane_for
+from memories.queue_load import lane_depths, pending_by_lane
 
-# Kombu's Redis transport keeps a lane in a list named after it, plus one list per priority step
-# when messages carry a priority; count them all.
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _cache: dict[str, tuple[float, Any]] = {}
 T = TypeVar("T")
-
-
-def lane_depths() -> dict[str, int]:
-    client = redis_client()
-    with client.pipeline(transaction=False) as pipe:
-        for lane in Queue:
-            for suffix in _PRIORITY_SUFFIXES:
-                pipe.llen(f"{lane.value}{suffix}")
-        lengths = pipe.execute()
-    steps = len(_PRIORITY_SUFFIXES)
-    return {lane.value: sum(lengths[i * steps : (i + 1) * steps]) for i, lane in enumerate(Queue)}
-
-
-# By hand: the ORM's aggregate cost more to build than PostgreSQL took to count (0.5 vs 0.1 ms).
-_PENDING_BY_KIND_SQL = f"""
-    SELECT kind, priority, count(*) FROM {MemoryRequest._meta.db_table}
-    WHERE status = 'pending' GROUP BY kind, priority
-"""
-
-
-def pending_by_lane() -> dict[str, int]:
-    """Requests waiting for a worker, by the lane their task is sent on: a lost task leaves its
-    request pending, so this counts what Redis may no longer hold."""
-    counts = {lane.value: 0 for lane in Queue}
-    with connection.cursor() as cursor:
-        cursor.execute(_PENDING_BY_KIND_SQL)
-        for kind, priority, count in cursor.fetchall():
-            counts[lane_for(kind, priority).value] += count
-    return counts
-
-
-def pending_requests() -> int:
-    return sum(pending_by_lane().values())
 
 
 def _cached(key: str, read: Callable[[], T]) -> T:

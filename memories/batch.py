@@ -25,10 +25,12 @@ from django.db import connection, transaction
 from django.utils import timezone
 from pgvector import Vector
 
-from memories import events, metrics, rows
-from memories.models import EndUser, Memory, MemoryHistory, Tenant
+from memories import events, ledger, memory_writes, metrics, rows
+from memories.jobs import request_run
+from memories.memory_writes import content_hash
+from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
 from memories.providers import Embedder
-from memories.services import content_hash
+from memories.providers.wiring import get_embedder
 from memories.validation import first_unstorable
 
 ACTIONS = ("create", "update", "delete")
@@ -185,12 +187,7 @@ def memories_batch_apply(
     with metrics.timed("database", kind="batch"), transaction.atomic():
         targets: dict[str, Memory] = {}
         if target_ids:  # creates alone need no lock, nor the round trip
-            targets = {
-                str(m.pk): m
-                for m in Memory.objects.select_for_update()
-                .filter(tenant=tenant, pk__in=target_ids, deleted_at__isnull=True)
-                .defer("embedding")
-            }
+            targets = memory_writes.memories_lock(memory_ids=target_ids, tenant_id=tenant.id)
         accepted: list[BatchItem] = []
         claimed = set(changed_before)
         for item in items:
@@ -473,24 +470,21 @@ def _copy_history(entries: list[tuple], *, actor: str, at: Any) -> None:
             copy.write_row((memory_id, event, old, new, actor, at))
 
 
-def batch_request_work(claim: Any, memory_request: Any) -> None:
+def batch_request_work(claim: ledger.Claim, memory_request: MemoryRequest) -> None:
     """The work of an asynchronous batch, for `jobs.request_run`: BATCH_MAX_ITEMS items at a
     time, each chunk in its own transaction together with the request's progress (the results so
     far, fenced by the claim; the last chunk's transaction marks it `success`). An attempt that
     fails part way leaves the chunks it committed; the next attempt starts after them, so no item
     is applied twice and no chunk's lock is held while the next is written."""
-    from memories import services
-    from memories.pipeline import get_embedder
-
     items: list[Any] = memory_request.payload["items"]
     done: list[dict[str, Any]] = list(memory_request.result or [])
     chunk = settings.BATCH_MAX_ITEMS
     embedder = get_embedder()
     for start in range(len(done), len(items), chunk):
         finish = (
-            services.memory_request_mark_success
+            ledger.memory_request_mark_success
             if start + chunk >= len(items)
-            else services.batch_request_record_progress
+            else ledger.batch_request_record_progress
         )
         changed = frozenset(
             r["id"] for r in done if r["status"] == "ok" and r["action"] != "create"
@@ -509,7 +503,7 @@ def batch_request_work(claim: Any, memory_request: Any) -> None:
 
 def _record_chunk(
     finish: Callable[..., None],
-    claim: Any,
+    claim: ledger.Claim,
     done: list[dict[str, Any]],
     results: list[dict[str, Any]],
 ) -> None:
@@ -517,6 +511,5 @@ def _record_chunk(
 
 
 def batch_request_run(*, request_id: str) -> str:
-    from memories.jobs import request_run
-
+    """Run one asynchronous batch end to end (see `jobs.request_run` for the outcomes)."""
     return request_run(request_id=request_id, work=batch_request_work)

@@ -15,14 +15,14 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from memories import metrics, services
+from memories import ledger, metrics
 from memories.background import ProcessThread
 from memories.logs import log_context
 from memories.models import MemoryRequest
 
 logger = logging.getLogger(__name__)
 
-Work = Callable[[services.Claim, MemoryRequest], None]
+Work = Callable[[ledger.Claim, MemoryRequest], None]
 
 
 class _LeaseRenewer:
@@ -34,17 +34,17 @@ class _LeaseRenewer:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._claims: dict[services.Claim, threading.Event] = {}
+        self._claims: dict[ledger.Claim, threading.Event] = {}
         self._thread = ProcessThread(self._run, name="lease-renewer")
 
-    def add(self, claim: services.Claim) -> threading.Event:
+    def add(self, claim: ledger.Claim) -> threading.Event:
         lost = threading.Event()
         with self._lock:
             self._claims[claim] = lost
         self._thread.ensure_running()
         return lost
 
-    def remove(self, claim: services.Claim) -> None:
+    def remove(self, claim: ledger.Claim) -> None:
         with self._lock:
             self._claims.pop(claim, None)
 
@@ -58,9 +58,9 @@ class _LeaseRenewer:
                     self._renew(claim, lost)
             connection.close()  # back to the pool between rounds
 
-    def _renew(self, claim: services.Claim, lost: threading.Event) -> None:
+    def _renew(self, claim: ledger.Claim, lost: threading.Event) -> None:
         try:
-            if not services.memory_request_renew_lease(claim=claim):
+            if not ledger.memory_request_renew_lease(claim=claim):
                 lost.set()
                 self.remove(claim)
         except Exception:  # a renewal that fails only shortens the lease; the job goes on
@@ -71,7 +71,7 @@ _renewer = _LeaseRenewer()
 
 
 @contextmanager
-def lease_kept(claim: services.Claim) -> Iterator[threading.Event]:
+def lease_kept(claim: ledger.Claim) -> Iterator[threading.Event]:
     """Renew the claim's lease in the background while the job runs.
 
     Yields an Event that is set if the lease was lost (taken over by another worker), so the job
@@ -98,7 +98,7 @@ def request_run(*, request_id: str, work: Work) -> str:
 
 def _run(*, request_id: str, work: Work) -> str:
     try:
-        claim = services.memory_request_claim(request_id=request_id)
+        claim = ledger.memory_request_claim(request_id=request_id)
     except DatabaseError:
         # Nothing was claimed, so no attempt is spent: the task retries with backoff instead of
         # being acknowledged and left for the sweeper.
@@ -117,7 +117,7 @@ def _run(*, request_id: str, work: Work) -> str:
                     waited
                 )
             work(claim, memory_request)
-    except services.LeaseLost:
+    except ledger.LeaseLost:
         logger.warning("request %s: lease taken over; this attempt's work discarded", request_id)
         return "skipped"
     except Exception as exc:  # every failure is an attempt: bounded by MEMORY_JOB_MAX_ATTEMPTS
@@ -127,6 +127,6 @@ def _run(*, request_id: str, work: Work) -> str:
         if not connection.in_atomic_block:
             connection.close_if_unusable_or_obsolete()
         error = f"{type(exc).__name__}: {exc}"
-        will_retry = services.memory_request_record_error(claim=claim, error=error)
+        will_retry = ledger.memory_request_record_error(claim=claim, error=error)
         return "retry" if will_retry else "failed"
     return "done"

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from pythonjsonlogger.json import JsonFormatter
 
-from tasks.queues import BATCH_JOB_TASK, MEMORY_JOB_TASK
+from memories.dispatch import REQUEST_TASKS
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -24,13 +24,11 @@ def log_context(*, request_id: str) -> Iterator[None]:
         _request_id.reset(token)
 
 
-# A request's task is sent with the request id as its task id (tasks.memory_jobs), so Celery's
-# own lines about it ("received", "succeeded", "retry"), written in the worker's main process
-# outside any log_context, name the request in the task fields they carry as `record.data`.
-REQUEST_TASKS = frozenset({MEMORY_JOB_TASK, BATCH_JOB_TASK})
-
-
 class RequestIdFilter(logging.Filter):
+    # A request's task is sent with the request id as its task id (memories.dispatch), so
+    # Celery's own lines about it ("received", "succeeded", "retry"), written in the worker's main
+    # process outside any log_context, name the request in the task fields of `record.data`.
+
     def filter(self, record: logging.LogRecord) -> bool:
         request_id = _request_id.get()
         if not request_id:

@@ -1,6 +1,7 @@
-"""Prometheus metrics. Under `make run` and the compose file every process writes to
-PROMETHEUS_MULTIPROC_DIR (one folder, shared by the containers in compose) and the web process's
-`/metrics` sums them; without it, `/metrics` shows the web process alone."""
+"""The Prometheus metric objects, and nothing else: every module that counts imports them from
+here, and `/metrics` (memories.api) renders them. Under `make run` and the compose file every
+process writes to PROMETHEUS_MULTIPROC_DIR (one folder, shared by the containers in compose) and
+the web process's `/metrics` sums them; without it, `/metrics` shows the web process alone."""
 
 from __future__ import annotations
 
@@ -10,18 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from django.http import HttpRequest, HttpResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-    values,
-)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import Counter, Gauge, Histogram, values
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # Each process writes files named after it. Containers sharing one folder (the compose file)
@@ -56,33 +46,3 @@ def timed(stage: str, kind: str = "memory_job") -> Iterator[None]:
         yield
     finally:
         JOB_SECONDS.labels(stage=stage, kind=kind).observe(time.perf_counter() - start)
-
-
-class QueueDepthCollector:
-    """Queue depth per lane and pending requests, read at scrape time (cheap: LLEN and an index)."""
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        from memories import backpressure
-
-        depth = GaugeMetricFamily("queue_depth", "Messages waiting per lane", labels=["lane"])
-        for lane, value in backpressure.lane_depths().items():
-            depth.add_metric([lane], value)
-        yield depth
-        pending = GaugeMetricFamily("memory_requests_pending", "Requests in status pending")
-        pending.add_metric([], backpressure.pending_requests())
-        yield pending
-
-
-def metrics_view(request: HttpRequest) -> HttpResponse:
-    registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.MultiProcessCollector(registry)
-    else:
-        from prometheus_client import REGISTRY
-
-        registry = REGISTRY
-    output = generate_latest(registry)
-    depth_registry = CollectorRegistry()
-    depth_registry.register(QueueDepthCollector())
-    output += generate_latest(depth_registry)
-    return HttpResponse(output, content_type=CONTENT_TYPE_LATEST)

@@ -1,101 +1,38 @@
 """The memory pipeline: extract facts, embed them in one batch, fetch the nearest memories, decide.
 
 Model calls happen here, outside any transaction (they take seconds); the decided changes are then
-applied by `services.memory_request_complete` in one short transaction.
+written (memories.memory_writes) and the request marked done (memories.ledger) in one short
+transaction, fenced by the worker's claim.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 
-from memories import metrics, selectors, services
+from memories import metrics, selectors
 from memories.jobs import request_run
+from memories.ledger import Claim, memory_request_mark_success
+from memories.memory_writes import PlannedChange, memory_job_changes_apply
 from memories.models import MemoryRequest
-from memories.providers import (
-    Embedder,
-    ExistingMemory,
-    LLMProvider,
-    ProviderConfig,
-    build_embedder,
-    build_llm,
-)
-from memories.providers.batching import BatchingEmbedder
+from memories.providers import Embedder, ExistingMemory, LLMProvider
+from memories.providers.wiring import get_embedder, get_llm
 
 logger = logging.getLogger(__name__)
 
 
-def provider_config() -> ProviderConfig:
-    return ProviderConfig(
-        llm_provider=settings.LLM_PROVIDER,
-        embedding_provider=settings.EMBEDDING_PROVIDER,
-        openai_api_key=settings.OPENAI_API_KEY,
-        openai_base_url=settings.OPENAI_BASE_URL,
-        llm_model=settings.LLM_MODEL,
-        embedding_model=settings.EMBEDDING_MODEL,
-        embedding_dimensions=settings.EMBEDDING_DIMENSIONS,
-        embedding_send_dimensions=settings.EMBEDDING_SEND_DIMENSIONS,
-        request_timeout=settings.LLM_REQUEST_TIMEOUT_SECONDS,
-        client_max_retries=settings.LLM_CLIENT_MAX_RETRIES,
-    )
-
-
-T = TypeVar("T")
-
-
-class _BuiltOnce(Generic[T]):
-    """`functools.cache` for a builder without arguments, but built once only: the threads of a
-    `threads` worker that ask at the same moment get the same provider, so they share its
-    connections and its batching window (with `cache`, each first caller built its own)."""
-
-    def __init__(self, build: Callable[[], T]) -> None:
-        self._build = build
-        self._lock = threading.Lock()
-        self._built: list[T] = []
-
-    def __call__(self) -> T:
-        if not self._built:
-            with self._lock:
-                if not self._built:
-                    self._built.append(self._build())
-        return self._built[0]
-
-    def cache_clear(self) -> None:
-        with self._lock:
-            self._built.clear()
-
-
-@_BuiltOnce
-def get_llm() -> LLMProvider:
-    return build_llm(provider_config())
-
-
-@_BuiltOnce
-def get_embedder() -> Embedder:
-    embedder = build_embedder(provider_config())
-    if settings.EMBEDDING_BATCH_WINDOW_MS > 0:
-        # Jobs running side by side in one worker (thread pool) share embedding calls.
-        embedder = BatchingEmbedder(
-            embedder, window_seconds=settings.EMBEDDING_BATCH_WINDOW_MS / 1000
-        )
-    return embedder
-
-
 def plan_changes(
     *, memory_request: MemoryRequest, llm: LLMProvider, embedder: Embedder
-) -> list[services.PlannedChange]:
+) -> list[PlannedChange]:
     """Decide what the job changes, without writing anything."""
     payload = memory_request.payload
     messages: list[dict[str, Any]] = payload["messages"]
     if not payload.get("infer", True):
         texts = [m["content"] for m in messages if m["role"] != "system"]
-        return services.memories_create_direct(
-            memory_request=memory_request, texts=texts, embedder=embedder
-        )
+        return memories_create_direct(memory_request=memory_request, texts=texts, embedder=embedder)
 
     with metrics.timed("llm"):
         facts = llm.extract_facts(messages)
@@ -125,7 +62,7 @@ def plan_changes(
             vectors = embedder.embed(needs_embedding)
         vector_by_text.update(zip(needs_embedding, vectors, strict=True))
 
-    changes: list[services.PlannedChange] = []
+    changes: list[PlannedChange] = []
     targeted: set[str] = set()
     for decision in decisions:
         if decision.event == "NONE":
@@ -133,9 +70,7 @@ def plan_changes(
         if decision.event == "ADD":
             if decision.text:
                 changes.append(
-                    services.PlannedChange(
-                        "ADD", None, decision.text, vector_by_text[decision.text]
-                    )
+                    PlannedChange("ADD", None, decision.text, vector_by_text[decision.text])
                 )
             continue
         memory_id = id_by_number.get(decision.memory_id) if decision.memory_id else None
@@ -154,20 +89,44 @@ def plan_changes(
         targeted.add(memory_id)
         if decision.event == "UPDATE" and decision.text:
             changes.append(
-                services.PlannedChange(
-                    "UPDATE", memory_id, decision.text, vector_by_text[decision.text]
-                )
+                PlannedChange("UPDATE", memory_id, decision.text, vector_by_text[decision.text])
             )
         elif decision.event == "DELETE":
-            changes.append(services.PlannedChange("DELETE", memory_id, None, None))
+            changes.append(PlannedChange("DELETE", memory_id, None, None))
     return changes
 
 
-def memory_job_work(claim: services.Claim, memory_request: MemoryRequest) -> None:
+def memory_job_work(claim: Claim, memory_request: MemoryRequest) -> None:
     """The work of a memory job, for `jobs.request_run`: plan with the models, then commit."""
     changes = plan_changes(memory_request=memory_request, llm=get_llm(), embedder=get_embedder())
     with metrics.timed("database"):
-        services.memory_request_complete(claim=claim, changes=changes)
+        memory_request_complete(claim=claim, changes=changes)
+
+
+def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> list[dict[str, Any]]:
+    """Apply the changes, their history, their events and `success` in ONE transaction, fenced by
+    the claim.
+
+    A crash before the commit leaves the request claimable again; after it, a redelivered task
+    finds `success` and does nothing. Raises LeaseLost when the claim was taken over (the last
+    statement checks the claim token, so nothing of this attempt commits).
+    """
+    with transaction.atomic():
+        result = memory_job_changes_apply(memory_request=claim.request, changes=changes)
+        memory_request_mark_success(claim=claim, result=result)
+    return result
+
+
+def memories_create_direct(
+    *, memory_request: MemoryRequest, texts: list[str], embedder: Embedder
+) -> list[PlannedChange]:
+    """`infer: false`: every message becomes a memory as it is, with no LLM call."""
+    with metrics.timed("embedding"):
+        vectors = embedder.embed(texts) if texts else []
+    return [
+        PlannedChange(event="ADD", memory_id=None, content=text, embedding=vector)
+        for text, vector in zip(texts, vectors, strict=True)
+    ]
 
 
 def memory_request_run(*, request_id: str) -> str:

@@ -1,7 +1,6 @@
 from django.urls import path
 
 from memories import api, api_events
-from memories.metrics import metrics_view
 
 urlpatterns = [
     path("v1/users", api.UserCreateApi.as_view(), name="user-create"),
@@ -44,6 +43,6 @@ urlpatterns = [
     path("v1/analytics/events", api_events.AnalyticsApi.as_view(), name="analytics"),
     path("v1/sync", api_events.SyncApi.as_view(), name="sync"),
     path("healthz", api.healthz, name="healthz"),
-    path("metrics", metrics_view, name="metrics"),
+    path("metrics", api.metrics_view, name="metrics"),
     path("readyz", api.readyz, name="readyz"),
 ]

@@ -3,7 +3,7 @@
 import os
 
 from celery import Celery
-from celery.signals import task_postrun, worker_process_shutdown
+from celery.signals import task_postrun
 from django.db import close_old_connections
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
@@ -25,12 +25,3 @@ def _return_database_connection(**kwargs: object) -> None:
     """After each task, give the connection back to the pool (and drop it if it broke), which the
     fixup no longer does for us once CELERY_DB_REUSE_MAX is set (see settings)."""
     close_old_connections()
-
-
-@worker_process_shutdown.connect(weak=False, dispatch_uid="flush_published_marks")
-def _flush_published_marks(**kwargs: object) -> None:
-    """A pool process ends with os._exit, past atexit: mark its published outbox rows first, or
-    the relay sends their events a second time."""
-    from memories.events.publisher import flush_published_marks
-
-    flush_published_marks()

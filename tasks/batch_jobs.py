@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from tasks.queues import BATCH_JOB_TASK, finish_request_task
+from memories.batch import batch_request_run
+from memories.dispatch import BATCH_JOB_TASK
+from tasks.retrying import finish_request_task
 
 
 @shared_task(
@@ -18,6 +20,4 @@ def apply_batch_request(self, request_id: str) -> str:
     """Apply one batch, BATCH_MAX_ITEMS items a transaction, each committed with the request's
     progress: a redelivery resumes after the last chunk committed (after the last, which commits
     `success`, it is a no-op), so no item is applied twice; failures retry with backoff."""
-    from memories.batch import batch_request_run
-
     return finish_request_task(self, batch_request_run(request_id=request_id))

@@ -3,20 +3,14 @@ the state, so the task is safe to run twice."""
 
 from __future__ import annotations
 
-from uuid import UUID
-
 from celery import shared_task
 
-from tasks.queues import Queue
-
-
-def enqueue_delivery(*, delivery_id: UUID | str) -> None:
-    """Send the delivery's task; raises if the broker is unreachable (the caller retries)."""
-    deliver_webhook.apply_async(args=[str(delivery_id)], queue=Queue.BATCH.value)
+from memories.dispatch import DELIVER_WEBHOOK_TASK
+from webhooks.services import webhook_delivery_attempt
 
 
 @shared_task(
-    name="tasks.webhooks.deliver_webhook",
+    name=DELIVER_WEBHOOK_TASK,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
@@ -31,8 +25,6 @@ def deliver_webhook(self, delivery_id: str) -> str:
     mid-attempt leaves the attempt unrecorded, so the redelivered task sends again (receivers
     dedupe on X-Memory-Delivery).
     """
-    from webhooks.services import webhook_delivery_attempt
-
     outcome = webhook_delivery_attempt(delivery_id=delivery_id)
     if outcome.status in ("failed", "not_due"):
         raise self.retry(eta=outcome.next_attempt_at)

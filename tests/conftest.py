@@ -11,9 +11,9 @@ from django.conf import settings
 from django.db import connection
 from rest_framework.test import APIClient
 
-from memories import services
+from memories import accounts
 from memories.models import EndUser, Tenant
-from memories.pipeline import get_embedder, get_llm
+from memories.providers.wiring import get_embedder, get_llm
 from tests.fake_openai import FakeOpenAI
 from tests.workers import CeleryWorker, database_url_for
 
@@ -36,16 +36,16 @@ def _fresh_providers() -> Iterator[None]:
 
 @pytest.fixture
 def tenant(db) -> Tenant:
-    return services.tenant_get_or_create(name="acme")
+    return accounts.tenant_get_or_create(name="acme")
 
 
 @pytest.fixture
 def other_tenant(db) -> Tenant:
-    return services.tenant_get_or_create(name="globex")
+    return accounts.tenant_get_or_create(name="globex")
 
 
 def _client_for(tenant: Tenant) -> APIClient:
-    _, raw_key = services.api_key_create(tenant=tenant)
+    _, raw_key = accounts.api_key_create(tenant=tenant)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
     return client
@@ -63,7 +63,7 @@ def other_api(other_tenant: Tenant) -> APIClient:
 
 @pytest.fixture
 def end_user(tenant: Tenant) -> EndUser:
-    return services.end_user_create(tenant=tenant, external_id="alice")
+    return accounts.end_user_create(tenant=tenant, external_id="alice")
 
 
 @pytest.fixture

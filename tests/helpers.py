@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from memories import services
+from memories import ledger, memory_writes
 from memories.models import EndUser, Memory, MemoryRequest
-from memories.pipeline import get_embedder
+from memories.providers.wiring import get_embedder
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
@@ -51,7 +51,7 @@ def store_memories(user: EndUser, *texts: str, **fields: Any) -> list[Memory]:
             user=user,
             content=text,
             embedding=vector,
-            content_hash=services.content_hash(text),
+            content_hash=memory_writes.content_hash(text),
             **fields,
         )
         for text, vector in zip(texts, vectors, strict=True)
@@ -69,6 +69,4 @@ def submit_job(user: EndUser, *texts: str, infer: bool = True, **fields: Any) ->
         "infer": infer,
         **fields,
     }
-    return services.memory_request_submit(
-        tenant_id=user.tenant_id, user_id=user.id, payload=payload
-    )
+    return ledger.memory_request_submit(tenant_id=user.tenant_id, user_id=user.id, payload=payload)

@@ -10,7 +10,7 @@ from django.core.management import call_command
 from django.test import Client
 from rest_framework.test import APIClient
 
-from memories import services
+from memories import ledger
 from memories.models import ApiKey, Memory, MemoryRequest, Tenant
 from tests.helpers import store_memories, wait_for
 
@@ -61,7 +61,7 @@ def test_admin_retry_action_sends_a_failed_request_again(
 ) -> None:
     start_worker(queues="default")
     payload = {"messages": [{"role": "user", "content": "I live in Rome."}], "infer": True}
-    memory_request = services.memory_request_submit(
+    memory_request = ledger.memory_request_submit(
         tenant_id=end_user.tenant_id, user_id=end_user.id, payload=payload
     )
     MemoryRequest.objects.filter(pk=memory_request.pk).update(
@@ -92,7 +92,7 @@ def test_admin_retry_of_a_request_another_took_the_place_of_says_so(
 ):
     def submit(text: str) -> MemoryRequest:
         payload = {"messages": [{"role": "user", "content": text}], "infer": True}
-        return services.memory_request_submit(
+        return ledger.memory_request_submit(
             tenant_id=end_user.tenant_id,
             user_id=end_user.id,
             payload=payload,

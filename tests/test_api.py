@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from memories import services
+from memories import accounts, ledger, memory_writes
 from memories.models import ApiKey, Memory, MemoryHistory, MemoryRequest
 from tests.helpers import store_memories
 
@@ -44,7 +44,7 @@ def test_invalid_api_key_is_401(db) -> None:
 
 
 def test_api_keys_are_stored_hashed(tenant) -> None:
-    api_key, raw_key = services.api_key_create(tenant=tenant)
+    api_key, raw_key = accounts.api_key_create(tenant=tenant)
     api_key.refresh_from_db()
     assert raw_key not in api_key.key_hash and len(api_key.key_hash) == 64
 
@@ -56,7 +56,7 @@ def _key_client(raw_key: str) -> APIClient:
 
 
 def test_a_key_revoked_in_this_process_is_refused_at_once(end_user) -> None:
-    api_key, raw_key = services.api_key_create(tenant=end_user.tenant)
+    api_key, raw_key = accounts.api_key_create(tenant=end_user.tenant)
     client = _key_client(raw_key)
     assert client.get(f"/v1/users/{end_user.id}").status_code == 200
     api_key.revoked_at = timezone.now()
@@ -66,7 +66,7 @@ def test_a_key_revoked_in_this_process_is_refused_at_once(end_user) -> None:
 
 def test_a_key_revoked_elsewhere_is_refused_once_the_key_cache_lapses(settings, end_user) -> None:
     settings.API_KEY_CACHE_SECONDS = 0.3
-    api_key, raw_key = services.api_key_create(tenant=end_user.tenant)
+    api_key, raw_key = accounts.api_key_create(tenant=end_user.tenant)
     client = _key_client(raw_key)
     assert client.get(f"/v1/users/{end_user.id}").status_code == 200
     # An UPDATE without signals, as a revocation by another web process looks from here.
@@ -77,7 +77,7 @@ def test_a_key_revoked_elsewhere_is_refused_once_the_key_cache_lapses(settings, 
 
 def test_a_cached_key_still_expires_on_time(end_user) -> None:
     expires_at = timezone.now() + timedelta(seconds=0.5)
-    _, raw_key = services.api_key_create(tenant=end_user.tenant, expires_at=expires_at)
+    _, raw_key = accounts.api_key_create(tenant=end_user.tenant, expires_at=expires_at)
     client = _key_client(raw_key)
     assert client.get(f"/v1/users/{end_user.id}").status_code == 200
     time.sleep(0.6)
@@ -178,7 +178,7 @@ def test_a_duplicate_that_finished_meanwhile_is_409_telling_to_send_again(
 ) -> None:
     # The race the guarded insert leaves: its slot was taken, but by the time the duplicate is
     # looked up it has finished and released the slot. The caller is told to send again.
-    monkeypatch.setattr(services, "_memory_request_insert", lambda memory_request: False)
+    monkeypatch.setattr(ledger, "_memory_request_insert", lambda memory_request: False)
     response = submit(api, end_user.id)
     assert response.status_code == 409
     assert "send it again" in response.json()["message"]
@@ -308,7 +308,7 @@ def test_request_of_another_tenant_is_404(api, other_api, end_user) -> None:
 
 @pytest.fixture
 def memory(end_user) -> Memory:
-    from memories.pipeline import get_embedder
+    from memories.providers.wiring import get_embedder
 
     return Memory.objects.create(
         tenant=end_user.tenant,
@@ -428,7 +428,7 @@ def test_delete_memory_is_204_then_404_and_history_remains(api, memory) -> None:
 
 
 def test_list_memories_paginates_with_a_cursor(api, end_user) -> None:
-    from memories.pipeline import get_embedder
+    from memories.providers.wiring import get_embedder
 
     texts = [f"Fact number {i}" for i in range(5)]
     for text, vector in zip(texts, get_embedder().embed(texts), strict=True):
@@ -586,14 +586,14 @@ def test_input_serializers_are_not_shared_between_threads() -> None:
 
 def test_a_correction_of_a_memory_id_that_is_not_a_uuid_is_not_found(tenant) -> None:
     from memories.errors import NotFound
-    from memories.pipeline import get_embedder
+    from memories.providers.wiring import get_embedder
 
     with pytest.raises(NotFound):
-        services.memory_update(
+        memory_writes.memory_update(
             tenant_id=tenant.id, memory_id="not-a-uuid", embedder=get_embedder(), content="x"
         )
     with pytest.raises(NotFound):
-        services.memory_delete(tenant_id=tenant.id, memory_id="not-a-uuid")
+        memory_writes.memory_delete(tenant_id=tenant.id, memory_id="not-a-uuid")
 
 
 @pytest.mark.parametrize("depth", [65, 900], ids=["just-too-deep", "deep-enough-to-crash-encoders"])

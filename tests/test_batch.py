@@ -11,10 +11,10 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from memories import services
+from memories import accounts, ledger
 from memories.batch import memories_batch_apply
 from memories.models import Memory, MemoryHistory, MemoryRequest, OutboxEvent
-from memories.pipeline import get_embedder
+from memories.providers.wiring import get_embedder
 
 
 def batch(api, items: list, headers: dict | None = None, **body):
@@ -148,7 +148,7 @@ def test_batch_embeds_all_items_in_one_call_and_records_an_event_each(
 
 @pytest.mark.django_db
 def test_batch_items_of_another_tenant_fail_alone(api, other_tenant, end_user) -> None:
-    stranger = services.end_user_create(tenant=other_tenant, external_id="eve")
+    stranger = accounts.end_user_create(tenant=other_tenant, external_id="eve")
     theirs = batch_for(stranger, "Their secret")
     results = batch(
         api,
@@ -173,7 +173,7 @@ def test_batch_items_of_another_tenant_fail_alone(api, other_tenant, end_user) -
 
 def batch_for(user, content: str) -> Memory:
     from memories.batch import memories_batch_apply
-    from memories.pipeline import get_embedder
+    from memories.providers.wiring import get_embedder
 
     (result,) = memories_batch_apply(
         tenant=user.tenant,
@@ -499,7 +499,7 @@ def test_a_batch_that_fails_part_way_keeps_its_duplicates_out_and_says_what_it_a
 
     # The admin's retry applies the rest, each item once.
     heal()
-    services.memory_request_retry(memory_request=MemoryRequest.objects.get(pk=request_id))
+    ledger.memory_request_retry(memory_request=MemoryRequest.objects.get(pk=request_id))
     assert batch_request_run(request_id=request_id) == "done"
     stored = Memory.objects.filter(user=end_user).values_list("content", flat=True)
     assert sorted(stored) == sorted(item["content"] for item in items)
@@ -558,10 +558,10 @@ def test_a_batch_chunk_whose_claim_was_taken_over_commits_nothing(settings, api,
     settings.BATCH_MAX_ITEMS = 50
     items = [{"user_id": str(end_user.id), "content": f"Bulk fact {n}"} for n in range(120)]
     request_id = batch(api, items, **{"async": True}).json()["request_id"]
-    claim = services.memory_request_claim(request_id=request_id)
+    claim = ledger.memory_request_claim(request_id=request_id)
     # Another worker takes the request over (its lease ran out): this claim's token is stale.
     MemoryRequest.objects.filter(pk=request_id).update(attempts=claim.token + 1)
-    with pytest.raises(services.LeaseLost):
+    with pytest.raises(ledger.LeaseLost):
         batch_request_work(claim, claim.request)
     assert not Memory.objects.exists()
     assert MemoryRequest.objects.get(pk=request_id).result == []

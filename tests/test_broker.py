@@ -77,15 +77,19 @@ def test_the_reused_client_follows_the_channel_to_its_new_pool(queue) -> None:
 
 
 def test_a_job_sent_to_an_empty_redis_reaches_its_lane(end_user) -> None:
-    # Tasks are sent without declaring their queue (tasks/memory_jobs.py): on a Redis that has
+    # Tasks are sent without declaring their queue (memories/dispatch.py): on a Redis that has
     # never seen a worker, no binding exists, and the message must still land on the lane.
-    from tasks.memory_jobs import enqueue_memory_request
+    from memories import dispatch
 
     direct = redis.Redis.from_url(settings.REDIS_URL)
     direct.flushdb()
     memory_request = submit_job(end_user, "I like tea.")
     direct.delete("default")  # whatever the commit hook sent already; send it once more here
-    enqueue_memory_request(memory_request)
+    dispatch.request_send(
+        request_id=str(memory_request.id),
+        kind=memory_request.kind,
+        priority=memory_request.priority,
+    )
     assert direct.keys("_kombu.binding.*") == []
     (message,) = direct.lrange("default", 0, -1)
     assert str(memory_request.id) in message.decode()

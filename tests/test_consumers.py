@@ -13,9 +13,11 @@ import pytest
 from django.core.management import call_command
 from django.db import transaction
 
-from memories import services, signals
+from memories import sessions, signals
+from memories.audit import audit_record
+from memories.consumer_groups import consumer_for
 from memories.events.analytics import analytics_summary
-from memories.events.consumers import StreamConsumer, audit_record, consumer_for
+from memories.events.consumers import StreamConsumer
 from memories.events.stream import DEAD_LETTER_KEY, STREAM_KEY, redis_client
 from memories.models import AuditLogEntry, EndUser, Session
 from tests.helpers import wait_for
@@ -34,14 +36,14 @@ def empty_stream() -> None:
 
 def run_session(user: EndUser, messages: int = 2, *, end: bool = True) -> Session:
     """session.started, `messages` x message.added, then session.ended: each committed."""
-    session = services.session_start(user=user, agent_id="bot")
+    session = sessions.session_start(user=user, agent_id="bot")
     if messages:
-        services.session_add_messages(
+        sessions.session_add_messages(
             session=session,
             messages=[{"role": "user", "content": f"message {i}"} for i in range(messages)],
         )
     if end:
-        services.session_end(session=session, summarize=False)
+        sessions.session_end(session=session, summarize=False)
     return session
 
 
@@ -115,7 +117,7 @@ def test_entries_pending_on_a_dead_consumer_are_taken_over_after_the_idle_time(e
 
 
 def test_an_entry_whose_handler_keeps_failing_is_dead_lettered_after_the_limit(end_user) -> None:
-    services.session_start(user=end_user)
+    sessions.session_start(user=end_user)
     report_error(end_user)
     poison_id = stream_ids()[1]
     calls: Counter[str] = Counter()

@@ -11,12 +11,13 @@ from django.db import DatabaseError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from memories import selectors, services
+from memories import accounts, ledger, memory_writes, search, selectors
 from memories.events import publisher
 from memories.events.publisher import relay_unpublished
 from memories.events.stream import STREAM_KEY, redis_client
 from memories.models import Memory, MemoryRequest, OutboxEvent
-from memories.pipeline import get_embedder, memory_request_run
+from memories.pipeline import memory_request_run
+from memories.providers.wiring import get_embedder
 from tests.helpers import store_memories, submit_job, wait_for
 
 
@@ -135,17 +136,17 @@ def test_event_lost_to_a_redis_outage_is_relayed_later(settings, end_user) -> No
 @pytest.mark.django_db(transaction=True)
 def test_update_delete_search_and_clear_emit_their_events(end_user) -> None:
     memory = new_memory(end_user)
-    services.memory_update(
+    memory_writes.memory_update(
         tenant_id=memory.tenant_id,
         memory_id=memory.id,
         embedder=get_embedder(),
         content="Lives in Rome",
     )
-    services.memory_delete(tenant_id=memory.tenant_id, memory_id=memory.id)
-    services.memory_search(
+    memory_writes.memory_delete(tenant_id=memory.tenant_id, memory_id=memory.id)
+    search.memory_search(
         user=end_user, query="Rome", limit=5, filters={}, threshold=None, embedder=get_embedder()
     )
-    services.end_user_delete(user=end_user)
+    accounts.end_user_delete(user=end_user)
     events = tenant_events(end_user.tenant)
     assert [e["event_type"] for e in events] == [
         "memory.created",
@@ -163,7 +164,7 @@ def test_update_delete_search_and_clear_emit_their_events(end_user) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_failed_job_emits_error_occurred(settings, end_user) -> None:
     settings.MEMORY_JOB_MAX_ATTEMPTS = 1
-    request = services.memory_request_submit(
+    request = ledger.memory_request_submit(
         tenant_id=end_user.tenant_id,
         user_id=end_user.id,
         payload={"messages": [{"role": "user", "content": "x"}], "infer": True},
@@ -298,13 +299,13 @@ def test_sync_returns_changes_since_the_cursor_with_tombstones(api, end_user) ->
     first = sync(api, end_user, expect=2)
     assert [c["content"] for c in first["changes"]] == ["Lives in Paris", "Likes tea"]
 
-    services.memory_update(
+    memory_writes.memory_update(
         tenant_id=paris.tenant_id,
         memory_id=paris.id,
         embedder=get_embedder(),
         content="Lives in Rome",
     )
-    services.memory_delete(tenant_id=tea.tenant_id, memory_id=tea.id)
+    memory_writes.memory_delete(tenant_id=tea.tenant_id, memory_id=tea.id)
     second = sync(api, end_user, since=first["next_cursor"], expect=2)
     changes = {c["id"]: c for c in second["changes"]}
     assert changes[str(paris.id)]["content"] == "Lives in Rome"
@@ -424,6 +425,8 @@ def test_a_pool_process_marks_its_published_rows_before_it_exits(end_user, monke
     import threading
 
     from celery.signals import worker_process_shutdown
+
+    import tasks.events  # noqa: F401 - a worker imports its tasks, and with them this hook
 
     # The background marker stays asleep: it waits on the event it already holds.
     monkeypatch.setattr(publisher._marks, "_wake", threading.Event())

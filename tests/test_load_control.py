@@ -12,7 +12,7 @@ import pytest
 from django.conf import settings
 from prometheus_client import REGISTRY
 
-from memories import services
+from memories import ledger
 from memories.events.stream import redis_client
 from memories.logs import JsonLogFormatter, RequestIdFilter
 from memories.models import Memory, MemoryRequest
@@ -186,12 +186,12 @@ def test_what_workers_count_shows_on_the_web_process_metrics(
 @pytest.mark.django_db
 def test_failed_requests_form_the_dead_letter_list(settings, api, end_user) -> None:
     settings.MEMORY_JOB_MAX_ATTEMPTS = 1
-    ok = services.memory_request_submit(
+    ok = ledger.memory_request_submit(
         tenant_id=end_user.tenant_id,
         user_id=end_user.id,
         payload={"messages": [{"role": "user", "content": "I like tea."}]},
     )
-    bad = services.memory_request_submit(
+    bad = ledger.memory_request_submit(
         tenant_id=end_user.tenant_id,
         user_id=end_user.id,
         payload={"messages": [{"role": "user", "content": "I like jam."}]},
@@ -231,17 +231,17 @@ def test_a_lease_renewal_logs_under_its_request_id(settings, end_user, monkeypat
     from memories import jobs
 
     settings.MEMORY_JOB_LEASE_SECONDS = 0.6  # the renewer wakes every 0.2 s
-    request = services.memory_request_submit(
+    request = ledger.memory_request_submit(
         tenant_id=end_user.tenant_id,
         user_id=end_user.id,
         payload={"messages": [{"role": "user", "content": "I like tea."}]},
     )
-    claim = services.memory_request_claim(request_id=str(request.id))
+    claim = ledger.memory_request_claim(request_id=str(request.id))
 
     def broken_renewal(**kwargs):
         raise RuntimeError("database gone")
 
-    monkeypatch.setattr(services, "memory_request_renew_lease", broken_renewal)
+    monkeypatch.setattr(ledger, "memory_request_renew_lease", broken_renewal)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonLogFormatter())

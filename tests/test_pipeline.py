@@ -12,10 +12,11 @@ from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from memories import services
+from memories import accounts, ledger, memory_writes, pipeline
 from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest, OutboxEvent
-from memories.pipeline import get_embedder, memory_request_run
+from memories.pipeline import memory_request_run
 from memories.providers.openai_provider import DECIDE_PROMPT, EXTRACT_PROMPT
+from memories.providers.wiring import get_embedder
 from tests.fake_openai import FakeResponse, rule_based_chat
 from tests.helpers import store_memories, submit_job
 from tests.workers import database_url_for
@@ -126,7 +127,7 @@ def test_a_job_stores_awkward_text_and_metadata_exactly(end_user) -> None:
 
 @pytestmark_db
 def test_memories_of_other_users_are_never_touched(tenant, end_user) -> None:
-    bob = services.end_user_create(tenant=tenant, external_id="bob")
+    bob = accounts.end_user_create(tenant=tenant, external_id="bob")
     run(bob, "I live in Paris.")
     run(end_user, "I moved to Berlin.")
     assert live_contents(bob) == ["Lives in Paris"]
@@ -146,9 +147,9 @@ def test_duplicate_task_delivery_changes_nothing(end_user) -> None:
 @pytestmark_db
 def test_second_delivery_while_lease_is_live_does_nothing(end_user) -> None:
     request = submit_job(end_user, "I live in Paris.")
-    claim = services.memory_request_claim(request_id=str(request.id))
+    claim = ledger.memory_request_claim(request_id=str(request.id))
     assert claim is not None
-    assert services.memory_request_claim(request_id=str(request.id)) is None
+    assert ledger.memory_request_claim(request_id=str(request.id)) is None
     assert memory_request_run(request_id=str(request.id)) == "skipped"
     request.refresh_from_db()
     assert request.status == "processing" and request.attempts == 1
@@ -157,17 +158,17 @@ def test_second_delivery_while_lease_is_live_does_nothing(end_user) -> None:
 @pytestmark_db
 def test_only_the_latest_claim_holder_commits(end_user) -> None:
     request = submit_job(end_user, "I live in Paris.")
-    first = services.memory_request_claim(request_id=str(request.id))
+    first = ledger.memory_request_claim(request_id=str(request.id))
     MemoryRequest.objects.filter(pk=request.pk).update(
         lease_until=timezone.now() - timedelta(seconds=1)
     )
-    second = services.memory_request_claim(request_id=str(request.id))
+    second = ledger.memory_request_claim(request_id=str(request.id))
     assert second is not None and second.token == first.token + 1
     vector = get_embedder().embed(["Lives in Paris"])[0]
-    change = services.PlannedChange("ADD", None, "Lives in Paris", vector)
-    services.memory_request_complete(claim=second, changes=[change])
-    with pytest.raises(services.LeaseLost):
-        services.memory_request_complete(claim=first, changes=[change])
+    change = memory_writes.PlannedChange("ADD", None, "Lives in Paris", vector)
+    pipeline.memory_request_complete(claim=second, changes=[change])
+    with pytest.raises(ledger.LeaseLost):
+        pipeline.memory_request_complete(claim=first, changes=[change])
     assert live_contents(end_user) == ["Lives in Paris"]
 
 
@@ -176,11 +177,11 @@ def test_poison_job_fails_after_max_attempts(settings, end_user) -> None:
     settings.MEMORY_JOB_MAX_ATTEMPTS = 3
     request = submit_job(end_user, "I live in Paris.")
     for _ in range(3):  # each claim's worker "dies": the lease just runs out
-        assert services.memory_request_claim(request_id=str(request.id)) is not None
+        assert ledger.memory_request_claim(request_id=str(request.id)) is not None
         MemoryRequest.objects.filter(pk=request.pk).update(
             lease_until=timezone.now() - timedelta(seconds=1)
         )
-    assert services.memory_request_claim(request_id=str(request.id)) is None
+    assert ledger.memory_request_claim(request_id=str(request.id)) is None
     request.refresh_from_db()
     assert request.status == "failure" and "Gave up after 3 attempts" in request.error
     assert not Memory.objects.exists()
@@ -377,8 +378,8 @@ def test_unparseable_request_id_is_dropped_not_retried(garbage) -> None:
 
 @pytestmark_db
 def test_jobs_run_through_the_batching_embedder_when_a_window_is_set(settings, end_user) -> None:
-    from memories.pipeline import get_embedder
     from memories.providers.batching import BatchingEmbedder
+    from memories.providers.wiring import get_embedder
 
     settings.EMBEDDING_BATCH_WINDOW_MS = 5
     get_embedder.cache_clear()

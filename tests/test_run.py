@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from memories import services
+from memories import accounts
 from tests.helpers import metric_value, wait_for
 from tests.workers import BASE_DIR
 
@@ -52,7 +52,7 @@ def test_make_run_serves_every_lane_sums_their_metrics_and_stops_cleanly(
 
         wait_for(healthy, timeout=60, what="the service to answer /healthz")
         assert f"http://127.0.0.1:{port}/" in log.read_text()  # it says where to reach it
-        _, key = services.api_key_create(tenant=end_user.tenant)
+        _, key = accounts.api_key_create(tenant=end_user.tenant)
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"})
         uid = str(end_user.id)
         submitted = [

@@ -6,8 +6,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from memories import selectors, services
-from memories.pipeline import get_embedder
+from memories import accounts, memory_writes, selectors
+from memories.providers.wiring import get_embedder
 from tests.helpers import store_memories
 
 pytestmark = pytest.mark.django_db
@@ -38,7 +38,7 @@ def test_results_are_ranked_by_cosine_similarity_with_scores(api, end_user) -> N
 
 
 def test_search_never_returns_another_users_memories(api, tenant, end_user) -> None:
-    bob = services.end_user_create(tenant=tenant, external_id="bob")
+    bob = accounts.end_user_create(tenant=tenant, external_id="bob")
     store_memories(bob, *["Has a cat named Tom"] * 30)
     store_memories(end_user, *FACTS)
     results = search(api, end_user, "a cat named Tom", limit=10)
@@ -48,7 +48,7 @@ def test_search_never_returns_another_users_memories(api, tenant, end_user) -> N
 
 def test_deleted_memories_are_not_found(api, end_user) -> None:
     cat = store_memories(end_user, *FACTS)[3]
-    services.memory_delete(tenant_id=cat.tenant_id, memory_id=cat.id)
+    memory_writes.memory_delete(tenant_id=cat.tenant_id, memory_id=cat.id)
     assert "Has a cat named Tom" not in [r["content"] for r in search(api, end_user, "cat")]
 
 
@@ -98,7 +98,7 @@ def test_bad_search_input_is_400_naming_the_field(api, end_user) -> None:
 def test_top_k_stays_exact_after_many_searches(tenant, end_user) -> None:
     # psycopg may prepare a statement after 5 runs and PostgreSQL may then pick one generic plan
     # for all users; whatever the plan, every search must return the user's full top-k.
-    users = [services.end_user_create(tenant=tenant, external_id=f"u{i}") for i in range(4)]
+    users = [accounts.end_user_create(tenant=tenant, external_id=f"u{i}") for i in range(4)]
     for n, user in enumerate(users):
         store_memories(user, *[f"Fact {k} about person {n}" for k in range(25)])
     query = get_embedder().embed(["Fact about person"])[0]

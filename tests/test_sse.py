@@ -20,11 +20,11 @@ from django.conf import settings as django_settings
 from django.db import connection, transaction
 from rest_framework.test import APIClient
 
-from memories import events, services
+from memories import accounts, events, memory_writes
 from memories.events import sse
 from memories.events.stream import STREAM_KEY, redis_client
 from memories.models import EndUser, Memory, Tenant
-from memories.pipeline import get_embedder
+from memories.providers.wiring import get_embedder
 from tests.helpers import metric_value
 from tests.live_server import uvicorn_live_server
 
@@ -42,12 +42,12 @@ def server() -> Iterator[str]:
 
 @pytest.fixture
 def key(tenant: Tenant) -> str:
-    return services.api_key_create(tenant=tenant)[1]
+    return accounts.api_key_create(tenant=tenant)[1]
 
 
 @pytest.fixture
 def other_key(other_tenant: Tenant) -> str:
-    return services.api_key_create(tenant=other_tenant)[1]
+    return accounts.api_key_create(tenant=other_tenant)[1]
 
 
 # --- An SSE client with deadlines ----------------------------------------------------------------
@@ -147,7 +147,7 @@ def memory_create(user: EndUser, content: str, *, scope: str = "user", topic: st
         user=user,
         content=content,
         embedding=get_embedder().embed([content])[0],
-        content_hash=services.content_hash(content),
+        content_hash=memory_writes.content_hash(content),
         scope=scope,
         topic=topic,
     )
@@ -209,7 +209,7 @@ def test_type_filter_delivers_only_the_named_types(server, key, api, end_user) -
 def test_another_tenant_hears_nothing_of_ours_even_on_the_same_topic_name(
     server, key, other_key, end_user, other_tenant
 ) -> None:
-    stranger = services.end_user_create(tenant=other_tenant, external_id="bob")
+    stranger = accounts.end_user_create(tenant=other_tenant, external_id="bob")
     channels = ["topic:news:updates", "system:global"]
     with (
         open_stream(server, key, channels) as ours,
@@ -388,7 +388,7 @@ def test_an_event_both_replayed_and_queued_live_is_sent_once(tenant, end_user) -
 
     def write_three() -> None:
         for content in ("v1", "v2", "v3"):
-            services.memory_update(
+            memory_writes.memory_update(
                 tenant_id=memory.tenant_id,
                 memory_id=memory.id,
                 embedder=get_embedder(),

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from rest_framework.test import APIClient
 
-from memories import services
-from memories.events.consumers import consumer_for
+from memories import sessions
+from memories.consumer_groups import consumer_for
 from memories.events.stream import STREAM_KEY, redis_client
 
 # --- A receiver --------------------------------------------------------------------------------
@@ -201,8 +201,8 @@ def test_a_matching_event_is_delivered_once_signed_and_logged(
     create_webhook(api, hook.url, channels=["topic:elsewhere:updates"])
     create_webhook(other_api, hook.url)
 
-    session = services.session_start(user=end_user, agent_id="bot")
-    services.session_add_messages(session=session, messages=[{"role": "user", "content": "hi"}])
+    session = sessions.session_start(user=end_user, agent_id="bot")
+    sessions.session_add_messages(session=session, messages=[{"role": "user", "content": "hi"}])
     consumer = consumer_for("webhooks", consumer="w1")
     consumer.drain()
 
@@ -239,7 +239,7 @@ def test_a_receiver_failing_twice_gets_the_delivery_on_the_third_attempt_via_a_r
     start_worker(queues="batch", WEBHOOK_BACKOFF_SECONDS="0.2", WEBHOOK_ALLOW_PRIVATE_TARGETS="1")
     hook = receiver(500, 503, 200)
     webhook = create_webhook(api, hook.url)
-    services.session_start(user=end_user)
+    sessions.session_start(user=end_user)
     consumer_for("webhooks", consumer="w1").drain()
 
     wait_for(lambda: deliveries(api, webhook["id"])[0]["status"] == "success", what="success")
@@ -259,7 +259,7 @@ def test_a_receiver_that_always_fails_leaves_the_delivery_dead_after_max_attempt
     settings.WEBHOOK_BACKOFF_SECONDS = 0
     hook = receiver(500)
     webhook = create_webhook(api, hook.url)
-    services.session_start(user=end_user)
+    sessions.session_start(user=end_user)
     consumer_for("webhooks", consumer="w1").drain()
     [logged] = deliveries(api, webhook["id"])
 
@@ -280,7 +280,7 @@ def test_a_duplicate_task_before_the_retry_is_due_adds_no_attempt(
     settings.WEBHOOK_BACKOFF_SECONDS = 60
     hook = receiver(500)
     webhook = create_webhook(api, hook.url)
-    services.session_start(user=end_user)
+    sessions.session_start(user=end_user)
     consumer_for("webhooks", consumer="w1").drain()
     delivery_id = deliveries(api, webhook["id"])[0]["id"]
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from memories import services
+from memories import accounts
 from memoryproject.wsgi_bridge import BufferedWSGIMiddleware
 from tests.live_server import uvicorn_live_server
 
@@ -168,7 +168,7 @@ def test_the_api_answers_through_the_bridge_and_refuses_a_body_over_the_limit(
     tenant, settings
 ) -> None:
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2_000
-    headers = {"Authorization": f"Bearer {services.api_key_create(tenant=tenant)[1]}"}
+    headers = {"Authorization": f"Bearer {accounts.api_key_create(tenant=tenant)[1]}"}
     with uvicorn_live_server() as base_url, httpx.Client(base_url=base_url, timeout=10) as http:
         created = http.post("/v1/users", json={"external_id": "ada"}, headers=headers)
         assert created.status_code == 201 and created.json()["external_id"] == "ada"

@@ -28,8 +28,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from memories import dispatch
+from memories.backoff import backoff_seconds
 from memories.models import Tenant
-from tasks.webhooks import enqueue_delivery
 from webhooks import selectors
 from webhooks.models import Webhook, WebhookDelivery
 
@@ -110,7 +111,8 @@ def webhook_deliveries_create_for_event(*, stream_id: str, event: dict[str, Any]
         ).values_list("id", flat=True)
     )
     for delivery_id in waiting:
-        enqueue_delivery(delivery_id=delivery_id)  # raises if the broker is down: entry retried
+        # Raises if the broker is down: the stream entry is handled again later.
+        dispatch.webhook_delivery_send(delivery_id=str(delivery_id))
     return len(waiting)
 
 
@@ -129,7 +131,8 @@ def webhook_delivery_attempt(*, delivery_id: str) -> AttemptOutcome:
     """Make one attempt at a delivery if one is due, and log it on the delivery row.
 
     A 2xx answer is success. Otherwise the delivery is `failed` with the next attempt due after
-    an exponential backoff (WEBHOOK_BACKOFF_SECONDS * 2**(attempts-1)), or `dead` once
+    an exponential backoff with jitter (half to all of
+    WEBHOOK_BACKOFF_SECONDS * 2**(attempts-1)), or `dead` once
     WEBHOOK_MAX_ATTEMPTS attempts were made. A delivery that is finished, deleted or being
     attempted by another worker is left alone ("noop"), one not due yet too ("not_due", with
     the time it is due), so duplicate tasks never add attempts.
@@ -163,7 +166,9 @@ def webhook_delivery_attempt(*, delivery_id: str) -> AttemptOutcome:
             logger.warning("webhook delivery %s is dead after %d attempts: %s",
                            delivery.id, delivery.attempts, error)  # fmt: skip
         else:
-            backoff = settings.WEBHOOK_BACKOFF_SECONDS * 2 ** (delivery.attempts - 1)
+            backoff = backoff_seconds(
+                base=settings.WEBHOOK_BACKOFF_SECONDS, attempt=delivery.attempts - 1
+            )
             delivery.status, delivery.next_attempt_at = (
                 Status.FAILED,
                 now + timedelta(seconds=backoff),

@@ -15,7 +15,8 @@ Groups are created from `0`, not `$`: a group created after events were publishe
 a group added later) still processes everything the stream retains. Handlers are idempotent, so
 that backfill is safe; the webhooks handler ignores events older than the webhook.
 
-`python manage.py consume_events` runs the groups (see that command).
+Which handler each group runs is `memories.consumer_groups`; `python manage.py consume_events`
+runs them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import redis
@@ -37,8 +37,6 @@ from django.db import close_old_connections, connection
 from memories.events.stream import DEAD_LETTER_KEY, STREAM_KEY, redis_client
 
 logger = logging.getLogger(__name__)
-
-GROUPS = ("audit", "analytics", "webhooks")
 
 Handler = Callable[[str, dict[str, Any]], None]
 
@@ -193,50 +191,3 @@ class StreamConsumer:
         for entry_id in dead:
             logger.error("consumer %s dead-lettered entry %s", self.group, entry_id)
         return len(dead)
-
-
-# --- The groups' handlers ------------------------------------------------------------------------
-
-
-def audit_record(stream_id: str, event: dict[str, Any]) -> None:
-    """Append the event to the audit log; a redelivered entry hits the unique stream id."""
-    from memories.models import AuditLogEntry
-
-    source = event.get("source") or {}
-    AuditLogEntry.objects.bulk_create(
-        [
-            AuditLogEntry(
-                stream_id=stream_id,
-                event_id=event["event_id"],
-                event_type=event["event_type"],
-                tenant_id=source.get("tenant_id") or None,
-                user_id=source.get("user_id") or None,
-                session_id=source.get("session_id") or "",
-                occurred_at=datetime.fromisoformat(event["timestamp"]),
-                payload=event,
-            )
-        ],
-        ignore_conflicts=True,
-    )
-
-
-def _webhooks_record(stream_id: str, event: dict[str, Any]) -> None:
-    from webhooks.services import webhook_deliveries_create_for_event
-
-    webhook_deliveries_create_for_event(stream_id=stream_id, event=event)
-
-
-def handler_for(group: str) -> Handler:
-    from memories.events.analytics import analytics_record
-
-    handlers: dict[str, Handler] = {
-        "audit": audit_record,
-        "analytics": analytics_record,
-        "webhooks": _webhooks_record,
-    }
-    return handlers[group]
-
-
-def consumer_for(group: str, **options: Any) -> StreamConsumer:
-    """A consumer of one of GROUPS with its handler; options override StreamConsumer's fields."""
-    return StreamConsumer(group=group, handler=handler_for(group), **options)

@@ -15,6 +15,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from redis.exceptions import NoScriptError
 
+from memories import dispatch
 from memories.background import ProcessThread
 from memories.events.stream import STREAM_KEY, entry_fields, pubsub_channel, redis_client
 from memories.metrics import EVENTS_PUBLISHED
@@ -45,9 +46,7 @@ def record_many(events: list[dict[str, Any]]) -> None:
     if len(ids) > settings.EVENT_INLINE_PUBLISH_MAX:
         # A bulk write should not wait for its thousand events to reach Redis: the batch lane
         # publishes them (and the relay still catches whatever that misses).
-        from tasks.events import publish_events
-
-        transaction.on_commit(lambda: _defer(publish_events, ids), robust=True)
+        transaction.on_commit(lambda: _defer(ids), robust=True)
     else:
         transaction.on_commit(lambda: _publish_committed(ids, events), robust=True)
 
@@ -116,13 +115,13 @@ atexit.register(_marks.flush)
 
 def flush_published_marks() -> None:
     """Mark the rows published so far now. For exits that skip atexit: a Celery pool process
-    leaves through os._exit (memoryproject.celery calls this on its shutdown signal)."""
+    leaves through os._exit (tasks.events calls this on its shutdown signal)."""
     _marks.flush()
 
 
-def _defer(task: Any, ids: list[int]) -> None:
+def _defer(ids: list[int]) -> None:
     try:
-        task.apply_async(args=[ids], queue="batch")
+        dispatch.events_publish_send(outbox_ids=ids)
     except Exception:
         logger.exception("could not hand %d events to the batch lane; the relay will", len(ids))
 
@@ -276,3 +275,12 @@ def trim_stream() -> int:
     cutoff_ms = int((timezone.now().timestamp() - settings.EVENT_STREAM_MAX_AGE_SECONDS) * 1000)
     # Exact, unlike the MAXLEN ~ on writes: it runs once a minute, and "~" keeps whole old nodes.
     return redis_client().xtrim(STREAM_KEY, minid=f"{cutoff_ms}-0", approximate=False)
+
+
+def outbox_purge() -> int:
+    """Delete outbox rows published more than OUTBOX_RETENTION_SECONDS ago; returns how many."""
+    from memories.models import OutboxEvent
+
+    cutoff = timezone.now() - timedelta(seconds=settings.OUTBOX_RETENTION_SECONDS)
+    deleted, _ = OutboxEvent.objects.filter(published_at__lt=cutoff).delete()
+    return deleted

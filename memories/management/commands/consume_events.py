@@ -5,7 +5,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from memories.events.consumers import GROUPS, consumer_for, default_consumer_name
+from memories.consumer_groups import GROUPS, consumer_for
+from memories.events.consumers import default_consumer_name
 
 logger = logging.getLogger(__name__)
 

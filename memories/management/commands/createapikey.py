@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandParser
 
-from memories import services
+from memories import accounts
 
 
 class Command(BaseCommand):
@@ -13,7 +13,7 @@ class Command(BaseCommand):
         parser.add_argument("--name", default="", help="A label for the key")
 
     def handle(self, *args: object, tenant: str, name: str, **options: object) -> None:
-        tenant_obj = services.tenant_get_or_create(name=tenant)
-        _, raw_key = services.api_key_create(tenant=tenant_obj, name=name)
+        tenant_obj = accounts.tenant_get_or_create(name=tenant)
+        _, raw_key = accounts.api_key_create(tenant=tenant_obj, name=name)
         self.stderr.write(f"API key for tenant {tenant_obj.name!r} (shown once, stored hashed):")
         self.stdout.write(raw_key)

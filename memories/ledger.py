@@ -1,11 +1,16 @@
-"""Writes. Every function here is the one place its change is made; views and tasks call these."""
+"""The request ledger: a memory job or batch is a row in PostgreSQL, and this module is the one
+place that row changes: submit (with its idempotency slot), claim under a lease, renew, record an
+error, retry, finish (success fenced by the claim), expire, and resend what the broker lost.
+
+A request's state is the truth; the Celery task is only a doorbell that names the request
+(`memories.dispatch`), so a lost or duplicated message never loses or repeats a job.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import secrets
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,91 +23,30 @@ from django.db.models import Q
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
-from memories import metrics, rows, selectors, signals
-from memories.auth import hash_api_key
-from memories.errors import (
-    AlreadyExists,
-    DuplicateRequest,
-    IdempotencyKeyReused,
-    InvalidInput,
-    NotFound,
-    VersionConflict,
-)
-from memories.models import (
-    ApiKey,
-    EndUser,
-    Memory,
-    MemoryHistory,
-    MemoryRequest,
-    Message,
-    Session,
-    Tenant,
-)
-from memories.providers import Embedder, LLMProvider
+from memories import dispatch, rows, signals
+from memories.errors import DuplicateRequest, IdempotencyKeyReused, InvalidInput, NotFound
+from memories.models import EndUser, MemoryRequest, Session, Tenant
 from memories.rows import json_bytes
+from memories.sessions import session_add_messages
 from memories.validation import first_unstorable, unstorable_text
-from tasks.memory_jobs import enqueue_memory_request
 
 logger = logging.getLogger(__name__)
 
 
-def content_hash(content: str) -> str:
-    return hashlib.sha256(content.strip().lower().encode()).hexdigest()
-
-
-# --- Tenants, keys and users ---------------------------------------------------------------------
-
-
-def tenant_get_or_create(*, name: str) -> Tenant:
-    tenant, _ = Tenant.objects.get_or_create(name=name)
-    return tenant
-
-
-def api_key_create(
-    *, tenant: Tenant, name: str = "", expires_at: datetime | None = None
-) -> tuple[ApiKey, str]:
-    """Create a key; return it with its raw value, which is never stored nor shown again."""
-    raw_key = f"mem_{secrets.token_urlsafe(32)}"
-    api_key = ApiKey.objects.create(
-        tenant=tenant,
-        name=name,
-        prefix=raw_key[:12],
-        key_hash=hash_api_key(raw_key),
-        expires_at=expires_at,
+def _send_on_commit(memory_request: MemoryRequest) -> None:
+    """Ring the worker once the transaction that recorded the request commits (at once outside
+    one); a failed send leaves the request `pending` for the sweeper."""
+    transaction.on_commit(
+        lambda: dispatch.request_send(
+            request_id=str(memory_request.id),
+            kind=memory_request.kind,
+            priority=memory_request.priority,
+        ),
+        robust=True,
     )
-    return api_key, raw_key
 
 
-def end_user_create(
-    *, tenant: Tenant, external_id: str | None = None, metadata: dict[str, Any] | None = None
-) -> EndUser:
-    try:
-        with transaction.atomic():
-            return EndUser.objects.create(
-                tenant=tenant, external_id=external_id, metadata=metadata or {}
-            )
-    except IntegrityError as exc:
-        raise AlreadyExists(
-            f"A user with external_id {external_id!r} already exists.", field="external_id"
-        ) from exc
-
-
-@transaction.atomic
-def end_user_delete(*, user: EndUser) -> int:
-    """Delete a user with all their memories, requests and history; returns memories removed."""
-    removed = Memory.objects.filter(user=user).count()
-    signals.memories_cleared.send(
-        sender=EndUser,
-        tenant_id=user.tenant_id,
-        user_id=user.id,
-        count=removed,
-        reason="user deleted",
-    )
-    user.delete()
-    return removed
-
-
-# --- Memory jobs ---------------------------------------------------------------------------------
+# --- Submit --------------------------------------------------------------------------------------
 
 
 def memory_request_hash(*, user_id: Any, payload: dict[str, Any]) -> str:
@@ -177,7 +121,7 @@ def memory_request_submit(
                 # The duplicate finished between the insert and the lookup: it may be resent.
                 raise DuplicateRequest("An identical request was just finished; send it again.")
         _session_record_job_messages(user_id=user_id, payload=payload)
-        transaction.on_commit(lambda: enqueue_memory_request(memory_request), robust=True)
+        _send_on_commit(memory_request)
     return memory_request
 
 
@@ -242,6 +186,9 @@ def _raise_for_live_duplicate(
             request_id=str(original.id),
             status=original.status,
         )
+
+
+# --- Claim, lease, finish ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -405,7 +352,7 @@ def memory_request_retry(*, memory_request: MemoryRequest) -> MemoryRequest:
                 locked.save()
         except IntegrityError:  # the same user and body, or the same key, is live again
             raise DuplicateRequest("An identical request is live already.") from None
-        transaction.on_commit(lambda: enqueue_memory_request(locked), robust=True)
+        _send_on_commit(locked)
     return locked
 
 
@@ -427,24 +374,25 @@ def memory_requests_due_for_resend(*, now: datetime | None = None) -> list[Memor
     return due
 
 
+def memory_requests_resend() -> int:
+    """Send again every request whose doorbell was lost (see `memory_requests_due_for_resend`);
+    returns how many. Safe to run any number of times: a resent request that is not claimable
+    is a no-op in the worker."""
+    due = memory_requests_due_for_resend()
+    for memory_request in due:
+        dispatch.request_send(
+            request_id=str(memory_request.id),
+            kind=memory_request.kind,
+            priority=memory_request.priority,
+        )
+    return len(due)
+
+
 def memory_requests_expire(*, now: datetime | None = None) -> int:
     """Stop expired requests from blocking duplicates; their status stays readable."""
     return MemoryRequest.objects.filter(
         holds_idempotency_slot=True, expires_at__lte=now or timezone.now()
     ).update(holds_idempotency_slot=False)
-
-
-# --- Memories ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlannedChange:
-    """One change the pipeline decided, with UUIDs already mapped back from the LLM's integers."""
-
-    event: str  # ADD | UPDATE | DELETE
-    memory_id: str | None
-    content: str | None
-    embedding: list[float] | None
 
 
 class LeaseLost(Exception):
@@ -491,6 +439,9 @@ def batch_request_record_progress(*, claim: Claim, result: list[dict[str, Any]])
     """Record the results of the chunks of a batch applied so far, inside the transaction of the
     last of them; fenced by the claim like `memory_request_mark_success` (LeaseLost)."""
     _fenced_result_write(_RECORD_PROGRESS_SQL, claim=claim, result=result)
+
+
+# --- Batches ------------------------------------------------------------------------------------
 
 
 def batch_request_submit(
@@ -543,319 +494,5 @@ def batch_request_submit(
             raise DuplicateRequest(
                 "This request was already accepted.", request_id=str(live.id), status=live.status
             ) from None
-        transaction.on_commit(lambda: enqueue_memory_request(memory_request), robust=True)
+        _send_on_commit(memory_request)
     return memory_request
-
-
-def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> list[dict[str, Any]]:
-    """Apply the changes, their history, their events and `success` in ONE transaction, fenced by
-    the claim.
-
-    A crash before the commit leaves the request claimable again; after it, a redelivered task
-    finds `success` and does nothing. Raises LeaseLost when the claim was taken over (the last
-    statement checks the claim token, so nothing of this attempt commits).
-    """
-    with transaction.atomic():
-        result = _apply_changes(memory_request=claim.request, changes=changes)
-        memory_request_mark_success(claim=claim, result=result)
-    return result
-
-
-def _apply_changes(
-    *, memory_request: MemoryRequest, changes: list[PlannedChange]
-) -> list[dict[str, Any]]:
-    """Write a job's changes. Returns the request's result entries, in decision order."""
-    payload = memory_request.payload
-    now = timezone.now()
-    target_ids = [c.memory_id for c in changes if c.event != "ADD"]
-    targets: dict[str, Memory] = {}
-    if target_ids:  # the memories to change, locked (a job of ADDs alone needs no round trip)
-        targets = _user_memories_lock(user_id=memory_request.user_id, memory_ids=target_ids)
-    applied: list[AppliedChange] = []
-    for change in changes:
-        if change.event == "ADD":
-            memory = Memory(
-                tenant_id=memory_request.tenant_id,
-                user_id=memory_request.user_id,
-                content=change.content,
-                embedding=change.embedding,
-                content_hash=content_hash(change.content),
-                metadata=payload.get("metadata") or {},
-                agent_id=payload.get("agent_id") or "",
-                session_id=payload.get("session_id") or "",
-                created_at=now,
-                updated_at=now,
-            )
-            applied.append(AppliedChange("ADD", memory, None))
-            continue
-        memory = targets.get(change.memory_id)
-        if memory is None:
-            # Deleted or changed by someone else since the decision was made: nothing to apply.
-            logger.info("memory %s vanished before %s; skipped", change.memory_id, change.event)
-            continue
-        previous = memory.content
-        if change.event == "UPDATE":
-            _memory_set_content(memory, content=change.content, embedding=change.embedding)
-        else:
-            memory.deleted_at = now
-        applied.append(AppliedChange(change.event, memory, previous))
-    _memories_write(
-        applied, actor=payload.get("agent_id") or "memory-job", request=memory_request, at=now
-    )
-    return [
-        {
-            "event": change.event,
-            "memory_id": str(change.memory.id),
-            "content": None if change.event == "DELETE" else change.memory.content,
-            "previous_content": change.previous,
-        }
-        for change in applied
-    ]
-
-
-@dataclass(frozen=True)
-class AppliedChange:
-    """A change about to be written: the memory as it will be, and its content before."""
-
-    event: str  # ADD | UPDATE | DELETE
-    memory: Memory
-    previous: str | None
-
-
-def _memory_set_content(memory: Memory, *, content: str, embedding: list[float]) -> None:
-    memory.content = content
-    memory.embedding = embedding
-    memory.content_hash = content_hash(content)
-
-
-def _memories_write(
-    applied: list[AppliedChange],
-    *,
-    actor: str,
-    request: MemoryRequest | None = None,
-    at: datetime,
-) -> None:
-    """Write changes with a statement per kind of row, not per change: one INSERT of the new
-    memories, one UPDATE of the changed ones (two when only some have a new embedding), one
-    INSERT of the history, one of the events. Changed memories must have been read under a row
-    lock in this transaction."""
-    # By id: a memory changed twice in one job (UPDATE then DELETE) is written once, as it ends.
-    changed: dict[Any, dict[str, Any]] = {}
-    for change in applied:
-        if change.event == "ADD":
-            continue
-        memory = change.memory
-        memory.version += 1
-        memory.updated_at = at
-        changed[memory.id] = {
-            "id": memory.id,
-            "content": memory.content,
-            "content_hash": memory.content_hash,
-            "metadata": memory.metadata,
-            "deleted_at": memory.deleted_at,
-            "version": memory.version,
-            "updated_at": at,
-        }
-        # Locked memories are read without their embedding; one is written only if the change
-        # set it (assigning a deferred field loads it into the instance).
-        if "embedding" not in memory.get_deferred_fields():
-            changed[memory.id]["embedding"] = memory.embedding
-    # No save(): post_save would record the events one at a time; they are recorded together
-    # below, through the memories_written signal.
-    rows.update_rows(Memory, list(changed.values()))
-    rows.insert_instances([change.memory for change in applied if change.event == "ADD"])
-    _history_insert(applied, actor=actor, request=request, at=at)
-    signals.memories_written.send(
-        sender=Memory,
-        changes=[(change.memory, _EVENT_TYPE_OF[change.event]) for change in applied],
-    )
-
-
-_EVENT_TYPE_OF = {"ADD": "memory.created", "UPDATE": "memory.updated", "DELETE": "memory.deleted"}
-
-
-def memories_create_direct(
-    *, memory_request: MemoryRequest, texts: list[str], embedder: Embedder
-) -> list[PlannedChange]:
-    """`infer: false`: every message becomes a memory as it is, with no LLM call."""
-    with metrics.timed("embedding"):
-        vectors = embedder.embed(texts) if texts else []
-    return [
-        PlannedChange(event="ADD", memory_id=None, content=text, embedding=vector)
-        for text, vector in zip(texts, vectors, strict=True)
-    ]
-
-
-def _history_insert(
-    applied: list[AppliedChange], *, actor: str, request: MemoryRequest | None, at: datetime
-) -> None:
-    """The history rows of a write, in one statement (bulk writes COPY theirs)."""
-    request_id = request.id if request is not None else None
-    rows.insert_rows(
-        MemoryHistory,
-        [
-            {
-                "memory_id": change.memory.id,
-                "event": change.event,
-                "old_content": change.previous,
-                "new_content": None if change.event == "DELETE" else change.memory.content,
-                "actor": actor,
-                "request_id": request_id,
-                "created_at": at,
-            }
-            for change in applied
-        ],
-    )
-
-
-# Memories are locked for a change without their embedding: a change replaces it or leaves it.
-_LOCK_MEMORIES_SQL = f"""
-    SELECT {rows.select_columns(Memory, exclude=("embedding",))} FROM {Memory._meta.db_table}
-    WHERE deleted_at IS NULL AND {{condition}}
-    FOR UPDATE
-"""
-
-
-def _live_memories_lock(condition: str, params: list[Any]) -> list[Memory]:
-    """The live memories matching `condition` (SQL), row-locked for a change."""
-    with connection.cursor() as cursor:
-        cursor.execute(_LOCK_MEMORIES_SQL.format(condition=condition), params)
-        return [rows.instance_from_row(Memory, row, exclude=("embedding",)) for row in cursor]
-
-
-def _memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:
-    """The tenant's live memory, row-locked for a change; NotFound otherwise (another tenant's
-    memory is indistinguishable from none)."""
-    try:
-        memory_id = uuid.UUID(str(memory_id))
-    except ValueError:
-        raise NotFound("Memory not found.") from None
-    locked = _live_memories_lock("id = %s AND tenant_id = %s", [memory_id, tenant_id])
-    if not locked:
-        raise NotFound("Memory not found.")
-    return locked[0]
-
-
-def _user_memories_lock(*, user_id: Any, memory_ids: list[str]) -> dict[str, Memory]:
-    """The user's live memories among these ids, row-locked for a change, by id."""
-    locked = _live_memories_lock("id = ANY(%s::uuid[]) AND user_id = %s", [memory_ids, user_id])
-    return {str(memory.id): memory for memory in locked}
-
-
-def memory_update(
-    *,
-    tenant_id: Any,
-    memory_id: Any,
-    embedder: Embedder,
-    content: str | None = None,
-    metadata: dict[str, Any] | None = None,
-    expected_version: int | None = None,
-    actor: str = "api",
-) -> Memory:
-    """A correction, applied synchronously: embedding, update, history and event in one
-    transaction, with one locking read of the memory.
-
-    `expected_version` (from If-Match) guards against overwriting a change the caller has not
-    seen: a stale version raises VersionConflict and changes nothing.
-    """
-    # Embedded before the lock is taken, so a slow embedder never holds the row.
-    embedding = embedder.embed([content])[0] if content is not None else None
-    with transaction.atomic():
-        memory = _memory_lock(tenant_id=tenant_id, memory_id=memory_id)
-        if expected_version is not None and memory.version != expected_version:
-            raise VersionConflict(
-                f"Memory is at version {memory.version}, not {expected_version}.",
-                current_version=memory.version,
-            )
-        previous = memory.content
-        if metadata is not None:
-            memory.metadata = metadata
-        if content is not None:
-            _memory_set_content(memory, content=content, embedding=embedding)
-        _memories_write([AppliedChange("UPDATE", memory, previous)], actor=actor, at=timezone.now())
-    return memory
-
-
-def memory_delete(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> None:
-    """Tombstone the memory (pull-sync hands the deletion to offline clients), with its history
-    and event."""
-    with transaction.atomic():
-        memory = _memory_lock(tenant_id=tenant_id, memory_id=memory_id)
-        previous = memory.content
-        now = timezone.now()
-        memory.deleted_at = now
-        _memories_write([AppliedChange("DELETE", memory, previous)], actor=actor, at=now)
-
-
-def memory_search(
-    *,
-    user: EndUser,
-    query: str,
-    limit: int,
-    filters: dict[str, Any],
-    threshold: float | None,
-    embedder: Embedder,
-) -> list[Memory]:
-    """Search, and leave a `search.performed` event for audit and analytics."""
-    results = selectors.memory_search(
-        user=user,
-        query_vector=embedder.embed([query])[0],
-        limit=limit,
-        filters=filters,
-        threshold=threshold,
-    )
-    signals.search_performed.send(
-        sender=Memory,
-        tenant_id=user.tenant_id,
-        user_id=user.id,
-        query=query,
-        results=len(results),
-        agent_id=filters.get("agent_id", ""),
-        session_id=filters.get("session_id", ""),
-    )
-    return results
-
-
-# --- Sessions ------------------------------------------------------------------------------------
-
-
-def session_start(
-    *, user: EndUser, agent_id: str = "", metadata: dict[str, Any] | None = None
-) -> Session:
-    return Session.objects.create(
-        tenant_id=user.tenant_id, user=user, agent_id=agent_id, metadata=metadata or {}
-    )
-
-
-@transaction.atomic
-def session_add_messages(*, session: Session, messages: list[dict[str, str]]) -> list[Message]:
-    """Append messages (each emits `message.added`); an ended session takes no more."""
-    if session.ended_at is not None:
-        raise InvalidInput("The session has ended.", field="session_id")
-    return [
-        Message.objects.create(session=session, role=m["role"], content=m["content"])
-        for m in messages
-    ]
-
-
-def session_end(*, session: Session, summarize: bool, llm: LLMProvider | None = None) -> Session:
-    """End a session (`session.ended`), optionally with a summary (`summary.created`).
-
-    The summary is the facts the LLM extracts from the conversation, so it costs one model call and
-    works with the offline provider too. Ending an ended session changes nothing.
-    """
-    summary = ""
-    if summarize and llm is not None:
-        conversation = [{"role": m.role, "content": m.content} for m in session.messages.all()]
-        facts = llm.extract_facts(conversation) if conversation else []
-        summary = "; ".join(facts) if facts else f"{len(conversation)} messages, no lasting facts."
-    with transaction.atomic():
-        locked = Session.objects.select_for_update().get(pk=session.pk)
-        if locked.ended_at is not None:
-            return locked
-        locked.ended_at = timezone.now()
-        locked.summary = summary
-        locked.save(update_fields=["ended_at", "summary"])
-        if summary:
-            signals.summary_created.send(sender=Session, session=locked)
-    return locked

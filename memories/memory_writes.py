@@ -1,0 +1,259 @@
+"""Memory writes: the one place a memory is created, changed or tombstoned. Every write bumps the
+memory's version, adds its history row and records its event in the same transaction; a memory to
+change is read under a row lock by one function (`memories_lock`), and only once.
+
+Used by the pipeline (a job's decided changes), the API (PATCH / DELETE) and the admin. Bulk
+writes COPY their rows instead (memories.batch) but hash content and lock memories here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from memories import rows, signals
+from memories.errors import NotFound, VersionConflict
+from memories.models import Memory, MemoryHistory, MemoryRequest
+from memories.providers import Embedder
+
+logger = logging.getLogger(__name__)
+
+
+def content_hash(content: str) -> str:
+    return hashlib.sha256(content.strip().lower().encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PlannedChange:
+    """One change the pipeline decided, with UUIDs already mapped back from the LLM's integers."""
+
+    event: str  # ADD | UPDATE | DELETE
+    memory_id: str | None
+    content: str | None
+    embedding: list[float] | None
+
+
+def memory_job_changes_apply(
+    *, memory_request: MemoryRequest, changes: list[PlannedChange]
+) -> list[dict[str, Any]]:
+    """Write a job's decided changes (call it inside the transaction that marks the request done).
+    Returns the request's result entries, in decision order."""
+    payload = memory_request.payload
+    now = timezone.now()
+    target_ids = [c.memory_id for c in changes if c.event != "ADD"]
+    targets: dict[str, Memory] = {}
+    if target_ids:  # the memories to change, locked (a job of ADDs alone needs no round trip)
+        targets = memories_lock(memory_ids=target_ids, user_id=memory_request.user_id)
+    applied: list[AppliedChange] = []
+    for change in changes:
+        if change.event == "ADD":
+            memory = Memory(
+                tenant_id=memory_request.tenant_id,
+                user_id=memory_request.user_id,
+                content=change.content,
+                embedding=change.embedding,
+                content_hash=content_hash(change.content),
+                metadata=payload.get("metadata") or {},
+                agent_id=payload.get("agent_id") or "",
+                session_id=payload.get("session_id") or "",
+                created_at=now,
+                updated_at=now,
+            )
+            applied.append(AppliedChange("ADD", memory, None))
+            continue
+        memory = targets.get(change.memory_id)
+        if memory is None:
+            # Deleted or changed by someone else since the decision was made: nothing to apply.
+            logger.info("memory %s vanished before %s; skipped", change.memory_id, change.event)
+            continue
+        previous = memory.content
+        if change.event == "UPDATE":
+            _memory_set_content(memory, content=change.content, embedding=change.embedding)
+        else:
+            memory.deleted_at = now
+        applied.append(AppliedChange(change.event, memory, previous))
+    _memories_write(
+        applied, actor=payload.get("agent_id") or "memory-job", request=memory_request, at=now
+    )
+    return [
+        {
+            "event": change.event,
+            "memory_id": str(change.memory.id),
+            "content": None if change.event == "DELETE" else change.memory.content,
+            "previous_content": change.previous,
+        }
+        for change in applied
+    ]
+
+
+@dataclass(frozen=True)
+class AppliedChange:
+    """A change about to be written: the memory as it will be, and its content before."""
+
+    event: str  # ADD | UPDATE | DELETE
+    memory: Memory
+    previous: str | None
+
+
+def _memory_set_content(memory: Memory, *, content: str, embedding: list[float]) -> None:
+    memory.content = content
+    memory.embedding = embedding
+    memory.content_hash = content_hash(content)
+
+
+def _memories_write(
+    applied: list[AppliedChange],
+    *,
+    actor: str,
+    request: MemoryRequest | None = None,
+    at: datetime,
+) -> None:
+    """Write changes with a statement per kind of row, not per change: one INSERT of the new
+    memories, one UPDATE of the changed ones (two when only some have a new embedding), one
+    INSERT of the history, one of the events. Changed memories must have been read under a row
+    lock in this transaction."""
+    # By id: a memory changed twice in one job (UPDATE then DELETE) is written once, as it ends.
+    changed: dict[Any, dict[str, Any]] = {}
+    for change in applied:
+        if change.event == "ADD":
+            continue
+        memory = change.memory
+        memory.version += 1
+        memory.updated_at = at
+        changed[memory.id] = {
+            "id": memory.id,
+            "content": memory.content,
+            "content_hash": memory.content_hash,
+            "metadata": memory.metadata,
+            "deleted_at": memory.deleted_at,
+            "version": memory.version,
+            "updated_at": at,
+        }
+        # Locked memories are read without their embedding; one is written only if the change
+        # set it (assigning a deferred field loads it into the instance).
+        if "embedding" not in memory.get_deferred_fields():
+            changed[memory.id]["embedding"] = memory.embedding
+    # No save(): post_save would record the events one at a time; they are recorded together
+    # below, through the memories_written signal.
+    rows.update_rows(Memory, list(changed.values()))
+    rows.insert_instances([change.memory for change in applied if change.event == "ADD"])
+    _history_insert(applied, actor=actor, request=request, at=at)
+    signals.memories_written.send(
+        sender=Memory,
+        changes=[(change.memory, _EVENT_TYPE_OF[change.event]) for change in applied],
+    )
+
+
+_EVENT_TYPE_OF = {"ADD": "memory.created", "UPDATE": "memory.updated", "DELETE": "memory.deleted"}
+
+
+def _history_insert(
+    applied: list[AppliedChange], *, actor: str, request: MemoryRequest | None, at: datetime
+) -> None:
+    """The history rows of a write, in one statement (bulk writes COPY theirs)."""
+    request_id = request.id if request is not None else None
+    rows.insert_rows(
+        MemoryHistory,
+        [
+            {
+                "memory_id": change.memory.id,
+                "event": change.event,
+                "old_content": change.previous,
+                "new_content": None if change.event == "DELETE" else change.memory.content,
+                "actor": actor,
+                "request_id": request_id,
+                "created_at": at,
+            }
+            for change in applied
+        ],
+    )
+
+
+# Memories are locked for a change without their embedding: a change replaces it or leaves it.
+# In id order, so two writers locking overlapping sets wait for each other instead of deadlocking.
+_LOCK_MEMORIES_SQL = f"""
+    SELECT {rows.select_columns(Memory, exclude=("embedding",))} FROM {Memory._meta.db_table}
+    WHERE deleted_at IS NULL AND id = ANY(%s::uuid[]) AND {{owner}} = %s
+    ORDER BY id
+    FOR UPDATE
+"""
+
+
+def memories_lock(
+    *, memory_ids: list[Any], tenant_id: Any = None, user_id: Any = None
+) -> dict[str, Memory]:
+    """The live memories among these ids that belong to the user (or, without one, the tenant),
+    row-locked for a change until the transaction ends, by id; their embedding is not read (it is
+    loaded if touched). The one way a memory is locked for a write."""
+    if (tenant_id is None) == (user_id is None):
+        raise TypeError("memories_lock takes a tenant_id or a user_id")
+    owner, owner_id = ("user_id", user_id) if user_id is not None else ("tenant_id", tenant_id)
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCK_MEMORIES_SQL.format(owner=owner), [list(memory_ids), owner_id])
+        locked = [rows.instance_from_row(Memory, row, exclude=("embedding",)) for row in cursor]
+    return {str(memory.id): memory for memory in locked}
+
+
+def _memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:
+    """The tenant's live memory, row-locked for a change; NotFound otherwise (another tenant's
+    memory is indistinguishable from none)."""
+    try:
+        memory_id = str(uuid.UUID(str(memory_id)))
+    except ValueError:
+        raise NotFound("Memory not found.") from None
+    locked = memories_lock(memory_ids=[memory_id], tenant_id=tenant_id)
+    if not locked:
+        raise NotFound("Memory not found.")
+    return locked[memory_id]
+
+
+def memory_update(
+    *,
+    tenant_id: Any,
+    memory_id: Any,
+    embedder: Embedder,
+    content: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    expected_version: int | None = None,
+    actor: str = "api",
+) -> Memory:
+    """A correction, applied synchronously: embedding, update, history and event in one
+    transaction, with one locking read of the memory.
+
+    `expected_version` (from If-Match) guards against overwriting a change the caller has not
+    seen: a stale version raises VersionConflict and changes nothing.
+    """
+    # Embedded before the lock is taken, so a slow embedder never holds the row.
+    embedding = embedder.embed([content])[0] if content is not None else None
+    with transaction.atomic():
+        memory = _memory_lock(tenant_id=tenant_id, memory_id=memory_id)
+        if expected_version is not None and memory.version != expected_version:
+            raise VersionConflict(
+                f"Memory is at version {memory.version}, not {expected_version}.",
+                current_version=memory.version,
+            )
+        previous = memory.content
+        if metadata is not None:
+            memory.metadata = metadata
+        if content is not None:
+            _memory_set_content(memory, content=content, embedding=embedding)
+        _memories_write([AppliedChange("UPDATE", memory, previous)], actor=actor, at=timezone.now())
+    return memory
+
+
+def memory_delete(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> None:
+    """Tombstone the memory (pull-sync hands the deletion to offline clients), with its history
+    and event."""
+    with transaction.atomic():
+        memory = _memory_lock(tenant_id=tenant_id, memory_id=memory_id)
+        previous = memory.content
+        now = timezone.now()
+        memory.deleted_at = now
+        _memories_write([AppliedChange("DELETE", memory, previous)], actor=actor, at=now)
