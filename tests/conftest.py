@@ -90,6 +90,7 @@ def worker_env(transactional_db) -> dict[str, str]:
     """Environment for a Celery worker process that shares this test's database and Redis."""
     return {
         **os.environ,
+        "DJANGO_SETTINGS_MODULE": "memoryproject.settings",
         "DATABASE_URL": database_url_for(connection.settings_dict),
         "REDIS_URL": settings.REDIS_URL,
         "MEMORY_JOB_RETRY_BACKOFF_SECONDS": "0.1",

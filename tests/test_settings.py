@@ -1,0 +1,103 @@
+"""Settings as an operator meets them: importing them starts nothing, and a wrong value stops the
+process with one line naming the variable and what it may be."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.workers import BASE_DIR
+
+_SERVICE_VARIABLES = ("DATABASE_URL", "REDIS_URL", "MEMORY_TEST_REDIS", "PYTEST_XDIST_WORKER")
+
+
+def _clean_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
+    env |= {"DJANGO_SETTINGS_MODULE": "memoryproject.settings", "MEMORY_VAR_DIR": str(tmp_path)}
+    return env | overrides
+
+
+def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_importing_the_settings_without_urls_fails_in_one_line_and_starts_no_server(
+    tmp_path,
+) -> None:
+    done = _run([sys.executable, "-c", "import memoryproject.settings"], _clean_env(tmp_path))
+    assert done.returncode != 0
+    assert "DATABASE_URL is not set" in done.stderr.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []  # no embedded PostgreSQL nor Redis was started
+
+
+def test_a_process_given_both_urls_never_touches_the_embedded_servers(tmp_path) -> None:
+    env = _clean_env(
+        tmp_path, DATABASE_URL="postgresql://u@127.0.0.1:1/x", REDIS_URL="redis://127.0.0.1:1/0"
+    )
+    code = (
+        "import django; django.setup(); from django.conf import settings; print(settings.REDIS_URL)"
+    )
+    done = _run([sys.executable, "-c", code], env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "redis://127.0.0.1:1/0"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [
+        ("LLM_PROVIDER", "gpt", "openai, offline"),
+        ("EMBEDDING_PROVIDER", "local", "openai, offline"),
+        ("LOG_FORMAT", "xml", "json, plain"),
+    ],
+)
+def test_a_wrong_choice_stops_manage_py_with_one_line_naming_it(
+    tmp_path, variable: str, value: str, allowed: str
+) -> None:
+    env = _clean_env(
+        tmp_path,
+        DATABASE_URL="postgresql://u@127.0.0.1:1/x",
+        REDIS_URL="redis://127.0.0.1:1/0",
+        **{variable: value},
+    )
+    done = _run([sys.executable, "manage.py", "check"], env)
+    message = f"manage.py: {variable} must be one of {allowed}; got {value!r}"
+    assert (done.returncode, done.stderr.strip()) == (2, message)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "WORKER_POOL",
+            "gevent",
+            "WORKER_POOL must be one of prefork, threads, solo; got 'gevent'",
+        ),
+        (
+            "WORKER_CONCURRENCY",
+            "0",
+            "WORKER_CONCURRENCY must be a whole number from 1 to 10000; got '0'",
+        ),
+        (
+            "BATCH_WORKER_CONCURRENCY",
+            "many",
+            "BATCH_WORKER_CONCURRENCY must be a whole number from 1 to 10000; got 'many'",
+        ),
+    ],
+)
+def test_a_wrong_worker_setting_stops_make_run_and_the_image_before_anything_starts(
+    tmp_path, variable: str, value: str, message: str
+) -> None:
+    env = _clean_env(tmp_path, **{variable: value})
+    done = _run([sys.executable, "-m", "memoryproject.run"], env)
+    assert (done.returncode, done.stderr.strip()) == (2, f"make run: {message}")
+    assert list(tmp_path.iterdir()) == []  # refused before the embedded servers started
+    if variable != "BATCH_WORKER_CONCURRENCY":  # the image runs one worker per container
+        image = _run(["sh", str(BASE_DIR / "docker" / "entrypoint.sh"), "worker"], env)
+        assert (image.returncode, image.stderr.strip()) == (2, f"entrypoint: {message}")
