@@ -1,12 +1,17 @@
+"""The Django admin: every change an operator makes goes through the same services as the API."""
+
 from __future__ import annotations
+
+from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from memories import accounts, ledger
+from memories import accounts, ledger, memory_writes
 from memories.errors import DuplicateRequest
 from memories.models import ApiKey, EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
+from memories.providers.wiring import get_embedder
 
 
 @admin.register(Tenant)
@@ -51,21 +56,62 @@ class EndUserAdmin(admin.ModelAdmin):
 
 @admin.register(Memory)
 class MemoryAdmin(admin.ModelAdmin):
+    """An operator corrects a memory as an agent does with PATCH: through
+    `memory_writes.memory_update` (new version, history row, fresh embedding, event), and deletes
+    it as DELETE does (a tombstone with its history and event). Memories are made by jobs and
+    batches, not here, and only what PATCH may change is editable."""
+
     list_display = ["content", "user", "type", "version", "updated_at", "deleted_at"]
     list_filter = ["type", "scope", "tenant"]
     search_fields = ["content", "user__id", "user__external_id", "agent_id", "session_id"]
-    raw_id_fields = ["user"]
-    exclude = ["embedding"]
-    # Owner fields too: a memory stays with its user and the user's tenant (memory_owner_fk).
-    readonly_fields = [
+    fields = [
+        "content",
+        "metadata",
         "tenant",
         "user",
+        "type",
+        "scope",
+        "topic",
+        "agent_id",
+        "session_id",
         "content_hash",
         "version",
         "vector_clock",
         "created_at",
         "updated_at",
+        "deleted_at",
     ]
+    readonly_fields = [name for name in fields if name not in ("content", "metadata")]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: Memory, form: Any, change: bool) -> None:
+        changed = set(form.changed_data)
+        if not changed & {"content", "metadata"}:
+            return
+        updated = memory_writes.memory_update(
+            tenant_id=obj.tenant_id,
+            memory_id=obj.pk,
+            embedder=get_embedder(),
+            content=obj.content if "content" in changed else None,
+            metadata=obj.metadata if "metadata" in changed else None,
+            actor=_admin_actor(request),
+        )
+        obj.version, obj.updated_at = updated.version, updated.updated_at
+
+    def delete_model(self, request: HttpRequest, obj: Memory) -> None:
+        memory_writes.memory_delete(
+            tenant_id=obj.tenant_id, memory_id=obj.pk, actor=_admin_actor(request)
+        )
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Memory]) -> None:
+        for memory in queryset.filter(deleted_at__isnull=True):
+            self.delete_model(request, memory)
+
+
+def _admin_actor(request: HttpRequest) -> str:
+    return f"admin:{request.user.get_username()}"
 
 
 @admin.register(MemoryRequest)

@@ -97,3 +97,13 @@ def not_found_view(request: HttpRequest, exception: Exception | None = None) -> 
 
 def server_error_view(request: HttpRequest) -> JsonResponse:
     return JsonResponse(_body("server_error", "Internal error; it has been logged."), status=500)
+
+
+def stream_needs_asgi_view(request: HttpRequest) -> JsonResponse:
+    """`/v1/stream` reached Django: the process is a plain WSGI server (`runserver`, gunicorn's
+    sync workers), which cannot hold thousands of open streams. The ASGI app answers it instead."""
+    message = (
+        "The event stream needs the ASGI server: run `make run` or "
+        "`uvicorn memoryproject.asgi:application`, not a WSGI server such as runserver."
+    )
+    return JsonResponse(_body("not_implemented", message), status=501)

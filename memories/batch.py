@@ -384,6 +384,13 @@ HISTORY_COPY_COLUMNS = {
     "actor": "varchar",
     "created_at": "timestamptz",
 }
+# The columns a bulk write leaves to the database, and why. With the lists above they must name
+# every column of the model (tests/test_batch.py): a field added to Memory or MemoryHistory is
+# then copied, or listed here, never silently left out of bulk writes.
+COPY_COLUMNS_LEFT_OUT = {
+    Memory: {"deleted_at": "a new memory is live", "change_txid": "the trigger sets it"},
+    MemoryHistory: {"id": "a sequence", "request_id": "bulk writes do not record it"},
+}
 _EMPTY_JSONB = b"\x01{}"
 
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from memories import api, api_events
+from memories import api, api_errors, api_events
 
 urlpatterns = [
     path("v1/users", api.UserCreateApi.as_view(), name="user-create"),
@@ -42,6 +42,8 @@ urlpatterns = [
     path("v1/events", api_events.EventsApi.as_view(), name="events"),
     path("v1/analytics/events", api_events.AnalyticsApi.as_view(), name="analytics"),
     path("v1/sync", api_events.SyncApi.as_view(), name="sync"),
+    # Served by memoryproject.asgi before Django; this answers only under a WSGI server.
+    path("v1/stream", api_errors.stream_needs_asgi_view, name="stream-needs-asgi"),
     path("healthz", api.healthz, name="healthz"),
     path("metrics", api.metrics_view, name="metrics"),
     path("readyz", api.readyz, name="readyz"),

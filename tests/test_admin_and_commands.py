@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -132,3 +133,52 @@ def test_admin_edits_cannot_move_a_memory_or_a_user_to_another_owner(admin_clien
     assert b'name="tenant"' not in memory_form.content
     assert b'name="tenant"' not in user_form.content
     assert b'name="tenant"' in admin_client.get("/admin/memories/enduser/add/").content
+
+
+def _change_form(memory: Memory, **changes: str) -> dict[str, str]:
+    return {"content": memory.content, "metadata": json.dumps(memory.metadata), **changes}
+
+
+@pytest.mark.django_db(transaction=True)  # events are published on commit
+def test_an_admin_edit_is_a_new_version_in_the_history_and_the_event_stream(
+    admin_client, api, end_user
+) -> None:
+    (memory,) = store_memories(end_user, "Lives in Paris")
+    old_vector = list(memory.embedding)
+    response = admin_client.post(
+        f"/admin/memories/memory/{memory.id}/change/",
+        _change_form(memory, content="Lives in Lyon"),
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    memory.refresh_from_db()
+    assert (memory.content, memory.version) == ("Lives in Lyon", 2)
+    assert list(memory.embedding) != old_vector  # embedded again, so search finds the new text
+    history = api.get(f"/v1/memories/{memory.id}/history").json()["history"]
+    assert [(h["event"], h["old_content"], h["new_content"], h["actor"]) for h in history][-1] == (
+        "UPDATE",
+        "Lives in Paris",
+        "Lives in Lyon",
+        "admin:admin",
+    )
+    events = api.get("/v1/events", {"type": "memory.updated"}).json()["events"]
+    assert [(e["memory"]["id"], e["memory"]["content"]) for e in events] == [
+        (str(memory.id), "Lives in Lyon")
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_admin_delete_is_a_tombstone_with_its_history_and_event(
+    admin_client, api, end_user
+) -> None:
+    (memory,) = store_memories(end_user, "Lives in Paris")
+    response = admin_client.post(f"/admin/memories/memory/{memory.id}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    memory.refresh_from_db()
+    assert memory.deleted_at is not None  # kept, so pull-sync hands the deletion on
+    assert api.get(f"/v1/memories/{memory.id}").status_code == 404
+    events = api.get("/v1/events", {"type": "memory.deleted"}).json()["events"]
+    assert [e["memory"]["id"] for e in events] == [str(memory.id)]
+
+
+def test_the_admin_cannot_add_a_memory_that_no_job_embedded(admin_client) -> None:
+    assert admin_client.get("/admin/memories/memory/add/").status_code == 403

@@ -12,7 +12,12 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from memories import accounts, ledger
-from memories.batch import memories_batch_apply
+from memories.batch import (
+    COPY_COLUMNS_LEFT_OUT,
+    HISTORY_COPY_COLUMNS,
+    MEMORY_COPY_COLUMNS,
+    memories_batch_apply,
+)
 from memories.models import Memory, MemoryHistory, MemoryRequest, OutboxEvent
 from memories.providers.wiring import get_embedder
 
@@ -565,3 +570,17 @@ def test_a_batch_chunk_whose_claim_was_taken_over_commits_nothing(settings, api,
         batch_request_work(claim, claim.request)
     assert not Memory.objects.exists()
     assert MemoryRequest.objects.get(pk=request_id).result == []
+
+
+@pytest.mark.parametrize(
+    ("model", "copied"),
+    [(Memory, MEMORY_COPY_COLUMNS), (MemoryHistory, HISTORY_COPY_COLUMNS)],
+    ids=["memory", "history"],
+)
+def test_bulk_writes_copy_every_column_of_the_model_or_say_why_not(model, copied) -> None:
+    # A field added to the model and forgotten here would be left NULL (or at its default) by
+    # every bulk write while the other write paths set it.
+    columns = {field.column for field in model._meta.concrete_fields}
+    left_out = COPY_COLUMNS_LEFT_OUT[model]
+    assert set(copied) | set(left_out) == columns
+    assert not set(copied) & set(left_out)

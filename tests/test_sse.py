@@ -485,3 +485,11 @@ def test_a_client_that_disconnects_leaves_the_hub(server, key, end_user) -> None
         assert scraped_subscribers() == 2.0  # as /metrics shows it
     assert subscribers_settle_at(0) == 0
     assert scraped_subscribers() == 0.0
+
+
+def test_the_stream_under_a_plain_wsgi_server_is_a_501_saying_to_run_under_asgi(client) -> None:
+    # Django's own handler (what runserver serves) never sees the stream under ASGI.
+    response = client.get("/v1/stream", {"user_id": "anyone"})
+    assert response.status_code == 501
+    assert response.json()["error"] == "not_implemented"
+    assert "ASGI" in response.json()["message"]
