@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean
+.PHONY: run test check lint typecheck imports format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,19 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -n $${TEST_WORKERS:-2} -q
 
+# What CI checks before the tests: lint, format, types, and the direction of imports.
+check: lint typecheck imports
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# django-stubs imports the settings, which need the two URLs; nothing connects to them.
+typecheck: $(STAMP)
+	DATABASE_URL=postgresql://mypy@127.0.0.1:1/none REDIS_URL=redis://127.0.0.1:1/0 \
+		$(VENV)/bin/mypy
+
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

@@ -54,6 +54,25 @@ class EndUserAdmin(admin.ModelAdmin):
         return ["tenant"] if obj is not None else []
 
 
+# What PATCH may change, and what the form only shows.
+_MEMORY_EDITABLE = ["content", "metadata"]
+_MEMORY_SHOWN = [
+    "tenant",
+    "user",
+    "type",
+    "scope",
+    "topic",
+    "agent_id",
+    "session_id",
+    "content_hash",
+    "version",
+    "vector_clock",
+    "created_at",
+    "updated_at",
+    "deleted_at",
+]
+
+
 @admin.register(Memory)
 class MemoryAdmin(admin.ModelAdmin):
     """An operator corrects a memory as an agent does with PATCH: through
@@ -64,24 +83,8 @@ class MemoryAdmin(admin.ModelAdmin):
     list_display = ["content", "user", "type", "version", "updated_at", "deleted_at"]
     list_filter = ["type", "scope", "tenant"]
     search_fields = ["content", "user__id", "user__external_id", "agent_id", "session_id"]
-    fields = [
-        "content",
-        "metadata",
-        "tenant",
-        "user",
-        "type",
-        "scope",
-        "topic",
-        "agent_id",
-        "session_id",
-        "content_hash",
-        "version",
-        "vector_clock",
-        "created_at",
-        "updated_at",
-        "deleted_at",
-    ]
-    readonly_fields = [name for name in fields if name not in ("content", "metadata")]
+    fields = [*_MEMORY_EDITABLE, *_MEMORY_SHOWN]
+    readonly_fields = _MEMORY_SHOWN
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

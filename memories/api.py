@@ -7,7 +7,7 @@ import binascii
 import json
 import os
 import threading
-from typing import Any
+from typing import Any, cast
 
 import prometheus_client
 from django.conf import settings
@@ -20,6 +20,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from memories import accounts, backpressure, ledger, memory_writes, metrics, search, selectors
+from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
 from memories.errors import InvalidInput
@@ -52,7 +53,8 @@ class TenantApi(APIView):
 
     @property
     def tenant(self) -> Tenant:
-        return self.request.user.tenant
+        # ApiKeyAuthentication (the only authentication) makes request.user a TenantPrincipal.
+        return cast(TenantPrincipal, self.request.user).tenant
 
 
 class JsonObjectField(serializers.DictField):
@@ -199,7 +201,8 @@ class MemoryCollectionApi(TenantApi):
 
     class InputSerializer(serializers.Serializer):
         user_id = serializers.UUIDField()
-        messages = MessageInput(
+        # many=True: the ListSerializer takes max_length; the stub types only the child's kwargs.
+        messages = MessageInput(  # type: ignore[call-arg]
             many=True, allow_empty=False, max_length=settings.MEMORY_MAX_MESSAGES
         )
         metadata = JsonObjectField(required=False, default=dict)

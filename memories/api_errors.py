@@ -47,7 +47,9 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         headers = details.pop("headers", {})
         if "retry_after" in details:
             headers["Retry-After"] = str(details["retry_after"])
-        fields = {field: [exc.message]} if field and isinstance(exc, errors.InvalidInput) else None
+        fields: dict[str, Any] | None = (
+            {field: [exc.message]} if field and isinstance(exc, errors.InvalidInput) else None
+        )
         return Response(
             _body(exc.code, exc.message, fields, **details),
             status=STATUS_BY_ERROR[type(exc)],

@@ -48,7 +48,8 @@ class SessionCreateApi(TenantApi):
 
 class SessionMessagesApi(TenantApi):
     class InputSerializer(serializers.Serializer):
-        messages = MessageInput(many=True, allow_empty=False, max_length=200)
+        # many=True: the ListSerializer takes max_length; the stub types only the child's kwargs.
+        messages = MessageInput(many=True, allow_empty=False, max_length=200)  # type: ignore[call-arg]
 
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
@@ -185,7 +186,9 @@ class SyncApi(TenantApi):
         cursor = _decode_sync_cursor(data["since"]) if data.get("since") else None
         changes = selectors.memory_changes_since(user=user, cursor=cursor, limit=data["limit"])
         if changes:
-            next_cursor = _encode_sync_cursor(changes[-1].change_txid, changes[-1].id)
+            last = changes[-1]
+            assert last.change_txid is not None  # a trigger sets it on every write
+            next_cursor = _encode_sync_cursor(last.change_txid, last.id)
         else:
             next_cursor = data.get("since") or ""
         return Response(

@@ -50,6 +50,18 @@ class BatchItem:
     agent_id: str = ""
     session_id: str = ""
 
+    @property
+    def target(self) -> str:
+        """The memory an update or a delete names (parse_items made sure it names one)."""
+        assert self.memory_id is not None, self
+        return self.memory_id
+
+    @property
+    def text(self) -> str:
+        """The content of a create or an update (parse_items made sure it has one)."""
+        assert self.content is not None, self
+        return self.content
+
 
 def _error(index: int, field_name: str, message: str) -> dict[str, Any]:
     return {"index": index, "status": "error", "error": {"field": field_name, "message": message}}
@@ -183,7 +195,7 @@ def memories_batch_apply(
     items = [item for item in items if item.user_id in known_users]
     with metrics.timed("embedding", kind="batch"):
         vectors = _embed(embedder, [item for item in items if item.action != "delete"])
-    target_ids = [item.memory_id for item in items if item.action != "create"]
+    target_ids = [item.target for item in items if item.action != "create"]
     with metrics.timed("database", kind="batch"), transaction.atomic():
         targets: dict[str, Memory] = {}
         if target_ids:  # creates alone need no lock, nor the round trip
@@ -191,12 +203,14 @@ def memories_batch_apply(
         accepted: list[BatchItem] = []
         claimed = set(changed_before)
         for item in items:
-            if item.action != "create" and not _owned(targets.get(item.memory_id), item.user_id):
+            if item.action == "create":
+                accepted.append(item)
+            elif not _owned(targets.get(item.target), item.user_id):
                 results.append(_error(item.index, "id", "Memory not found for this user."))
-            elif item.action != "create" and item.memory_id in claimed:
+            elif item.target in claimed:
                 results.append(_error(item.index, "id", "The same memory twice in one batch."))
             else:
-                claimed.add(item.memory_id)
+                claimed.add(item.target)
                 accepted.append(item)
         results += _write(
             tenant=tenant, items=accepted, targets=targets, vectors=vectors, actor=actor
@@ -215,7 +229,7 @@ def _embed(embedder: Embedder, items: list[BatchItem]) -> dict[int, bytes]:
     vectors: dict[int, bytes] = {}
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
-        for item, vector in zip(part, embedder.embed([i.content for i in part]), strict=True):
+        for item, vector in zip(part, embedder.embed([i.text for i in part]), strict=True):
             vectors[item.index] = _vector_binary(vector)
     return vectors
 
@@ -286,9 +300,10 @@ def _write(
             raw_id=raw_id,
             tenant_id=tenant_id,
             user_id=item.user_id,
-            content=item.content,
-            type=item.type,
-            metadata=item.metadata,
+            content=item.text,
+            # Never None on a create: parse_items gives it the defaults.
+            type=item.type or Memory.Type.FACT.value,
+            metadata=item.metadata if item.metadata is not None else {},
             agent_id=item.agent_id,
             session_id=item.session_id,
             embedding=vectors[item.index],
@@ -301,18 +316,18 @@ def _write(
     for item in items:
         if item.action == "create":
             continue
-        memory = targets[item.memory_id]
+        memory = targets[item.target]
         previous = memory.content
         memory.version += 1
         memory.updated_at = now
         if item.action == "update":
-            memory.content = item.content
+            memory.content = item.text
             if item.type is not None:
                 memory.type = item.type
             if item.metadata is not None:
                 memory.metadata = item.metadata
             memory.embedding = Vector.from_binary(vectors[item.index]).to_list()
-            memory.content_hash = content_hash(item.content)
+            memory.content_hash = content_hash(item.text)
         else:
             memory.deleted_at = now
         changed.append((item, memory, previous))
@@ -329,7 +344,7 @@ def _write(
         for item, m, previous in changed
     ]
     _copy_history(history, actor=actor, at=now)
-    changes = [(m, "memory.created") for m in created]
+    changes: list[tuple[events.MemoryFields, str]] = [(m, "memory.created") for m in created]
     changes += [(m, f"memory.{item.action}d") for item, m, _ in changed]
     events.record_many(
         [

@@ -229,7 +229,7 @@ def memory_request_claim(*, request_id: str) -> Claim | None:
         logger.error("task named %r, which is not a request id; dropped", request_id)
         return None
     now = timezone.now()
-    params = {
+    params: dict[str, Any] = {
         "id": request_id,
         "now": now,
         "lease_until": now + timedelta(seconds=settings.MEMORY_JOB_LEASE_SECONDS),
@@ -417,7 +417,7 @@ def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -
 
 
 def _fenced_result_write(sql: str, *, claim: Claim, result: list[dict[str, Any]]) -> None:
-    params = {
+    params: dict[str, Any] = {
         "id": claim.request_id,
         "token": claim.token,
         "now": timezone.now(),

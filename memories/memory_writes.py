@@ -46,6 +46,7 @@ def memory_job_changes_apply(
     """Write a job's decided changes (call it inside the transaction that marks the request done).
     Returns the request's result entries, in decision order."""
     payload = memory_request.payload
+    assert memory_request.user_id is not None  # a memory job is always for one user
     now = timezone.now()
     target_ids = [c.memory_id for c in changes if c.event != "ADD"]
     targets: dict[str, Memory] = {}
@@ -54,6 +55,7 @@ def memory_job_changes_apply(
     applied: list[AppliedChange] = []
     for change in changes:
         if change.event == "ADD":
+            assert change.content is not None and change.embedding is not None  # an ADD has both
             memory = Memory(
                 tenant_id=memory_request.tenant_id,
                 user_id=memory_request.user_id,
@@ -68,17 +70,18 @@ def memory_job_changes_apply(
             )
             applied.append(AppliedChange("ADD", memory, None))
             continue
-        memory = targets.get(change.memory_id)
-        if memory is None:
+        target = targets.get(change.memory_id or "")
+        if target is None:
             # Deleted or changed by someone else since the decision was made: nothing to apply.
             logger.info("memory %s vanished before %s; skipped", change.memory_id, change.event)
             continue
-        previous = memory.content
+        previous = target.content
         if change.event == "UPDATE":
-            _memory_set_content(memory, content=change.content, embedding=change.embedding)
+            assert change.content is not None and change.embedding is not None
+            _memory_set_content(target, content=change.content, embedding=change.embedding)
         else:
-            memory.deleted_at = now
-        applied.append(AppliedChange(change.event, memory, previous))
+            target.deleted_at = now
+        applied.append(AppliedChange(change.event, target, previous))
     _memories_write(
         applied, actor=payload.get("agent_id") or "memory-job", request=memory_request, at=now
     )
@@ -242,7 +245,7 @@ def memory_update(
         previous = memory.content
         if metadata is not None:
             memory.metadata = metadata
-        if content is not None:
+        if content is not None and embedding is not None:
             _memory_set_content(memory, content=content, embedding=embedding)
         _memories_write([AppliedChange("UPDATE", memory, previous)], actor=actor, at=timezone.now())
     return memory

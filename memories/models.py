@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -21,7 +22,7 @@ def vector_text(values: list[float]) -> str:
 class EmbeddingField(VectorField):
     """pgvector's column, with lists of floats sent through `vector_text`."""
 
-    def get_prep_value(self, value: object) -> object:
+    def get_prep_value(self, value: object) -> str | None:
         if isinstance(value, list):
             return vector_text(value)
         return super().get_prep_value(value)
@@ -66,7 +67,7 @@ class ApiKey(models.Model):
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.tenant})"
 
-    def is_usable(self, now: timezone.datetime | None = None) -> bool:
+    def is_usable(self, now: datetime | None = None) -> bool:
         now = now or timezone.now()
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
 
@@ -219,6 +220,8 @@ class Memory(models.Model):
     # and update (bulk ones included). Pull-sync pages on it: a transaction id below the oldest
     # running one can never gain rows later, so a cursor on it skips nothing (see selectors).
     change_txid = models.BigIntegerField(null=True, blank=True, editable=False)
+    # Not stored: a search sets it on each result (1 - cosine distance).
+    score: float
 
     class Meta:
         verbose_name_plural = "memories"

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from rest_framework.exceptions import ParseError
-from rest_framework.parsers import JSONParser, get_encoding
+from rest_framework.parsers import JSONParser, get_encoding  # type: ignore[attr-defined]  # not in the stub
 from rest_framework.utils import json
 
 
@@ -24,7 +24,9 @@ def strict_loads(text: str | bytes) -> Any:
     """json.loads refusing, as ValueError, what no column can hold: NaN, Infinity and numbers
     beyond a double's range, and nesting deep enough to exhaust the decoder's stack."""
     try:
-        return json.loads(text, parse_float=_finite_float)  # DRF's: NaN and Infinity refused
+        # DRF's loads (NaN and Infinity refused); its stub says str, but like json.loads it reads
+        # bytes too, guessing UTF-8/16/32 as the JSON standard says.
+        return json.loads(text, parse_float=_finite_float)  # type: ignore[arg-type]
     except RecursionError:
         raise ValueError("nested too deeply") from None
 

@@ -40,6 +40,7 @@ def plan_changes(
         return []
     with metrics.timed("embedding"):
         fact_vectors = embedder.embed(facts)
+    assert memory_request.user_id is not None  # a memory job is always for one user
     with metrics.timed("database"):
         neighbours = selectors.memory_nearest_for_many(
             user_id=memory_request.user_id,

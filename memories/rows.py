@@ -26,12 +26,18 @@ from django.db.models import NOT_PROVIDED, Field, Model
 M = TypeVar("M", bound=Model)
 
 
+def _column(field: Field) -> str:
+    # Every concrete field has a column; the stubs type it optional for the others.
+    assert field.column is not None
+    return field.column
+
+
 def _recordset(model: type[Model], attnames: tuple[str, ...]) -> tuple[str, str, str]:
     """For rows keyed by these attnames: the table's columns, the record's keys, and the
     record's column definitions (`key type, ...`) for json_to_recordset."""
     fields = {f.attname: f for f in model._meta.concrete_fields}
     quote = connection.ops.quote_name
-    columns = ", ".join(quote(fields[name].column) for name in attnames)
+    columns = ", ".join(quote(_column(fields[name])) for name in attnames)
     keys = ", ".join(quote(name) for name in attnames)
     typed = ", ".join(f"{quote(name)} {fields[name].db_type(connection)}" for name in attnames)
     return columns, keys, typed
@@ -168,12 +174,12 @@ def _update_sql(model: type[Model], attnames: tuple[str, ...]) -> str:
     pk = model._meta.pk.attname
     _, _, typed = _recordset(model, attnames)
     assignments = ", ".join(
-        f"{quote(fields[name].column)} = r.{quote(name)}" for name in attnames if name != pk
+        f"{quote(_column(fields[name]))} = r.{quote(name)}" for name in attnames if name != pk
     )
     return (
         f"UPDATE {quote(model._meta.db_table)} AS t SET {assignments}"
         f" FROM json_to_recordset(%s::json) AS r({typed})"
-        f" WHERE t.{quote(model._meta.pk.column)} = r.{quote(pk)}"
+        f" WHERE t.{quote(_column(model._meta.pk))} = r.{quote(pk)}"
     )
 
 
@@ -186,7 +192,7 @@ def select_columns(model: type[Model], *, exclude: tuple[str, ...] = ()) -> str:
     """The model's columns in field order, less `exclude` (attnames), to RETURN or SELECT for
     `instance_from_row` with the same `exclude`."""
     quote = connection.ops.quote_name
-    return ", ".join(quote(f.column) for f in _loaded_fields(model, exclude))
+    return ", ".join(quote(_column(f)) for f in _loaded_fields(model, exclude))
 
 
 @cache

@@ -93,9 +93,10 @@ def memory_search(
     queryset = queryset.annotate(distance=CosineDistance("embedding", query_vector))
     if threshold is not None:
         queryset = queryset.filter(distance__lte=1 - threshold)
-    results = list(queryset.order_by("distance", "id").defer("embedding")[:limit])
-    for memory in results:
+    results: list[Memory] = []
+    for memory in queryset.order_by("distance", "id").defer("embedding")[:limit]:
         memory.score = 1 - memory.distance
+        results.append(memory)
     return results
 
 
@@ -168,7 +169,7 @@ def memory_request_list(
     *,
     tenant: Tenant,
     status: str | None,
-    user_id: UUID | str | None,
+    user_id: UUID | None,
     before: str | None,
     limit: int,
 ) -> list[MemoryRequest]:

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.wsgi import get_wsgi_application
 
-from memoryproject.wsgi_bridge import BufferedWSGIMiddleware
+from memoryproject.wsgi_bridge import ASGIReceive, ASGISend, BufferedWSGIMiddleware
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
 
@@ -28,7 +28,7 @@ django_wsgi_application = BufferedWSGIMiddleware(
     get_wsgi_application(), threads=settings.WEB_THREADS
 )
 
-from memories.events.sse import ASGIReceive, ASGISend, stream_app  # noqa: E402 (needs setup)
+from memories.events.sse import stream_app  # noqa: E402 (needs setup)
 
 STREAM_PATH = "/v1/stream"
 

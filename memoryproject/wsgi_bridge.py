@@ -15,15 +15,18 @@ import asyncio
 import contextvars
 import io
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
+from a2wsgi.asgi_typing import HTTPScope
 from a2wsgi.wsgi import build_environ
 from django.conf import settings
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+# The server's send: it takes any message mapping (as Django's ASGI handler is typed to need) and
+# returns a coroutine, which `run_coroutine_threadsafe` requires to send from a view's thread.
+ASGISend = Callable[[Mapping[str, Any]], Coroutine[Any, Any, None]]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -69,12 +72,21 @@ class BufferedWSGIMiddleware:
         body = await _read_body(scope, receive)
         if body is None:
             return  # the client left before its request was whole: nobody to answer
-        environ = build_environ(scope, io.BytesIO(body))  # type: ignore[arg-type]
+        # a2wsgi types the scope and the environ as TypedDicts: they are the plain dicts ASGI and
+        # WSGI pass, typed so here and by Django's WSGIHandler.
+        environ = cast(
+            dict[str, Any],
+            build_environ(
+                cast(HTTPScope, scope),
+                io.BytesIO(body),  # type: ignore[arg-type]  # a2wsgi wants its Body; any file works
+            ),
+        )
         environ["wsgi.errors"] = sys.stderr
         loop = asyncio.get_running_loop()
         run = contextvars.copy_context().run
         response = await loop.run_in_executor(self.executor, run, self._run, environ, send, loop)
         if response.body is not None:
+            assert response.start is not None  # `_run` raises when the app never started
             await send(response.start)
             await send({"type": "http.response.body", "body": response.body})
 

@@ -52,7 +52,7 @@ def url_targets_private_network(url: str) -> bool:
     except (socket.gaierror, UnicodeError):
         return False
     for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
+        ip = ipaddress.ip_address(str(address).split("%")[0])
         if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
             return True
     return False

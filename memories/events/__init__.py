@@ -13,6 +13,7 @@ from memories.events.publisher import publish_outbox, record, record_many
 from memories.events.schema import (
     EVENT_TYPES,
     SCHEMA_VERSION,
+    MemoryFields,
     build_event,
     channels_for_memory,
     memory_event,
@@ -25,6 +26,7 @@ from memories.events.schema import (
 __all__ = [
     "EVENT_TYPES",
     "SCHEMA_VERSION",
+    "MemoryFields",
     "build_event",
     "channels_for_memory",
     "memory_event",

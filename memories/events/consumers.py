@@ -28,17 +28,31 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import redis
 from django.conf import settings
 from django.db import close_old_connections, connection
+from redis.typing import EncodableT, FieldT
 
 from memories.events.stream import DEAD_LETTER_KEY, STREAM_KEY, redis_client
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[str, dict[str, Any]], None]
+
+# redis-py types replies for any client: `bytes | str`, and RESP3's shapes too. The client here
+# decodes responses and speaks RESP2, so its replies are cast to the shapes it actually returns.
+_Entries = list[tuple[str | None, dict[str, str] | None]]
+
+
+class _Pending(TypedDict):
+    """One entry of XPENDING's extended form, as redis-py parses it."""
+
+    message_id: str
+    consumer: str
+    time_since_delivered: int
+    times_delivered: int
 
 
 def default_consumer_name() -> str:
@@ -78,12 +92,15 @@ class StreamConsumer:
         """
         touched = self._dead_letter_exhausted()
         touched += self._handle(self._claim_stale())
-        reply = self.client.xreadgroup(
-            self.group,
-            self.consumer,
-            {STREAM_KEY: ">"},
-            count=self.batch_size,
-            block=None if touched else block_ms,
+        reply = cast(
+            list[list[Any]],  # [[stream, entries]]
+            self.client.xreadgroup(
+                self.group,
+                self.consumer,
+                {STREAM_KEY: ">"},
+                count=self.batch_size,
+                block=None if touched else block_ms,
+            ),
         )
         return touched + self._handle(reply[0][1] if reply else [])
 
@@ -113,9 +130,9 @@ class StreamConsumer:
         finally:
             connection.close()
 
-    def _handle(self, entries: list[tuple[str | None, dict[str, str] | None]]) -> int:
+    def _handle(self, entries: _Entries) -> int:
         done: list[str] = []
-        failures: dict[str, str] = {}
+        failures: dict[FieldT, EncodableT] = {}  # as HSET's mapping is typed
         for entry_id, fields in entries:
             if entry_id is None or fields is None:
                 # Trimmed from the stream while pending (Redis < 7 still lists it): it is
@@ -137,7 +154,7 @@ class StreamConsumer:
             pipe.execute()
         return len(entries)
 
-    def _claim_stale(self) -> list[tuple[str | None, dict[str, str] | None]]:
+    def _claim_stale(self) -> _Entries:
         reply = self.client.xautoclaim(
             STREAM_KEY,
             self.group,
@@ -155,7 +172,8 @@ class StreamConsumer:
             STREAM_KEY, self.group, min="-", max="+", count=self.batch_size,
             idle=self.claim_idle_ms,
         )  # fmt: skip
-        exhausted = [p for p in stale if p["times_delivered"] >= self.max_deliveries]
+        pending_entries = cast(list[_Pending], stale)
+        exhausted = [p for p in pending_entries if p["times_delivered"] >= self.max_deliveries]
         if not exhausted:
             return 0
         ids = [p["message_id"] for p in exhausted]

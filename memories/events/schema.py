@@ -4,12 +4,39 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from django.utils import timezone
 
-if TYPE_CHECKING:
-    from memories.models import Memory
+
+class MemoryFields(Protocol):
+    """What an event reads of a memory: a `Memory`, or a row a bulk write is about to COPY."""
+
+    @property
+    def id(self) -> Any: ...
+    @property
+    def tenant_id(self) -> Any: ...
+    @property
+    def user_id(self) -> Any: ...
+    @property
+    def agent_id(self) -> str: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def metadata(self) -> Any: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def scope(self) -> str: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def updated_at(self) -> Any: ...
+
 
 SCHEMA_VERSION = 1
 
@@ -44,7 +71,7 @@ def system_channel() -> str:
     return "system:global"
 
 
-def channels_for_memory(memory: Memory) -> list[str]:
+def channels_for_memory(memory: MemoryFields) -> list[str]:
     """The owner's channel always; the shared channel of its scope too."""
     channels = [user_channel(memory.user_id)]
     if memory.scope == "tenant":
@@ -91,7 +118,7 @@ def build_event(
 
 
 def memory_event(
-    memory: Memory, event_type: str, *, event_id: str | None = None, **data: Any
+    memory: MemoryFields, event_type: str, *, event_id: str | None = None, **data: Any
 ) -> dict[str, Any]:
     return build_event(
         event_type=event_type,

@@ -27,7 +27,7 @@ import re
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
@@ -61,6 +61,10 @@ STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 _USER = re.compile(r"user:([^:]+):memories")
 _TENANT = re.compile(r"tenant:([^:]+):shared")
 _TOPIC = re.compile(r"topic:(.{1,200}):updates")
+
+# redis-py types replies for any client: `bytes | str`, and RESP3's shapes too. The hub's client
+# decodes responses and speaks RESP2, so its replies are cast to the shapes it actually returns.
+_Entries = list[tuple[str, dict[str, str]]]
 
 
 def stream_id_order(stream_id: str) -> tuple[int, int]:
@@ -348,7 +352,10 @@ class Hub:
         """Stored entries after `after` (exclusive) up to the newest that it wants, in order."""
         start = f"({after}"
         while True:
-            entries = await self.redis.xrange(STREAM_KEY, min=start, max="+", count=REPLAY_PAGE)
+            entries = cast(
+                _Entries,
+                await self.redis.xrange(STREAM_KEY, min=start, max="+", count=REPLAY_PAGE),
+            )
             for entry_id, fields in entries:
                 event = json.loads(fields["event"])
                 if subscriber.wants(event):
@@ -365,8 +372,11 @@ class Hub:
                     if self.position is None:
                         self.position = await self._newest_id()
                         self._ready.set()
-                    reply = await self.redis.xread(
-                        {STREAM_KEY: self.position}, count=READ_BATCH, block=READ_BLOCK_MS
+                    reply = cast(
+                        list[list[Any]],  # [[stream, entries]]
+                        await self.redis.xread(
+                            {STREAM_KEY: self.position}, count=READ_BATCH, block=READ_BLOCK_MS
+                        ),
                     )
                 except Exception:
                     logger.exception("event hub: reading %s failed; retrying", STREAM_KEY)
@@ -464,12 +474,13 @@ async def event_stream(
                 )
             else:
                 last_id = wanted.last_event_id
-                async for frame in hub.replay(subscriber, after=last_id):
-                    yield frame.data
-                    last_id = frame.id
+                async for stored in hub.replay(subscriber, after=last_id):
+                    yield stored.data
+                    last_id = stored.id
         last_order = stream_id_order(last_id)
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
+        timer: asyncio.TimerHandle  # set below, then re-armed by each call
 
         def heartbeat_if_quiet() -> None:
             # One timer per quiet period, not one per event (a timeout around every wait cost

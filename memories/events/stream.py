@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import redis
 from django.conf import settings
@@ -60,4 +60,7 @@ def stream_id_for_time(moment: datetime, *, end: bool = False) -> str:
 def read_range(
     *, start: str = "-", end: str = "+", count: int = 1000, client: redis.Redis | None = None
 ) -> list[tuple[str, dict[str, str]]]:
-    return (client or redis_client()).xrange(STREAM_KEY, min=start, max=end, count=count)
+    reply = (client or redis_client()).xrange(STREAM_KEY, min=start, max=end, count=count)
+    # redis-py types the reply for any client (`bytes | str`, or None); this one decodes
+    # responses, and XRANGE always answers a list of (id, fields).
+    return cast(list[tuple[str, dict[str, str]]], reply)
