@@ -417,6 +417,9 @@ def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -
 
 
 def _fenced_result_write(sql: str, *, claim: Claim, result: list[dict[str, Any]]) -> None:
+    """The one way a claimed request's result is written (its success, a batch's progress): the
+    statement changes the row only while `claim` still holds it, else LeaseLost. Raw SQL
+    because it runs on every job, and the ORM's update cost more CPU than the write itself."""
     params: dict[str, Any] = {
         "id": claim.request_id,
         "token": claim.token,

@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 from django.db import IntegrityError, connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -348,6 +349,25 @@ def test_patch_corrects_a_memory_and_records_history(api, memory) -> None:
         "/v1/memories/search", {"user_id": str(memory.user_id), "query": "Rome"}, format="json"
     ).json()["results"]
     assert search[0]["content"] == "Lives in Rome"
+
+
+@pytest.mark.parametrize("method", ["patch", "delete"])
+def test_a_correction_or_a_delete_reads_the_memory_once_under_its_row_lock(
+    api, memory, method
+) -> None:
+    api.get(f"/v1/memories/{memory.id}")  # the key read and cached, as on any later call
+    with CaptureQueriesContext(connection) as queries:
+        if method == "patch":
+            response = api.patch(f"/v1/memories/{memory.id}", {"content": "x"}, format="json")
+        else:
+            response = api.delete(f"/v1/memories/{memory.id}")
+    assert response.status_code in (200, 204)
+    reads = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].lstrip().upper().startswith("SELECT") and "memories_memory" in q["sql"]
+    ]
+    assert len(reads) == 1 and reads[0].rstrip().endswith("FOR UPDATE"), reads
 
 
 def test_patch_of_metadata_alone_keeps_content_and_embedding(api, memory) -> None:
