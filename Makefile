@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck imports format bench clean
+.PHONY: run stop test check lint typecheck imports format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(VENV)/bin/python -m memoryproject.run
+
+# The embedded PostgreSQL and Redis outlive `make run` (manage.py and the tests use them too).
+stop: $(STAMP)
+	$(VENV)/bin/python -m memoryproject.embedded stop
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -n $${TEST_WORKERS:-2} -q

@@ -105,7 +105,8 @@ def main() -> int:
         f"\n  Memory service on http://{host}:{port}/  (admin: http://{host}:{port}/admin/)\n"
         f"  Every /v1 call needs 'Authorization: Bearer <key>'. Get a key with:\n"
         f"    .venv/bin/python manage.py createapikey --tenant demo\n"
-        f"  Metrics: http://{host}:{port}/metrics   Ctrl-C stops everything.\n",
+        f"  Metrics: http://{host}:{port}/metrics   Ctrl-C stops the service; the embedded\n"
+        f"  PostgreSQL and Redis keep running for manage.py and the next start (`make stop`).\n",
         flush=True,
     )
 
