@@ -74,6 +74,14 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def env_int_list(name: str, default: list[int]) -> list[int]:
+    raw = env_list(name, [])
+    try:
+        return [int(item) for item in raw] if raw else default
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must list integers, got {','.join(raw)!r}") from exc
+
+
 # --- Core -------------------------------------------------------------------------------------
 DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-secret-key-change-me-in-production")
@@ -214,10 +222,17 @@ EVENT_INLINE_PUBLISH_MAX = env_int("EVENT_INLINE_PUBLISH_MAX", 100)
 # --- Webhooks -------------------------------------------------------------------------------
 WEBHOOK_MAX_ATTEMPTS = env_int("WEBHOOK_MAX_ATTEMPTS", 5)  # then the delivery is dead-lettered
 WEBHOOK_BACKOFF_SECONDS = env_float("WEBHOOK_BACKOFF_SECONDS", 2.0)  # doubled at each retry
-WEBHOOK_TIMEOUT_SECONDS = env_float("WEBHOOK_TIMEOUT_SECONDS", 5.0)
+WEBHOOK_TIMEOUT_SECONDS = env_float("WEBHOOK_TIMEOUT_SECONDS", 5.0)  # per read, after connect
+WEBHOOK_CONNECT_TIMEOUT_SECONDS = env_float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", 3.0)
+# A delivery being attempted is held this long; a worker lost mid-attempt frees it after it.
+WEBHOOK_LEASE_SECONDS = env_int("WEBHOOK_LEASE_SECONDS", 60)
+# Beat sends again a delivery due this long ago and still waiting (its Celery message was lost).
+WEBHOOK_RESEND_GRACE_SECONDS = env_int("WEBHOOK_RESEND_GRACE_SECONDS", 30)
 # Off by default: a webhook may not target loopback or private addresses (SSRF). Turn on for a
 # receiver inside your own network (the tests' receivers listen on loopback).
 WEBHOOK_ALLOW_PRIVATE_TARGETS = env_bool("WEBHOOK_ALLOW_PRIVATE_TARGETS", False)
+# Ports a webhook URL may name (any, with WEBHOOK_ALLOW_PRIVATE_TARGETS).
+WEBHOOK_ALLOWED_PORTS = env_int_list("WEBHOOK_ALLOWED_PORTS", [80, 443])
 
 # --- Backpressure and rate limits ----------------------------------------------------------
 # Above this many waiting jobs (queued in a lane, or pending in the database) new normal/batch
@@ -250,6 +265,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "tasks.events.trim_events",
         "schedule": 60.0,
         "options": {"queue": "high", "expires": 60},
+    },
+    "sweep-webhook-deliveries": {
+        "task": "tasks.webhooks.sweep_webhook_deliveries",
+        "schedule": MEMORY_SWEEP_INTERVAL_SECONDS,
+        "options": {"queue": "high", "expires": MEMORY_SWEEP_INTERVAL_SECONDS},
     },
 }
 

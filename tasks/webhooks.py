@@ -6,7 +6,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from memories.dispatch import DELIVER_WEBHOOK_TASK
-from webhooks.services import webhook_delivery_attempt
+from webhooks.services import webhook_deliveries_resend, webhook_delivery_attempt
 
 
 @shared_task(
@@ -29,3 +29,10 @@ def deliver_webhook(self, delivery_id: str) -> str:
     if outcome.status in ("failed", "not_due"):
         raise self.retry(eta=outcome.next_attempt_at)
     return outcome.status
+
+
+@shared_task(name="tasks.webhooks.sweep_webhook_deliveries", ignore_result=True)
+def sweep_webhook_deliveries() -> int:
+    """Beat's: send again the deliveries whose message was lost or whose worker died; safe to
+    run any number of times (a duplicate task is a no-op)."""
+    return webhook_deliveries_resend()

@@ -4,49 +4,65 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from memories import sessions
 from memories.consumer_groups import consumer_for
 from memories.events.stream import STREAM_KEY, redis_client
-
-# --- A receiver --------------------------------------------------------------------------------
 from tests.helpers import wait_for
+from webhooks import targets
 from webhooks.models import Webhook, WebhookDelivery
-from webhooks.services import webhook_delivery_attempt
+from webhooks.services import webhook_deliveries_resend, webhook_delivery_attempt
 
 
 class Receiver:
     """An HTTP server on loopback that records each POST and answers the next scripted status
-    (the last one repeats)."""
+    (the last one repeats), after `delay` seconds, with `body` and `headers`."""
 
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(
+        self,
+        statuses: list[int],
+        *,
+        delay: float = 0,
+        body: bytes = b"ok",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.statuses = statuses
         self.requests: list[tuple[dict[str, str], bytes]] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append((dict(self.headers), body))
+                request_body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append((dict(self.headers), request_body))
                 index = min(len(receiver.requests), len(receiver.statuses)) - 1
+                time.sleep(delay)
                 self.send_response(receiver.statuses[index])
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(b"ok")
+                self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
@@ -55,14 +71,44 @@ def receiver(settings) -> Iterator[Callable[..., Receiver]]:
     settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = True  # the receivers listen on loopback
     started: list[Receiver] = []
 
-    def start(*statuses: int) -> Receiver:
-        started.append(Receiver(list(statuses) or [200]))
+    def start(*statuses: int, **options: Any) -> Receiver:
+        started.append(Receiver(list(statuses) or [200], **options))
         return started[-1]
 
     yield start
     for each in started:
         each.server.shutdown()
         each.server.server_close()
+
+
+class FakeDNS:
+    """The resolver webhooks use, answering from `names` (literal addresses as themselves) and
+    logging each lookup: no test resolves a name through the network."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, list[str]] = {
+            "example.com": ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"],
+            "localhost": ["127.0.0.1", "::1"],
+        }
+        self.lookups: list[str] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.lookups.append(host)
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        if host not in self.names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return self.names[host]
+
+
+@pytest.fixture(autouse=True)
+def dns(monkeypatch) -> FakeDNS:
+    fake = FakeDNS()
+    monkeypatch.setattr(targets, "resolve", fake)
+    return fake
 
 
 @pytest.fixture
@@ -159,9 +205,9 @@ def test_a_delivery_to_a_host_now_private_is_refused_not_sent(api, end_user, rec
     delivery = WebhookDelivery.objects.create(
         webhook=webhook, event_id=uuid.uuid4(), stream_id="1-0", payload={"event_type": "x"}
     )
-    webhook_delivery_attempt(delivery_id=delivery.id)
+    webhook_delivery_attempt(delivery_id=str(delivery.id))
     delivery.refresh_from_db()
-    assert target.requests == [] and "private" in delivery.last_error
+    assert target.requests == [] and delivery.last_error.startswith("Refused, nothing sent")
 
 
 @pytest.mark.django_db
@@ -306,3 +352,174 @@ def test_admin_lists_and_shows_webhooks_without_their_secret(api) -> None:
         response = admin.get(page)
         assert response.status_code == 200, page
         assert created["secret"] not in response.content.decode()
+
+
+# --- Targets: resolved once, public only, pinned ---------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ["10.0.0.5"],
+        ["127.0.0.1"],
+        ["169.254.169.254"],  # the cloud metadata service
+        ["100.64.12.7"],  # shared address space (carrier NAT)
+        ["0.0.0.0"],
+        ["224.0.0.251"],
+        ["fd12:3456::1"],  # IPv6 unique local
+        ["fe80::1"],
+        ["::1"],
+        ["::ffff:127.0.0.1"],  # IPv4-mapped
+        ["::ffff:10.1.2.3"],
+        ["2002:7f00:1::1"],  # 6to4 of 127.0.0.1
+        ["93.184.215.14", "10.0.0.5"],  # one public, one not: refused
+    ],
+    ids=lambda addresses: "+".join(addresses),
+)
+def test_a_name_resolving_to_any_non_public_address_is_refused_at_registration(
+    api, dns, addresses
+) -> None:
+    dns.names["internal.example"] = addresses
+    response = api.post("/v1/webhooks", {"url": "https://internal.example/hook"}, format="json")
+    assert response.status_code == 400 and "url" in response.json()["fields"]
+    assert Webhook.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_a_name_that_does_not_resolve_is_refused_not_waved_through(api) -> None:
+    response = api.post("/v1/webhooks", {"url": "https://nowhere.invalid/hook"}, format="json")
+    assert response.status_code == 400
+    assert response.json()["fields"]["url"] == ["The host nowhere.invalid does not resolve."]
+
+
+@pytest.mark.django_db
+def test_only_ports_80_and_443_unless_allowed(api, settings) -> None:
+    refused = api.post("/v1/webhooks", {"url": "https://example.com:8443/hook"}, format="json")
+    assert refused.status_code == 400 and "8443" in refused.json()["fields"]["url"][0]
+    settings.WEBHOOK_ALLOWED_PORTS = [443, 8443]
+    accepted = api.post("/v1/webhooks", {"url": "https://example.com:8443/hook"}, format="json")
+    assert accepted.status_code == 201
+
+
+def _delivery_for(api: APIClient, url: str) -> WebhookDelivery:
+    webhook = Webhook.objects.get(pk=create_webhook(api, url)["id"])
+    return WebhookDelivery.objects.create(
+        webhook=webhook, event_id=uuid.uuid4(), stream_id="1-0",
+        payload={"event_type": "memory.created"},
+    )  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_a_name_public_at_registration_and_private_at_delivery_is_never_called(
+    api, dns, receiver, settings
+) -> None:
+    hook = receiver(200)
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
+    settings.WEBHOOK_ALLOWED_PORTS = [hook.port]
+    dns.names["rebind.example"] = ["93.184.215.14"]
+    delivery = _delivery_for(api, f"http://rebind.example:{hook.port}/hook")
+    dns.names["rebind.example"] = ["127.0.0.1"]  # the attacker's DNS answers anew
+    assert webhook_delivery_attempt(delivery_id=str(delivery.id)).status == "failed"
+    delivery.refresh_from_db()
+    assert hook.requests == []
+    assert delivery.last_error.startswith("Refused, nothing sent") and delivery.attempts == 1
+
+
+@pytest.mark.django_db
+def test_a_delivery_connects_to_the_address_it_checked_with_the_original_host(
+    api, dns, receiver
+) -> None:
+    hook = receiver(200)
+    dns.names["hooks.example"] = ["127.0.0.1"]
+    delivery = _delivery_for(api, f"http://hooks.example:{hook.port}/hook")
+    dns.lookups.clear()
+    assert webhook_delivery_attempt(delivery_id=str(delivery.id)).status == "success"
+    # One lookup, and the request went to its answer (no resolver but ours knows the name).
+    assert dns.lookups == ["hooks.example"]
+    [(headers, _)] = hook.requests
+    assert headers["Host"] == f"hooks.example:{hook.port}"
+
+
+@pytest.mark.django_db
+def test_redirects_are_never_followed(api, receiver) -> None:
+    elsewhere = receiver(200)
+    hook = receiver(302, headers={"Location": elsewhere.url})
+    delivery = _delivery_for(api, hook.url)
+    assert webhook_delivery_attempt(delivery_id=str(delivery.id)).status == "failed"
+    delivery.refresh_from_db()
+    assert elsewhere.requests == [] and len(hook.requests) == 1
+    assert delivery.last_status_code == 302 and "not followed" in delivery.last_error
+
+
+@pytest.mark.django_db
+def test_the_receivers_answer_is_never_stored_nor_shown(api, receiver) -> None:
+    hook = receiver(500, body=b"<h1>internal admin</h1> db_password=hunter2")
+    delivery = _delivery_for(api, hook.url)
+    webhook_delivery_attempt(delivery_id=str(delivery.id))
+    shown = api.get(f"/v1/webhooks/{delivery.webhook_id}/deliveries")
+    assert b"hunter2" not in shown.content and b"internal admin" not in shown.content
+    [logged] = shown.json()["deliveries"]
+    assert logged["last_error"] == "HTTP 500." and logged["last_status_code"] == 500
+    assert isinstance(logged["last_duration_ms"], int)
+
+
+# --- No transaction while a receiver is called ---------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slow_receiver_does_not_hold_back_pull_sync_of_another_tenant(
+    api, other_api, other_tenant, receiver, settings
+) -> None:
+    settings.WEBHOOK_TIMEOUT_SECONDS = 20
+    slow = receiver(200, delay=10)
+    delivery = _delivery_for(api, slow.url)
+    attempt = threading.Thread(
+        target=webhook_delivery_attempt, kwargs={"delivery_id": str(delivery.id)}
+    )
+    attempt.start()
+    try:
+        wait_for(lambda: len(slow.requests) == 1, what="the receiver to be called")
+        user = other_api.post("/v1/users", {}, format="json").json()["user_id"]
+        item = {"user_id": user, "content": "Lives in Lisbon"}
+        batch = other_api.post("/v1/memories/batch", {"items": [item]}, format="json")
+        assert batch.status_code == 200, batch.content
+        started = time.monotonic()
+        changes = other_api.get("/v1/sync", {"user_id": user}).json()["changes"]
+        assert [c["content"] for c in changes] == ["Lives in Lisbon"]
+        assert time.monotonic() - started < 2  # not after the receiver's 10 s
+    finally:
+        attempt.join()
+    delivery.refresh_from_db()
+    assert delivery.status == "success"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deliveries_stranded_by_a_lost_message_or_a_dead_worker_are_sent_again_by_beat(
+    api, receiver, start_worker, settings
+) -> None:
+    hook = receiver(200)
+    lost = _delivery_for(api, hook.url)  # created, its task never sent
+    died = _delivery_for(api, hook.url)  # a worker claimed it, then died mid-POST
+    long_ago = timezone.now() - timedelta(minutes=5)
+    WebhookDelivery.objects.filter(pk=lost.pk).update(next_attempt_at=long_ago)
+    WebhookDelivery.objects.filter(pk=died.pk).update(
+        status="sending", attempts=1, lease_until=long_ago, next_attempt_at=long_ago
+    )
+    fresh = _delivery_for(api, hook.url)  # just created: its own task is on its way
+    WebhookDelivery.objects.filter(pk=fresh.pk).update(next_attempt_at=timezone.now())
+    start_worker(queues="batch", WEBHOOK_ALLOW_PRIVATE_TARGETS="1")
+    assert webhook_deliveries_resend() == 2
+    wait_for(
+        lambda: (
+            set(
+                WebhookDelivery.objects.filter(pk__in=[lost.pk, died.pk]).values_list(
+                    "status", flat=True
+                )
+            )
+            == {"success"}
+        ),
+        what="both to be delivered",
+    )
+    assert WebhookDelivery.objects.get(pk=died.pk).attempts == 2
+    assert WebhookDelivery.objects.get(pk=fresh.pk).status == "pending"

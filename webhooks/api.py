@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
-from django.conf import settings
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from memories.api import TenantApi, validated_input
 from memories.events import EVENT_TYPES
-from webhooks import selectors, services
+from webhooks import selectors, services, targets
 
 
 class WebhookOutput(serializers.Serializer):
@@ -40,12 +37,11 @@ class WebhookCollectionApi(TenantApi):
         )  # fmt: skip
 
         def validate_url(self, value: str) -> str:
-            if urlsplit(value).scheme not in ("http", "https"):
-                raise serializers.ValidationError("Use an http or https URL.")
-            if not settings.WEBHOOK_ALLOW_PRIVATE_TARGETS and services.url_targets_private_network(
-                value
-            ):
-                raise serializers.ValidationError("Private and loopback addresses are not allowed.")
+            # Checked again before every delivery: a name may resolve elsewhere later.
+            try:
+                targets.target_resolve(value)
+            except targets.TargetRefused as exc:
+                raise serializers.ValidationError(exc.reason) from None
             return value
 
     class CreatedOutput(WebhookOutput):
@@ -88,6 +84,7 @@ class WebhookDeliveriesApi(TenantApi):
         attempts = serializers.IntegerField()
         last_status_code = serializers.IntegerField(allow_null=True)
         last_error = serializers.CharField()
+        last_duration_ms = serializers.IntegerField(allow_null=True)
         next_attempt_at = serializers.DateTimeField(allow_null=True)
         created_at = serializers.DateTimeField()
         delivered_at = serializers.DateTimeField(allow_null=True)

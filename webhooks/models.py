@@ -40,6 +40,7 @@ class WebhookDelivery(models.Model):
 
     class Status(models.TextChoices):
         PENDING = "pending"  # not attempted yet
+        SENDING = "sending"  # a worker holds it (until lease_until) and is sending it
         SUCCESS = "success"
         FAILED = "failed"  # the last attempt failed; another is due at next_attempt_at
         DEAD = "dead"  # attempts exhausted
@@ -52,7 +53,10 @@ class WebhookDelivery(models.Model):
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    # Our own short reason for the last failure; never the receiver's response body.
     last_error = models.TextField(blank=True, default="")
+    last_duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
@@ -63,7 +67,14 @@ class WebhookDelivery(models.Model):
             # A redelivered stream entry finds its delivery instead of sending the event twice.
             models.UniqueConstraint(fields=["webhook", "event_id"], name="webhook_delivery_once"),
         ]
-        indexes = [models.Index(fields=["webhook", "-created_at"], name="webhook_delivery_log")]
+        indexes = [
+            models.Index(fields=["webhook", "-created_at"], name="webhook_delivery_log"),
+            # Beat's look for deliveries whose Celery message was lost.
+            models.Index(
+                fields=["next_attempt_at"], name="webhook_delivery_unfinished",
+                condition=Q(status__in=["pending", "failed", "sending"]),
+            ),
+        ]  # fmt: skip
 
     def __str__(self) -> str:
         return f"{self.payload.get('event_type')} -> {self.webhook_id} ({self.status})"

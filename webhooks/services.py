@@ -12,50 +12,29 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from memories import dispatch
 from memories.backoff import backoff_seconds
 from memories.models import Tenant
-from webhooks import selectors
+from webhooks import selectors, targets
 from webhooks.models import Webhook, WebhookDelivery
 
 logger = logging.getLogger(__name__)
 
 Status = WebhookDelivery.Status
-
-
-def url_targets_private_network(url: str) -> bool:
-    """Whether the URL's host is, or resolves to, a loopback, private, link-local or reserved
-    address: a tenant must not make this service call into its own network (SSRF).
-
-    Checked when a webhook is registered and again before every delivery, since a name may
-    resolve elsewhere later. A name that does not resolve is not private (the POST will fail).
-    """
-    host = urlsplit(url).hostname or ""
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except (socket.gaierror, UnicodeError):
-        return False
-    for address in addresses:
-        ip = ipaddress.ip_address(str(address).split("%")[0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
-            return True
-    return False
 
 
 def webhook_create(
@@ -130,77 +109,143 @@ class AttemptOutcome:
 def webhook_delivery_attempt(*, delivery_id: str) -> AttemptOutcome:
     """Make one attempt at a delivery if one is due, and log it on the delivery row.
 
-    A 2xx answer is success. Otherwise the delivery is `failed` with the next attempt due after
-    an exponential backoff with jitter (half to all of
-    WEBHOOK_BACKOFF_SECONDS * 2**(attempts-1)), or `dead` once
-    WEBHOOK_MAX_ATTEMPTS attempts were made. A delivery that is finished, deleted or being
-    attempted by another worker is left alone ("noop"), one not due yet too ("not_due", with
-    the time it is due), so duplicate tasks never add attempts.
+    Three steps, and no transaction is open while the receiver is called (a slow receiver would
+    hold a worker's connection and PostgreSQL's oldest snapshot, which pull-sync waits behind):
+    a short one claims the delivery (`sending`, the attempt counted, a lease), the POST runs,
+    and another records the outcome, fenced by the attempt it claimed, so a delivery taken over
+    after its lease ran out is recorded once. A 2xx answer is success; otherwise it is `failed`
+    with the next attempt due after a jittered exponential backoff, or `dead` after
+    WEBHOOK_MAX_ATTEMPTS. A delivery that is finished, deleted or held by another worker is left
+    alone ("noop"), one not due yet too ("not_due", with its time), so duplicate tasks never
+    add attempts. A worker lost mid-attempt leaves it `sending` until the lease ends; then the
+    sweep sends it again (receivers dedupe on X-Memory-Delivery).
     """
+    claimed = _delivery_claim(delivery_id=delivery_id)
+    if isinstance(claimed, AttemptOutcome):
+        return claimed
+    status_code, reason, duration_ms = _post(claimed)
+    return _delivery_record(
+        delivery=claimed, status_code=status_code, reason=reason, duration_ms=duration_ms
+    )
+
+
+def _delivery_claim(*, delivery_id: str) -> WebhookDelivery | AttemptOutcome:
+    now = timezone.now()
     with transaction.atomic():
-        # The row lock is the attempt's lease: held during the POST (bounded by the timeout),
-        # released by PostgreSQL if the worker dies, so the redelivered task can attempt again.
         delivery = (
             WebhookDelivery.objects.select_for_update(skip_locked=True, of=("self",))
             .select_related("webhook")
-            .filter(pk=delivery_id, status__in=[Status.PENDING, Status.FAILED])
+            .filter(pk=delivery_id, status__in=[Status.PENDING, Status.FAILED, Status.SENDING])
             .first()
         )
         if delivery is None:
             return AttemptOutcome(status="noop")
-        if delivery.next_attempt_at and delivery.next_attempt_at > timezone.now():
+        if delivery.status == Status.SENDING:
+            if delivery.lease_until and delivery.lease_until > now:
+                return AttemptOutcome(status="noop")  # another worker is sending it
+        elif delivery.next_attempt_at and delivery.next_attempt_at > now:
             # A duplicate task, or a timer that fired early: the caller comes back when due.
             return AttemptOutcome(status="not_due", next_attempt_at=delivery.next_attempt_at)
-        status_code, error = _post(delivery)
-        now = timezone.now()
-        delivery.attempts += 1
-        delivery.last_status_code, delivery.last_error = status_code, error
-        if status_code is not None and 200 <= status_code < 300:
-            delivery.status, delivery.delivered_at, delivery.next_attempt_at = (
-                Status.SUCCESS,
-                now,
-                None,
-            )
-        elif delivery.attempts >= settings.WEBHOOK_MAX_ATTEMPTS:
+        if delivery.attempts >= settings.WEBHOOK_MAX_ATTEMPTS:  # its last sender was lost
             delivery.status, delivery.next_attempt_at = Status.DEAD, None
-            logger.warning("webhook delivery %s is dead after %d attempts: %s",
-                           delivery.id, delivery.attempts, error)  # fmt: skip
-        else:
-            backoff = backoff_seconds(
-                base=settings.WEBHOOK_BACKOFF_SECONDS, attempt=delivery.attempts - 1
-            )
-            delivery.status, delivery.next_attempt_at = (
-                Status.FAILED,
-                now + timedelta(seconds=backoff),
-            )
-        delivery.save(update_fields=["attempts", "last_status_code", "last_error", "status",
-                                     "delivered_at", "next_attempt_at"])  # fmt: skip
-    return AttemptOutcome(status=delivery.status, next_attempt_at=delivery.next_attempt_at)
+            delivery.lease_until = None
+            delivery.save(update_fields=["status", "next_attempt_at", "lease_until"])
+            return AttemptOutcome(status=Status.DEAD)
+        delivery.status = Status.SENDING
+        delivery.attempts += 1
+        delivery.lease_until = now + timedelta(seconds=settings.WEBHOOK_LEASE_SECONDS)
+        delivery.save(update_fields=["status", "attempts", "lease_until"])
+    return delivery
 
 
-def _post(delivery: WebhookDelivery) -> tuple[int | None, str]:
+def _delivery_record(
+    *, delivery: WebhookDelivery, status_code: int | None, reason: str, duration_ms: int
+) -> AttemptOutcome:
+    now = timezone.now()
+    fields: dict[str, Any] = {
+        "last_status_code": status_code,
+        "last_error": reason,
+        "last_duration_ms": duration_ms,
+        "lease_until": None,
+    }
+    if status_code is not None and 200 <= status_code < 300:
+        fields |= {"status": Status.SUCCESS, "delivered_at": now, "next_attempt_at": None}
+    elif delivery.attempts >= settings.WEBHOOK_MAX_ATTEMPTS:
+        fields |= {"status": Status.DEAD, "next_attempt_at": None}
+        logger.warning("webhook delivery %s is dead after %d attempts: %s",
+                       delivery.id, delivery.attempts, reason)  # fmt: skip
+    else:
+        backoff = backoff_seconds(
+            base=settings.WEBHOOK_BACKOFF_SECONDS, attempt=delivery.attempts - 1
+        )
+        fields |= {"status": Status.FAILED, "next_attempt_at": now + timedelta(seconds=backoff)}
+    recorded = WebhookDelivery.objects.filter(
+        pk=delivery.pk, status=Status.SENDING, attempts=delivery.attempts
+    ).update(**fields)
+    if not recorded:  # its lease ran out and another worker took it over
+        return AttemptOutcome(status="noop")
+    return AttemptOutcome(status=fields["status"], next_attempt_at=fields.get("next_attempt_at"))
+
+
+def webhook_deliveries_resend(*, now: datetime | None = None) -> int:
+    """Send again the deliveries whose Celery message was lost: due more than
+    WEBHOOK_RESEND_GRACE_SECONDS ago and still waiting, or `sending` with their lease run out
+    (the worker died). Returns how many; a duplicate task is a no-op."""
+    now = now or timezone.now()
+    grace = now - timedelta(seconds=settings.WEBHOOK_RESEND_GRACE_SECONDS)
+    stranded = WebhookDelivery.objects.filter(
+        Q(status__in=[Status.PENDING, Status.FAILED], next_attempt_at__lt=grace)
+        | Q(status=Status.SENDING, lease_until__lt=now)
+    ).values_list("id", flat=True)[:1000]
+    ids = list(stranded)
+    for delivery_id in ids:
+        dispatch.webhook_delivery_send(delivery_id=str(delivery_id))
+    return len(ids)
+
+
+def _post(delivery: WebhookDelivery) -> tuple[int | None, str, int]:
+    """POST the delivery to its checked address; (status code, our reason, milliseconds). The
+    response's body is never read: nothing of the receiver's, an internal page perhaps, is
+    stored or shown."""
     body = json.dumps(delivery.payload, separators=(",", ":")).encode()
     timestamp = str(int(time.time()))
+    try:
+        target = targets.target_resolve(delivery.webhook.url)
+    except targets.TargetRefused as exc:
+        return None, f"Refused, nothing sent: {exc.reason}", 0
     headers = {
+        "Host": target.host_header,
         "Content-Type": "application/json",
         "X-Memory-Event": delivery.payload.get("event_type", ""),
         "X-Memory-Delivery": str(delivery.id),
         "X-Memory-Timestamp": timestamp,
         "X-Memory-Signature": sign(secret=delivery.webhook.secret, timestamp=timestamp, body=body),
     }
-    if not settings.WEBHOOK_ALLOW_PRIVATE_TARGETS and url_targets_private_network(
-        delivery.webhook.url
-    ):
-        return None, "Refused: the URL resolves to a private or loopback address."
+    timeout = httpx.Timeout(
+        settings.WEBHOOK_TIMEOUT_SECONDS, connect=settings.WEBHOOK_CONNECT_TIMEOUT_SECONDS
+    )
+    # The certificate is checked against the host the URL names, not the address dialled.
+    extensions = {"sni_hostname": target.host} if target.url.startswith("https:") else {}
+    started = time.monotonic()
     try:
-        response = httpx.post(
-            delivery.webhook.url,
-            content=body,
-            headers=headers,
-            timeout=settings.WEBHOOK_TIMEOUT_SECONDS,
-        )
+        # No redirects (a 3xx is a failure), no proxies from the environment.
+        with (
+            httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
+            client.stream(
+                "POST", target.url, content=body, headers=headers, extensions=extensions
+            ) as response,
+        ):
+            status_code = response.status_code
+    except httpx.TimeoutException:
+        return None, "Timed out.", _elapsed_ms(started)
     except httpx.HTTPError as exc:
-        return None, f"{type(exc).__name__}: {exc}"[:2000]
-    if 200 <= response.status_code < 300:
-        return response.status_code, ""
-    return response.status_code, f"HTTP {response.status_code}: {response.text[:500]}"
+        return None, f"Could not deliver ({type(exc).__name__}).", _elapsed_ms(started)
+    if 200 <= status_code < 300:
+        return status_code, "", _elapsed_ms(started)
+    if 300 <= status_code < 400:
+        return status_code, f"HTTP {status_code}: redirects are not followed.", _elapsed_ms(started)
+    return status_code, f"HTTP {status_code}.", _elapsed_ms(started)
+
+
+def _elapsed_ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
