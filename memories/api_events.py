@@ -15,7 +15,7 @@ from memories.api import JsonObjectField, MemoryOutput, MessageInput, TenantApi,
 from memories.errors import InvalidInput
 from memories.events import EVENT_TYPES
 from memories.events.analytics import analytics_summary
-from memories.events.replay import events_in_range, session_reconstruct
+from memories.events.replay import events_in_range, session_events, session_reconstruct
 from memories.providers.wiring import get_llm
 
 
@@ -113,10 +113,7 @@ class EventsApi(TenantApi):
 
 def _session_events(tenant: Any, session_id: str) -> tuple[Any, list[dict[str, Any]]]:
     session = selectors.session_get(tenant=tenant, session_id=session_id)
-    events = events_in_range(
-        tenant_id=str(tenant.id), session_id=str(session.id), since=session.started_at, limit=5000
-    )
-    return session, events
+    return session, session_events(tenant_id=str(tenant.id), session=session)
 
 
 class SessionTimelineApi(TenantApi):

@@ -9,7 +9,8 @@ from memories.models import AuditLogEntry
 
 
 def audit_record(stream_id: str, event: dict[str, Any]) -> None:
-    """Append the event to the audit log; a redelivered entry hits the unique stream id."""
+    """Append the event to the audit log; an event seen again (redelivered, or published twice
+    under another stream id) hits the unique event id."""
     source = event.get("source") or {}
     AuditLogEntry.objects.bulk_create(
         [

@@ -34,6 +34,10 @@ BATCH_SIZE = Histogram(
     "batch_write_items", "Items per batch write", buckets=(1, 10, 50, 100, 250, 500, 1000, 5000)
 )
 EVENTS_PUBLISHED = Counter("events_published_total", "Events published to the stream")
+EVENTS_DROPPED = Counter(
+    "events_dropped_total",
+    "Stream entries a consumer group had not acknowledged, dropped at EVENT_STREAM_MAXLEN",
+)
 SSE_SUBSCRIBERS = Gauge(
     "sse_subscribers", "Open Server-Sent Events connections", multiprocess_mode="livesum"
 )

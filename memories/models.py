@@ -351,12 +351,13 @@ class OutboxEvent(models.Model):
 class AuditLogEntry(models.Model):
     """Append-only audit trail, written by the `audit` consumer group from the event stream.
 
-    `stream_id` is unique, so an entry delivered twice (at-least-once delivery) is written once.
+    `event_id` is unique, so an event delivered twice (at-least-once delivery), or published twice
+    (the relay sends again what a dying process had sent but not marked), is written once.
     """
 
     id = models.BigAutoField(primary_key=True)
-    stream_id = models.CharField(max_length=40, unique=True)
-    event_id = models.UUIDField()
+    stream_id = models.CharField(max_length=40)
+    event_id = models.UUIDField(unique=True)
     event_type = models.CharField(max_length=40)
     tenant_id = models.UUIDField(null=True, blank=True)
     user_id = models.UUIDField(null=True, blank=True)

@@ -204,8 +204,12 @@ MEMORY_MAX_MESSAGES = env_int("MEMORY_MAX_MESSAGES", 200)
 MEMORY_MAX_CONTENT_CHARS = env_int("MEMORY_MAX_CONTENT_CHARS", 20_000)
 
 # --- Events -------------------------------------------------------------------------------------
+# The stream keeps EVENT_STREAM_MAX_AGE_SECONDS of events, but never drops one a consumer group has
+# not acknowledged, unless it holds more than EVENT_STREAM_MAXLEN entries (then counted, logged).
 EVENT_STREAM_MAXLEN = env_int("EVENT_STREAM_MAXLEN", 100_000)
 EVENT_STREAM_MAX_AGE_SECONDS = env_int("EVENT_STREAM_MAX_AGE_SECONDS", 7 * 24 * 3600)
+# Also how far past EVENT_STREAM_MAXLEN the stream may grow between trims.
+EVENT_TRIM_INTERVAL_SECONDS = env_float("EVENT_TRIM_INTERVAL_SECONDS", 10.0)
 EVENT_RELAY_INTERVAL_SECONDS = env_float("EVENT_RELAY_INTERVAL_SECONDS", 2.0)
 # The relay leaves younger rows alone: the process that committed them is publishing them.
 EVENT_RELAY_GRACE_SECONDS = env_float("EVENT_RELAY_GRACE_SECONDS", 10.0)
@@ -263,8 +267,8 @@ CELERY_BEAT_SCHEDULE = {
     },
     "trim-events": {
         "task": "tasks.events.trim_events",
-        "schedule": 60.0,
-        "options": {"queue": "high", "expires": 60},
+        "schedule": EVENT_TRIM_INTERVAL_SECONDS,
+        "options": {"queue": "high", "expires": EVENT_TRIM_INTERVAL_SECONDS},
     },
     "sweep-webhook-deliveries": {
         "task": "tasks.webhooks.sweep_webhook_deliveries",

@@ -31,7 +31,8 @@ def publish_events(ids: list[int]) -> int:
 
 @shared_task(name="tasks.events.trim_events", ignore_result=True)
 def trim_events() -> int:
-    """Trim the stream by age (MAXLEN caps its length on every write) and purge old outbox rows."""
+    """Trim the stream (by age, never what a consumer group still needs; see trim_stream) and
+    purge old outbox rows."""
     outbox_purge()
     return trim_stream()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import signal
 import subprocess
 import sys
@@ -16,9 +17,11 @@ from django.db import transaction
 from memories import sessions, signals
 from memories.audit import audit_record
 from memories.consumer_groups import consumer_for
+from memories.events import publisher
 from memories.events.analytics import analytics_summary
 from memories.events.consumers import StreamConsumer
-from memories.events.stream import DEAD_LETTER_KEY, STREAM_KEY, redis_client
+from memories.events.stream import DEAD_LETTER_KEY, DROPPED_KEY, STREAM_KEY, redis_client
+from memories.metrics import EVENTS_DROPPED
 from memories.models import AuditLogEntry, EndUser, Session
 from tests.helpers import wait_for
 from tests.workers import BASE_DIR
@@ -201,3 +204,66 @@ def test_consume_events_process_follows_the_stream_and_stops_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- Trimming never loses an event silently -------------------------------------------------
+
+
+def test_a_stopped_audit_consumer_finds_every_event_after_the_retention_trim(
+    end_user, settings
+) -> None:
+    settings.EVENT_STREAM_MAX_AGE_SECONDS = 0  # every entry is past retention at once
+    for group in ("audit", "analytics", "webhooks"):
+        consumer_for(group).ensure_group()
+    run_session(end_user, messages=8)  # 10 events
+    consumer_for("analytics").drain()
+    consumer_for("webhooks").drain()
+    assert publisher.trim_stream() == 0  # audit (stopped) has not read them: nothing goes
+    assert consumer_for("audit").drain() == 10
+    assert AuditLogEntry.objects.count() == 10
+    assert publisher.trim_stream() == 10  # read by every group now, and old: gone
+    assert redis_client().xlen(STREAM_KEY) == 0
+
+
+def test_past_the_ceiling_unread_entries_are_dropped_counted_and_listed(end_user, settings) -> None:
+    settings.EVENT_STREAM_MAXLEN = 6
+    client = redis_client()
+    client.delete(DROPPED_KEY)
+    consumer_for("audit").ensure_group()
+    run_session(end_user, messages=8)  # 10 events, none read by audit
+    oldest = stream_ids()[:4]
+    before = EVENTS_DROPPED._value.get()
+    publisher.trim_stream()
+    assert client.xlen(STREAM_KEY) == 6
+    assert EVENTS_DROPPED._value.get() - before == 4
+    assert client.lrange(DROPPED_KEY, 0, -1) == oldest[::-1]  # newest first
+    assert consumer_for("audit").drain() == 6
+
+
+def test_an_event_published_twice_is_audited_and_counted_once(end_user) -> None:
+    # The relay sends again what a dying process published but had not marked.
+    run_session(end_user, messages=0, end=False)
+    [(_, fields)] = redis_client().xrange(STREAM_KEY)
+    event = json.loads(fields["event"])
+    publisher._send([event])
+    assert len(stream_ids()) == 2
+    consumer_for("audit").drain()
+    consumer_for("analytics").drain()
+    assert AuditLogEntry.objects.count() == 1
+    assert analytics_summary(str(end_user.tenant_id))["total_events"] == 1
+
+
+def test_a_session_older_than_the_stream_is_told_from_its_rows(api, end_user) -> None:
+    session = run_session(end_user, messages=2, end=True)
+    from_stream = api.get(f"/v1/sessions/{session.id}/reconstruct").json()
+    redis_client().delete(STREAM_KEY)  # retention ran out
+    from_rows = api.get(f"/v1/sessions/{session.id}/reconstruct").json()
+    assert from_rows["messages"] == from_stream["messages"] != []
+    assert from_rows["ended_at"] == from_stream["ended_at"] is not None
+    timeline = api.get(f"/v1/sessions/{session.id}/timeline").json()["timeline"]
+    assert [e["event_type"] for e in timeline] == [
+        "session.started",
+        "message.added",
+        "message.added",
+        "session.ended",
+    ]

@@ -69,7 +69,8 @@ def analytics_record(stream_id: str, event: dict[str, Any]) -> None:
     session_id = source.get("session_id") or ""
     _record_script()(
         keys=[
-            f"analytics:seen:{stream_id}",
+            # By event, not entry: the relay may publish an event again under a new stream id.
+            f"analytics:seen:{event['event_id']}",
             _key(tenant_id, "types"),
             _key(tenant_id, "sec", second),
             _key(tenant_id, "sessions"),

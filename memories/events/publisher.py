@@ -13,12 +13,21 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from memories import dispatch
 from memories.background import ProcessThread
-from memories.events.stream import STREAM_KEY, entry_fields, pubsub_channel, redis_client
-from memories.metrics import EVENTS_PUBLISHED
+from memories.events.stream import (
+    DROPPED_IDS_KEPT,
+    DROPPED_KEY,
+    STREAM_KEY,
+    entry_fields,
+    pubsub_channel,
+    read_range,
+    redis_client,
+    stream_id_order,
+)
+from memories.metrics import EVENTS_DROPPED, EVENTS_PUBLISHED
 from memories.rows import insert_rows, json_bytes
 
 logger = logging.getLogger(__name__)
@@ -213,7 +222,7 @@ def _mark_published(ids: list[int], stream_ids: list[str]) -> None:
 # XADD the event and PUBLISH it on its channels with the new stream id, in one round trip.
 # KEYS: stream, channels...; ARGV: maxlen, event JSON, type, tenant_id, user_id, session_id.
 _XADD_AND_PUBLISH = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[2],
+local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[2],
     'type', ARGV[3], 'tenant_id', ARGV[4], 'user_id', ARGV[5], 'session_id', ARGV[6])
 local message = '{"id":"' .. id .. '","event":' .. ARGV[2] .. '}'
 for i = 2, #KEYS do redis.call('PUBLISH', KEYS[i], message) end
@@ -251,7 +260,7 @@ def _send_by_sha(client: Any, events: list[dict[str, Any]]) -> list[str]:
                 1 + len(channels),
                 STREAM_KEY,
                 *channels,
-                settings.EVENT_STREAM_MAXLEN,
+                "",  # ARGV[1], once the length cap; the stream is trimmed by trim_stream now
                 fields["event"],
                 fields["type"],
                 fields["tenant_id"],
@@ -271,10 +280,57 @@ def relay_unpublished() -> int:
 
 
 def trim_stream() -> int:
-    """Drop stream entries older than EVENT_STREAM_MAX_AGE_SECONDS (MAXLEN caps the length)."""
+    """Trim the stream; returns the entries removed. Beat runs it every
+    EVENT_TRIM_INTERVAL_SECONDS.
+
+    Retention: entries older than EVENT_STREAM_MAX_AGE_SECONDS go, but only those every consumer
+    group has acknowledged: a stopped consumer finds, when it starts again, all it has not
+    processed. Safety: past EVENT_STREAM_MAXLEN entries the oldest go even if unacknowledged,
+    so a consumer stopped for good cannot fill Redis; those are counted (events_dropped_total),
+    logged, and their ids kept in DROPPED_KEY (the newest DROPPED_IDS_KEPT) for the operator.
+    """
+    client = redis_client()
+    keep_from = _oldest_unacknowledged(client)
+    removed = 0
+    excess = client.xlen(STREAM_KEY) - settings.EVENT_STREAM_MAXLEN
+    if excess > 0:
+        dropping = [entry_id for entry_id, _ in read_range(count=excess, client=client)]
+        lost = [i for i in dropping if keep_from is not None and stream_id_order(i) >= keep_from]
+        removed += client.xtrim(STREAM_KEY, maxlen=settings.EVENT_STREAM_MAXLEN, approximate=False)
+        if lost:
+            EVENTS_DROPPED.inc(len(lost))
+            with client.pipeline(transaction=False) as pipe:
+                pipe.lpush(DROPPED_KEY, *lost)
+                pipe.ltrim(DROPPED_KEY, 0, DROPPED_IDS_KEPT - 1)
+                pipe.execute()
+            logger.error(
+                "event stream over EVENT_STREAM_MAXLEN (%d): dropped %d entries a consumer group "
+                "had not acknowledged, %s to %s (ids in %s)",
+                settings.EVENT_STREAM_MAXLEN, len(lost), lost[0], lost[-1], DROPPED_KEY,
+            )  # fmt: skip
     cutoff_ms = int((timezone.now().timestamp() - settings.EVENT_STREAM_MAX_AGE_SECONDS) * 1000)
-    # Exact, unlike the MAXLEN ~ on writes: it runs once a minute, and "~" keeps whole old nodes.
-    return redis_client().xtrim(STREAM_KEY, minid=f"{cutoff_ms}-0", approximate=False)
+    cut = (cutoff_ms, 0) if keep_from is None else min((cutoff_ms, 0), keep_from)
+    # Exact, unlike "~", which keeps whole old nodes.
+    removed += client.xtrim(STREAM_KEY, minid=f"{cut[0]}-{cut[1]}", approximate=False)
+    return removed
+
+
+def _oldest_unacknowledged(client: Any) -> tuple[int, int] | None:
+    """The oldest entry some consumer group still needs: its oldest pending entry (delivered,
+    not acknowledged), or the first it has not been delivered; None when no group exists."""
+    oldest: tuple[int, int] | None = None
+    try:
+        groups = client.xinfo_groups(STREAM_KEY)
+    except ResponseError:  # no stream yet
+        return None
+    for group in groups:
+        delivered = stream_id_order(group["last-delivered-id"])
+        needed = (delivered[0], delivered[1] + 1)
+        if group["pending"]:
+            summary = client.xpending(STREAM_KEY, group["name"])
+            needed = min(needed, stream_id_order(summary["min"]))
+        oldest = needed if oldest is None else min(oldest, needed)
+    return oldest
 
 
 def outbox_purge() -> int:

@@ -1,12 +1,24 @@
 """Reads over the event stream: replay by time range (time travel), session timelines, and the
-state of a session folded from its events."""
+state of a session folded from its events. A session older than what the stream retains is told
+from its rows in PostgreSQL instead (its messages, summary and the history of its memories)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from memories.events.stream import parse_entry, read_range, stream_id_for_time
+from memories.events.schema import build_event
+from memories.events.stream import (
+    parse_entry,
+    read_range,
+    redis_client,
+    stream_id_for_time,
+    stream_id_order,
+)
+from memories.models import MemoryHistory, Session
+
+# Events a session's timeline holds at most.
+SESSION_EVENTS_MAX = 5000
 
 SCAN_CHUNK = 1000
 
@@ -48,6 +60,66 @@ def events_in_range(
             break
         start = f"({chunk[-1][0]}"
     return found
+
+
+def session_events(*, tenant_id: str, session: Session) -> list[dict[str, Any]]:
+    """The session's events, oldest first: from the stream while it still holds the session's
+    start, else rebuilt from the database (then without stream ids, and without the events that
+    leave no row: searches, errors)."""
+    oldest = read_range(count=1, client=redis_client())
+    started = stream_id_order(stream_id_for_time(session.started_at))
+    if oldest and stream_id_order(oldest[0][0]) <= started:
+        return events_in_range(
+            tenant_id=tenant_id,
+            session_id=str(session.id),
+            since=session.started_at,
+            limit=SESSION_EVENTS_MAX,
+        )
+    return session_events_from_rows(session=session)
+
+
+def session_events_from_rows(*, session: Session) -> list[dict[str, Any]]:
+    """The session told by its rows, in the events' shape, oldest first."""
+    common: dict[str, Any] = {
+        "tenant_id": session.tenant_id,
+        "user_id": session.user_id,
+        "agent_id": session.agent_id,
+        "session_id": session.id,
+    }
+    rebuilt = [build_event(event_type="session.started", at=session.started_at, **common)]
+    for message in session.messages.all()[:SESSION_EVENTS_MAX]:
+        data = {"message_id": message.id, "role": message.role, "content": message.content}
+        rebuilt.append(
+            build_event(event_type="message.added", at=message.created_at, data=data, **common)
+        )
+    history = (
+        MemoryHistory.objects.filter(
+            memory__tenant_id=session.tenant_id, memory__session_id=str(session.id)
+        )
+        .select_related("memory")
+        .order_by("id")[:SESSION_EVENTS_MAX]
+    )
+    kinds = {"ADD": "memory.created", "UPDATE": "memory.updated", "DELETE": "memory.deleted"}
+    for change in history:
+        memory = {"id": str(change.memory_id), "content": change.new_content}
+        rebuilt.append(
+            build_event(
+                event_type=kinds[change.event], at=change.created_at, memory=memory, **common
+            )
+        )
+    if session.ended_at is not None:
+        if session.summary:
+            rebuilt.append(
+                build_event(
+                    event_type="summary.created",
+                    at=session.ended_at,
+                    data={"summary": session.summary},
+                    **common,
+                )
+            )
+        rebuilt.append(build_event(event_type="session.ended", at=session.ended_at, **common))
+    rebuilt.sort(key=lambda event: event["timestamp"])
+    return [{"id": None, **event} for event in rebuilt[:SESSION_EVENTS_MAX]]
 
 
 def session_reconstruct(events: list[dict[str, Any]]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from memories import selectors
 from memories.auth import api_key_authenticate
 from memories.errors import NotFound
 from memories.events.schema import EVENT_TYPES, system_channel, tenant_channel, user_channel
-from memories.events.stream import STREAM_KEY
+from memories.events.stream import STREAM_KEY, stream_id_order
 from memories.metrics import SSE_SUBSCRIBERS
 from memories.models import Tenant
 
@@ -65,12 +65,6 @@ _TOPIC = re.compile(r"topic:(.{1,200}):updates")
 # redis-py types replies for any client: `bytes | str`, and RESP3's shapes too. The hub's client
 # decodes responses and speaks RESP2, so its replies are cast to the shapes it actually returns.
 _Entries = list[tuple[str, dict[str, str]]]
-
-
-def stream_id_order(stream_id: str) -> tuple[int, int]:
-    """A stream id as a sortable pair (ids compare by milliseconds, then sequence)."""
-    millis, _, sequence = stream_id.partition("-")
-    return int(millis), int(sequence or 0)
 
 
 # --- Who may hear what ---------------------------------------------------------------------------

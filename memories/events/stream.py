@@ -12,6 +12,15 @@ from django.conf import settings
 
 STREAM_KEY = "memory:events"
 DEAD_LETTER_KEY = "memory:events:dead"
+# The ids of entries dropped before every consumer group had them (see publisher.trim_stream).
+DROPPED_KEY = "memory:events:dropped"
+DROPPED_IDS_KEPT = 10_000
+
+
+def stream_id_order(stream_id: str) -> tuple[int, int]:
+    """A stream id as a sortable pair (ids compare by milliseconds, then sequence)."""
+    milliseconds, _, sequence = stream_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
 
 
 @cache
