@@ -29,6 +29,7 @@ STATUS_BY_ERROR: dict[type[errors.ServiceError], int] = {
     errors.VersionConflict: status.HTTP_412_PRECONDITION_FAILED,
     errors.Overloaded: status.HTTP_429_TOO_MANY_REQUESTS,
     errors.RateLimited: status.HTTP_429_TOO_MANY_REQUESTS,
+    errors.Gone: status.HTTP_410_GONE,
 }
 
 

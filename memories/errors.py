@@ -56,3 +56,9 @@ class Overloaded(ServiceError):
 
 class RateLimited(ServiceError):
     code = "rate_limited"
+
+
+class Gone(ServiceError):
+    """A position (cursor) the service can no longer answer from without a gap."""
+
+    code = "cursor_expired"

@@ -436,3 +436,52 @@ def test_a_pool_process_marks_its_published_rows_before_it_exits(end_user, monke
     worker_process_shutdown.send(sender=None, pid=0, exitcode=0)
     row.refresh_from_db()
     assert row.published_at is not None and row.stream_id
+
+
+# --- One tenant's replay reads that tenant's entries ----------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_small_tenants_replay_reads_its_own_entries_not_a_big_tenants(
+    api, end_user, other_tenant, monkeypatch
+) -> None:
+    from memories.events import replay
+    from memories.events.schema import build_event
+    from memories.events.stream import tenant_stream_key
+
+    loud = str(other_tenant.id)
+    for _ in range(100):  # 100,000 events of the loud tenant, 1,000 a round trip
+        publisher._send([build_event(event_type="search.performed", tenant_id=loud)] * 1000)
+    mine = [new_memory(end_user, f"Fact {n}") for n in range(10)]
+    reads: list[int] = []
+    real_read_range = replay.read_range
+
+    def counted(**kwargs):
+        chunk = real_read_range(**kwargs)
+        reads.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(replay, "read_range", counted)
+    try:
+        events = api.get("/v1/events").json()["events"]
+        assert [e["memory"]["id"] for e in events] == [str(m.id) for m in mine]
+        assert sum(reads) == 10  # the loud tenant's 100,000 entries were never read
+    finally:
+        redis_client().delete(STREAM_KEY, tenant_stream_key(loud))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_position_the_tenants_stream_can_no_longer_replay_from_is_410(
+    api, end_user, settings
+) -> None:
+    new_memory(end_user, "One")
+    first = api.get("/v1/events").json()["events"][0]["id"]
+    new_memory(end_user, "Two")
+    new_memory(end_user, "Three")
+    settings.EVENT_STREAM_MAXLEN = 1
+    publisher.trim_stream()  # the tenant's stream keeps "Three" alone: "Two" is gone
+    response = api.get("/v1/events", {"after": first})
+    assert response.status_code == 410 and response.json()["error"] == "cursor_expired"
+    assert "/v1/sync" in response.json()["message"]
+    last = api.get("/v1/events").json()["events"][-1]["id"]
+    assert api.get("/v1/events", {"after": last}).json()["events"] == []  # a live one still works

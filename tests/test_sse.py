@@ -21,7 +21,7 @@ from django.db import connection, transaction
 from rest_framework.test import APIClient
 
 from memories import accounts, events, memory_writes
-from memories.events import sse
+from memories.events import publisher, sse
 from memories.events.stream import STREAM_KEY, redis_client
 from memories.models import EndUser, Memory, Tenant
 from memories.providers.wiring import get_embedder
@@ -345,7 +345,7 @@ def test_reconnect_with_last_event_id_gets_exactly_the_missed_changes_in_order(
 
 
 def test_last_event_id_older_than_the_trimmed_stream_gets_stream_reset(
-    server, key, api, end_user
+    server, key, api, end_user, settings
 ) -> None:
     memory = memory_create(end_user, "v0")
     channels = [user_channel(end_user)]
@@ -353,7 +353,8 @@ def test_last_event_id_older_than_the_trimmed_stream_gets_stream_reset(
         for content in ("v1", "v2", "v3"):
             correct(api, memory, content)
         first, _, third = stream.events(3)
-    redis_client().xtrim(STREAM_KEY, minid=third.id, approximate=False)
+    settings.EVENT_STREAM_MAXLEN = 1
+    publisher.trim_stream()  # the tenant's stream keeps `third` alone
     with open_stream(server, key, channels, last_event_id=first.id) as stream:
         [reset] = stream.events(1)
         correct(api, memory, "v4")

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -474,9 +475,11 @@ def test_a_slow_receiver_does_not_hold_back_pull_sync_of_another_tenant(
     settings.WEBHOOK_TIMEOUT_SECONDS = 20
     slow = receiver(200, delay=10)
     delivery = _delivery_for(api, slow.url)
-    attempt = threading.Thread(
-        target=webhook_delivery_attempt, kwargs={"delivery_id": str(delivery.id)}
-    )
+    def attempt_then_close() -> None:
+        webhook_delivery_attempt(delivery_id=str(delivery.id))
+        connection.close()  # this thread's own connection, or the test database stays in use
+
+    attempt = threading.Thread(target=attempt_then_close)
     attempt.start()
     try:
         wait_for(lambda: len(slow.requests) == 1, what="the receiver to be called")

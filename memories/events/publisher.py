@@ -20,12 +20,16 @@ from memories.background import ProcessThread
 from memories.events.stream import (
     DROPPED_IDS_KEPT,
     DROPPED_KEY,
+    INDEXED_SINCE_KEY,
     STREAM_KEY,
+    TENANT_STREAMS_KEY,
+    TENANT_TRIMMED_KEY,
     entry_fields,
     pubsub_channel,
     read_range,
     redis_client,
     stream_id_order,
+    tenant_stream_key,
 )
 from memories.metrics import EVENTS_DROPPED, EVENTS_PUBLISHED
 from memories.rows import insert_rows, json_bytes
@@ -224,8 +228,12 @@ def _mark_published(ids: list[int], stream_ids: list[str]) -> None:
 _XADD_AND_PUBLISH = """
 local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[2],
     'type', ARGV[3], 'tenant_id', ARGV[4], 'user_id', ARGV[5], 'session_id', ARGV[6])
+redis.call('XADD', KEYS[2], id, 'event', ARGV[2],
+    'type', ARGV[3], 'user_id', ARGV[5], 'session_id', ARGV[6])
+redis.call('SADD', KEYS[3], KEYS[2])
+redis.call('SETNX', KEYS[4], id)
 local message = '{"id":"' .. id .. '","event":' .. ARGV[2] .. '}'
-for i = 2, #KEYS do redis.call('PUBLISH', KEYS[i], message) end
+for i = 5, #KEYS do redis.call('PUBLISH', KEYS[i], message) end
 return id
 """
 
@@ -257,8 +265,11 @@ def _send_by_sha(client: Any, events: list[dict[str, Any]]) -> list[str]:
             channels = [pubsub_channel(channel, tenant_id) for channel in event["channels"]]
             pipe.evalsha(
                 _XADD_AND_PUBLISH_SHA,
-                1 + len(channels),
+                4 + len(channels),
                 STREAM_KEY,
+                tenant_stream_key(tenant_id),
+                TENANT_STREAMS_KEY,
+                INDEXED_SINCE_KEY,
                 *channels,
                 "",  # ARGV[1], once the length cap; the stream is trimmed by trim_stream now
                 fields["event"],
@@ -312,7 +323,25 @@ def trim_stream() -> int:
     cut = (cutoff_ms, 0) if keep_from is None else min((cutoff_ms, 0), keep_from)
     # Exact, unlike "~", which keeps whole old nodes.
     removed += client.xtrim(STREAM_KEY, minid=f"{cut[0]}-{cut[1]}", approximate=False)
+    _trim_tenant_streams(client, cutoff=f"{cutoff_ms}-0")
     return removed
+
+
+def _trim_tenant_streams(client: Any, *, cutoff: str) -> None:
+    """Each tenant's stream keeps EVENT_STREAM_MAX_AGE_SECONDS, at most EVENT_STREAM_MAXLEN
+    entries (no consumer group reads them: only replay). Where entries go, the position below
+    which the tenant's replay would have a gap is recorded (TENANT_TRIMMED_KEY)."""
+    for key in client.smembers(TENANT_STREAMS_KEY):
+        trimmed_below = None
+        excess = client.xlen(key) - settings.EVENT_STREAM_MAXLEN
+        if excess > 0:
+            dropping = read_range(count=excess, client=client, key=key)
+            client.xtrim(key, maxlen=settings.EVENT_STREAM_MAXLEN, approximate=False)
+            trimmed_below = dropping[-1][0]  # a position at it saw every entry dropped
+        if client.xtrim(key, minid=cutoff, approximate=False):
+            trimmed_below = max(trimmed_below or "0-0", cutoff, key=stream_id_order)
+        if trimmed_below is not None:
+            client.hset(TENANT_TRIMMED_KEY, key, trimmed_below)
 
 
 def _oldest_unacknowledged(client: Any) -> tuple[int, int] | None:

@@ -7,13 +7,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from memories.errors import Gone
 from memories.events.schema import build_event
 from memories.events.stream import (
     parse_entry,
     read_range,
     redis_client,
+    replayable_from,
     stream_id_for_time,
     stream_id_order,
+    tenant_stream_key,
 )
 from memories.models import MemoryHistory, Session
 
@@ -36,17 +39,23 @@ def events_in_range(
 ) -> list[dict[str, Any]]:
     """The tenant's events in [since, until], oldest first, filtered, at most `limit`.
 
-    Reads the stream in chunks by stream id (ids are time-ordered), so a window is found without
-    reading what lies outside it; entries of other tenants are skipped.
+    Reads the tenant's own stream in chunks by stream id (ids are time-ordered), so a window is
+    found without reading what lies outside it, nor any other tenant's entry. An `after_id`
+    from which the stream can no longer replay without a gap raises Gone (410).
     """
+    if after_id and stream_id_order(after_id) < replayable_from(tenant_id):
+        raise Gone(
+            "Events after this position were trimmed (or predate per-tenant replay); fetch the "
+            "current state with GET /v1/sync, then read on from the newest events.",
+            field="after",
+        )
     start = f"({after_id}" if after_id else (stream_id_for_time(since) if since else "-")
     end = stream_id_for_time(until, end=True) if until else "+"
+    key = tenant_stream_key(tenant_id)
     found: list[dict[str, Any]] = []
     while len(found) < limit:
-        chunk = read_range(start=start, end=end, count=SCAN_CHUNK)
+        chunk = read_range(start=start, end=end, count=SCAN_CHUNK, key=key)
         for entry_id, fields in chunk:
-            if fields.get("tenant_id") != tenant_id:
-                continue
             if user_id and fields.get("user_id") != user_id:
                 continue
             if session_id and fields.get("session_id") != session_id:
@@ -66,9 +75,8 @@ def session_events(*, tenant_id: str, session: Session) -> list[dict[str, Any]]:
     """The session's events, oldest first: from the stream while it still holds the session's
     start, else rebuilt from the database (then without stream ids, and without the events that
     leave no row: searches, errors)."""
-    oldest = read_range(count=1, client=redis_client())
     started = stream_id_order(stream_id_for_time(session.started_at))
-    if oldest and stream_id_order(oldest[0][0]) <= started:
+    if replayable_from(tenant_id, client=redis_client()) <= started:
         return events_in_range(
             tenant_id=tenant_id,
             session_id=str(session.id),

@@ -21,6 +21,7 @@ clients, so two tenants may share one); only events without a tenant reach every
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import re
@@ -41,7 +42,13 @@ from memories import selectors
 from memories.auth import api_key_authenticate
 from memories.errors import NotFound
 from memories.events.schema import EVENT_TYPES, system_channel, tenant_channel, user_channel
-from memories.events.stream import STREAM_KEY, stream_id_order
+from memories.events.stream import (
+    INDEXED_SINCE_KEY,
+    STREAM_KEY,
+    TENANT_TRIMMED_KEY,
+    stream_id_order,
+    tenant_stream_key,
+)
 from memories.metrics import SSE_SUBSCRIBERS
 from memories.models import Tenant
 
@@ -330,30 +337,44 @@ class Hub:
                 if not subscribers:
                     del self._routes[key]
 
-    async def trimmed_past(self, last_event_id: str) -> bool:
-        """Whether entries after `last_event_id` may have been trimmed away (replay would skip)."""
-        try:
-            info = await self.redis.xinfo_stream(STREAM_KEY)
-        except ResponseError:
-            return True  # no stream at all: whatever the client saw is gone
-        last = stream_id_order(last_event_id)
-        first_entry = info.get("first-entry")
-        if first_entry:
-            return last < stream_id_order(first_entry[0])
-        return last < stream_id_order(info["last-generated-id"])
+    async def trimmed_past(self, tenant_id: str, last_event_id: str) -> bool:
+        """Whether entries of the tenant after `last_event_id` may have been trimmed away (or
+        predate per-tenant streams), so replay would skip some."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(INDEXED_SINCE_KEY)
+            pipe.hget(TENANT_TRIMMED_KEY, tenant_stream_key(tenant_id))
+            indexed, trimmed = await pipe.execute()
+        if indexed is None:
+            return False  # nothing was ever published: there is nothing to miss
+        boundary = max(stream_id_order(indexed), stream_id_order(trimmed or "0-0"))
+        return stream_id_order(last_event_id) < boundary
 
-    async def replay(self, subscriber: Subscriber, after: str) -> AsyncIterator[Frame]:
-        """Stored entries after `after` (exclusive) up to the newest that it wants, in order."""
+    async def replay(
+        self, subscriber: Subscriber, *, tenant_id: str, after: str, system: bool = False
+    ) -> AsyncIterator[Frame]:
+        """Stored entries after `after` (exclusive) up to the newest that it wants, in order:
+        read from the tenant's own stream (and the system one, for `system:global`), never
+        another tenant's."""
+        entries = self._pages(tenant_stream_key(tenant_id), after)
+        if system:  # few entries: merged in id order with the tenant's, in memory
+            stored = [
+                await _drain(entries),
+                await _drain(self._pages(tenant_stream_key(""), after)),
+            ]
+            entries = _iterate(heapq.merge(*stored, key=_entry_order))
+        async for entry_id, fields in entries:
+            event = json.loads(fields["event"])
+            if subscriber.wants(event):
+                yield frame_for(entry_id, event)
+
+    async def _pages(self, key: str, after: str) -> AsyncIterator[tuple[str, dict[str, str]]]:
         start = f"({after}"
         while True:
             entries = cast(
-                _Entries,
-                await self.redis.xrange(STREAM_KEY, min=start, max="+", count=REPLAY_PAGE),
+                _Entries, await self.redis.xrange(key, min=start, max="+", count=REPLAY_PAGE)
             )
-            for entry_id, fields in entries:
-                event = json.loads(fields["event"])
-                if subscriber.wants(event):
-                    yield frame_for(entry_id, event)
+            for entry in entries:
+                yield entry
             if len(entries) < REPLAY_PAGE:
                 return
             start = f"({entries[-1][0]}"
@@ -458,7 +479,7 @@ async def event_stream(
     try:
         yield SUBSCRIBED
         if wanted.last_event_id is not None:
-            if await hub.trimmed_past(wanted.last_event_id):
+            if await hub.trimmed_past(wanted.tenant_id, wanted.last_event_id):
                 yield _control_frame(
                     "stream-reset",
                     last_id,
@@ -468,7 +489,13 @@ async def event_stream(
                 )
             else:
                 last_id = wanted.last_event_id
-                async for stored in hub.replay(subscriber, after=last_id):
+                replayed = hub.replay(
+                    subscriber,
+                    tenant_id=wanted.tenant_id,
+                    after=last_id,
+                    system=SYSTEM_CHANNEL in wanted.channels,
+                )
+                async for stored in replayed:
                     yield stored.data
                     last_id = stored.id
         last_order = stream_id_order(last_id)
@@ -611,3 +638,20 @@ async def _send_all(body: AsyncIterator[bytes], send: ASGISend) -> None:
 async def _until_disconnect(receive: ASGIReceive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass  # a request body, which a GET should not have: ignored
+
+
+async def _drain(
+    entries: AsyncIterator[tuple[str, dict[str, str]]],
+) -> list[tuple[str, dict[str, str]]]:
+    return [entry async for entry in entries]
+
+
+async def _iterate(
+    entries: Iterable[tuple[str, dict[str, str]]],
+) -> AsyncIterator[tuple[str, dict[str, str]]]:
+    for entry in entries:
+        yield entry
+
+
+def _entry_order(entry: tuple[str, dict[str, str]]) -> tuple[int, int]:
+    return stream_id_order(entry[0])

@@ -1,4 +1,11 @@
-"""Redis: the event stream, its dead letters, and the pub/sub channel names."""
+"""Redis: the event stream, each tenant's copy of its own entries, the dead letters, and the
+pub/sub channel names.
+
+Every entry is added to the stream all consumer groups read and, under the same id, to its
+tenant's stream, so a tenant's replay (`/v1/events`, SSE's Last-Event-ID) reads its own entries
+only, however many other tenants write, and a position (a stream id) means the same in both.
+Events without a tenant go to the `system` one.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,30 @@ from django.conf import settings
 
 STREAM_KEY = "memory:events"
 DEAD_LETTER_KEY = "memory:events:dead"
+# The tenant streams that exist (their keys), for the trim.
+TENANT_STREAMS_KEY = "memory:events:tenant-streams"
+# Per tenant stream: the id below which entries may have been trimmed from it. A position below
+# it cannot be replayed; so is one below INDEXED_SINCE_KEY, the first entry tenant streams hold.
+TENANT_TRIMMED_KEY = "memory:events:tenant-trimmed"
+INDEXED_SINCE_KEY = "memory:events:tenant-indexed-since"
 # The ids of entries dropped before every consumer group had them (see publisher.trim_stream).
 DROPPED_KEY = "memory:events:dropped"
 DROPPED_IDS_KEPT = 10_000
+
+
+def tenant_stream_key(tenant_id: str) -> str:
+    return f"{STREAM_KEY}:tenant:{tenant_id or 'system'}"
+
+
+def replayable_from(tenant_id: str, *, client: redis.Redis | None = None) -> tuple[int, int]:
+    """The oldest position from which the tenant's stream replays without a gap: a position
+    before it (trimmed since, or older than tenant streams) may have missed entries."""
+    client = client or redis_client()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.get(INDEXED_SINCE_KEY)
+        pipe.hget(TENANT_TRIMMED_KEY, tenant_stream_key(tenant_id))
+        indexed, trimmed = pipe.execute()
+    return max(stream_id_order(indexed or "0-0"), stream_id_order(trimmed or "0-0"))
 
 
 def stream_id_order(stream_id: str) -> tuple[int, int]:
@@ -67,9 +95,14 @@ def stream_id_for_time(moment: datetime, *, end: bool = False) -> str:
 
 
 def read_range(
-    *, start: str = "-", end: str = "+", count: int = 1000, client: redis.Redis | None = None
+    *,
+    start: str = "-",
+    end: str = "+",
+    count: int = 1000,
+    client: redis.Redis | None = None,
+    key: str = STREAM_KEY,
 ) -> list[tuple[str, dict[str, str]]]:
-    reply = (client or redis_client()).xrange(STREAM_KEY, min=start, max=end, count=count)
+    reply = (client or redis_client()).xrange(key, min=start, max=end, count=count)
     # redis-py types the reply for any client (`bytes | str`, or None); this one decodes
     # responses, and XRANGE always answers a list of (id, fields).
     return cast(list[tuple[str, dict[str, str]]], reply)
