@@ -140,7 +140,7 @@ def write_loop() -> None:
     from django.core.management import call_command
     from django.db import transaction
 
-    from memories import accounts, memory_writes
+    from memories import accounts, erasure, memory_writes
     from memories.events import publisher
     from memories.models import Memory
     from memories.providers.wiring import get_embedder
@@ -186,7 +186,7 @@ def write_loop() -> None:
         reply = {"id": stream_id, "commit": stamp["commit"], "send_started": send_started,
                  "send_ended": send_ended}  # fmt: skip
         print(json.dumps(reply), flush=True)
-    accounts.end_user_delete(user=user)
+    erasure.user_erasure_run(request_id=str(erasure.user_erasure_submit(user=user).id))
     api_key.delete()
 
 

@@ -1,5 +1,4 @@
-"""Tenants, their API keys and their end users: created, and a user deleted with everything of
-theirs."""
+"""Tenants, their API keys and their end users, created (a user is erased by memories.erasure)."""
 
 from __future__ import annotations
 
@@ -9,10 +8,9 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from memories import signals
 from memories.auth import hash_api_key
 from memories.errors import AlreadyExists
-from memories.models import ApiKey, EndUser, Memory, Tenant
+from memories.models import ApiKey, EndUser, Tenant
 
 
 def tenant_get_or_create(*, name: str) -> Tenant:
@@ -47,18 +45,3 @@ def end_user_create(
         raise AlreadyExists(
             f"A user with external_id {external_id!r} already exists.", field="external_id"
         ) from exc
-
-
-@transaction.atomic
-def end_user_delete(*, user: EndUser) -> int:
-    """Delete a user with all their memories, requests and history; returns memories removed."""
-    removed = Memory.objects.filter(user=user).count()
-    signals.memories_cleared.send(
-        sender=EndUser,
-        tenant_id=user.tenant_id,
-        user_id=user.id,
-        count=removed,
-        reason="user deleted",
-    )
-    user.delete()
-    return removed

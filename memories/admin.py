@@ -8,7 +8,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from memories import accounts, ledger, memory_writes
+from memories import accounts, erasure, ledger, memory_writes
 from memories.errors import DuplicateRequest
 from memories.models import ApiKey, EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
 from memories.providers.wiring import get_embedder
@@ -104,7 +104,7 @@ class MemoryAdmin(admin.ModelAdmin):
         obj.version, obj.updated_at = updated.version, updated.updated_at
 
     def delete_model(self, request: HttpRequest, obj: Memory) -> None:
-        memory_writes.memory_delete(
+        erasure.memory_forget(
             tenant_id=obj.tenant_id, memory_id=obj.pk, actor=_admin_actor(request)
         )
 

@@ -19,7 +19,16 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from memories import accounts, backpressure, ledger, memory_writes, metrics, search, selectors
+from memories import (
+    accounts,
+    backpressure,
+    erasure,
+    ledger,
+    memory_writes,
+    metrics,
+    search,
+    selectors,
+)
 from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
@@ -134,9 +143,12 @@ class UserDetailApi(TenantApi):
         return Response(UserOutput(user).data)
 
     def delete(self, request: Request, user_id: str) -> Response:
+        """Erase the user: a job (202), polled at /v1/requests/{request_id}; the user is not
+        found from now on, and the finished request's `events` hold the receipt."""
         user = selectors.end_user_get(tenant=self.tenant, user_id=user_id)
-        removed = accounts.end_user_delete(user=user)
-        return Response({"user_id": str(user_id), "deleted": True, "memories_deleted": removed})
+        memory_request = erasure.user_erasure_submit(user=user)
+        body = {"request_id": str(memory_request.id), "status": memory_request.status}
+        return Response(body, status=status.HTTP_202_ACCEPTED)
 
 
 # --- Memory jobs ---------------------------------------------------------------------------------
@@ -369,7 +381,7 @@ class MemoryDetailApi(TenantApi):
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
     def delete(self, request: Request, memory_id: str) -> Response:
-        memory_writes.memory_delete(tenant_id=self.tenant.id, memory_id=memory_id)
+        erasure.memory_forget(tenant_id=self.tenant.id, memory_id=memory_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -185,9 +185,9 @@ def memories_batch_apply(
     user_ids = {item.user_id for item in items}
     known_users = {
         str(pk)
-        for pk in EndUser.objects.filter(tenant=tenant, pk__in=user_ids).values_list(
-            "pk", flat=True
-        )
+        for pk in EndUser.objects.filter(
+            tenant=tenant, pk__in=user_ids, erasing_since__isnull=True
+        ).values_list("pk", flat=True)
     }
     for item in items:
         if item.user_id not in known_users:

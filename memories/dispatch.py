@@ -29,13 +29,15 @@ MEMORY_JOB_TASK = "tasks.memory_jobs.process_memory_request"
 BATCH_JOB_TASK = "tasks.batch_jobs.apply_batch_request"
 PUBLISH_EVENTS_TASK = "tasks.events.publish_events"
 DELIVER_WEBHOOK_TASK = "tasks.webhooks.deliver_webhook"
+ERASURE_TASK = "tasks.erasure.erase_user"
 # The tasks that run a request, sent with the request id as their task id.
-REQUEST_TASKS = frozenset({MEMORY_JOB_TASK, BATCH_JOB_TASK})
+REQUEST_TASKS = frozenset({MEMORY_JOB_TASK, BATCH_JOB_TASK, ERASURE_TASK})
+_TASK_OF_KIND = {"batch": BATCH_JOB_TASK, "erasure": ERASURE_TASK}
 
 
 def lane_for(kind: str, priority: str) -> Queue:
     """The lane a request's task is sent on, by the request's kind and priority."""
-    if kind == "batch":
+    if kind in ("batch", "erasure"):
         return Queue.BATCH
     return Queue.HIGH if priority == "high" else Queue.DEFAULT
 
@@ -63,7 +65,7 @@ def request_send(*, request_id: str, kind: str, priority: str) -> None:
     sends it later, so a failure here is logged, never raised into the HTTP response.
     """
     lane = lane_for(kind, priority)
-    name = BATCH_JOB_TASK if lane is Queue.BATCH else MEMORY_JOB_TASK
+    name = _TASK_OF_KIND.get(kind, MEMORY_JOB_TASK)
     try:
         _send(name, args=[request_id], queue=lane, task_id=request_id)
     except Exception:

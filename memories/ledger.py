@@ -111,7 +111,9 @@ def memory_request_submit(
     # more round trips on every job); with a session, its messages are recorded in the same one.
     with transaction.atomic() if payload.get("session_id") else nullcontext():
         if not _memory_request_insert(memory_request):
-            if not EndUser.objects.filter(pk=user_id, tenant_id=tenant_id).exists():
+            if not EndUser.objects.filter(
+                pk=user_id, tenant_id=tenant_id, erasing_since__isnull=True
+            ).exists():
                 raise NotFound("User not found.", field="user_id")
             # A slot is taken. Expiry is lazy: a request past its TTL stops blocking a duplicate
             # the moment one arrives, without waiting for the beat sweep; then try once more.
@@ -130,7 +132,8 @@ def memory_request_submit(
 # its idempotency slot (the partial unique indexes; DO NOTHING instead of an error, so no
 # savepoint is needed around it).
 _TENANT_HAS_USER = (
-    f"EXISTS (SELECT 1 FROM {EndUser._meta.db_table} WHERE id = %s AND tenant_id = %s)"
+    f"EXISTS (SELECT 1 FROM {EndUser._meta.db_table}"
+    " WHERE id = %s AND tenant_id = %s AND erasing_since IS NULL)"
 )
 
 

@@ -251,12 +251,15 @@ def memory_update(
     return memory
 
 
-def memory_delete(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> None:
-    """Tombstone the memory (pull-sync hands the deletion to offline clients), with its history
-    and event."""
+def memory_tombstone(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> Memory:
+    """Forget's write of the memory itself (memories.erasure.memory_forget does the rest): a
+    tombstone for pull-sync (id, version, deleted_at) with no content, metadata or embedding,
+    its DELETE history row and its event, both content-free. NotFound unless it is live."""
     with transaction.atomic():
         memory = _memory_lock(tenant_id=tenant_id, memory_id=memory_id)
-        previous = memory.content
         now = timezone.now()
         memory.deleted_at = now
-        _memories_write([AppliedChange("DELETE", memory, previous)], actor=actor, at=now)
+        memory.content, memory.content_hash, memory.metadata = "", "", {}
+        memory.embedding = None
+        _memories_write([AppliedChange("DELETE", memory, None)], actor=actor, at=now)
+    return memory

@@ -80,6 +80,9 @@ class EndUser(models.Model):
     external_id = models.CharField(max_length=200, null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Set when the user's erasure is requested: from then on the user is not found (no new jobs,
+    # reads, sessions) while the erasure job removes everything of theirs.
+    erasing_since = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         verbose_name = "end user"
@@ -113,11 +116,12 @@ class MemoryRequest(models.Model):
     class Kind(models.TextChoices):
         MEMORY_JOB = "memory_job"  # messages through the LLM pipeline, for one user
         BATCH = "batch"  # direct bulk writes, possibly for many users
+        ERASURE = "erasure"  # a user erased; names the user in its payload, not as its owner
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memory_requests")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.MEMORY_JOB)
-    # Empty only for a batch, whose items may name many users.
+    # Empty for a batch, whose items may name many users, and an erasure (which outlives its user).
     user = models.ForeignKey(
         EndUser, null=True, blank=True, on_delete=models.CASCADE, related_name="memory_requests"
     )
@@ -205,7 +209,8 @@ class Memory(models.Model):
     topic = models.CharField(max_length=200, blank=True, default="")
     type = models.CharField(max_length=16, choices=Type.choices, default=Type.FACT)
     content = models.TextField()
-    embedding = EmbeddingField(dimensions=settings.EMBEDDING_DIMENSIONS)
+    # Empty once the memory is forgotten (a tombstone keeps no trace of what it said).
+    embedding = EmbeddingField(dimensions=settings.EMBEDDING_DIMENSIONS, null=True)
     content_hash = models.CharField(max_length=64)
     metadata = models.JSONField(default=dict, blank=True)
     agent_id = models.CharField(max_length=200, blank=True, default="")

@@ -25,7 +25,8 @@ from memories.models import (
 def end_user_get(*, tenant: Tenant, user_id: UUID | str) -> EndUser:
     """The tenant's user, or NotFound: another tenant's user is indistinguishable from none."""
     try:
-        return EndUser.objects.get(tenant=tenant, pk=user_id)
+        # A user being erased is not found: no reads, jobs or sessions for them any more.
+        return EndUser.objects.get(tenant=tenant, pk=user_id, erasing_since__isnull=True)
     except (EndUser.DoesNotExist, ValueError, TypeError) as exc:
         raise NotFound("User not found.", field="user_id") from exc
 

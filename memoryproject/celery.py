@@ -17,6 +17,7 @@ app.conf.imports = [
     "tasks.sweeper",
     "tasks.events",
     "tasks.webhooks",
+    "tasks.erasure",
 ]
 
 

@@ -11,7 +11,7 @@ from django.db import DatabaseError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from memories import accounts, ledger, memory_writes, search, selectors
+from memories import erasure, ledger, memory_writes, search, selectors
 from memories.events import publisher
 from memories.events.publisher import relay_unpublished
 from memories.events.stream import STREAM_KEY, redis_client
@@ -142,23 +142,21 @@ def test_update_delete_search_and_clear_emit_their_events(end_user) -> None:
         embedder=get_embedder(),
         content="Lives in Rome",
     )
-    memory_writes.memory_delete(tenant_id=memory.tenant_id, memory_id=memory.id)
+    updated = tenant_events(end_user.tenant)
+    assert [e["event_type"] for e in updated] == ["memory.created", "memory.updated"]
+    assert updated[1]["memory"]["content"] == "Lives in Rome"
+    erasure.memory_forget(tenant_id=memory.tenant_id, memory_id=memory.id)
     search.memory_search(
         user=end_user, query="Rome", limit=5, filters={}, threshold=None, embedder=get_embedder()
     )
-    accounts.end_user_delete(user=end_user)
     events = tenant_events(end_user.tenant)
-    assert [e["event_type"] for e in events] == [
-        "memory.created",
-        "memory.updated",
-        "memory.deleted",
-        "search.performed",
-        "memory.cleared",
-    ]
-    assert events[1]["memory"]["content"] == "Lives in Rome"
-    assert events[2]["memory"]["content"] is None
-    assert events[3]["data"] == {"query": "Rome", "results": 0}
-    assert events[4]["data"]["count"] == 1
+    # Forgetting took the memory's earlier events, which held its words, out of the stream.
+    assert [e["event_type"] for e in events] == ["memory.deleted", "search.performed"]
+    assert events[0]["memory"]["content"] is None and events[0]["memory"]["metadata"] == {}
+    erasure.user_erasure_run(request_id=str(erasure.user_erasure_submit(user=end_user).id))
+    # Erasing the user took all of theirs; what stays says only that it happened.
+    [cleared] = tenant_events(end_user.tenant)
+    assert cleared["event_type"] == "memory.cleared" and cleared["data"]["count"] == 1
 
 
 @pytest.mark.django_db(transaction=True)
@@ -305,7 +303,7 @@ def test_sync_returns_changes_since_the_cursor_with_tombstones(api, end_user) ->
         embedder=get_embedder(),
         content="Lives in Rome",
     )
-    memory_writes.memory_delete(tenant_id=tea.tenant_id, memory_id=tea.id)
+    erasure.memory_forget(tenant_id=tea.tenant_id, memory_id=tea.id)
     second = sync(api, end_user, since=first["next_cursor"], expect=2)
     changes = {c["id"]: c for c in second["changes"]}
     assert changes[str(paris.id)]["content"] == "Lives in Rome"

@@ -6,7 +6,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from memories import accounts, memory_writes, selectors
+from memories import accounts, erasure, selectors
 from memories.providers.wiring import get_embedder
 from tests.helpers import store_memories
 
@@ -48,7 +48,7 @@ def test_search_never_returns_another_users_memories(api, tenant, end_user) -> N
 
 def test_deleted_memories_are_not_found(api, end_user) -> None:
     cat = store_memories(end_user, *FACTS)[3]
-    memory_writes.memory_delete(tenant_id=cat.tenant_id, memory_id=cat.id)
+    erasure.memory_forget(tenant_id=cat.tenant_id, memory_id=cat.id)
     assert "Has a cat named Tom" not in [r["content"] for r in search(api, end_user, "cat")]
 
 

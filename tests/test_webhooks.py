@@ -475,6 +475,7 @@ def test_a_slow_receiver_does_not_hold_back_pull_sync_of_another_tenant(
     settings.WEBHOOK_TIMEOUT_SECONDS = 20
     slow = receiver(200, delay=10)
     delivery = _delivery_for(api, slow.url)
+
     def attempt_then_close() -> None:
         webhook_delivery_attempt(delivery_id=str(delivery.id))
         connection.close()  # this thread's own connection, or the test database stays in use
