@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
+import ipaddress
 import json
+import logging
 import os
 import threading
 from typing import Any, cast
@@ -39,6 +42,8 @@ from memories.providers.wiring import get_embedder
 from memories.queue_load import QueueDepthCollector
 from memories.validation import unstorable_text
 from memoryproject.celery import app
+
+logger = logging.getLogger(__name__)
 
 
 class TenantApi(APIView):
@@ -405,10 +410,24 @@ class MemoryHistoryApi(TenantApi):
         request_id = serializers.UUIDField(allow_null=True)
         created_at = serializers.DateTimeField()
 
+    class QuerySerializer(serializers.Serializer):
+        limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=500)
+        cursor = serializers.RegexField(r"^\d{1,18}$", required=False)
+
     def get(self, request: Request, memory_id: str) -> Response:
-        history = selectors.memory_history(tenant=self.tenant, memory_id=memory_id)
+        query = validated_input(self.QuerySerializer, request.query_params.dict())
+        after = int(query["cursor"]) if query.get("cursor") else None
+        page = selectors.memory_history(
+            tenant=self.tenant, memory_id=memory_id, after=after, limit=query["limit"] + 1
+        )
+        has_more = len(page) > query["limit"]
+        page = page[: query["limit"]]
         return Response(
-            {"memory_id": memory_id, "history": self.OutputSerializer(history, many=True).data}
+            {
+                "memory_id": memory_id,
+                "history": self.OutputSerializer(page, many=True).data,
+                "next_cursor": str(page[-1].id) if has_more else None,
+            }
         )
 
 
@@ -453,14 +472,16 @@ def readyz(request: Any) -> JsonResponse:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
         checks["database"] = "ok"
-    except Exception as exc:  # readiness reports, it does not raise
-        checks["database"] = f"error: {exc}"
+    except Exception:  # readiness reports, it does not raise; the why goes to the log
+        logger.exception("readiness: the database does not answer")
+        checks["database"] = "unavailable"
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1)
         checks["broker"] = "ok"
-    except Exception as exc:
-        checks["broker"] = f"error: {exc}"
+    except Exception:
+        logger.exception("readiness: the broker does not answer")
+        checks["broker"] = "unavailable"
     ready = all(value == "ok" for value in checks.values())
     return JsonResponse(
         {"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503
@@ -469,7 +490,19 @@ def readyz(request: Any) -> JsonResponse:
 
 def metrics_view(request: Any) -> HttpResponse:
     """Every process's metrics (summed from PROMETHEUS_MULTIPROC_DIR when set), then the queue
-    depths, read now."""
+    depths, read now. With METRICS_TOKEN set it wants `Authorization: Bearer <token>`; without
+    it, only a client on loopback is answered (a scraper next to the service)."""
+    if settings.METRICS_TOKEN:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), settings.METRICS_TOKEN.encode()):
+            body = {
+                "error": "not_authenticated",
+                "message": "Give Authorization: Bearer <METRICS_TOKEN>.",
+            }
+            return JsonResponse(body, status=401)
+    elif not ipaddress.ip_address(request.META.get("REMOTE_ADDR") or "0.0.0.0").is_loopback:
+        body = {"error": "forbidden", "message": "Set METRICS_TOKEN to scrape from elsewhere."}
+        return JsonResponse(body, status=403)
     registry = prometheus_client.REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = prometheus_client.CollectorRegistry()

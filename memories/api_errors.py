@@ -25,6 +25,7 @@ STATUS_BY_ERROR: dict[type[errors.ServiceError], int] = {
     errors.InvalidInput: status.HTTP_400_BAD_REQUEST,
     errors.DuplicateRequest: status.HTTP_409_CONFLICT,
     errors.AlreadyExists: status.HTTP_409_CONFLICT,
+    errors.LimitReached: status.HTTP_409_CONFLICT,
     errors.IdempotencyKeyReused: status.HTTP_422_UNPROCESSABLE_ENTITY,
     errors.VersionConflict: status.HTTP_412_PRECONDITION_FAILED,
     errors.Overloaded: status.HTTP_429_TOO_MANY_REQUESTS,

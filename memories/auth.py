@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db.models.signals import post_save
+from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 from rest_framework import authentication, exceptions
@@ -46,8 +46,10 @@ def api_key_find(raw_key: str) -> ApiKey | None:
 
 
 @receiver(post_save, sender=ApiKey, dispatch_uid="api_key_changed")
+@receiver(post_delete, sender=ApiKey, dispatch_uid="api_key_deleted")
 def _forget_changed_key(sender: type, instance: ApiKey, **kwargs: Any) -> None:
-    # A key revoked or given an expiry (the admin runs in a web process) stops working here now.
+    # A key revoked, given an expiry or deleted (the admin runs in a web process) stops working
+    # here now; in other processes within API_KEY_CACHE_SECONDS.
     _keys_read.pop(instance.key_hash, None)
 
 

@@ -42,6 +42,12 @@ class AlreadyExists(ServiceError):
     code = "already_exists"
 
 
+class LimitReached(ServiceError):
+    """The tenant has as many of these as it may have."""
+
+    code = "limit_reached"
+
+
 class VersionConflict(ServiceError):
     """`If-Match` named a version that is no longer current."""
 

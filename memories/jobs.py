@@ -19,6 +19,7 @@ from memories import ledger, metrics
 from memories.background import ProcessThread
 from memories.logs import log_context
 from memories.models import MemoryRequest
+from memories.providers import ProviderError
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,16 @@ def _run(*, request_id: str, work: Work) -> str:
         # (never close one that an enclosing transaction still holds, though).
         if not connection.in_atomic_block:
             connection.close_if_unusable_or_obsolete()
-        error = f"{type(exc).__name__}: {exc}"
+        error = _error_for_tenant(exc)
         will_retry = ledger.memory_request_record_error(claim=claim, error=error)
         return "retry" if will_retry else "failed"
     return "done"
+
+
+def _error_for_tenant(exc: Exception) -> str:
+    """What the request's `error` says: a provider's failure in our providers' own words, any
+    other failure by its kind alone (a driver's or library's text can carry what a tenant must
+    not read; the log holds it)."""
+    if isinstance(exc, ProviderError):
+        return f"ProviderError: {exc}"
+    return f"{type(exc).__name__}: the attempt failed; the service logged the cause"

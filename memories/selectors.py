@@ -45,11 +45,17 @@ def memory_get(*, tenant: Tenant, memory_id: UUID | str) -> Memory:
         raise NotFound("Memory not found.") from exc
 
 
-def memory_history(*, tenant: Tenant, memory_id: UUID | str) -> QuerySet[MemoryHistory]:
-    # History outlives a delete: the tombstoned memory's story is still readable.
+def memory_history(
+    *, tenant: Tenant, memory_id: UUID | str, after: int | None = None, limit: int = 100
+) -> list[MemoryHistory]:
+    """A page of the memory's history, oldest first, after the row `after` (a cursor)."""
+    # History outlives a delete: the tombstoned memory's story (content-free) is still readable.
     if not Memory.objects.filter(tenant=tenant, pk=memory_id).exists():
         raise NotFound("Memory not found.")
-    return MemoryHistory.objects.filter(memory_id=memory_id).order_by("id")
+    rows = MemoryHistory.objects.filter(memory_id=memory_id)
+    if after is not None:
+        rows = rows.filter(id__gt=after)
+    return list(rows.order_by("id")[:limit])
 
 
 def _apply_filters(queryset: QuerySet[Memory], filters: dict[str, Any]) -> QuerySet[Memory]:

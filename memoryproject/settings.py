@@ -138,6 +138,9 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Messages (the admin's "here is your new key, once") live in the database-backed session, never
+# in a cookie.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 # Bodies above this are refused with 400 before they are read. Sized for the largest call: an
 # asynchronous batch of BATCH_ASYNC_MAX_ITEMS items of up to 1.5 KB of JSON each. Every field has
 # its own limit besides; a body waiting for its last bytes holds at most this much memory.
@@ -237,6 +240,7 @@ WEBHOOK_RESEND_GRACE_SECONDS = env_int("WEBHOOK_RESEND_GRACE_SECONDS", 30)
 WEBHOOK_ALLOW_PRIVATE_TARGETS = env_bool("WEBHOOK_ALLOW_PRIVATE_TARGETS", False)
 # Ports a webhook URL may name (any, with WEBHOOK_ALLOW_PRIVATE_TARGETS).
 WEBHOOK_ALLOWED_PORTS = env_int_list("WEBHOOK_ALLOWED_PORTS", [80, 443])
+WEBHOOK_MAX_PER_TENANT = env_int("WEBHOOK_MAX_PER_TENANT", 50)
 
 # --- Backpressure and rate limits ----------------------------------------------------------
 # Above this many waiting jobs (queued in a lane, or pending in the database) new normal/batch
@@ -300,6 +304,8 @@ LLM_CLIENT_MAX_RETRIES = env_int("LLM_CLIENT_MAX_RETRIES", 1)
 # How long a web process trusts an API key it has read (0: read it on every call). Expiry is
 # checked on every call regardless; a revocation reaches the other processes within this time.
 API_KEY_CACHE_SECONDS = env_float("API_KEY_CACHE_SECONDS", 5.0)
+# `/metrics` wants `Authorization: Bearer <METRICS_TOKEN>` when set, else answers loopback only.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["memories.auth.ApiKeyAuthentication"],

@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from memories import dispatch
 from memories.backoff import backoff_seconds
+from memories.errors import LimitReached
 from memories.models import Tenant
 from webhooks import selectors, targets
 from webhooks.models import Webhook, WebhookDelivery
@@ -40,14 +41,21 @@ Status = WebhookDelivery.Status
 def webhook_create(
     *, tenant: Tenant, url: str, event_types: list[str], channels: list[str]
 ) -> Webhook:
-    """Create a webhook with a fresh signing secret (the caller shows it once)."""
-    return Webhook.objects.create(
-        tenant=tenant,
-        url=url,
-        secret=f"whsec_{secrets.token_urlsafe(32)}",
-        event_types=event_types,
-        channels=channels,
-    )
+    """Create a webhook with a fresh signing secret (the caller shows it once); LimitReached
+    past WEBHOOK_MAX_PER_TENANT (the tenant's row is locked, so two at once cannot both pass)."""
+    with transaction.atomic():
+        Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+        if Webhook.objects.filter(tenant=tenant).count() >= settings.WEBHOOK_MAX_PER_TENANT:
+            raise LimitReached(
+                f"A tenant may have {settings.WEBHOOK_MAX_PER_TENANT} webhooks; delete one first."
+            )
+        return Webhook.objects.create(
+            tenant=tenant,
+            url=url,
+            secret=f"whsec_{secrets.token_urlsafe(32)}",
+            event_types=event_types,
+            channels=channels,
+        )
 
 
 def webhook_delete(*, webhook: Webhook) -> None:

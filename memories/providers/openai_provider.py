@@ -101,7 +101,7 @@ class OpenAILLM:
                 temperature=0,
             )
         except openai.OpenAIError as exc:
-            raise ProviderError(f"{self._who()} failed: {exc}") from exc
+            raise ProviderError(_failure(self._who(), exc)) from exc
         content = response.choices[0].message.content if response.choices else None
         if not content:
             raise ProviderError(f"{self._who()} returned an empty answer")
@@ -181,7 +181,7 @@ class OpenAIEmbedder:
                 model=self.model, input=texts, encoding_format="float", **options
             )
         except openai.OpenAIError as exc:
-            raise ProviderError(f"{who} failed: {exc}") from exc
+            raise ProviderError(_failure(who, exc)) from exc
         data = sorted(response.data, key=lambda item: item.index)
         if [item.index for item in data] != list(range(len(texts))):
             raise ProviderError(f"{who} returned {len(data)} vectors for {len(texts)} texts")
@@ -192,3 +192,10 @@ class OpenAIEmbedder:
                     f"{who} returned {len(vector)} dimensions, {self.dimensions} are configured"
                 )
         return vectors
+
+
+def _failure(who: str, exc: openai.OpenAIError) -> str:
+    """Our words for a failed call: the error's kind and HTTP status, never the provider's text
+    (which tenants would read back in a job's error); the log has the whole exception."""
+    status = getattr(exc, "status_code", None)
+    return f"{who} failed ({type(exc).__name__}{f', HTTP {status}' if status else ''})"
