@@ -10,8 +10,9 @@ if __name__ == "__main__":
     from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
 
-    from memoryproject.embedded import use_embedded_servers
+    from memoryproject.embedded import use_development_secret_key, use_embedded_servers
 
+    use_development_secret_key(os.environ)
     use_embedded_servers(os.environ)
     try:
         from django.conf import settings

@@ -15,6 +15,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -286,6 +287,26 @@ def stop_servers(var_dir: Path) -> None:
 def var_dir(environ: Mapping[str, str]) -> Path:
     """The folder that holds the embedded servers' data (and beat's schedule, the metrics)."""
     return Path(environ.get("MEMORY_VAR_DIR") or BASE_DIR / "var")
+
+
+def use_development_secret_key(environ: MutableMapping[str, str]) -> None:
+    """For a development entry point: with no SECRET_KEY, use the one kept in var/secret_key,
+    generated at the first start (readable by this user only). With REQUIRE_SECRET_KEY=true (the
+    image and the compose file set it) nothing is generated: the settings then refuse to start."""
+    if environ.get("SECRET_KEY"):
+        return
+    if (environ.get("REQUIRE_SECRET_KEY") or "").lower() in ("1", "true", "yes", "on"):
+        return
+    path = var_dir(environ) / "secret_key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # two first starts at once: one writes it
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+    deadline = time.monotonic() + 5
+    while not (key := path.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the other start is writing it
+    environ["SECRET_KEY"] = key
 
 
 def use_embedded_servers(environ: MutableMapping[str, str]) -> None:

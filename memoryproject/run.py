@@ -51,7 +51,8 @@ def _service_env() -> dict[str, str]:
 
     env = dict(os.environ)
     var_dir = embedded.var_dir(env)
-    # Resolve the embedded servers once here, so every child is handed the same URLs.
+    # Resolve the embedded servers and the key once here, so every child is handed the same.
+    embedded.use_development_secret_key(env)
     embedded.use_embedded_servers(env)
     env.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
     env["MEMORY_VAR_DIR"] = str(var_dir)

@@ -11,7 +11,12 @@ settings module (tests/conftest.py).
 
 import os
 
-from memoryproject.embedded import ensure_redis, use_embedded_servers, var_dir
+from memoryproject.embedded import (
+    ensure_redis,
+    use_development_secret_key,
+    use_embedded_servers,
+    var_dir,
+)
 
 _xdist_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
 if not os.environ.get("REDIS_URL") and "MEMORY_TEST_REDIS" not in os.environ:
@@ -20,5 +25,6 @@ if "MEMORY_TEST_REDIS" in os.environ:
     database = int(_xdist_worker[2:]) + 1 if _xdist_worker else 0
     os.environ["REDIS_URL"] = f"{os.environ['MEMORY_TEST_REDIS']}/{database}"
 use_embedded_servers(os.environ)
+use_development_secret_key(os.environ)
 
 from memoryproject.settings import *  # noqa: E402, F403
