@@ -24,11 +24,29 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
 
 # Only what is not HTTP (uvicorn's lifespan probe) reaches Django's ASGI handler, which declines it.
 django_asgi_application = get_asgi_application()
+
+from rest_framework.exceptions import AuthenticationFailed  # noqa: E402 (needs setup)
+
+from memories.auth import api_key_authenticate  # noqa: E402
+from memories.events.sse import stream_app  # noqa: E402
+
+
+def _body_welcome(scope: dict[str, Any]) -> bool:
+    """A body is read only for a call of the API with a valid key (or a call outside the API):
+    without one, nothing a client sends is read before its 401."""
+    if not scope["path"].startswith("/v1/"):
+        return True
+    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    try:
+        return api_key_authenticate(header) is not None
+    except AuthenticationFailed:
+        return False
+
+
 django_wsgi_application = BufferedWSGIMiddleware(
-    get_wsgi_application(), threads=settings.WEB_THREADS
+    get_wsgi_application(), threads=settings.WEB_THREADS, body_welcome=_body_welcome
 )
 
-from memories.events.sse import stream_app  # noqa: E402 (needs setup)
 
 STREAM_PATH = "/v1/stream"
 

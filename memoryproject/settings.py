@@ -228,6 +228,10 @@ OUTBOX_RETENTION_SECONDS = env_int("OUTBOX_RETENTION_SECONDS", 24 * 3600)
 SSE_HEARTBEAT_SECONDS = env_float("SSE_HEARTBEAT_SECONDS", 15.0)
 # Events buffered per SSE client; a client further behind is disconnected with a resumable id.
 SSE_CLIENT_BUFFER = env_int("SSE_CLIENT_BUFFER", 1000)
+# Caps, past which a new stream is refused with 429: open streams per tenant (all web processes
+# together), channels per stream.
+SSE_MAX_STREAMS_PER_TENANT = env_int("SSE_MAX_STREAMS_PER_TENANT", 100)
+SSE_MAX_CHANNELS_PER_STREAM = env_int("SSE_MAX_CHANNELS_PER_STREAM", 50)
 EVENT_CONSUMER_MAX_DELIVERIES = env_int("EVENT_CONSUMER_MAX_DELIVERIES", 5)
 EVENT_CONSUMER_CLAIM_IDLE_MS = env_int("EVENT_CONSUMER_CLAIM_IDLE_MS", 30_000)
 # Up to this many events of one transaction are published right after its commit; more (a bulk

@@ -64,12 +64,25 @@ class _Response:
 class BufferedWSGIMiddleware:
     """An ASGI app serving a WSGI app from `threads` threads; see the module's docstring."""
 
-    def __init__(self, app: WSGIApp, *, threads: int) -> None:
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        threads: int,
+        body_welcome: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
         self.app = app
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
+        # Asked (in a thread) before a body is read: False leaves the body unread, and the app
+        # answers from the headers alone (a call without a valid key gets its 401 so).
+        self.body_welcome = body_welcome
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        body = await _read_body(scope, receive)
+        loop = asyncio.get_running_loop()
+        welcome = self.body_welcome is None or not _content_length(scope)
+        if not welcome and self.body_welcome is not None:
+            welcome = await loop.run_in_executor(self.executor, self.body_welcome, scope)
+        body = await _read_body(scope, receive) if welcome else b""
         if body is None:
             return  # the client left before its request was whole: nobody to answer
         # a2wsgi types the scope and the environ as TypedDicts: they are the plain dicts ASGI and
@@ -82,7 +95,6 @@ class BufferedWSGIMiddleware:
             ),
         )
         environ["wsgi.errors"] = sys.stderr
-        loop = asyncio.get_running_loop()
         run = contextvars.copy_context().run
         response = await loop.run_in_executor(self.executor, run, self._run, environ, send, loop)
         if response.body is not None:

@@ -18,14 +18,15 @@ import httpx
 import pytest
 from django.conf import settings as django_settings
 from django.db import connection, transaction
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from memories import accounts, events, memory_writes
 from memories.events import publisher, sse
 from memories.events.stream import STREAM_KEY, redis_client
-from memories.models import EndUser, Memory, Tenant
+from memories.models import ApiKey, EndUser, Memory, Tenant
 from memories.providers.wiring import get_embedder
-from tests.helpers import metric_value
+from tests.helpers import metric_value, wait_for
 from tests.live_server import uvicorn_live_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -402,6 +403,7 @@ def test_an_event_both_replayed_and_queued_live_is_sent_once(tenant, end_user) -
         await hub.wait_ready(timeout=5)
         wanted = sse.StreamRequest(
             tenant_id=str(tenant.id),
+            api_key_id="",
             channels=(user_channel(end_user),),
             types=None,
             last_event_id=hub.position,
@@ -494,3 +496,50 @@ def test_the_stream_under_a_plain_wsgi_server_is_a_501_saying_to_run_under_asgi(
     assert response.status_code == 501
     assert response.json()["error"] == "not_implemented"
     assert "ASGI" in response.json()["message"]
+
+
+# --- Who may keep a stream open ----------------------------------------------------------------
+
+
+def test_a_revoked_keys_stream_ends(server, tenant, end_user, settings) -> None:
+    settings.API_KEY_CACHE_SECONDS = 1
+    settings.SSE_HEARTBEAT_SECONDS = 0.5  # the client hears the stream is alive until it ends
+    api_key, raw = accounts.api_key_create(tenant=tenant)
+    with open_stream(server, raw, [user_channel(end_user)]) as stream:
+        started = time.monotonic()
+        ApiKey.objects.filter(pk=api_key.pk).update(revoked_at=timezone.now())
+        stream.rest()  # returns when the server ends the stream
+        assert time.monotonic() - started < 8
+    assert refusal(server, raw, channels=user_channel(end_user)).status_code == 401
+
+
+def test_a_tenant_may_keep_at_most_sse_max_streams_per_tenant_open(
+    server, key, other_key, end_user, other_tenant, settings
+) -> None:
+    settings.SSE_MAX_STREAMS_PER_TENANT = 2
+    channels = [user_channel(end_user)]
+    with open_stream(server, key, channels), open_stream(server, key, channels):
+        refused = refusal(server, key, channels=",".join(channels))
+        assert refused.status_code == 429 and refused.json()["error"] == "too_many_streams"
+        # Another tenant is not counted against this one.
+        with open_stream(server, other_key, [f"tenant:{other_tenant.id}:shared"]):
+            pass
+    # Closed streams leave room again.
+    wait_for(lambda: _opens(server, key, channels), what="a stream to be admitted again")
+
+
+def _opens(server: str, key: str, channels: list[str]) -> bool:
+    try:
+        with open_stream(server, key, channels):
+            return True
+    except AssertionError:
+        return False
+
+
+def test_a_stream_may_follow_at_most_sse_max_channels_per_stream(
+    server, key, end_user, settings
+) -> None:
+    settings.SSE_MAX_CHANNELS_PER_STREAM = 2
+    channels = [user_channel(end_user), "topic:a:updates", "topic:b:updates"]
+    refused = refusal(server, key, channels=",".join(channels))
+    assert refused.status_code == 429 and "channels" in refused.json()["fields"]

@@ -174,3 +174,25 @@ def test_the_api_answers_through_the_bridge_and_refuses_a_body_over_the_limit(
         assert created.status_code == 201 and created.json()["external_id"] == "ada"
         too_big = http.post("/v1/users", json={"metadata": {"x": "y" * 5_000}}, headers=headers)
         assert too_big.status_code == 400 and list(too_big.json()["fields"]) == ["body"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_call_without_a_valid_key_is_refused_before_its_body_is_read() -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    with uvicorn_live_server() as base_url:
+        address = urlsplit(base_url)
+        for authorization in ("", "Authorization: Bearer mem_not_a_key\r\n"):
+            with socket.create_connection((address.hostname, address.port), timeout=5) as conn:
+                # Headers announcing 10 MB, and not one byte of the body: the answer must not
+                # wait for it.
+                conn.sendall(
+                    (
+                        "POST /v1/memories HTTP/1.1\r\nHost: test\r\n"
+                        "Content-Type: application/json\r\nContent-Length: 10000000\r\n"
+                        f"{authorization}\r\n"
+                    ).encode()
+                )
+                answer = conn.recv(4096).decode(errors="replace")
+            assert answer.startswith("HTTP/1.1 401"), answer[:200]

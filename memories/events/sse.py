@@ -39,7 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 from rest_framework import exceptions
 
 from memories import selectors
-from memories.auth import api_key_authenticate
+from memories.auth import TenantPrincipal, api_key_authenticate
 from memories.errors import NotFound
 from memories.events.schema import EVENT_TYPES, system_channel, tenant_channel, user_channel
 from memories.events.stream import (
@@ -49,6 +49,7 @@ from memories.events.stream import (
     stream_id_order,
     tenant_stream_key,
 )
+from memories.events.stream_guard import StreamGuard, TooManyStreams
 from memories.metrics import SSE_SUBSCRIBERS
 from memories.models import Tenant
 
@@ -108,6 +109,7 @@ class StreamRequest:
     """What an authorized client asked for: channels in canonical form, types (None: all)."""
 
     tenant_id: str
+    api_key_id: str
     channels: tuple[str, ...]
     types: frozenset[str] | None
     last_event_id: str | None
@@ -140,26 +142,28 @@ def stream_request_authorize(
     # connection is kept for the next call, rather than in a thread bound to this request.
     close_old_connections()
     try:
-        tenant = _authenticate(authorization)
+        principal = _authenticate(authorization)
+        tenant = principal.tenant
         channels = _channels_authorize(tenant, query.get("channels", ""))
     finally:
         close_old_connections()
     return StreamRequest(
         tenant_id=str(tenant.id),
+        api_key_id=str(principal.api_key.pk),
         channels=channels,
         types=_types_parse(query.get("types", "")),
         last_event_id=_last_event_id_parse(last_event_id or query.get("last_event_id")),
     )
 
 
-def _authenticate(authorization: str) -> Tenant:
+def _authenticate(authorization: str) -> TenantPrincipal:
     try:
         principal = api_key_authenticate(authorization)
     except exceptions.AuthenticationFailed as exc:
         raise StreamRefused(401, "authentication_failed", str(exc.detail)) from exc
     if principal is None:
         raise StreamRefused(401, "not_authenticated", "Authentication credentials were not given.")
-    return principal.tenant
+    return principal
 
 
 def _channels_authorize(tenant: Tenant, raw: str) -> tuple[str, ...]:
@@ -167,6 +171,11 @@ def _channels_authorize(tenant: Tenant, raw: str) -> tuple[str, ...]:
     if not names:
         raise StreamRefused(
             400, "invalid_request", "Name at least one channel: channels=a,b.", "channels"
+        )
+    if len(set(names)) > settings.SSE_MAX_CHANNELS_PER_STREAM:
+        cap = settings.SSE_MAX_CHANNELS_PER_STREAM
+        raise StreamRefused(
+            429, "too_many_channels", f"A stream may follow {cap} channels at most.", "channels"
         )
     channels: list[str] = []
     for name in names:
@@ -444,6 +453,17 @@ class Hub:
 _hub: Hub | None = None
 
 
+_guard: StreamGuard | None = None
+
+
+def get_guard(hub: Hub) -> StreamGuard:
+    """The process's stream guard, on the hub's Redis client (bound to the same loop)."""
+    global _guard
+    if _guard is None or _guard.redis is not hub.redis:
+        _guard = StreamGuard(hub.redis)
+    return _guard
+
+
 def get_hub() -> Hub:
     """The process's hub, created in (and bound to) the running event loop on first use."""
     global _hub
@@ -589,6 +609,15 @@ async def stream_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
             await hub.wait_ready(timeout=HUB_READY_TIMEOUT_SECONDS)
         except TimeoutError as exc:
             raise StreamRefused(503, "unavailable", "The event stream is unavailable.") from exc
+        guard = get_guard(hub)
+        try:
+            lease, key_unusable = await guard.admit(
+                tenant_id=wanted.tenant_id, api_key_id=wanted.api_key_id
+            )
+        except TooManyStreams as exc:
+            cap = settings.SSE_MAX_STREAMS_PER_TENANT
+            message = f"This tenant has {cap} event streams open; close one first."
+            raise StreamRefused(429, "too_many_streams", message) from exc
     except StreamRefused as refused:
         logger.warning("event stream refused: %s %s", refused.status, refused.message)
         await refused.send_to(send)
@@ -614,13 +643,24 @@ async def stream_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
     # comes first: uvicorn silently drops what is sent to a client that has gone.
     sending = asyncio.ensure_future(_send_all(body, send))
     listening = asyncio.ensure_future(_until_disconnect(receive))
+    # A key revoked, expired or deleted while the stream is open ends it (within a round).
+    revoked = asyncio.ensure_future(key_unusable.wait())
+    ended_by_key = False
     try:
-        await asyncio.wait((sending, listening), return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            (sending, listening, revoked), return_when=asyncio.FIRST_COMPLETED
+        )
+        ended_by_key = revoked in done and sending not in done and listening not in done
     finally:
         sending.cancel()
         listening.cancel()
-        await asyncio.gather(sending, listening, return_exceptions=True)
+        revoked.cancel()
+        await asyncio.gather(sending, listening, revoked, return_exceptions=True)
         await body.aclose()  # leaves the hub, even when cancelled in the middle of a send
+        await guard.release(lease)
+    if ended_by_key:  # the client is still there: end the response properly
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
     if not sending.cancelled():
         sending.result()  # re-raises what broke the stream, for the server to log
 
