@@ -240,7 +240,12 @@ class MemoryCollectionApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         idempotency_key = _idempotency_key(request)
-        backpressure.admit(lane_for(MemoryRequest.Kind.MEMORY_JOB, data["priority"]))
+        tenant_id = str(self.tenant.id)
+        # A job costs its messages (the call paid one already).
+        backpressure.rate_limit(tenant_id, cost=len(data["messages"]) - 1)
+        backpressure.admit(
+            lane_for(MemoryRequest.Kind.MEMORY_JOB, data["priority"]), tenant_id=tenant_id
+        )
         payload = {
             "messages": [dict(m) for m in data["messages"]],
             "metadata": data["metadata"],
@@ -300,8 +305,9 @@ class MemoryBatchApi(TenantApi):
             raise InvalidInput("A non-empty list of items is required.", field="items")
         if len(items) > limit:
             raise InvalidInput(f"At most {limit} items per call.", field="items")
+        backpressure.rate_limit(str(self.tenant.id), cost=len(items) - 1)  # one item, one token
         if run_async:
-            backpressure.admit(Queue.BATCH)
+            backpressure.admit(Queue.BATCH, tenant_id=str(self.tenant.id))
             memory_request = ledger.batch_request_submit(
                 tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)
             )
@@ -311,7 +317,10 @@ class MemoryBatchApi(TenantApi):
                 status=status.HTTP_202_ACCEPTED,
             )
         metrics.BATCH_SIZE.observe(len(items))
-        results = memories_batch_apply(tenant=self.tenant, raw_items=items, embedder=get_embedder())
+        with backpressure.embedding_slot():
+            results = memories_batch_apply(
+                tenant=self.tenant, raw_items=items, embedder=get_embedder()
+            )
         failed = sum(result["status"] == "error" for result in results)
         return Response({"results": results, "ok": len(results) - failed, "failed": failed})
 
@@ -375,14 +384,15 @@ class MemoryDetailApi(TenantApi):
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
         expected_version = _if_match_version(request)
-        memory = memory_writes.memory_update(
-            tenant_id=self.tenant.id,
-            memory_id=memory_id,
-            embedder=get_embedder(),
-            content=data.get("content"),
-            metadata=data.get("metadata"),
-            expected_version=expected_version,
-        )
+        with backpressure.embedding_slot():
+            memory = memory_writes.memory_update(
+                tenant_id=self.tenant.id,
+                memory_id=memory_id,
+                embedder=get_embedder(),
+                content=data.get("content"),
+                metadata=data.get("metadata"),
+                expected_version=expected_version,
+            )
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
     def delete(self, request: Request, memory_id: str) -> Response:
@@ -447,14 +457,15 @@ class MemorySearchApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
-        results = search.memory_search(
-            user=user,
-            query=data["query"],
-            limit=data["limit"],
-            filters=data["filters"],
-            threshold=data.get("threshold"),
-            embedder=get_embedder(),
-        )
+        with backpressure.embedding_slot():
+            results = search.memory_search(
+                user=user,
+                query=data["query"],
+                limit=data["limit"],
+                filters=data["filters"],
+                threshold=data.get("threshold"),
+                embedder=get_embedder(),
+            )
         return Response({"results": [represented(self.OutputSerializer, m) for m in results]})
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -218,12 +219,37 @@ _CLAIM_SQL = f"""
 """
 
 
-def memory_request_claim(*, request_id: str) -> Claim | None:
-    """Take the request for processing, or return None when there is nothing to do.
+# Fair dispatch: the first-attempt request, of the same kind and priority, of the tenant that
+# has the fewest requests running, if that is fewer than the named request's tenant has.
+_FAIRER_SQL = f"""
+    WITH named AS (
+        SELECT tenant_id, kind, priority FROM {MemoryRequest._meta.db_table} WHERE id = %(id)s
+    ), running AS (
+        SELECT tenant_id, count(*) AS n FROM {MemoryRequest._meta.db_table}
+        WHERE status = 'processing' AND lease_until > %(now)s GROUP BY tenant_id
+    )
+    SELECT candidate.id FROM {MemoryRequest._meta.db_table} AS candidate
+    JOIN named ON candidate.kind = named.kind AND candidate.priority = named.priority
+        AND candidate.tenant_id <> named.tenant_id
+    LEFT JOIN running AS theirs ON theirs.tenant_id = candidate.tenant_id
+    LEFT JOIN running AS ours ON ours.tenant_id = named.tenant_id
+    WHERE candidate.status = 'pending' AND candidate.attempts = 0
+      AND coalesce(theirs.n, 0) < coalesce(ours.n, 0)
+    ORDER BY coalesce(theirs.n, 0), candidate.created_at
+    LIMIT 1
+"""
 
-    Claimable: `pending`, or `processing` whose lease ran out (its worker died). Anything else is a
-    duplicate delivery and a no-op. A request that already used all its attempts ends as
-    `failure` here, so a job that keeps killing its worker stops looping.
+
+def memory_request_claim(*, request_id: str) -> Claim | None:
+    """Take a request for processing, or return None when there is nothing to do.
+
+    Fair across tenants: when another tenant with fewer requests running has one waiting (of the
+    same kind and priority, not tried yet), that one is taken instead, and the named request is
+    rung again at the back of its lane; so a tenant flooding a lane cannot hold every worker
+    while others wait. Otherwise the named request is taken if claimable: `pending`, or
+    `processing` whose lease ran out (its worker died); anything else is a duplicate delivery and
+    a no-op. A request that already used all its attempts ends as `failure` here, so a job that
+    keeps killing its worker stops looping.
     """
     try:
         uuid.UUID(str(request_id))
@@ -232,6 +258,23 @@ def memory_request_claim(*, request_id: str) -> Claim | None:
         logger.error("task named %r, which is not a request id; dropped", request_id)
         return None
     now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(_FAIRER_SQL, {"id": request_id, "now": now})
+        fairer = cursor.fetchone()
+    if fairer is not None and (claim := _claim_by_id(request_id=str(fairer[0]), now=now)):
+        named = MemoryRequest.objects.filter(pk=request_id).values("kind", "priority").first()
+        if named is not None:
+            dispatch.request_send(request_id=request_id, **named)
+        return claim
+    return _claim_by_id(request_id=request_id, now=now, refused=_claim_refused)
+
+
+def _claim_by_id(
+    *,
+    request_id: str,
+    now: datetime,
+    refused: Callable[..., Claim | None] | None = None,
+) -> Claim | None:
     params: dict[str, Any] = {
         "id": request_id,
         "now": now,
@@ -242,7 +285,7 @@ def memory_request_claim(*, request_id: str) -> Claim | None:
         cursor.execute(_CLAIM_SQL, params)
         row = cursor.fetchone()
     if row is None:
-        return _claim_refused(request_id=request_id, now=now)
+        return refused(request_id=request_id, now=now) if refused is not None else None
     claimed = rows.instance_from_row(MemoryRequest, row)
     return Claim(request_id=str(claimed.id), token=claimed.attempts, request=claimed)
 

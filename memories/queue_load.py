@@ -36,12 +36,21 @@ _PENDING_BY_KIND_SQL = f"""
 """
 
 
-def pending_by_lane() -> dict[str, int]:
-    """Requests waiting for a worker, by the lane their task is sent on: a lost task leaves its
-    request pending, so this counts what Redis may no longer hold."""
+_TENANT_PENDING_BY_KIND_SQL = f"""
+    SELECT kind, priority, count(*) FROM {MemoryRequest._meta.db_table}
+    WHERE status = 'pending' AND tenant_id = %s GROUP BY kind, priority
+"""
+
+
+def pending_by_lane(*, tenant_id: str | None = None) -> dict[str, int]:
+    """Requests waiting for a worker (of one tenant, or all), by the lane their task is sent on:
+    a lost task leaves its request pending, so this counts what Redis may no longer hold."""
     counts = {lane.value: 0 for lane in Queue}
     with connection.cursor() as cursor:
-        cursor.execute(_PENDING_BY_KIND_SQL)
+        if tenant_id is None:
+            cursor.execute(_PENDING_BY_KIND_SQL)
+        else:
+            cursor.execute(_TENANT_PENDING_BY_KIND_SQL, [tenant_id])
         for kind, priority, count in cursor.fetchall():
             counts[lane_for(kind, priority).value] += count
     return counts

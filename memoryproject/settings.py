@@ -261,8 +261,17 @@ BACKPRESSURE_MAX_DEPTH = env_int("BACKPRESSURE_MAX_DEPTH", 10_000)
 BACKPRESSURE_HIGH_MAX_DEPTH = env_int("BACKPRESSURE_HIGH_MAX_DEPTH", 50_000)
 BACKPRESSURE_RETRY_AFTER_SECONDS = env_int("BACKPRESSURE_RETRY_AFTER_SECONDS", 5)
 BACKPRESSURE_CACHE_SECONDS = env_float("BACKPRESSURE_CACHE_SECONDS", 0.5)
-RATE_LIMIT_PER_SECOND = env_float("RATE_LIMIT_PER_SECOND", 200.0)  # per tenant; 0 turns it off
-RATE_LIMIT_BURST = env_int("RATE_LIMIT_BURST", 400)
+# Per tenant, in tokens: a call costs 1, a job its messages, a batch its items (0 turns it off).
+# Sized so one tenant can write 10,000 batch items a second; the lanes' backpressure guards load.
+RATE_LIMIT_PER_SECOND = env_float("RATE_LIMIT_PER_SECOND", 10_000.0)
+RATE_LIMIT_BURST = env_int("RATE_LIMIT_BURST", 20_000)
+# One tenant's waiting jobs per lane (normal and batch; high), refused with 429 past them.
+TENANT_MAX_PENDING = env_int("TENANT_MAX_PENDING", 2_000)
+TENANT_HIGH_MAX_PENDING = env_int("TENANT_HIGH_MAX_PENDING", 100)
+# Embedding calls made at once from one web process's threads (corrections, searches, sync
+# batches); a call that waits longer than WEB_EMBEDDING_WAIT_SECONDS for a slot gets 429.
+WEB_EMBEDDING_CONCURRENCY = env_int("WEB_EMBEDDING_CONCURRENCY", 4)
+WEB_EMBEDDING_WAIT_SECONDS = env_float("WEB_EMBEDDING_WAIT_SECONDS", 2.0)
 
 # --- Batch writes ---------------------------------------------------------------------------
 # Items per synchronous call, and per transaction of an asynchronous one.

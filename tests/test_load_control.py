@@ -347,3 +347,129 @@ def test_metrics_of_containers_sharing_one_folder_add_up(tmp_path) -> None:
     multiprocess.MultiProcessCollector(registry, path=str(folder))
     exposition = generate_latest(registry).decode()
     assert metric_value(exposition, "memory_jobs_total", lane="default", outcome="done") == 2.0
+
+
+# --- A loud tenant does not starve a quiet one ------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_quiet_tenants_jobs_are_accepted_and_done_while_a_loud_one_floods(
+    tenant, other_tenant, start_worker
+) -> None:
+    import threading
+
+    import httpx
+
+    from memories import accounts
+    from tests.live_server import uvicorn_live_server
+
+    with FakeOpenAI(delay_seconds=0.3, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
+        start_worker(queues="default", concurrency=2, **model_env(fake))  # as shipped: 2 processes
+        loud_key, quiet_key = (accounts.api_key_create(tenant=t)[1] for t in (tenant, other_tenant))
+        loud_user = accounts.end_user_create(tenant=tenant)
+        quiet_user = accounts.end_user_create(tenant=other_tenant)
+        stop = threading.Event()
+
+        def flood(base: str, thread: int) -> None:
+            with httpx.Client(
+                base_url=base, headers={"Authorization": f"Bearer {loud_key}"}
+            ) as http:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    text = f"I like loud{thread}x{n}."
+                    body = {
+                        "user_id": str(loud_user.id),
+                        "messages": [{"role": "user", "content": text}],
+                    }
+                    http.post("/v1/memories", json=body, timeout=10)
+
+        with uvicorn_live_server() as base:
+            floods = [threading.Thread(target=flood, args=(base, t)) for t in range(8)]
+            for each in floods:
+                each.start()
+            try:
+                wait_for(
+                    lambda: (
+                        MemoryRequest.objects.filter(tenant=tenant, status="pending").count() > 50
+                    ),
+                    what="the loud tenant's backlog",
+                )
+                quiet = httpx.Client(
+                    base_url=base, headers={"Authorization": f"Bearer {quiet_key}"}, timeout=10
+                )
+                for n in range(5):
+                    sent = time.monotonic()
+                    body = {
+                        "user_id": str(quiet_user.id),
+                        "messages": [{"role": "user", "content": f"I like quiet{n}."}],
+                    }
+                    accepted = quiet.post("/v1/memories", json=body)
+                    assert accepted.status_code == 202, accepted.text  # never refused
+                    request_id = accepted.json()["request_id"]
+
+                    def done(rid: str = request_id) -> bool:
+                        return quiet.get(f"/v1/requests/{rid}").json()["status"] == "success"
+
+                    wait_for(done, timeout=10, what=f"quiet job {n}")
+                    assert time.monotonic() - sent < 10
+            finally:
+                stop.set()
+                for each in floods:
+                    each.join()
+
+
+@pytest.mark.django_db
+def test_one_tenants_waiting_jobs_are_capped_per_lane_and_high_is_a_per_tenant_allowance(
+    settings, api, other_api, end_user, other_tenant
+) -> None:
+    from memories import accounts
+
+    settings.TENANT_MAX_PENDING = 2
+    settings.TENANT_HIGH_MAX_PENDING = 1
+    settings.BACKPRESSURE_CACHE_SECONDS = 0
+    other_user = accounts.end_user_create(tenant=other_tenant)
+    assert [job(api, end_user, f"I like a{n}.").status_code for n in range(3)] == [202, 202, 429]
+    assert job(other_api, other_user, "I like b.").status_code == 202  # another tenant's share
+    high = [job(api, end_user, f"I like h{n}.", priority="high").status_code for n in range(2)]
+    assert high == [202, 429]
+    assert job(other_api, other_user, "I like hb.", priority="high").status_code == 202
+
+
+@pytest.mark.django_db
+def test_the_rate_limit_charges_a_batch_its_items(settings, api, end_user) -> None:
+    settings.RATE_LIMIT_PER_SECOND = 1
+    settings.RATE_LIMIT_BURST = 10
+    items = [{"user_id": str(end_user.id), "content": f"Fact {n}"} for n in range(30)]
+    first = api.post("/v1/memories/batch", {"items": items}, format="json")
+    assert first.status_code == 200  # let in while the bucket held a token, into debt
+    after = api.get("/v1/requests")
+    assert after.status_code == 429 and int(after["Retry-After"]) >= 15  # the debt is paid first
+
+
+@pytest.mark.django_db
+def test_embedding_calls_from_web_threads_are_bounded(settings, api, end_user) -> None:
+    import threading
+
+    from memories import backpressure
+
+    settings.WEB_EMBEDDING_CONCURRENCY = 1
+    settings.WEB_EMBEDDING_WAIT_SECONDS = 0.1
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with backpressure.embedding_slot():
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(5)
+        body = {"user_id": str(end_user.id), "query": "anything"}
+        refused = api.post("/v1/memories/search", body, format="json")
+        assert refused.status_code == 429 and "Retry-After" in refused
+    finally:
+        release.set()
+        holder.join()
+    assert api.post("/v1/memories/search", body, format="json").status_code == 200

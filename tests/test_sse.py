@@ -510,7 +510,12 @@ def test_a_revoked_keys_stream_ends(server, tenant, end_user, settings) -> None:
         ApiKey.objects.filter(pk=api_key.pk).update(revoked_at=timezone.now())
         stream.rest()  # returns when the server ends the stream
         assert time.monotonic() - started < 8
-    assert refusal(server, raw, channels=user_channel(end_user)).status_code == 401
+    # And it cannot come back (once the key cache of API_KEY_CACHE_SECONDS has let it go).
+    wait_for(
+        lambda: refusal(server, raw, channels=user_channel(end_user)).status_code == 401,
+        timeout=5,
+        what="the revoked key to be refused",
+    )
 
 
 def test_a_tenant_may_keep_at_most_sse_max_streams_per_tenant_open(
