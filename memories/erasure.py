@@ -6,9 +6,11 @@
   the webhook deliveries and the audit log. The audit keeps who forgot which id, and when.
 - Erase a user (`DELETE /v1/users/{id}`): a request of kind `erasure`, run in a worker like any
   job (it names the user in its payload and is owned by nobody, so its status survives the user).
-  It removes, chunk by chunk so no transaction is long, the user's memories and their history,
-  sessions and messages, requests, outbox rows and stream entries, scrubs what other rows hold of
-  them (batch payloads, audit and webhook payloads), then the user; the result is a receipt.
+  It detaches the memories the user wrote into shared scopes (they belong to the tenant and stay,
+  with no user), then removes, chunk by chunk so no transaction is long, the user's own memories
+  and their history, sessions and messages, requests, outbox rows and stream entries, scrubs what
+  other rows hold of them (batch payloads, audit and webhook payloads), then the user; the
+  result is a receipt.
 
 Closing a memory (a contradiction the pipeline decides) keeps the old fact as history: that is
 not erasure and does not come here.
@@ -262,6 +264,11 @@ def user_erasure_work(claim: ledger.Claim, memory_request: MemoryRequest) -> Non
     def counted(kind: str, number: int) -> None:
         receipt[kind] = receipt.get(kind, 0) + number
 
+    # What the user wrote into the tenant's shared or topic scopes belongs to the tenant: it stays,
+    # with no user (its history keeps the actor that wrote it, an agent's name, not the person).
+    with transaction.atomic():
+        detached = Memory.objects.filter(user_id=user_id).exclude(scope=Memory.Scope.USER)
+        counted("shared_memories_detached", detached.update(user=None))
     memories = f"SELECT id FROM {Memory._meta.db_table} WHERE user_id = %s LIMIT {CHUNK}"
     while ids := _ids(memories, [user_id]):
         with transaction.atomic():

@@ -198,8 +198,12 @@ class Memory(models.Model):
         Tenant, on_delete=models.CASCADE, related_name="memories", db_constraint=False
     )
     # No index of its own: memory_user_changes below leads with the user and serves its lookups.
+    # Empty for a shared memory (scope tenant or topic) whose author was erased: it belongs to the
+    # tenant and stays, detached from the person.
     user = models.ForeignKey(
         EndUser,
+        null=True,
+        blank=True,
         on_delete=models.CASCADE,
         related_name="memories",
         db_index=False,

@@ -243,6 +243,7 @@ WEBHOOK_MAX_ATTEMPTS = env_int("WEBHOOK_MAX_ATTEMPTS", 5)  # then the delivery i
 WEBHOOK_BACKOFF_SECONDS = env_float("WEBHOOK_BACKOFF_SECONDS", 2.0)  # doubled at each retry
 WEBHOOK_TIMEOUT_SECONDS = env_float("WEBHOOK_TIMEOUT_SECONDS", 5.0)  # per read, after connect
 WEBHOOK_CONNECT_TIMEOUT_SECONDS = env_float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", 3.0)
+WEBHOOK_TOTAL_TIMEOUT_SECONDS = env_float("WEBHOOK_TOTAL_TIMEOUT_SECONDS", 10.0)  # the whole POST
 # A delivery being attempted is held this long; a worker lost mid-attempt frees it after it.
 WEBHOOK_LEASE_SECONDS = env_int("WEBHOOK_LEASE_SECONDS", 60)
 # Beat sends again a delivery due this long ago and still waiting (its Celery message was lost).

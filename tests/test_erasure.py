@@ -190,3 +190,23 @@ def test_a_user_with_10000_memories_is_erased_within_a_minute(api, start_worker)
     receipt = _wait_done(api, request_id, timeout=60)["events"][0]
     assert time.monotonic() - started < 60
     assert receipt["memories"] == 10_000 and receipt["history"] == 10_000
+
+
+def test_what_an_erased_user_wrote_into_a_shared_scope_stays_with_the_tenant(api, end_user) -> None:
+    from memories import erasure
+    from memories.models import Memory
+    from tests.helpers import store_memories
+
+    (own,) = store_memories(end_user, "Likes tea")
+    (shared,) = store_memories(end_user, "The office opens at 9", scope="tenant")
+    request = erasure.user_erasure_submit(user=end_user)
+    assert erasure.user_erasure_run(request_id=str(request.id)) == "done"
+    assert not Memory.objects.filter(pk=own.pk).exists()
+    kept = Memory.objects.get(pk=shared.pk)
+    assert (kept.user_id, kept.content, kept.tenant_id) == (
+        None,
+        "The office opens at 9",
+        end_user.tenant_id,
+    )
+    request.refresh_from_db()
+    assert request.result[0]["shared_memories_detached"] == 1

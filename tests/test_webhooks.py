@@ -527,3 +527,37 @@ def test_deliveries_stranded_by_a_lost_message_or_a_dead_worker_are_sent_again_b
     )
     assert WebhookDelivery.objects.get(pk=died.pk).attempts == 2
     assert WebhookDelivery.objects.get(pk=fresh.pk).status == "pending"
+
+
+@pytest.mark.django_db
+def test_a_receiver_trickling_its_answer_is_cut_off_at_the_total_timeout(api, settings) -> None:
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = True
+    settings.WEBHOOK_TIMEOUT_SECONDS = 1  # each byte comes well within it
+    settings.WEBHOOK_TOTAL_TIMEOUT_SECONDS = 2
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        connection_, _ = listener.accept()
+        with connection_:
+            connection_.recv(65536)
+            answer = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
+            for byte in answer:  # 0.2 s a byte: 40 s for the whole answer
+                if stop.is_set():
+                    return
+                connection_.sendall(bytes([byte]))
+                time.sleep(0.2)
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    try:
+        delivery = _delivery_for(api, f"http://127.0.0.1:{port}/hook")
+        started = time.monotonic()
+        assert webhook_delivery_attempt(delivery_id=str(delivery.id)).status == "failed"
+        assert time.monotonic() - started < 4
+        delivery.refresh_from_db()
+        assert delivery.last_error == "Timed out." and delivery.last_status_code is None
+    finally:
+        stop.set()
+        listener.close()

@@ -31,6 +31,7 @@ from memories.backoff import backoff_seconds
 from memories.errors import LimitReached
 from memories.models import Tenant
 from webhooks import selectors, targets
+from webhooks.deadline import DeadlineTransport
 from webhooks.models import Webhook, WebhookDelivery
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,12 @@ def _post(delivery: WebhookDelivery) -> tuple[int | None, str, int]:
     try:
         # No redirects (a 3xx is a failure), no proxies from the environment.
         with (
-            httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
+            httpx.Client(
+                timeout=timeout,
+                follow_redirects=False,
+                trust_env=False,
+                transport=DeadlineTransport(seconds=settings.WEBHOOK_TOTAL_TIMEOUT_SECONDS),
+            ) as client,
             client.stream(
                 "POST", target.url, content=body, headers=headers, extensions=extensions
             ) as response,
