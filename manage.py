@@ -10,10 +10,18 @@ if __name__ == "__main__":
     from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
 
-    from memoryproject.embedded import use_development_secret_key, use_embedded_servers
+    from memoryproject.embedded import (
+        EmbeddedServerError,
+        use_development_secret_key,
+        use_embedded_servers,
+    )
 
     use_development_secret_key(os.environ)
-    use_embedded_servers(os.environ)
+    try:
+        use_embedded_servers(os.environ)
+    except EmbeddedServerError as exc:
+        print(f"manage.py: {exc}", file=sys.stderr)
+        sys.exit(2)
     try:
         from django.conf import settings
 

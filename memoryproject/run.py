@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from memoryproject import embedded
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -47,8 +49,6 @@ def _checked_options(env: dict[str, str]) -> tuple[str, dict[str, str]]:
 
 
 def _service_env() -> dict[str, str]:
-    from memoryproject import embedded
-
     env = dict(os.environ)
     var_dir = embedded.var_dir(env)
     # Resolve the embedded servers and the key once here, so every child is handed the same.
@@ -71,7 +71,11 @@ def main() -> int:
     except ConfigurationError as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return 2
-    env = _service_env()
+    try:
+        env = _service_env()
+    except embedded.EmbeddedServerError as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        return 2
     host = env.get("HOST", "127.0.0.1")
     port = env.get("PORT", "8000")
     python = sys.executable
