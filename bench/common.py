@@ -277,6 +277,7 @@ def prepare(settings: dict[str, Any] | None = None, *, fresh: bool = True) -> Be
         PYTHONUNBUFFERED="1",
     )
     env.update({key: str(value) for key, value in (settings or {}).items()})
+    embedded.use_development_secret_key(env)  # the dev key under var/, as make run uses
     bench = BenchEnv(var_dir=var_dir, database_url=database_url, redis_url=redis_url, env=env)
     if fresh:
         _recreate_database(base_db)
