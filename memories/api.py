@@ -442,31 +442,48 @@ class MemoryHistoryApi(TenantApi):
 
 
 class MemorySearchApi(TenantApi):
+    """Hybrid (default), vector or keyword search of one user's live memories; each result
+    carries `score` (fused, 0 to 1), `similarity` (cosine) and `why` (each retriever's rank)."""
+
     class InputSerializer(serializers.Serializer):
         user_id = serializers.UUIDField()
         query = serializers.CharField(max_length=settings.MEMORY_MAX_CONTENT_CHARS)
         limit = serializers.IntegerField(default=10, min_value=1, max_value=100)
         filters = FiltersInput(required=False, default=dict)
+        mode = serializers.ChoiceField(choices=search.MODES, default="hybrid")
+        # A minimum cosine similarity (-1 to 1), as before hybrid search; min_score: a minimum
+        # fused score (0 to 1).
         threshold = serializers.FloatField(
             required=False, allow_null=True, min_value=-1, max_value=1
         )
-
-    class OutputSerializer(MemoryOutput):
-        score = serializers.FloatField()
+        min_score = serializers.FloatField(
+            required=False, allow_null=True, min_value=0, max_value=1
+        )
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         with backpressure.embedding_slot():
-            results = search.memory_search(
+            found = search.memory_search(
                 user=user,
                 query=data["query"],
                 limit=data["limit"],
                 filters=data["filters"],
                 threshold=data.get("threshold"),
+                min_score=data.get("min_score"),
+                mode=data["mode"],
                 embedder=get_embedder(),
             )
-        return Response({"results": [represented(self.OutputSerializer, m) for m in results]})
+        results = [
+            {
+                **represented(MemoryOutput, f.memory),
+                "score": f.score,
+                "similarity": None if f.similarity is None else round(f.similarity, 6),
+                "why": f.why,
+            }
+            for f in found
+        ]
+        return Response({"results": results})
 
 
 # --- Health --------------------------------------------------------------------------------------

@@ -403,7 +403,11 @@ HISTORY_COPY_COLUMNS = {
 # every column of the model (tests/test_batch.py): a field added to Memory or MemoryHistory is
 # then copied, or listed here, never silently left out of bulk writes.
 COPY_COLUMNS_LEFT_OUT = {
-    Memory: {"deleted_at": "a new memory is live", "change_txid": "the trigger sets it"},
+    Memory: {
+        "deleted_at": "a new memory is live",
+        "change_txid": "the trigger sets it",
+        "search_vector": "a generated column: PostgreSQL computes it",
+    },
     MemoryHistory: {"id": "a sequence", "request_id": "bulk writes do not record it"},
 }
 _EMPTY_JSONB = b"\x01{}"

@@ -179,10 +179,12 @@ def _history_insert(
     )
 
 
-# Memories are locked for a change without their embedding: a change replaces it or leaves it.
+# Memories are locked for a change without their embedding (a change replaces it or leaves it)
+# and their search vector (PostgreSQL derives it from the content).
+_NOT_LOCKED = ("embedding", "search_vector")
 # In id order, so two writers locking overlapping sets wait for each other instead of deadlocking.
 _LOCK_MEMORIES_SQL = f"""
-    SELECT {rows.select_columns(Memory, exclude=("embedding",))} FROM {Memory._meta.db_table}
+    SELECT {rows.select_columns(Memory, exclude=_NOT_LOCKED)} FROM {Memory._meta.db_table}
     WHERE deleted_at IS NULL AND id = ANY(%s::uuid[]) AND {{owner}} = %s
     ORDER BY id
     FOR UPDATE
@@ -200,7 +202,7 @@ def memories_lock(
     owner, owner_id = ("user_id", user_id) if user_id is not None else ("tenant_id", tenant_id)
     with connection.cursor() as cursor:
         cursor.execute(_LOCK_MEMORIES_SQL.format(owner=owner), [list(memory_ids), owner_id])
-        locked = [rows.instance_from_row(Memory, row, exclude=("embedding",)) for row in cursor]
+        locked = [rows.instance_from_row(Memory, row, exclude=_NOT_LOCKED) for row in cursor]
     return {str(memory.id): memory for memory in locked}
 
 

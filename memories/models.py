@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -215,6 +216,13 @@ class Memory(models.Model):
     content = models.TextField()
     # Empty once the memory is forgotten (a tombstone keeps no trace of what it said).
     embedding = EmbeddingField(dimensions=settings.EMBEDDING_DIMENSIONS, null=True)
+    # The content's lexemes (English stemming, stop words dropped), for keyword retrieval;
+    # PostgreSQL keeps it in step with the content on every write, bulk COPY included.
+    search_vector = models.GeneratedField(
+        expression=SearchVector("content", config="english"),
+        output_field=SearchVectorField(),
+        db_persist=True,
+    )
     content_hash = models.CharField(max_length=64)
     metadata = models.JSONField(default=dict, blank=True)
     agent_id = models.CharField(max_length=200, blank=True, default="")
@@ -243,6 +251,7 @@ class Memory(models.Model):
                 condition=Q(deleted_at__isnull=True),
             ),
             GinIndex(fields=["metadata"], name="memory_metadata_gin"),
+            GinIndex(fields=["search_vector"], name="memory_search_vector_gin"),
             # Pull-sync's order is (change_txid, id), but the id is left out of the key: the rows
             # one transaction writes for a user then share one key, which PostgreSQL keeps once
             # (B-tree deduplication). With the id every insert added an entry of its own: the

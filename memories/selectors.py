@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
+from django.contrib.postgres.search import SearchQuery, SearchRank
 from django.db import connection
 from django.db.models import Q, QuerySet
 from django.db.models.expressions import RawSQL
@@ -80,7 +81,7 @@ def memory_list(
         queryset = queryset.filter(
             Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=memory_id)
         )
-    return list(queryset.defer("embedding")[:limit])
+    return list(queryset.defer("embedding", "search_vector")[:limit])
 
 
 def memory_search(
@@ -101,10 +102,56 @@ def memory_search(
     if threshold is not None:
         queryset = queryset.filter(distance__lte=1 - threshold)
     results: list[Memory] = []
-    for memory in queryset.order_by("distance", "id").defer("embedding")[:limit]:
+    for memory in queryset.order_by("distance", "id").defer("embedding", "search_vector")[:limit]:
         memory.score = 1 - memory.distance
         results.append(memory)
     return results
+
+
+# The query's lexemes ORed: AND (plainto_tsquery, websearch_to_tsquery) needs every word of a
+# natural question in one memory, and so matches almost nothing. Lexemes are quoted, so none is
+# read as tsquery syntax; stop words are already gone (english configuration).
+_OR_QUERY_SQL = """
+    SELECT string_agg(quote_literal(lexeme), ' | ') FROM unnest(to_tsvector('english', %s))
+"""
+
+
+def memory_keyword_search(
+    *, user: EndUser, query: str, limit: int, filters: dict[str, Any]
+) -> list[Memory]:
+    """The user's top-k memories sharing words (stemmed) with the query, by ts_rank_cd (cover
+    density, normalised by the memory's length so long memories do not win by size); a query
+    of stop words alone finds nothing. Each result carries `keyword_rank` (its ts_rank_cd)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_OR_QUERY_SQL, [query])
+        row = cursor.fetchone()
+    lexemes = row[0] if row else None
+    if not lexemes:
+        return []
+    search_query = SearchQuery(lexemes, search_type="raw", config="simple")
+    queryset = _apply_filters(Memory.objects.filter(user=user, deleted_at__isnull=True), filters)
+    ranked = (
+        queryset.filter(search_vector=search_query)
+        .annotate(keyword_rank=SearchRank("search_vector", search_query, cover_density=True,
+                                          normalization=1))
+        .order_by("-keyword_rank", "id")
+        .defer("embedding", "search_vector")[:limit]
+    )  # fmt: skip
+    return list(ranked)
+
+
+def memory_similarities(
+    *, user: EndUser, memory_ids: list[Any], query_vector: list[float]
+) -> dict[str, float]:
+    """Cosine similarity to the query of each of these memories of the user, by id."""
+    if not memory_ids:
+        return {}
+    rows = (
+        Memory.objects.filter(user=user, pk__in=memory_ids)
+        .annotate(distance=CosineDistance("embedding", query_vector))
+        .values_list("pk", "distance")
+    )
+    return {str(pk): 1 - distance for pk, distance in rows if distance is not None}
 
 
 def memory_nearest_for_many(
@@ -169,7 +216,7 @@ def memory_changes_since(
         queryset = queryset.filter(change_txid__gte=txid).filter(
             Q(change_txid__gt=txid) | Q(change_txid=txid, id__gt=memory_id)
         )
-    return list(queryset.order_by("change_txid", "id").defer("embedding")[:limit])
+    return list(queryset.order_by("change_txid", "id").defer("embedding", "search_vector")[:limit])
 
 
 def memory_request_list(

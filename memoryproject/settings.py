@@ -211,6 +211,14 @@ MEMORY_JOB_RETRY_BACKOFF_SECONDS = env_float("MEMORY_JOB_RETRY_BACKOFF_SECONDS",
 MEMORY_PENDING_GRACE_SECONDS = env_int("MEMORY_PENDING_GRACE_SECONDS", 30)
 MEMORY_SWEEP_INTERVAL_SECONDS = env_float("MEMORY_SWEEP_INTERVAL_SECONDS", 10.0)
 MEMORY_NEIGHBOURS_PER_FACT = env_int("MEMORY_NEIGHBOURS_PER_FACT", 5)
+# Search: each retriever's top-N fused (hybrid), the fusion's constant, and the weights (the vector
+# leg's default depends on the embedder: 0.25 for the offline hashing one, else 0.5).
+SEARCH_CANDIDATES = env_int("SEARCH_CANDIDATES", 50)
+SEARCH_RRF_K = env_int("SEARCH_RRF_K", 60)
+SEARCH_KEYWORD_WEIGHT = env_float("SEARCH_KEYWORD_WEIGHT", 1.0)
+SEARCH_VECTOR_WEIGHT: float | None = (
+    env_float("SEARCH_VECTOR_WEIGHT", 0.5) if os.environ.get("SEARCH_VECTOR_WEIGHT") else None
+)
 MEMORY_MAX_MESSAGES = env_int("MEMORY_MAX_MESSAGES", 200)
 MEMORY_MAX_CONTENT_CHARS = env_int("MEMORY_MAX_CONTENT_CHARS", 20_000)
 

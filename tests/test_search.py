@@ -122,3 +122,89 @@ def test_nearest_memories_for_all_facts_come_from_one_query(end_user) -> None:
     contents = [content for _, content in found]
     assert len(contents) == len(set(contents))
     assert {"Has a cat named Tom", "Lives in Paris", "Favorite color is blue"} <= set(contents)
+
+
+# --- Hybrid: by meaning and by words, fused ------------------------------------------------------
+
+
+def test_results_carry_a_fused_score_the_similarity_and_each_retrievers_rank(api, end_user) -> None:
+    store_memories(end_user, *FACTS)
+    [best, *rest] = search(api, end_user, "a cat named Tom", limit=5)
+    assert best["content"] == "Has a cat named Tom"
+    assert best["why"] == {"vector": 1, "keyword": 1} and best["score"] == 1.0
+    assert 0.5 < best["similarity"] <= 1.0001
+    assert all(0 <= r["score"] <= best["score"] for r in rest)
+    assert all(set(r["why"]) <= {"vector", "keyword"} and r["similarity"] is not None for r in rest)
+    [only_vector] = search(api, end_user, "a cat named Tom", limit=1, mode="vector")
+    assert only_vector["why"] == {"vector": 1}
+
+
+def test_keyword_retrieval_ors_the_words_of_a_natural_question(api, end_user) -> None:
+    store_memories(end_user, *FACTS)
+    # AND of every word (plainto_tsquery) would need "days" and "currently" in the memory too.
+    found = search(api, end_user, "Where is she currently working these days?", mode="keyword")
+    assert [r["content"] for r in found] == ["Works at Acme as an engineer"]
+    assert found[0]["why"] == {"keyword": 1} and found[0]["similarity"] is None
+
+
+def test_a_query_of_stop_words_finds_nothing_by_keyword_and_hybrid_still_answers(
+    api, end_user
+) -> None:
+    store_memories(end_user, *FACTS)
+    assert search(api, end_user, "what is it that they have", mode="keyword") == []
+    assert len(search(api, end_user, "what is it that they have", limit=3)) == 3
+
+
+def test_min_score_and_the_modes_input_is_checked(api, end_user) -> None:
+    store_memories(end_user, *FACTS)
+    strong = search(api, end_user, "a cat named Tom", min_score=0.9)
+    assert [r["content"] for r in strong] == ["Has a cat named Tom"]
+    body = {"user_id": str(end_user.id), "query": "cat"}
+    for extra, field in [
+        ({"mode": "psychic"}, "mode"),
+        ({"mode": "keyword", "threshold": 0.5}, "threshold"),
+        ({"min_score": 2}, "min_score"),
+    ]:
+        response = api.post("/v1/memories/search", {**body, **extra}, format="json")
+        assert response.status_code == 400 and field in response.json()["fields"], extra
+
+
+# Memories and questions asked in other words than they were written (another form of the same
+# word, a question around it): what keyword search with stemming finds and hashed words do not.
+LABELLED = {
+    "Went hiking in the Alps last summer": ["Has she hiked in the mountains?"],
+    "Is learning to cook Thai food": ["What does she cook?"],
+    "Married Sam in 2019": ["Who is she marrying?", "When did the marriage happen?"],
+    "Runs a small bakery downtown": ["Does she run a business?"],
+    "Plays the violin in an orchestra": ["Which instruments does she play?"],
+    "Travelled to Japan for work": ["Has she travelled abroad?"],
+    "Reads science fiction novels": ["What is she reading lately?"],
+    "Swims every morning before work": ["Is swimming part of her routine?"],
+    "Volunteers at the animal shelter": ["Where does she volunteer?"],
+    "Paints watercolour landscapes": ["What has she painted?"],
+    "Studies German at night school": ["Which language is she studying?"],
+    "Owns two rescue dogs": ["Does she own pets?"],
+}
+
+
+def _recall_at(api, user, mode: str, k: int, expected: dict[str, str]) -> float:
+    hits = 0
+    for question, memory in expected.items():
+        found = [r["content"] for r in search(api, user, question, limit=k, mode=mode)]
+        hits += memory in found
+    return hits / len(expected)
+
+
+def test_on_a_labelled_set_hybrid_beats_vector_and_is_at_least_as_good_as_keyword(
+    api, end_user
+) -> None:
+    store_memories(end_user, *LABELLED, *FACTS)
+    expected = {q: memory for memory, questions in LABELLED.items() for q in questions}
+    recall = {mode: _recall_at(api, end_user, mode, 3, expected) for mode in search_modes()}
+    assert recall["hybrid"] >= recall["keyword"] and recall["hybrid"] > recall["vector"], recall
+
+
+def search_modes() -> tuple[str, ...]:
+    from memories.search import MODES
+
+    return MODES

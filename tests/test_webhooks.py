@@ -472,7 +472,7 @@ def test_the_receivers_answer_is_never_stored_nor_shown(api, receiver) -> None:
 def test_a_slow_receiver_does_not_hold_back_pull_sync_of_another_tenant(
     api, other_api, other_tenant, receiver, settings
 ) -> None:
-    settings.WEBHOOK_TIMEOUT_SECONDS = 20
+    settings.WEBHOOK_TIMEOUT_SECONDS = settings.WEBHOOK_TOTAL_TIMEOUT_SECONDS = 20
     slow = receiver(200, delay=10)
     delivery = _delivery_for(api, slow.url)
 
