@@ -50,7 +50,7 @@ class EmbeddedServerError(RuntimeError):
 
 
 # How long a start keeps trying (a crashed server's processes may hold its shared memory a while).
-START_TIMEOUT_SECONDS = 60.0
+START_TIMEOUT_SECONDS = float(os.environ.get("EMBEDDED_START_TIMEOUT_SECONDS") or 60)
 
 
 def ensure_postgres(var_dir: Path) -> str:

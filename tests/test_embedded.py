@@ -257,3 +257,20 @@ def test_make_stop_stops_the_embedded_servers_of_its_folder(var_dir) -> None:
     )  # fmt: skip
     assert _postgres_pids((var_dir / "postgres").resolve()) == []
     assert not _pings(client)
+
+
+def test_a_server_that_will_not_start_stops_make_run_with_one_line(tmp_path) -> None:
+    var_dir = tmp_path / "var"
+    (var_dir / "postgres").mkdir(parents=True)
+    (var_dir / "postgres" / "PG_VERSION").write_text("18\n")  # a data directory, but broken
+    done = subprocess.run(
+        [sys.executable, "-m", "memoryproject.run"],
+        cwd=BASE_DIR,
+        env=_env(var_dir, EMBEDDED_START_TIMEOUT_SECONDS="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("make run: embedded PostgreSQL in ") and "did not start" in line
