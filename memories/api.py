@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import threading
+from datetime import datetime
 from typing import Any, cast
 
 import prometheus_client
@@ -36,11 +37,12 @@ from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
 from memories.errors import InvalidInput
+from memories.filters import DATE_FIELDS, FIELDS, memory_filters_parse
 from memories.models import Memory, MemoryRequest, Tenant
 from memories.parsers import strict_loads
 from memories.providers.wiring import get_embedder
 from memories.queue_load import QueueDepthCollector
-from memories.validation import unstorable_text
+from memories.validation import parse_datetime_value, unstorable_text
 from memoryproject.celery import app
 
 logger = logging.getLogger(__name__)
@@ -164,6 +166,14 @@ class MessageInput(serializers.Serializer):
     content = serializers.CharField(
         max_length=settings.MEMORY_MAX_CONTENT_CHARS, trim_whitespace=False
     )
+    # When it was said (ISO 8601): the memories the job makes are dated by its latest message.
+    timestamp = serializers.DateTimeField(required=False)
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        message = dict(super().to_internal_value(data))
+        if "timestamp" in message:  # stored in the payload (JSON), and so in the request hash
+            message["timestamp"] = message["timestamp"].isoformat()
+        return message
 
 
 class MemoryRequestOutput(serializers.Serializer):
@@ -189,13 +199,17 @@ class MemoryOutput(serializers.Serializer):
     version = serializers.IntegerField()
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
+    occurred_at = serializers.DateTimeField()
+    # Set once a later statement contradicted it (closed: no longer listed or searched).
+    valid_to = serializers.DateTimeField(allow_null=True)
 
 
-class FiltersInput(serializers.Serializer):
-    agent_id = serializers.CharField(required=False, max_length=200)
-    session_id = serializers.CharField(required=False, max_length=200)
-    type = serializers.ChoiceField(required=False, choices=Memory.Type.choices)
-    metadata = JsonObjectField(required=False)
+def _as_of(value: Any) -> datetime | None:
+    return None if value in (None, "") else parse_datetime_value(value, field="as_of")
+
+
+# Filters given as query parameters whose value is JSON (an object): the rest are plain strings.
+_JSON_QUERY_FILTERS = ("metadata", *DATE_FIELDS)
 
 
 def _encode_cursor(memory: Memory) -> str:
@@ -232,7 +246,7 @@ class MemoryCollectionApi(TenantApi):
         priority = serializers.ChoiceField(choices=MemoryRequest.Priority.choices, default="normal")
         infer = serializers.BooleanField(default=True)
 
-    class ListInput(FiltersInput):
+    class ListInput(serializers.Serializer):
         user_id = serializers.UUIDField()
         cursor = serializers.CharField(required=False, max_length=200)  # ours are ~90
         limit = serializers.IntegerField(required=False, default=50, min_value=1, max_value=500)
@@ -267,16 +281,22 @@ class MemoryCollectionApi(TenantApi):
 
     def get(self, request: Request) -> Response:
         params = request.query_params.dict()
-        if "metadata" in params:
-            try:
-                params["metadata"] = strict_loads(params["metadata"])
-            except ValueError as exc:
-                raise InvalidInput("metadata must be a JSON object.", field="metadata") from exc
+        for name in _JSON_QUERY_FILTERS:
+            if name in params:
+                try:
+                    params[name] = strict_loads(params[name])
+                except ValueError as exc:
+                    raise InvalidInput(f"{name} must be a JSON object.", field=name) from exc
         data = validated_input(self.ListInput, params)
+        filters = memory_filters_parse({k: v for k, v in params.items() if k in FIELDS}, prefix="")
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
         cursor = _decode_cursor(data["cursor"]) if data.get("cursor") else None
         page = selectors.memory_list(
-            user=user, filters=data, cursor=cursor, limit=data["limit"] + 1
+            user=user,
+            filters=filters,
+            cursor=cursor,
+            limit=data["limit"] + 1,
+            as_of=_as_of(params.get("as_of")),
         )
         has_more = len(page) > data["limit"]
         page = page[: data["limit"]]
@@ -371,10 +391,12 @@ class MemoryDetailApi(TenantApi):
             required=False, max_length=settings.MEMORY_MAX_CONTENT_CHARS
         )
         metadata = JsonObjectField(required=False)
+        occurred_at = serializers.DateTimeField(required=False)
 
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
             if not attrs:
-                raise serializers.ValidationError({"content": ["Give content or metadata."]})
+                message = "Give content, metadata or occurred_at."
+                raise serializers.ValidationError({"content": [message]})
             return attrs
 
     def get(self, request: Request, memory_id: str) -> Response:
@@ -391,6 +413,7 @@ class MemoryDetailApi(TenantApi):
                 embedder=get_embedder(),
                 content=data.get("content"),
                 metadata=data.get("metadata"),
+                occurred_at=data.get("occurred_at"),
                 expected_version=expected_version,
             )
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
@@ -416,6 +439,10 @@ class MemoryHistoryApi(TenantApi):
         event = serializers.CharField()
         old_content = serializers.CharField(allow_null=True)
         new_content = serializers.CharField(allow_null=True)
+        # new_content held from valid_from until valid_to (the next entry's time; null: still).
+        valid_from = serializers.DateTimeField(source="occurred_at")
+        valid_to = serializers.DateTimeField(allow_null=True)
+        reason = serializers.CharField(allow_null=True)  # why a CLOSE happened
         actor = serializers.CharField()
         request_id = serializers.UUIDField(allow_null=True)
         created_at = serializers.DateTimeField()
@@ -449,7 +476,9 @@ class MemorySearchApi(TenantApi):
         user_id = serializers.UUIDField()
         query = serializers.CharField(max_length=settings.MEMORY_MAX_CONTENT_CHARS)
         limit = serializers.IntegerField(default=10, min_value=1, max_value=100)
-        filters = FiltersInput(required=False, default=dict)
+        filters = serializers.JSONField(required=False, default=dict)  # memories.filters
+        # What was true then (ISO 8601): memories closed since come back, with their old content.
+        as_of = serializers.DateTimeField(required=False, allow_null=True, default=None)
         mode = serializers.ChoiceField(choices=search.MODES, default="hybrid")
         # A minimum cosine similarity (-1 to 1), as before hybrid search; min_score: a minimum
         # fused score (0 to 1).
@@ -468,11 +497,12 @@ class MemorySearchApi(TenantApi):
                 user=user,
                 query=data["query"],
                 limit=data["limit"],
-                filters=data["filters"],
+                filters=memory_filters_parse(data["filters"]),
                 threshold=data.get("threshold"),
                 min_score=data.get("min_score"),
                 mode=data["mode"],
                 embedder=get_embedder(),
+                as_of=data["as_of"],
             )
         results = [
             {

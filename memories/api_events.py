@@ -163,7 +163,8 @@ def _decode_sync_cursor(cursor: str) -> tuple[int, str]:
 
 class SyncApi(TenantApi):
     """`GET /v1/sync?user_id=&since=CURSOR&limit=`: every change since the cursor, deletions as
-    tombstones (`deleted: true`), and the cursor to send next time."""
+    tombstones (`deleted: true`), contradicted memories as `closed: true`, and the cursor to send
+    next time."""
 
     class InputSerializer(serializers.Serializer):
         user_id = serializers.UUIDField()
@@ -173,9 +174,14 @@ class SyncApi(TenantApi):
     class ChangeOutput(MemoryOutput):
         deleted = serializers.SerializerMethodField()
         deleted_at = serializers.DateTimeField(allow_null=True)
+        # Contradicted: no longer true (valid_to says since when), out of the live set.
+        closed = serializers.SerializerMethodField()
 
         def get_deleted(self, memory: Any) -> bool:
             return memory.deleted_at is not None
+
+        def get_closed(self, memory: Any) -> bool:
+            return memory.valid_to is not None
 
     def get(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.query_params.dict())

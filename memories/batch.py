@@ -17,6 +17,7 @@ import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import lru_cache, partial
 from typing import Any
 
@@ -26,12 +27,13 @@ from django.utils import timezone
 from pgvector import Vector
 
 from memories import events, ledger, memory_writes, metrics, rows
+from memories.errors import InvalidInput
 from memories.jobs import request_run
 from memories.memory_writes import content_hash
 from memories.models import EndUser, Memory, MemoryHistory, MemoryRequest, Tenant
 from memories.providers import Embedder
 from memories.providers.wiring import get_embedder
-from memories.validation import first_unstorable
+from memories.validation import first_unstorable, parse_datetime_value
 
 ACTIONS = ("create", "update", "delete")
 MEMORY_TYPES = {choice for choice, _ in Memory.Type.choices}
@@ -49,6 +51,8 @@ class BatchItem:
     metadata: dict[str, Any] | None = field(default_factory=dict)
     agent_id: str = ""
     session_id: str = ""
+    # When what it records happened; None: when written (a create), unchanged (an update).
+    occurred_at: datetime | None = None
 
     @property
     def target(self) -> str:
@@ -127,6 +131,13 @@ def parse_items(
         if not isinstance(agent_id, str) or not isinstance(session_id, str):
             errors.append(_error(index, "agent_id", "agent_id and session_id must be strings."))
             continue
+        occurred_at = raw.get("occurred_at")
+        if occurred_at is not None:
+            try:
+                occurred_at = parse_datetime_value(occurred_at, field="occurred_at")
+            except InvalidInput as exc:
+                errors.append(_error(index, "occurred_at", exc.message))
+                continue
         unstorable = first_unstorable(
             {
                 "content": content,
@@ -149,6 +160,7 @@ def parse_items(
                 metadata,
                 agent_id[:200],
                 session_id[:200],
+                occurred_at,
             )
         )
     return valid, errors
@@ -252,9 +264,11 @@ class NewMemory:
     embedding: bytes  # pgvector's binary format
     created_at: Any
     updated_at: Any
+    occurred_at: Any
     scope: str = Memory.Scope.USER.value
     topic: str = ""
     version: int = 1
+    valid_to: Any = None  # a new memory is current
 
 
 # The version (4) and variant (RFC 4122) bits uuid.UUID(version=4) sets, as byte translations.
@@ -309,6 +323,7 @@ def _write(
             embedding=vectors[item.index],
             created_at=now,
             updated_at=now,
+            occurred_at=item.occurred_at or now,
         )
         for item, (raw_id, text_id) in zip(creates, new_uuid4s(len(creates)), strict=True)
     ]
@@ -328,18 +343,21 @@ def _write(
                 memory.metadata = item.metadata
             memory.embedding = Vector.from_binary(vectors[item.index]).to_list()
             memory.content_hash = content_hash(item.text)
+            if item.occurred_at is not None:
+                memory.occurred_at = item.occurred_at
         else:
             memory.deleted_at = now
         changed.append((item, memory, previous))
 
     _copy_memories(created)
     _update_memories(changed)
-    history = [(m.raw_id, "ADD", None, m.content) for m in created] + [
+    history = [(m.raw_id, "ADD", None, m.content, m.occurred_at) for m in created] + [
         (
             m.id.bytes,
             "UPDATE" if item.action == "update" else "DELETE",
             previous,
             m.content if item.action == "update" else None,
+            m.occurred_at if item.action == "update" else now,
         )
         for item, m, previous in changed
     ]
@@ -390,6 +408,7 @@ MEMORY_COPY_COLUMNS = {
     "vector_clock": "bytea",  # jsonb
     "created_at": "timestamptz",
     "updated_at": "timestamptz",
+    "occurred_at": "timestamptz",
 }
 HISTORY_COPY_COLUMNS = {
     "memory_id": "bytea",  # uuid
@@ -398,6 +417,7 @@ HISTORY_COPY_COLUMNS = {
     "new_content": "text",
     "actor": "varchar",
     "created_at": "timestamptz",
+    "occurred_at": "timestamptz",
 }
 # The columns a bulk write leaves to the database, and why. With the lists above they must name
 # every column of the model (tests/test_batch.py): a field added to Memory or MemoryHistory is
@@ -405,10 +425,15 @@ HISTORY_COPY_COLUMNS = {
 COPY_COLUMNS_LEFT_OUT = {
     Memory: {
         "deleted_at": "a new memory is live",
+        "valid_to": "a new memory is current",
         "change_txid": "the trigger sets it",
         "search_vector": "a generated column: PostgreSQL computes it",
     },
-    MemoryHistory: {"id": "a sequence", "request_id": "bulk writes do not record it"},
+    MemoryHistory: {
+        "id": "a sequence",
+        "request_id": "bulk writes do not record it",
+        "reason": "bulk writes close nothing",
+    },
 }
 _EMPTY_JSONB = b"\x01{}"
 
@@ -461,6 +486,7 @@ def _copy_memories(memories: list[NewMemory]) -> None:
                     _EMPTY_JSONB,  # vector_clock
                     m.created_at,
                     m.updated_at,
+                    m.occurred_at,
                 )
             )
 
@@ -481,6 +507,7 @@ def _changed_row(item: BatchItem, memory: Memory) -> dict[str, Any]:
             "metadata": memory.metadata,
             "embedding": memory.embedding,
             "content_hash": memory.content_hash,
+            "occurred_at": memory.occurred_at,
         }
     else:
         row["deleted_at"] = memory.deleted_at
@@ -492,8 +519,8 @@ def _copy_history(entries: list[tuple], *, actor: str, at: Any) -> None:
     statement = f"COPY {MemoryHistory._meta.db_table} ({columns}) FROM STDIN WITH (FORMAT BINARY)"
     with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
         copy.set_types(list(HISTORY_COPY_COLUMNS.values()))
-        for memory_id, event, old, new in entries:
-            copy.write_row((memory_id, event, old, new, actor, at))
+        for memory_id, event, old, new, occurred_at in entries:
+            copy.write_row((memory_id, event, old, new, actor, at, occurred_at))
 
 
 def batch_request_work(claim: ledger.Claim, memory_request: MemoryRequest) -> None:

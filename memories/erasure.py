@@ -77,7 +77,9 @@ def memory_forget(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> None
             tenant_id=tenant_id, memory_id=memory_id, actor=actor
         )
         forgotten = str(memory.id)
-        MemoryHistory.objects.filter(memory_id=memory.id).update(old_content=None, new_content=None)
+        MemoryHistory.objects.filter(memory_id=memory.id).update(
+            old_content=None, new_content=None, reason=None
+        )
         _scrub_request_results(tenant_id=tenant_id, memory_id=forgotten)
         _scrub_json_rows(
             OutboxEvent,

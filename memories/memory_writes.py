@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from memories import rows, signals
 from memories.errors import NotFound, VersionConflict
+from memories.events.schema import EVENT_TYPE_OF_CHANGE
 from memories.models import Memory, MemoryHistory, MemoryRequest
 from memories.providers import Embedder
 
@@ -32,19 +33,24 @@ def content_hash(content: str) -> str:
 
 @dataclass(frozen=True)
 class PlannedChange:
-    """One change the pipeline decided, with UUIDs already mapped back from the LLM's integers."""
+    """One change the pipeline decided, with UUIDs already mapped back from the LLM's integers.
+    A DELETE closes the memory (a contradiction), with the contradicting statement as `reason`."""
 
     event: str  # ADD | UPDATE | DELETE
     memory_id: str | None
     content: str | None
     embedding: list[float] | None
+    reason: str | None = None
 
 
 def memory_job_changes_apply(
-    *, memory_request: MemoryRequest, changes: list[PlannedChange]
+    *, memory_request: MemoryRequest, changes: list[PlannedChange], occurred_at: datetime
 ) -> list[dict[str, Any]]:
-    """Write a job's decided changes (call it inside the transaction that marks the request done).
-    Returns the request's result entries, in decision order."""
+    """Write a job's decided changes (call it inside the transaction that marks the request done),
+    as of `occurred_at` (when the job's conversation happened). An ADD is a new memory; an UPDATE
+    gives the memory a new version, its old content staying in its history; a DELETE closes the
+    memory (`valid_to`): no longer true, not erased. Returns the request's result entries, in
+    decision order."""
     payload = memory_request.payload
     assert memory_request.user_id is not None  # a memory job is always for one user
     now = timezone.now()
@@ -67,30 +73,36 @@ def memory_job_changes_apply(
                 session_id=payload.get("session_id") or "",
                 created_at=now,
                 updated_at=now,
+                occurred_at=occurred_at,
             )
             applied.append(AppliedChange("ADD", memory, None))
             continue
         target = targets.get(change.memory_id or "")
-        if target is None:
-            # Deleted or changed by someone else since the decision was made: nothing to apply.
+        if target is None or target.valid_to is not None:
+            # Forgotten or closed since the decision was made: nothing to apply.
             logger.info("memory %s vanished before %s; skipped", change.memory_id, change.event)
             continue
         previous = target.content
         if change.event == "UPDATE":
             assert change.content is not None and change.embedding is not None
             _memory_set_content(target, content=change.content, embedding=change.embedding)
+            target.occurred_at = occurred_at
+            applied.append(AppliedChange("UPDATE", target, previous))
         else:
-            target.deleted_at = now
-        applied.append(AppliedChange(change.event, target, previous))
+            # Never closed before it began (a conversation sent late, about an earlier time).
+            target.valid_to = max(occurred_at, target.occurred_at)
+            applied.append(AppliedChange("CLOSE", target, previous, reason=change.reason))
     _memories_write(
         applied, actor=payload.get("agent_id") or "memory-job", request=memory_request, at=now
     )
     return [
         {
-            "event": change.event,
+            "event": "DELETE" if change.event == "CLOSE" else change.event,
             "memory_id": str(change.memory.id),
-            "content": None if change.event == "DELETE" else change.memory.content,
+            "content": None if change.event == "CLOSE" else change.memory.content,
             "previous_content": change.previous,
+            "occurred_at": change.memory.occurred_at.isoformat(),
+            **({"valid_to": change.memory.valid_to.isoformat()} if change.memory.valid_to else {}),
         }
         for change in applied
     ]
@@ -100,9 +112,10 @@ def memory_job_changes_apply(
 class AppliedChange:
     """A change about to be written: the memory as it will be, and its content before."""
 
-    event: str  # ADD | UPDATE | DELETE
+    event: str  # ADD | UPDATE | CLOSE | DELETE (MemoryHistory.Event)
     memory: Memory
     previous: str | None
+    reason: str | None = None
 
 
 def _memory_set_content(memory: Memory, *, content: str, embedding: list[float]) -> None:
@@ -136,6 +149,8 @@ def _memories_write(
             "content_hash": memory.content_hash,
             "metadata": memory.metadata,
             "deleted_at": memory.deleted_at,
+            "occurred_at": memory.occurred_at,
+            "valid_to": memory.valid_to,
             "version": memory.version,
             "updated_at": at,
         }
@@ -150,11 +165,8 @@ def _memories_write(
     _history_insert(applied, actor=actor, request=request, at=at)
     signals.memories_written.send(
         sender=Memory,
-        changes=[(change.memory, _EVENT_TYPE_OF[change.event]) for change in applied],
+        changes=[(change.memory, EVENT_TYPE_OF_CHANGE[change.event]) for change in applied],
     )
-
-
-_EVENT_TYPE_OF = {"ADD": "memory.created", "UPDATE": "memory.updated", "DELETE": "memory.deleted"}
 
 
 def _history_insert(
@@ -169,14 +181,28 @@ def _history_insert(
                 "memory_id": change.memory.id,
                 "event": change.event,
                 "old_content": change.previous,
-                "new_content": None if change.event == "DELETE" else change.memory.content,
+                "new_content": _content_after(change),
                 "actor": actor,
                 "request_id": request_id,
                 "created_at": at,
+                "occurred_at": _change_occurred_at(change, at=at),
+                "reason": change.reason,
             }
             for change in applied
         ],
     )
+
+
+def _content_after(change: AppliedChange) -> str | None:
+    return change.memory.content if change.event in ("ADD", "UPDATE") else None
+
+
+def _change_occurred_at(change: AppliedChange, *, at: datetime) -> datetime:
+    """When the change became true: a close at the memory's end, a forget when it was asked."""
+    if change.event == "CLOSE":
+        assert change.memory.valid_to is not None  # set by the close
+        return change.memory.valid_to
+    return change.memory.occurred_at if change.event != "DELETE" else at
 
 
 # Memories are locked for a change without their embedding (a change replaces it or leaves it)
@@ -226,6 +252,7 @@ def memory_update(
     embedder: Embedder,
     content: str | None = None,
     metadata: dict[str, Any] | None = None,
+    occurred_at: datetime | None = None,
     expected_version: int | None = None,
     actor: str = "api",
 ) -> Memory:
@@ -233,7 +260,8 @@ def memory_update(
     transaction, with one locking read of the memory.
 
     `expected_version` (from If-Match) guards against overwriting a change the caller has not
-    seen: a stale version raises VersionConflict and changes nothing.
+    seen: a stale version raises VersionConflict and changes nothing. A correction keeps the
+    memory's `occurred_at` unless it gives one: the old content was wrong, not superseded.
     """
     # Embedded before the lock is taken, so a slow embedder never holds the row.
     embedding = embedder.embed([content])[0] if content is not None else None
@@ -247,6 +275,8 @@ def memory_update(
         previous = memory.content
         if metadata is not None:
             memory.metadata = metadata
+        if occurred_at is not None:
+            memory.occurred_at = occurred_at
         if content is not None and embedding is not None:
             _memory_set_content(memory, content=content, embedding=embedding)
         _memories_write([AppliedChange("UPDATE", memory, previous)], actor=actor, at=timezone.now())

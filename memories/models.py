@@ -9,7 +9,7 @@ from django.conf import settings
 from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.db import models
-from django.db.models import Q
+from django.db.models import Func, Q
 from django.utils import timezone
 from pgvector.django import VectorField
 
@@ -42,6 +42,24 @@ class JsonTextField(models.JSONField):
         # psycopg has parsed `json` already (Django has only `jsonb` handed over as text): a
         # string here is a JSON string, not a document to decode again.
         return value
+
+
+class DateWords(Func):
+    """A timestamp as the words a question uses for it, in UTC: "may 2025 wednesday".
+
+    Built from EXTRACT and constant arrays rather than to_char, which PostgreSQL marks as only
+    stable (it reads the locale): a generated column needs an immutable expression.
+    """
+
+    _MONTHS = "ARRAY['january','february','march','april','may','june','july','august',"
+    _MONTHS += "'september','october','november','december']"
+    _DAYS = "ARRAY['sunday','monday','tuesday','wednesday','thursday','friday','saturday']"
+    template = (
+        f"(({_MONTHS})[EXTRACT(MONTH FROM %(expressions)s AT TIME ZONE 'UTC')::int] || ' ' || "
+        "EXTRACT(YEAR FROM %(expressions)s AT TIME ZONE 'UTC')::int::text || ' ' || "
+        f"({_DAYS})[EXTRACT(DOW FROM %(expressions)s AT TIME ZONE 'UTC')::int + 1])"
+    )
+    output_field = models.TextField()
 
 
 class Tenant(models.Model):
@@ -216,10 +234,18 @@ class Memory(models.Model):
     content = models.TextField()
     # Empty once the memory is forgotten (a tombstone keeps no trace of what it said).
     embedding = EmbeddingField(dimensions=settings.EMBEDDING_DIMENSIONS, null=True)
-    # The content's lexemes (English stemming, stop words dropped), for keyword retrieval;
-    # PostgreSQL keeps it in step with the content on every write, bulk COPY included.
+    # When what the memory records happened (a message's timestamp, an item's occurred_at), by
+    # default when the write was accepted. Filters and keyword search use it.
+    occurred_at = models.DateTimeField(default=timezone.now)
+    # Set when a later statement contradicted the memory: it is closed, not erased. It leaves
+    # list, search and sync's live set, and stays readable by id, in its history and by `as_of`.
+    valid_to = models.DateTimeField(null=True, blank=True)
+    # The content's lexemes (English stemming, stop words dropped) and its date's words ("may
+    # 2025 wednesday"), for keyword retrieval; PostgreSQL keeps it in step with both on every
+    # write, bulk COPY included.
     search_vector = models.GeneratedField(
-        expression=SearchVector("content", config="english"),
+        expression=SearchVector("content", config="english")
+        + SearchVector(DateWords("occurred_at"), config="english"),
         output_field=SearchVectorField(),
         db_persist=True,
     )
@@ -266,12 +292,14 @@ class Memory(models.Model):
 
 
 class MemoryHistory(models.Model):
-    """Append-only: every ADD / UPDATE / DELETE of a memory, with the content before and after."""
+    """Append-only: every ADD / UPDATE / CLOSE / DELETE of a memory, with the content before and
+    after."""
 
     class Event(models.TextChoices):
         ADD = "ADD"
         UPDATE = "UPDATE"
-        DELETE = "DELETE"
+        DELETE = "DELETE"  # forgotten (erased) or a bulk delete
+        CLOSE = "CLOSE"  # contradicted: no longer true, kept with its validity interval
 
     id = models.BigAutoField(primary_key=True)
     # Indexed by memory_history_by_memory (memory, id) alone; a second index would cost every
@@ -292,6 +320,11 @@ class MemoryHistory(models.Model):
         db_index=False,  # memory_history_by_request below, which leaves out rows with no request
     )
     created_at = models.DateTimeField(default=timezone.now)
+    # When the change became true (the memory's occurred_at for ADD and UPDATE, its valid_to for
+    # CLOSE): an entry's content held from its occurred_at to the next entry's.
+    occurred_at = models.DateTimeField(default=timezone.now)
+    # Why a CLOSE happened: the statement that contradicted the memory.
+    reason = models.TextField(null=True, blank=True)
 
     class Meta:
         verbose_name_plural = "memory history"

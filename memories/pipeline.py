@@ -8,6 +8,7 @@ transaction, fenced by the worker's claim.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -65,7 +66,10 @@ def plan_changes(
 
     changes: list[PlannedChange] = []
     targeted: set[str] = set()
-    for decision in decisions:
+    # A decider that answers one decision per fact, in order (the offline one does), tells which
+    # statement closed a memory; a model that does not may say it in the decision's text.
+    fact_of = facts if len(decisions) == len(facts) else [None] * len(decisions)
+    for decision, fact in zip(decisions, fact_of, strict=True):
         if decision.event == "NONE":
             continue
         if decision.event == "ADD":
@@ -93,7 +97,8 @@ def plan_changes(
                 PlannedChange("UPDATE", memory_id, decision.text, vector_by_text[decision.text])
             )
         elif decision.event == "DELETE":
-            changes.append(PlannedChange("DELETE", memory_id, None, None))
+            reason = decision.text or fact
+            changes.append(PlannedChange("DELETE", memory_id, None, None, reason=reason))
     return changes
 
 
@@ -102,6 +107,15 @@ def memory_job_work(claim: Claim, memory_request: MemoryRequest) -> None:
     changes = plan_changes(memory_request=memory_request, llm=get_llm(), embedder=get_embedder())
     with metrics.timed("database"):
         memory_request_complete(claim=claim, changes=changes)
+
+
+def memory_job_occurred_at(memory_request: MemoryRequest) -> datetime:
+    """When the job's conversation happened: its latest message's `timestamp`, or, with none,
+    when the job was accepted."""
+    stamps = [m["timestamp"] for m in memory_request.payload["messages"] if m.get("timestamp")]
+    if not stamps:
+        return memory_request.created_at
+    return max(datetime.fromisoformat(stamp) for stamp in stamps)
 
 
 def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> list[dict[str, Any]]:
@@ -113,7 +127,11 @@ def memory_request_complete(*, claim: Claim, changes: list[PlannedChange]) -> li
     statement checks the claim token, so nothing of this attempt commits).
     """
     with transaction.atomic():
-        result = memory_job_changes_apply(memory_request=claim.request, changes=changes)
+        result = memory_job_changes_apply(
+            memory_request=claim.request,
+            changes=changes,
+            occurred_at=memory_job_occurred_at(claim.request),
+        )
         memory_request_mark_success(claim=claim, result=result)
     return result
 

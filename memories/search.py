@@ -11,6 +11,7 @@ offline hashing embedder it is weak (its vectors know words, not meaning), so ke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -51,8 +52,10 @@ def memory_search(
     embedder: Embedder,
     mode: str = "hybrid",
     min_score: float | None = None,
+    as_of: datetime | None = None,
 ) -> list[Found]:
-    """Search the user's live memories (see the module's opening). `threshold` is a minimum
+    """Search the user's live memories (see the module's opening), or those true at `as_of`.
+    `filters` as `memories.filters.memory_filters_parse` returns them. `threshold` is a minimum
     cosine similarity (so it needs the vector leg); `min_score` a minimum fused score."""
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}.", field="mode")
@@ -65,11 +68,11 @@ def memory_search(
     if query_vector is not None:
         legs["vector"] = selectors.memory_search(
             user=user, query_vector=query_vector, limit=candidates, filters=filters,
-            threshold=threshold,
+            threshold=threshold, as_of=as_of,
         )  # fmt: skip
     if mode != "vector":
         legs["keyword"] = selectors.memory_keyword_search(
-            user=user, query=query, limit=candidates, filters=filters
+            user=user, query=query, limit=candidates, filters=filters, as_of=as_of
         )
     found = _fused(legs, weights=_weights())
     if query_vector is not None:

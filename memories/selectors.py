@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.contrib.postgres.search import SearchQuery, SearchRank
+from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
 from django.db import connection
-from django.db.models import Q, QuerySet
+from django.db.models import Case, F, OuterRef, Q, QuerySet, Subquery, When, Window
 from django.db.models.expressions import RawSQL
+from django.db.models.functions import Coalesce, Lead
 from pgvector.django import CosineDistance
 
 from memories.errors import NotFound
+from memories.filters import memory_filters_q
 from memories.models import (
+    DateWords,
     EndUser,
     Memory,
     MemoryHistory,
@@ -53,35 +58,69 @@ def memory_history(
     # History outlives a delete: the tombstoned memory's story (content-free) is still readable.
     if not Memory.objects.filter(tenant=tenant, pk=memory_id).exists():
         raise NotFound("Memory not found.")
-    rows = MemoryHistory.objects.filter(memory_id=memory_id)
+    # Each entry's content held until the next entry's time; the window sees past the page's
+    # LIMIT (applied after it), so the page's last entry gets its end too.
+    rows = MemoryHistory.objects.filter(memory_id=memory_id).annotate(
+        valid_to=Window(Lead("occurred_at"), order_by="id")
+    )
     if after is not None:
         rows = rows.filter(id__gt=after)
     return list(rows.order_by("id")[:limit])
 
 
-def _apply_filters(queryset: QuerySet[Memory], filters: dict[str, Any]) -> QuerySet[Memory]:
-    for field in ("agent_id", "session_id", "type"):
-        if filters.get(field):
-            queryset = queryset.filter(**{field: filters[field]})
-    if filters.get("metadata"):
-        # JSONB containment, served by the GIN index on metadata.
-        queryset = queryset.filter(metadata__contains=filters["metadata"])
-    return queryset
+def _memories_of(
+    user: EndUser, *, filters: dict[str, Any], as_of: datetime | None = None
+) -> QuerySet[Memory]:
+    """The user's memories true now (live: neither forgotten nor closed), or, with `as_of`, those
+    true then, each with `content_then` (its content at that time, from its history), filtered
+    in SQL by the parsed filters."""
+    queryset = Memory.objects.filter(user=user, deleted_at__isnull=True)
+    if as_of is None:
+        queryset = queryset.filter(valid_to__isnull=True)
+    else:
+        content_then = (
+            MemoryHistory.objects.filter(
+                memory=OuterRef("pk"), occurred_at__lte=as_of, event__in=("ADD", "UPDATE")
+            )
+            .order_by("-occurred_at", "-id")
+            .values("new_content")[:1]
+        )
+        # A memory written without history (none of the service's own paths) is its content.
+        no_history = Case(When(occurred_at__lte=as_of, then=F("content")), default=None)
+        queryset = (
+            queryset.filter(Q(valid_to__isnull=True) | Q(valid_to__gt=as_of))
+            .annotate(content_then=Coalesce(Subquery(content_then), no_history))
+            .filter(content_then__isnull=False)
+        )
+    return queryset.filter(memory_filters_q(filters))
+
+
+def _shown_as_of(memories: Iterable[Memory], as_of: datetime | None) -> list[Memory]:
+    """Memories read with `as_of` carry the content they had then."""
+    memories = list(memories)
+    if as_of is not None:
+        for memory in memories:
+            memory.content = getattr(memory, "content_then")  # noqa: B009 (an annotation)
+    return memories
 
 
 def memory_list(
-    *, user: EndUser, filters: dict[str, Any], cursor: tuple[str, str] | None, limit: int
+    *,
+    user: EndUser,
+    filters: dict[str, Any],
+    cursor: tuple[str, str] | None,
+    limit: int,
+    as_of: datetime | None = None,
 ) -> list[Memory]:
-    """A page of the user's live memories, newest first, keyset-paginated on (created_at, id)."""
-    queryset = _apply_filters(
-        Memory.objects.filter(user=user, deleted_at__isnull=True), filters
-    ).order_by("-created_at", "-id")
+    """A page of the user's live memories (or those true at `as_of`), newest first,
+    keyset-paginated on (created_at, id)."""
+    queryset = _memories_of(user, filters=filters, as_of=as_of).order_by("-created_at", "-id")
     if cursor is not None:
         created_at, memory_id = cursor
         queryset = queryset.filter(
             Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=memory_id)
         )
-    return list(queryset.defer("embedding", "search_vector")[:limit])
+    return _shown_as_of(queryset.defer("embedding", "search_vector")[:limit], as_of)
 
 
 def memory_search(
@@ -91,21 +130,25 @@ def memory_search(
     limit: int,
     filters: dict[str, Any],
     threshold: float | None,
+    as_of: datetime | None = None,
 ) -> list[Memory]:
     """The user's true top-k by cosine similarity, computed by pgvector.
 
     An exact scan of the user's rows (B-tree on user, then distance): no approximate index can
     drop a match here, whatever the plan. Each result carries `score` = 1 - cosine distance.
+    With `as_of`, the memories true then, ranked by their current vectors (history keeps no
+    vector of an old content).
     """
-    queryset = _apply_filters(Memory.objects.filter(user=user, deleted_at__isnull=True), filters)
+    queryset = _memories_of(user, filters=filters, as_of=as_of)
     queryset = queryset.annotate(distance=CosineDistance("embedding", query_vector))
     if threshold is not None:
         queryset = queryset.filter(distance__lte=1 - threshold)
     results: list[Memory] = []
-    for memory in queryset.order_by("distance", "id").defer("embedding", "search_vector")[:limit]:
+    ordered = queryset.order_by("distance", "id").defer("embedding", "search_vector")[:limit]
+    for memory in ordered:
         memory.score = 1 - memory.distance
         results.append(memory)
-    return results
+    return _shown_as_of(results, as_of)
 
 
 # The query's lexemes ORed: AND (plainto_tsquery, websearch_to_tsquery) needs every word of a
@@ -117,11 +160,17 @@ _OR_QUERY_SQL = """
 
 
 def memory_keyword_search(
-    *, user: EndUser, query: str, limit: int, filters: dict[str, Any]
+    *,
+    user: EndUser,
+    query: str,
+    limit: int,
+    filters: dict[str, Any],
+    as_of: datetime | None = None,
 ) -> list[Memory]:
     """The user's top-k memories sharing words (stemmed) with the query, by ts_rank_cd (cover
     density, normalised by the memory's length so long memories do not win by size); a query
-    of stop words alone finds nothing. Each result carries `keyword_rank` (its ts_rank_cd)."""
+    of stop words alone finds nothing. Each result carries `keyword_rank` (its ts_rank_cd).
+    With `as_of`, the memories true then, matched on the content they had then."""
     with connection.cursor() as cursor:
         cursor.execute(_OR_QUERY_SQL, [query])
         row = cursor.fetchone()
@@ -129,15 +178,21 @@ def memory_keyword_search(
     if not lexemes:
         return []
     search_query = SearchQuery(lexemes, search_type="raw", config="simple")
-    queryset = _apply_filters(Memory.objects.filter(user=user, deleted_at__isnull=True), filters)
+    queryset = _memories_of(user, filters=filters, as_of=as_of)
+    document: Any = F("search_vector")
+    if as_of is not None:
+        document = SearchVector("content_then", config="english") + SearchVector(
+            DateWords("occurred_at"), config="english"
+        )
     ranked = (
-        queryset.filter(search_vector=search_query)
-        .annotate(keyword_rank=SearchRank("search_vector", search_query, cover_density=True,
+        queryset.alias(document=document)
+        .filter(document=search_query)
+        .annotate(keyword_rank=SearchRank("document", search_query, cover_density=True,
                                           normalization=1))
         .order_by("-keyword_rank", "id")
         .defer("embedding", "search_vector")[:limit]
     )  # fmt: skip
-    return list(ranked)
+    return _shown_as_of(ranked, as_of)
 
 
 def memory_similarities(
@@ -173,7 +228,7 @@ def memory_nearest_for_many(
             CROSS JOIN LATERAL (
                 SELECT id, content, embedding <=> f.vec::vector AS distance
                 FROM memories_memory
-                WHERE user_id = %s AND deleted_at IS NULL
+                WHERE user_id = %s AND deleted_at IS NULL AND valid_to IS NULL
                 ORDER BY distance
                 LIMIT %s
             ) AS m

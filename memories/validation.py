@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, time
 from typing import Any
+
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
+
+from memories.errors import InvalidInput
 
 # What PostgreSQL's text and jsonb cannot hold: U+0000, and lone surrogates (no UTF-8 form).
 # DRF's CharField refuses both, with these messages.
@@ -51,3 +57,20 @@ def first_unstorable(fields: dict[str, Any]) -> tuple[str, str] | None:
         if problem:
             return name, problem
     return None
+
+
+def parse_datetime_value(value: Any, *, field: str) -> datetime:
+    """An ISO 8601 date or date-time; a date is its midnight, a time without offset is UTC."""
+    parsed: datetime | None = None
+    if isinstance(value, str):
+        try:
+            parsed = parse_datetime(value)
+            if parsed is None and (day := parse_date(value)) is not None:
+                parsed = datetime.combine(day, time())
+        except ValueError:  # well-formed but impossible, e.g. 2025-02-30
+            parsed = None
+    if parsed is None:
+        raise InvalidInput("Must be an ISO 8601 date or date-time.", field=field)
+    if timezone.is_naive(parsed):
+        parsed = timezone.make_aware(parsed, UTC)
+    return parsed

@@ -555,7 +555,7 @@ def test_a_null_character_in_user_or_memory_metadata_is_400_and_changes_nothing(
     assert (memory.metadata, memory.version) == ({"kept": True}, 1)
     search = {"user_id": str(end_user.id), "query": "tea", "filters": {"metadata": NUL_METADATA}}
     response = api.post("/v1/memories/search", search, format="json")
-    assert response.status_code == 400 and "filters" in response.json()["fields"]
+    assert response.status_code == 400 and "filters.metadata" in response.json()["fields"]
 
 
 # --- Input serializers used again ----------------------------------------------------------------

@@ -50,6 +50,8 @@ def test_committed_change_is_published_to_stream_and_user_channel(end_user) -> N
         "version": 1,
         "scope": "user",
         "topic": "",
+        "occurred_at": memory.occurred_at.isoformat(),
+        "valid_to": None,
     }
     assert event["source"] == {
         "agent_id": "",

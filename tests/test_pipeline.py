@@ -32,7 +32,9 @@ def run(user: EndUser, *texts: str) -> MemoryRequest:
 
 def live_contents(user: EndUser) -> list[str]:
     return sorted(
-        Memory.objects.filter(user=user, deleted_at__isnull=True).values_list("content", flat=True)
+        Memory.objects.filter(
+            user=user, deleted_at__isnull=True, valid_to__isnull=True
+        ).values_list("content", flat=True)
     )
 
 
@@ -61,6 +63,7 @@ def test_moving_city_updates_the_home_memory(end_user) -> None:
             "memory_id": str(paris.id),
             "content": "Lives in Berlin",
             "previous_content": "Lives in Paris",
+            "occurred_at": request.created_at.isoformat(),
         }
     ]
     paris.refresh_from_db()
@@ -69,14 +72,19 @@ def test_moving_city_updates_the_home_memory(end_user) -> None:
 
 
 @pytestmark_db
-def test_no_longer_statement_deletes_the_memory(end_user) -> None:
+def test_no_longer_statement_closes_the_memory_with_the_reason_in_its_history(end_user) -> None:
     run(end_user, "I eat meat. I like hiking.")
     request = run(end_user, "I no longer eat meat.")
     assert [e["event"] for e in request.result] == ["DELETE"]
     assert live_contents(end_user) == ["Likes hiking"]
-    deleted = Memory.objects.get(user=end_user, content="Eats meat")
-    assert deleted.deleted_at is not None
-    assert deleted.history.last().event == "DELETE"
+    closed = Memory.objects.get(user=end_user, content="Eats meat")
+    assert closed.deleted_at is None and closed.valid_to == request.created_at
+    last = closed.history.last()
+    assert (last.event, last.old_content, last.reason) == (
+        "CLOSE",
+        "Eats meat",
+        "No longer eats meat",
+    )
 
 
 @pytestmark_db
@@ -291,7 +299,7 @@ def test_llm_update_and_delete_land_on_the_right_uuid(openai_settings, end_user)
     for memory in (paris, hiking, meat):
         memory.refresh_from_db()
     assert paris.content == "Lives in Rome" and paris.deleted_at is None
-    assert meat.deleted_at is not None
+    assert meat.valid_to is not None and meat.deleted_at is None
     assert hiking.content == "Likes hiking" and hiking.version == 1
 
 

@@ -33,6 +33,7 @@ def test_inserted_rows_read_back_through_the_orm_with_their_types_and_ids_in_ord
             "actor": "test",
             "request_id": None,
             "created_at": AT,
+            "occurred_at": AT,
         }
         for n, event in enumerate(["ADD", "UPDATE", "DELETE"])
     ]

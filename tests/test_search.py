@@ -89,7 +89,10 @@ def test_bad_search_input_is_400_naming_the_field(api, end_user) -> None:
         ({"user_id": str(end_user.id), "query": "x", "limit": 0}, "limit"),
         ({"user_id": str(end_user.id), "query": "x", "threshold": "high"}, "threshold"),
         ({"user_id": "nope", "query": "x"}, "user_id"),
-        ({"user_id": str(end_user.id), "query": "x", "filters": {"type": "secret"}}, "filters"),
+        (
+            {"user_id": str(end_user.id), "query": "x", "filters": {"type": "secret"}},
+            "filters.type",
+        ),
     ]:
         response = api.post("/v1/memories/search", body, format="json")
         assert response.status_code == 400 and field in response.json()["fields"], body

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from memories.errors import Gone
-from memories.events.schema import build_event
+from memories.events.schema import EVENT_TYPE_OF_CHANGE, build_event
 from memories.events.stream import (
     parse_entry,
     read_range,
@@ -107,12 +107,14 @@ def session_events_from_rows(*, session: Session) -> list[dict[str, Any]]:
         .select_related("memory")
         .order_by("id")[:SESSION_EVENTS_MAX]
     )
-    kinds = {"ADD": "memory.created", "UPDATE": "memory.updated", "DELETE": "memory.deleted"}
     for change in history:
         memory = {"id": str(change.memory_id), "content": change.new_content}
         rebuilt.append(
             build_event(
-                event_type=kinds[change.event], at=change.created_at, memory=memory, **common
+                event_type=EVENT_TYPE_OF_CHANGE[change.event],
+                at=change.created_at,
+                memory=memory,
+                **common,
             )
         )
     if session.ended_at is not None:

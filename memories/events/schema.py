@@ -36,6 +36,10 @@ class MemoryFields(Protocol):
     def topic(self) -> str: ...
     @property
     def updated_at(self) -> Any: ...
+    @property
+    def occurred_at(self) -> Any: ...
+    @property
+    def valid_to(self) -> Any: ...
 
 
 SCHEMA_VERSION = 1
@@ -44,6 +48,7 @@ EVENT_TYPES = (
     "memory.created",
     "memory.updated",
     "memory.deleted",
+    "memory.closed",
     "memory.cleared",
     "message.added",
     "session.started",
@@ -53,6 +58,15 @@ EVENT_TYPES = (
     "error.occurred",
     "conflict.detected",
 )
+
+
+# The event of each kind of memory history entry (MemoryHistory.Event).
+EVENT_TYPE_OF_CHANGE = {
+    "ADD": "memory.created",
+    "UPDATE": "memory.updated",
+    "CLOSE": "memory.closed",
+    "DELETE": "memory.deleted",
+}
 
 
 def user_channel(user_id: object) -> str:
@@ -134,9 +148,15 @@ def memory_event(
             "version": memory.version,
             "scope": memory.scope,
             "topic": memory.topic,
+            "occurred_at": _isoformat(memory.occurred_at),
+            "valid_to": _isoformat(memory.valid_to),
         },
         channels=channels_for_memory(memory),
         data=data,
         at=memory.updated_at,
         event_id=event_id,
     )
+
+
+def _isoformat(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
