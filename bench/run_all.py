@@ -28,6 +28,8 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "pipeline_instructions": ([], ["--jobs", "40", "--baseline-jobs", "20"], 1200),
     "priority": ([], ["--backlog", "2000", "--samples", "20", "--patches", "40"], 360),
     "backpressure": ([], ["--duration", "10"], 660),
+    # Search quality (about 30 s); local is skipped with a note where that embedder is missing.
+    "recall": ([], ["--quick"], 600),
     # Someone else's bench: run if present, with its own defaults.
     "sse_fanout": ([], ["--counts", "1,100", "--httpx-counts", "1", "--events", "50"], 900),
 }
