@@ -132,9 +132,16 @@ class OpenAILLM:
         try:
             return read(content)
         except UnreadableAnswer as exc:
+            problem = _problem(exc, cut_off)
+            # The answer itself goes to the log only: the error is what a tenant reads back.
+            logger.warning(
+                "%s gave an unusable answer again (%s): %s",
+                self._who(),
+                problem,
+                _excerpt(content or ""),
+            )
             raise ProviderError(
-                f"{self._who()} gave no usable answer, even when asked again: "
-                f"{_problem(exc, cut_off)}; it answered: {_excerpt(content or '')}"
+                f"{self._who()} gave no usable answer, even when asked again: {problem}"
             ) from exc
 
     def _chat(self, messages: list[ChatCompletionMessageParam]) -> tuple[str | None, bool]:
