@@ -16,7 +16,7 @@ from memories.models import Memory, MemoryRequest, OutboxEvent
 from memories.pipeline import memory_request_run
 from memories.providers.base import Decision, ExistingMemory, ProviderError, ProviderRejected
 from memories.providers.openai_provider import DECIDE_PROMPT, EXTRACT_PROMPT, OpenAILLM
-from tests.fake_openai import FakeOpenAI, rule_based_chat
+from tests.fake_openai import FakeOpenAI, FakeResponse, error_body, rule_based_chat
 from tests.helpers import store_memories, submit_job
 
 PARIS = [ExistingMemory(1, "Likes tea"), ExistingMemory(2, "Lives in Paris")]
@@ -205,6 +205,35 @@ def test_an_honest_empty_answer_is_a_success_with_nothing_to_do(
     assert len(chat_calls(fake)) == 2  # no repair asked for either
 
 
+# --- A server that refuses JSON mode itself ------------------------------------------------------
+
+
+def test_a_server_that_refuses_response_format_is_asked_without_it(fake: FakeOpenAI) -> None:
+    def no_json_mode(body: dict) -> Any:
+        if "response_format" in body:  # as LM Studio answers {"type": "json_object"}
+            message = "'response_format.type' must be 'json_schema' or 'text'"
+            return FakeResponse(400, error_body(message, "invalid_request_error"))
+        return "```json\n" + rule_based_chat(body) + "\n```"
+
+    fake.chat_handler = no_json_mode
+    llm = llm_for(fake)
+    assert llm.extract_facts(said("I live in Paris")) == ["Lives in Paris"]
+    assert llm.extract_facts(said("I like tea")) == ["Likes tea"]
+    asked = ["response_format" in body for body in chat_calls(fake)]
+    assert asked == [True, False, False]  # refused once, then never sent again
+
+
+def test_a_400_about_something_else_is_not_taken_for_a_json_mode_refusal(
+    fake: FakeOpenAI,
+) -> None:
+    fake.chat_handler = lambda body: FakeResponse(
+        400, error_body("This model's maximum context length is 8192 tokens")
+    )
+    with pytest.raises(ProviderRejected, match="HTTP 400"):
+        llm_for(fake, max_retries=2).extract_facts(said("I live in Paris"))
+    assert len(fake.requests) == 1
+
+
 # --- One repair round ----------------------------------------------------------------------------
 
 
@@ -273,8 +302,6 @@ def test_an_answer_unreadable_twice_is_a_provider_error_with_the_reason(
 
 def test_an_answer_cut_off_at_the_length_limit_says_so(fake: FakeOpenAI, llm: OpenAILLM) -> None:
     def truncated(body: dict) -> Any:
-        from tests.fake_openai import FakeResponse
-
         return FakeResponse(
             200,
             {

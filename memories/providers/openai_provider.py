@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import openai
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from memories.providers.base import Decision, ExistingMemory, ProviderError, ProviderRejected
 from memories.providers.llm_answers import UnreadableAnswer, read_decisions, read_facts
@@ -90,6 +90,9 @@ class OpenAILLM:
         # The client retries what may pass (connection errors, timeouts, 408/409/429, 5xx) with
         # its own backoff; the job retries after that (ProviderError.retryable).
         self._client = _client(api_key, base_url, timeout, max_retries)
+        # JSON mode until the server refuses the option itself (LM Studio wants a json_schema,
+        # some servers know no response_format): then plain text, which the reading copes with.
+        self._json_mode = True
 
     def extract_facts(self, messages: list[dict[str, str]]) -> list[str]:
         if not messages:
@@ -149,18 +152,32 @@ class OpenAILLM:
 
         Servers that ignore `response_format` answer anyway; the reading copes with that."""
         try:
-            response = self._client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                response_format={"type": "json_object"},
-                temperature=0,
-            )
+            try:
+                response = self._create(messages)
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                if not (self._json_mode and "response_format" in exc.message.lower()):
+                    raise
+                logger.warning(
+                    "%s refuses response_format (HTTP %s); asking without it from now on",
+                    self._who(),
+                    exc.status_code,
+                )
+                self._json_mode = False
+                response = self._create(messages)
         except openai.OpenAIError as exc:
             raise _call_failed(self._who(), exc) from exc
         if not response.choices:
             return None, False
         choice = response.choices[0]
         return choice.message.content, choice.finish_reason == "length"
+
+    def _create(self, messages: list[ChatCompletionMessageParam]) -> ChatCompletion:
+        options: dict[str, Any] = (
+            {"response_format": {"type": "json_object"}} if self._json_mode else {}
+        )
+        return self._client.chat.completions.create(
+            model=self.model, messages=messages, temperature=0, **options
+        )
 
 
 def _problem(exc: UnreadableAnswer, cut_off: bool) -> str:
