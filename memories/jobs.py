@@ -128,7 +128,9 @@ def _run(*, request_id: str, work: Work) -> str:
         if not connection.in_atomic_block:
             connection.close_if_unusable_or_obsolete()
         error = _error_for_tenant(exc)
-        will_retry = ledger.memory_request_record_error(claim=claim, error=error)
+        # A provider that refused the request (a 4xx) will refuse it again: the job fails now.
+        final = isinstance(exc, ProviderError) and not exc.retryable
+        will_retry = ledger.memory_request_record_error(claim=claim, error=error, final=final)
         return "retry" if will_retry else "failed"
     return "done"
 

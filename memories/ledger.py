@@ -353,9 +353,10 @@ def _finish_failure(memory_request: MemoryRequest, error: str) -> None:
     )
 
 
-def memory_request_record_error(*, claim: Claim, error: str) -> bool:
+def memory_request_record_error(*, claim: Claim, error: str, final: bool = False) -> bool:
     """Record a failed attempt. Returns True when the request will be retried (back to `pending`),
-    False when it is final (`failure`) or the claim was lost meanwhile."""
+    False when it is final (`failure`: the attempts ran out, or `final` says another attempt
+    cannot help) or the claim was lost meanwhile."""
     with transaction.atomic():
         memory_request = (
             MemoryRequest.objects.select_for_update()
@@ -365,6 +366,9 @@ def memory_request_record_error(*, claim: Claim, error: str) -> bool:
             .first()
         )
         if memory_request is None:
+            return False
+        if final:
+            _finish_failure(memory_request, f"Failed, not retried: {error}")
             return False
         if memory_request.attempts >= settings.MEMORY_JOB_MAX_ATTEMPTS:
             _finish_failure(

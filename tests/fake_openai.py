@@ -7,6 +7,10 @@ calls go to RuleBasedLLM, embeddings to HashingEmbedder. Tests script failures o
         fake.chat_handler = lambda body: "not json"
         OpenAILLM(api_key="k", base_url=fake.base_url, model="m").extract_facts(...)
 
+    with FakeOpenAI() as fake:
+        fake.answer_next("Sure! ```json\n{...}\n```", {"facts": []})  # the next two chat calls
+        fake.fail_next(1, status=429, headers={"retry-after-ms": "10"})  # before those
+
 As a process (for a Celery worker under test): `python -m tests.fake_openai --port 0 --delay 0`
 prints its base URL on the first line and serves until killed.
 """
@@ -22,7 +26,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -37,6 +41,7 @@ class FakeResponse:
 
     status: int
     body: dict[str, Any] | str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class FakeRequest:
     body: Any
 
 
-ChatHandler = Callable[[dict[str, Any]], "str | dict[str, Any] | FakeResponse"]
+ChatHandler = Callable[[dict[str, Any]], "str | dict[str, Any] | list[Any] | FakeResponse"]
 EmbeddingHandler = Callable[[dict[str, Any]], "list[list[float]] | FakeResponse"]
 
 
@@ -59,7 +64,8 @@ def rule_based_chat(body: dict[str, Any]) -> str | FakeResponse:
     """Answer the provider's two prompts as a model would, with the rule-based LLM."""
     messages = body.get("messages") or []
     system = messages[0]["content"] if messages else ""
-    payload = json.loads(messages[-1]["content"]) if len(messages) > 1 else {}
+    # The prompt's payload is the first user message (a repair round appends more after it).
+    payload = json.loads(messages[1]["content"]) if len(messages) > 1 else {}
     llm = RuleBasedLLM()
     if system == EXTRACT_PROMPT:
         return json.dumps({"facts": llm.extract_facts(payload["conversation"])})
@@ -79,9 +85,10 @@ def rule_based_chat(body: dict[str, Any]) -> str | FakeResponse:
 class FakeOpenAI:
     """An OpenAI-compatible server on 127.0.0.1 in a daemon thread; use it as a context manager.
 
-    `chat_handler(body)` returns the message content (str; a dict is sent as its JSON) or a
-    FakeResponse; `embedding_handler(body)` returns the vectors or a FakeResponse. Every request
-    is recorded in `requests`.
+    `chat_handler(body)` returns the message content (str; a dict or list is sent as its JSON)
+    or a FakeResponse; `embedding_handler(body)` returns the vectors or a FakeResponse. Answers
+    scripted with `answer_next` come first, one per chat call; failures scripted with
+    `fail_next` come before anything else. Every request is recorded in `requests`.
     """
 
     def __init__(
@@ -99,7 +106,9 @@ class FakeOpenAI:
         self.embedding_handler: EmbeddingHandler = embedding_handler or self._hashing_embeddings
         self._lock = threading.Lock()
         self._requests: list[FakeRequest] = []
-        self._failures: list[int] = []  # statuses for the next calls, consumed in order
+        # (status, headers) for the next calls of any kind, consumed in order
+        self._failures: list[tuple[int, dict[str, str]]] = []
+        self._scripted: list[str | dict[str, Any] | list[Any] | FakeResponse] = []
         self._ids = itertools.count(1)
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._server.daemon_threads = True
@@ -114,10 +123,18 @@ class FakeOpenAI:
         with self._lock:
             return list(self._requests)
 
-    def fail_next(self, n: int, status: int = 500) -> None:
+    def fail_next(
+        self, n: int, status: int = 500, *, headers: dict[str, str] | None = None
+    ) -> None:
         """Answer the next `n` calls, of any kind, with an HTTP error in OpenAI's error shape."""
         with self._lock:
-            self._failures.extend([status] * n)
+            self._failures.extend([(status, dict(headers or {}))] * n)
+
+    def answer_next(self, *answers: str | dict[str, Any] | list[Any] | FakeResponse) -> None:
+        """Answer the next chat calls with these, in order (as a chat_handler's return values),
+        then go back to `chat_handler`."""
+        with self._lock:
+            self._scripted.extend(answers)
 
     def start(self) -> FakeOpenAI:
         # A short poll interval: shutdown() waits for the loop to look, 0.5 s by default.
@@ -151,7 +168,8 @@ class FakeOpenAI:
             self._requests.append(FakeRequest(path=path, body=body))
             failure = self._failures.pop(0) if self._failures else None
         if failure is not None:
-            return FakeResponse(failure, error_body(f"scripted failure {failure}"))
+            status, headers = failure
+            return FakeResponse(status, error_body(f"scripted failure {status}"), headers)
         if not isinstance(body, dict):
             return FakeResponse(400, error_body("body is not JSON", "invalid_request_error"))
         if path.endswith("/chat/completions"):
@@ -162,10 +180,12 @@ class FakeOpenAI:
         return FakeResponse(404, error_body(f"no route {path}", "invalid_request_error"))
 
     def _chat(self, body: dict[str, Any]) -> FakeResponse:
-        content = self.chat_handler(body)
+        with self._lock:
+            scripted = self._scripted.pop(0) if self._scripted else None
+        content = scripted if scripted is not None else self.chat_handler(body)
         if isinstance(content, FakeResponse):
             return content
-        if isinstance(content, dict):
+        if isinstance(content, dict | list):
             content = json.dumps(content)
         completion = {
             "id": f"chatcmpl-fake-{next(self._ids)}",
@@ -243,6 +263,8 @@ def _handler_for(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 self.send_response(response.status)
                 self.send_header("Content-Type", "text/plain" if is_text else "application/json")
                 self.send_header("Content-Length", str(len(payload)))
+                for name, value in response.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(payload)
             except (BrokenPipeError, ConnectionResetError):

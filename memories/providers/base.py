@@ -15,6 +15,18 @@ MemoryEvent = Literal["ADD", "UPDATE", "DELETE", "NONE"]
 class ProviderError(Exception):
     """A model call failed or answered something unusable; the job may be retried."""
 
+    # Whether asking again later can help: a timeout, a rate limit, a 5xx or a model that
+    # rambled might do better next time; an endpoint that refused the request will not.
+    retryable: bool = True
+
+
+class ProviderRejected(ProviderError):
+    """The endpoint refused the request itself (a 4xx other than 408/409/429: a bad request,
+    a wrong key, an unknown model): the same request will be refused again, so the job fails
+    at once instead of spending its attempts."""
+
+    retryable = False
+
 
 @dataclass(frozen=True)
 class ExistingMemory:

@@ -1,17 +1,26 @@
 """Providers for any OpenAI-compatible endpoint: OpenAI, Azure, vLLM, Ollama.
 
 Every failure, whether of the transport or of the answer's shape, becomes a ProviderError with a
-message a person can act on; nothing the model says is trusted before it has been checked.
+message a person can act on; nothing the model says is trusted before it has been checked (how an
+answer is read and validated is memories.providers.llm_answers).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import openai
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from memories.providers.base import Decision, ExistingMemory, ProviderError
+from memories.providers.base import Decision, ExistingMemory, ProviderError, ProviderRejected
+from memories.providers.llm_answers import UnreadableAnswer, read_decisions, read_facts
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EXTRACT_PROMPT = """\
 You extract durable facts about the user from a conversation between the user and an assistant.
@@ -38,7 +47,15 @@ The input arrives as JSON: {"memories": [{"id": 1, "text": "..."}], "facts": [".
 Answer with a JSON object and nothing else:
 {"memory": [{"event": "ADD" | "UPDATE" | "DELETE" | "NONE", "id": <int>, "text": "..."}]}"""
 
-_EVENTS = {"ADD", "UPDATE", "DELETE", "NONE"}
+# The repair round: the model sees its own answer above this, and what was wrong with it.
+REPAIR_PROMPT = """\
+That answer could not be used: {problem}.
+Answer again with only the JSON object the instructions ask for, in exactly that format:
+no other text, no code fences."""
+
+# Statuses that may pass if asked again (as the openai client judges them too); any other 4xx
+# is the endpoint refusing this request, which it will refuse again.
+_TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
 
 def _client(api_key: str, base_url: str, timeout: float, max_retries: int) -> openai.OpenAI:
@@ -53,7 +70,11 @@ def _excerpt(text: str, limit: int = 200) -> str:
 
 
 class OpenAILLM:
-    """An LLMProvider over the chat completions API, answering in JSON mode."""
+    """An LLMProvider over the chat completions API, answering in JSON mode.
+
+    Each call asks once and, when the answer cannot be read, once more with the reason (the
+    repair round); a second unusable answer is a ProviderError, never an empty result.
+    """
 
     def __init__(
         self,
@@ -66,87 +87,101 @@ class OpenAILLM:
     ) -> None:
         self.base_url = base_url
         self.model = model
+        # The client retries what may pass (connection errors, timeouts, 408/409/429, 5xx) with
+        # its own backoff; the job retries after that (ProviderError.retryable).
         self._client = _client(api_key, base_url, timeout, max_retries)
+        # JSON mode until the server refuses the option itself (LM Studio wants a json_schema,
+        # some servers know no response_format): then plain text, which the reading copes with.
+        self._json_mode = True
 
     def extract_facts(self, messages: list[dict[str, str]]) -> list[str]:
         if not messages:
             return []
         conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
-        answer = self._chat(EXTRACT_PROMPT, {"conversation": conversation}, key="facts")
-        facts = answer["facts"]
-        if not all(isinstance(fact, str) for fact in facts):
-            raise ProviderError(f"{self._who()} returned non-text facts: {_excerpt(str(facts))}")
-        return [fact.strip() for fact in facts if fact.strip()]
+        return self._ask(EXTRACT_PROMPT, {"conversation": conversation}, read_facts)
 
     def decide(self, facts: list[str], memories: list[ExistingMemory]) -> list[Decision]:
         if not facts:
             return []
         shown = [{"id": m.id, "text": m.text} for m in memories]
-        answer = self._chat(DECIDE_PROMPT, {"memories": shown, "facts": facts}, key="memory")
-        return [self._decision(item) for item in answer["memory"]]
+        # Ids come back as the model wrote them: the caller applies only those it showed.
+        return self._ask(DECIDE_PROMPT, {"memories": shown, "facts": facts}, read_decisions)
 
     def _who(self) -> str:
         return f"model {self.model} at {self.base_url}"
 
-    def _chat(self, system: str, payload: dict[str, Any], *, key: str) -> dict[str, Any]:
-        """One JSON-mode call; returns the answer once it is an object with a list under `key`."""
+    def _ask(self, system: str, payload: dict[str, Any], read: Callable[[str | None], T]) -> T:
+        """The answer to one prompt, read by `read`, with one repair round if it cannot be."""
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": json.dumps(payload, ensure_ascii=False)},
+        ]
+        content, cut_off = self._chat(messages)
         try:
-            response = self._client.chat.completions.create(
-                model=self.model,
-                messages=[
-                    {"role": "system", "content": system},
-                    {"role": "user", "content": json.dumps(payload, ensure_ascii=False)},
-                ],
-                response_format={"type": "json_object"},
-                temperature=0,
+            return read(content)
+        except UnreadableAnswer as exc:
+            problem = _problem(exc, cut_off)
+        logger.warning(
+            "%s gave an unusable answer (%s); asking once more: %s",
+            self._who(),
+            problem,
+            _excerpt(content or ""),
+        )
+        messages += [
+            {"role": "assistant", "content": content or ""},
+            {"role": "user", "content": REPAIR_PROMPT.format(problem=problem)},
+        ]
+        content, cut_off = self._chat(messages)
+        try:
+            return read(content)
+        except UnreadableAnswer as exc:
+            problem = _problem(exc, cut_off)
+            # The answer itself goes to the log only: the error is what a tenant reads back.
+            logger.warning(
+                "%s gave an unusable answer again (%s): %s",
+                self._who(),
+                problem,
+                _excerpt(content or ""),
             )
-        except openai.OpenAIError as exc:
-            raise ProviderError(_failure(self._who(), exc)) from exc
-        content = response.choices[0].message.content if response.choices else None
-        if not content:
-            raise ProviderError(f"{self._who()} returned an empty answer")
-        try:
-            answer = json.loads(content)
-        except json.JSONDecodeError as exc:
             raise ProviderError(
-                f"{self._who()} returned invalid JSON ({exc.msg}): {_excerpt(content)}"
+                f"{self._who()} gave no usable answer, even when asked again: {problem}"
             ) from exc
-        if not isinstance(answer, dict) or not isinstance(answer.get(key), list):
-            raise ProviderError(
-                f'{self._who()} answered without a "{key}" list: {_excerpt(content)}'
-            )
-        return answer
 
-    def _decision(self, item: object) -> Decision:
-        if not isinstance(item, dict):
-            raise ProviderError(
-                f"{self._who()} returned a decision that is not an object: {item!r}"
-            )
-        event = str(item.get("event", "")).upper()
-        if event not in _EVENTS:
-            raise ProviderError(f"{self._who()} returned an unknown event: {_excerpt(str(item))}")
-        text = item.get("text")
-        if event in ("ADD", "UPDATE") and not (isinstance(text, str) and text.strip()):
-            raise ProviderError(f"{self._who()} returned {event} without text: {item!r}")
-        memory_id = _memory_id(item.get("id"))
-        if event in ("UPDATE", "DELETE") and memory_id is None:
-            raise ProviderError(f"{self._who()} returned {event} without a valid id: {item!r}")
-        return Decision(
-            event=event,  # type: ignore[arg-type]  # checked against _EVENTS above
-            text=text.strip() if isinstance(text, str) and text.strip() else None,
-            memory_id=None if event == "ADD" else memory_id,
+    def _chat(self, messages: list[ChatCompletionMessageParam]) -> tuple[str | None, bool]:
+        """One JSON-mode call: the answer's text, and whether it was cut off at the length limit.
+
+        Servers that ignore `response_format` answer anyway; the reading copes with that."""
+        try:
+            try:
+                response = self._create(messages)
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                if not (self._json_mode and "response_format" in exc.message.lower()):
+                    raise
+                logger.warning(
+                    "%s refuses response_format (HTTP %s); asking without it from now on",
+                    self._who(),
+                    exc.status_code,
+                )
+                self._json_mode = False
+                response = self._create(messages)
+        except openai.OpenAIError as exc:
+            raise _call_failed(self._who(), exc) from exc
+        if not response.choices:
+            return None, False
+        choice = response.choices[0]
+        return choice.message.content, choice.finish_reason == "length"
+
+    def _create(self, messages: list[ChatCompletionMessageParam]) -> ChatCompletion:
+        options: dict[str, Any] = (
+            {"response_format": {"type": "json_object"}} if self._json_mode else {}
+        )
+        return self._client.chat.completions.create(
+            model=self.model, messages=messages, temperature=0, **options
         )
 
 
-def _memory_id(value: object) -> int | None:
-    """An id as int; models sometimes quote numbers. Unknown ids pass through for the caller."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
+def _problem(exc: UnreadableAnswer, cut_off: bool) -> str:
+    return f"{exc}{' (the answer was cut off at the length limit)' if cut_off else ''}"
 
 
 class OpenAIEmbedder:
@@ -181,7 +216,7 @@ class OpenAIEmbedder:
                 model=self.model, input=texts, encoding_format="float", **options
             )
         except openai.OpenAIError as exc:
-            raise ProviderError(_failure(who, exc)) from exc
+            raise _call_failed(who, exc) from exc
         data = sorted(response.data, key=lambda item: item.index)
         if [item.index for item in data] != list(range(len(texts))):
             raise ProviderError(f"{who} returned {len(data)} vectors for {len(texts)} texts")
@@ -192,6 +227,15 @@ class OpenAIEmbedder:
                     f"{who} returned {len(vector)} dimensions, {self.dimensions} are configured"
                 )
         return vectors
+
+
+def _call_failed(who: str, exc: openai.OpenAIError) -> ProviderError:
+    """A failed call as a ProviderError: ProviderRejected when the endpoint refused it (a 4xx
+    other than 408/409/429), so the job does not ask again."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and 400 <= status < 500 and status not in _TRANSIENT_STATUSES:
+        return ProviderRejected(f"{_failure(who, exc)}: the endpoint refused the request")
+    return ProviderError(_failure(who, exc))
 
 
 def _failure(who: str, exc: openai.OpenAIError) -> str:
