@@ -2,14 +2,18 @@
 
 Each row says what the user told us before, what they say now, and what must happen to the stored
 facts. The earlier messages go through the offline extractor, as the pipeline would have stored
-them; the new message goes through `extract_facts` then `decide`. No database and no Django.
+them; the new message goes through `extract_facts` then `decide`. The table needs no database;
+one test at the end runs the issue's story through the real pipeline.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from memories.models import EndUser, Memory, MemoryRequest
+from memories.pipeline import memory_request_run
 from memories.providers import Decision, ExistingMemory, RuleBasedLLM
+from tests.helpers import submit_job
 
 # Expectations name stored memories by their text, not their id, so a row reads like the story:
 #   ("ADD", new text) | ("NONE", stored) | ("DELETE", stored) | ("UPDATE", stored, new text)
@@ -44,6 +48,8 @@ ROWS: list[tuple[str, str, list[Expected]]] = [
     ("I work for Acme.", "I quit my job.", [("DELETE", "Works for Acme")]),
     ("I drink coffee.", "I gave up coffee.", [("DELETE", "Drinks coffee")]),
     ("I work at Acme.", "I left Acme.", [("DELETE", "Works at Acme")]),
+    ("I work as a nurse.", "I quit my job.", [("DELETE", "Works as a nurse")]),
+    ("My wife is Anna.", "I'm not married to Anna anymore.", [("DELETE", "Wife is Anna")]),
     # --- "used to": the stored present fact becomes a past one
     (
         "I live in Rome.",
@@ -132,6 +138,13 @@ ROWS: list[tuple[str, str, list[Expected]]] = [
         "My favourite food is sushi.",
         [("UPDATE", "Favourite food is pizza", "Favourite food is sushi")],
     ),
+    (
+        "I work at Acme.",
+        "I started working at Globex.",
+        [("UPDATE", "Works at Acme", "Works at Globex")],
+    ),
+    ("I work at Acme.", "I'm retired now.", [("UPDATE", "Works at Acme", "Is retired")]),
+    ("My wife is Anna.", "I'm divorced.", [("UPDATE", "Wife is Anna", "Is divorced")]),
     # --- taking a retraction back
     (
         "I don't eat meat anymore.",
@@ -156,6 +169,7 @@ ROWS: list[tuple[str, str, list[Expected]]] = [
     ("I live in Paris.", "I no longer play chess.", [("ADD", "No longer plays chess")]),
     ("I like jazz.", "I do not like opera.", [("ADD", "Does not like opera")]),
     ("I drink coffee every morning.", "I don't drink.", [("ADD", "Does not drink")]),
+    ("I play chess.", "I don't play chess every day.", [("ADD", "Does not play chess every day")]),
     ("I live in Paris.", "I used to work at Acme.", [("ADD", "Used to work at Acme")]),
     ("My wife is a teacher.", "My wife is Maria.", [("ADD", "Wife is Maria")]),
     (
@@ -173,6 +187,13 @@ ROWS: list[tuple[str, str, list[Expected]]] = [
     ("I no longer eat meat.", "I don't eat meat.", [("NONE", "No longer eats meat")]),
     ("I live in Paris.", "I left my keys at home.", [("ADD", "Left their keys at home")]),
 ]
+
+
+def run(user: EndUser, text: str) -> MemoryRequest:
+    memory_request = submit_job(user, text)
+    assert memory_request_run(request_id=str(memory_request.id)) == "done"
+    memory_request.refresh_from_db()
+    return memory_request
 
 
 def _expected_decision(expected: Expected, id_of: dict[str, int]) -> Decision:
@@ -214,3 +235,17 @@ def test_a_retraction_finds_the_fact_among_unrelated_ones() -> None:
         llm.extract_facts([{"role": "user", "content": "I no longer eat meat."}]), memories
     )
     assert decisions == [Decision("DELETE", memory_id=2)]
+
+
+@pytest.mark.django_db
+def test_the_pipeline_closes_the_contradicted_memory_and_keeps_the_rest(end_user) -> None:
+    # The story of the issue, through the job: the retraction must reach "Eats meat every day"
+    # among the nearest memories the embedder finds, and leave the fish alone.
+    run(end_user, "I eat meat every day. I like to eat fish. I live in Paris.")
+    request = run(end_user, "I no longer eat meat. Actually, I moved from Paris to Berlin.")
+    assert [e["event"] for e in request.result] == ["DELETE", "UPDATE"]
+    live = Memory.objects.filter(user=end_user, deleted_at__isnull=True)
+    assert sorted(live.values_list("content", flat=True)) == [
+        "Likes to eat fish",
+        "Lives in Berlin",
+    ]

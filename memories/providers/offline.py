@@ -345,13 +345,15 @@ _NEGATIONS = [
     ),
     _negation(r"does not (?P<verb>\w+)(?P<rest>.*)", "{verb}{rest}", holds="no longer"),
     _negation(r"used to (?P<verb>\w+)(?P<rest>.*)", "{verb}{rest}", holds="in the past"),
-    # Leaving a job with no employer named ends the employer attribute (see _JOB_LOSS).
+    # Leaving a job with no employer named ends whatever job is known (see _ENDS_A_JOB).
     _negation(r"(?:quit|left|lost) their job", "", holds="no longer"),
     _negation(
         r"(?:quit|gave up|given up|left) (?P<rest>.+)", "{rest}", holds="no longer", any_verb=True
     ),
 ]
-_JOB_LOSS = re.compile(r"(?:quit|left|lost) their job", re.I)
+_ENDS_A_JOB = re.compile(r"(?:quit|left|lost) their job", re.I)
+# Attribute keys a retraction ends together: leaving "the job" ends the employer and the role.
+_ATTRIBUTE_FAMILIES = {"job": {"employer", "occupation"}}
 
 
 class _Attribute(NamedTuple):
@@ -389,6 +391,10 @@ _ATTRIBUTES = [
     _attribute("diet", rf"is (?:an? )?(?P<value>{_DIETS})"),
     # Eating meat is a diet too: "I am vegan" replaces "Eats meat every day".
     _attribute("diet", r"eats meat", value="meat eater"),
+    # States that are the absence of a value, yet a value worth keeping: "Is retired" replaces
+    # "Works at Acme", "Is divorced" replaces "Wife is Anna".
+    _attribute("employer", r"is (?:unemployed|retired|jobless|out of work)", value="none"),
+    _attribute("partner", r"is (?:single|divorced|separated|widowed)", value="none"),
 ]
 # Said about when or how often, not what: "Eats meat every day" and "Eats meat" make one claim.
 _TIME_PHRASES = re.compile(
@@ -485,7 +491,7 @@ def _claim(fact: str) -> _Claim:
             statement = negation.template.format(**groups)
             break
     timeless = " ".join(_TIME_PHRASES.sub(" ", statement).split())
-    attribute = ("employer", None) if _JOB_LOSS.fullmatch(text) else _read_attribute(timeless)
+    attribute = ("job", None) if _ENDS_A_JOB.fullmatch(text) else _read_attribute(timeless)
     return _Claim(holds, _meaning(timeless), frozenset(_meaning(statement)), attribute, any_verb)
 
 
@@ -505,10 +511,16 @@ def _retracts(negation: _Claim, positive: _Claim) -> bool:
     """Whether `negation` ("No longer eats meat") says that `positive` ("Eats meat every day")
     no longer holds. By attribute ("No longer works at Acme" ends "Works for Acme"), else by words:
     the same verb, and every object word of the negation found in the positive. A bare verb ("Does
-    not drink") only retracts a bare verb ("Drinks"), not "Drinks coffee every morning"."""
+    not drink") only retracts a bare verb ("Drinks"), not "Drinks coffee every morning"; a
+    negation that names a time only retracts that time ("Does not play chess every day" leaves
+    "Plays chess")."""
+    if not negation.detail - set(negation.core) <= positive.detail:
+        return False
     ended, held = negation.attribute, positive.attribute
-    if ended and held and ended[0] == held[0] and ended[1] in (None, held[1]):
-        return True
+    if ended and held:
+        keys = _ATTRIBUTE_FAMILIES.get(ended[0], {ended[0]})
+        if held[0] in keys and ended[1] in (None, held[1]):
+            return True
     if not negation.core or not positive.core:
         return False
     if negation.any_verb:
