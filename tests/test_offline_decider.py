@@ -186,6 +186,8 @@ ROWS: list[tuple[str, str, list[Expected]]] = [
     ),
     ("I no longer eat meat.", "I don't eat meat.", [("NONE", "No longer eats meat")]),
     ("I live in Paris.", "I left my keys at home.", [("ADD", "Left their keys at home")]),
+    ("I eat meat.", "I don't know anymore.", []),
+    ("I like tea.", "I changed my mind.", []),
 ]
 
 

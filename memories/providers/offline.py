@@ -103,7 +103,8 @@ _IGNORED_AFTER_AM = {
     "looking",
     "asking",
 }
-# A verb alone is no fact ("I do", "I know"), except for habits: "I smoke" says something lasting.
+# A verb alone is no fact ("I do", "I don't know anymore"), except for habits: "I smoke", "I stopped
+# smoking" and "I don't drink" say something lasting.
 _HABIT_VERBS = {
     "smoke",
     "vape",
@@ -248,8 +249,8 @@ def _third_person_objects(words: list[str]) -> list[str]:
     return [_PRONOUNS.get(w.lower(), w) for w in words]
 
 
-def _plain_statement(predicate: str) -> tuple[bool, bool, str]:
-    """(rewritten, negated, predicate): a change phrasing turned into the statement it makes."""
+def _plain_statement(predicate: str) -> tuple[bool, str]:
+    """(negated, predicate): a change phrasing turned into the statement it makes."""
     predicate = _PERFECT.sub("", predicate)
     for rewrite in _CHANGES:
         match = rewrite.pattern.fullmatch(predicate)
@@ -257,8 +258,8 @@ def _plain_statement(predicate: str) -> tuple[bool, bool, str]:
             groups = {name: value or "" for name, value in match.groupdict().items()}
             if "ing" in groups:
                 groups["ing"] = _base_of_gerund(groups["ing"].lower())
-            return True, rewrite.negated, rewrite.template.format(**groups).strip()
-    return False, False, predicate
+            return rewrite.negated, rewrite.template.format(**groups).strip()
+    return False, predicate
 
 
 def _fact_from_clause(clause: str) -> str | None:
@@ -275,27 +276,27 @@ def _fact_from_clause(clause: str) -> str | None:
     words = subject.group(1).split()
     while words and words[0].lower() in _DROPPED_ADVERBS:
         words.pop(0)
-    rewritten, negated, predicate = _plain_statement(_TRAILING_TIME.sub("", " ".join(words)))
+    negated, predicate = _plain_statement(_TRAILING_TIME.sub("", " ".join(words)))
     words = predicate.split()
     if not words:
         return None
 
-    lowered = [w.lower() for w in words]
-    if lowered[:2] == ["do", "not"] and len(words) > 2:
-        return _capitalise(" ".join(["does", "not", *_third_person_objects(words[2:])]))
-
+    denied = [w.lower() for w in words[:2]] == ["do", "not"]  # "I do not eat meat"
+    if denied:
+        words = words[2:]
     kept = []
     while words and words[0].lower() in _KEPT_ADVERBS:
         kept.append(words.pop(0).lower())
     if not words:
         return None
     verb, rest = words[0].lower(), [w.lower() for w in words[1:] if w.lower() != "not"]
-    bare_is_fact = negated or rewritten or verb in _HABIT_VERBS
-    if verb in _IGNORED_VERBS or (len(words) < 2 and not bare_is_fact):
+    if verb in _IGNORED_VERBS or (len(words) < 2 and verb not in _HABIT_VERBS):
         return None
     if verb == "am" and rest and rest[0] in _IGNORED_AFTER_AM:
         return None
     objects = _third_person_objects(words[1:])
+    if denied:
+        return _capitalise(" ".join(["does", "not", *kept, words[0], *objects]))
     if negated and verb == "am":  # "Is no longer a smoker" reads better than "No longer is ..."
         return _capitalise(" ".join(["is", "no", "longer", *objects]))
     fact = " ".join([*kept, third_person(verb), *objects])
