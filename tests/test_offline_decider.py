@@ -49,6 +49,7 @@ ROWS: list[tuple[str, str, list[Expected]]] = [
     ("I drink coffee.", "I gave up coffee.", [("DELETE", "Drinks coffee")]),
     ("I work at Acme.", "I left Acme.", [("DELETE", "Works at Acme")]),
     ("I work as a nurse.", "I quit my job.", [("DELETE", "Works as a nurse")]),
+    ("I live in Paris.", "I left Paris.", [("DELETE", "Lives in Paris")]),
     ("My wife is Anna.", "I'm not married to Anna anymore.", [("DELETE", "Wife is Anna")]),
     # --- "used to": the stored present fact becomes a past one
     (
@@ -186,6 +187,7 @@ ROWS: list[tuple[str, str, list[Expected]]] = [
     ),
     ("I no longer eat meat.", "I don't eat meat.", [("NONE", "No longer eats meat")]),
     ("I live in Paris.", "I left my keys at home.", [("ADD", "Left their keys at home")]),
+    ("I like Acme products.", "I left Acme.", [("ADD", "Left Acme")]),
     ("I eat meat.", "I don't know anymore.", []),
     ("I like tea.", "I changed my mind.", []),
 ]

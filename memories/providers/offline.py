@@ -325,36 +325,44 @@ class _Negation(NamedTuple):
     `template` rebuilds the positive statement from the groups (a `verb` group is conjugated).
     `any_verb`: the statement names only what was given up ("Gave up coffee"), so it matches a
     stored fact by its words whatever its verb ("Drinks coffee").
+    `ends`: the statement is no sentence but the value of an attribute, of the family named
+    (see _ATTRIBUTE_FAMILIES); empty, any value.
     """
 
     pattern: re.Pattern[str]
     holds: Holds
     template: str
     any_verb: bool = False
+    ends: str | None = None
 
 
-def _negation(pattern: str, template: str, *, holds: Holds, any_verb: bool = False) -> _Negation:
-    return _Negation(re.compile(pattern, re.I), holds, template, any_verb)
+def _negation(
+    pattern: str,
+    template: str,
+    *,
+    holds: Holds = "no longer",
+    any_verb: bool = False,
+    ends: str | None = None,
+) -> _Negation:
+    return _Negation(re.compile(pattern, re.I), holds, template, any_verb, ends)
 
 
 # Matched against a whole fact, in order; these are the shapes the extractor writes.
 _NEGATIONS = [
-    _negation(r"no longer (?P<rest>.+)", "{rest}", holds="no longer"),
-    _negation(r"never (?P<rest>.+)", "{rest}", holds="no longer"),
-    _negation(
-        r"(?P<head>is|has) (?:no longer|not) (?P<rest>.+)", "{head} {rest}", holds="no longer"
-    ),
-    _negation(r"does not (?P<verb>\w+)(?P<rest>.*)", "{verb}{rest}", holds="no longer"),
+    _negation(r"no longer (?P<rest>.+)", "{rest}"),
+    _negation(r"never (?P<rest>.+)", "{rest}"),
+    _negation(r"(?P<head>is|has) (?:no longer|not) (?P<rest>.+)", "{head} {rest}"),
+    _negation(r"does not (?P<verb>\w+)(?P<rest>.*)", "{verb}{rest}"),
     _negation(r"used to (?P<verb>\w+)(?P<rest>.*)", "{verb}{rest}", holds="in the past"),
-    # Leaving a job with no employer named ends whatever job is known (see _ENDS_A_JOB).
-    _negation(r"(?:quit|left|lost) their job", "", holds="no longer"),
-    _negation(
-        r"(?:quit|gave up|given up|left) (?P<rest>.+)", "{rest}", holds="no longer", any_verb=True
-    ),
+    # Leaving a job with no employer named ends whatever job is known.
+    _negation(r"(?:quit|left|lost) their job", "", ends="job"),
+    # "Left Acme", "Left Paris": left what the user worked at or lived in. Not by words: "Left
+    # their keys at home" leaves nothing.
+    _negation(r"left (?P<rest>.+)", "{rest}", ends="left"),
+    _negation(r"(?:quit|gave up|given up) (?P<rest>.+)", "{rest}", any_verb=True),
 ]
-_ENDS_A_JOB = re.compile(r"(?:quit|left|lost) their job", re.I)
 # Attribute keys a retraction ends together: leaving "the job" ends the employer and the role.
-_ATTRIBUTE_FAMILIES = {"job": {"employer", "occupation"}}
+_ATTRIBUTE_FAMILIES = {"job": {"employer", "occupation"}, "left": {"city", "employer", "partner"}}
 
 
 class _Attribute(NamedTuple):
@@ -471,7 +479,9 @@ def _read_attribute(statement: str) -> tuple[str, str | None] | None:
             continue
         groups = match.groupdict()
         value = attribute.value or groups["value"]
-        if attribute.names_only and (not value[:1].isupper() or value.split()[0] in ("A", "An")):
+        if attribute.names_only and (
+            not value[:1].isupper() or value.split()[0] in ("A", "An", "The")
+        ):
             continue
         return attribute.key.format(**groups).casefold(), value.casefold()
     return None
@@ -490,9 +500,11 @@ def _claim(fact: str) -> _Claim:
                 groups["verb"] = third_person(groups["verb"])
             holds, any_verb = negation.holds, negation.any_verb
             statement = negation.template.format(**groups)
+            if negation.ends:
+                return _Claim(holds, (), frozenset(), (negation.ends, statement.casefold() or None))
             break
     timeless = " ".join(_TIME_PHRASES.sub(" ", statement).split())
-    attribute = ("job", None) if _ENDS_A_JOB.fullmatch(text) else _read_attribute(timeless)
+    attribute = _read_attribute(timeless)
     return _Claim(holds, _meaning(timeless), frozenset(_meaning(statement)), attribute, any_verb)
 
 
