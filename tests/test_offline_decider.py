@@ -206,7 +206,7 @@ def _expected_decision(expected: Expected, id_of: dict[str, int]) -> Decision:
         return Decision("ADD", text=rest[0])
     if event == "UPDATE":
         return Decision("UPDATE", text=rest[1], memory_id=id_of[rest[0]])
-    return Decision(event, memory_id=id_of[rest[0]])  # type: ignore[arg-type]
+    return Decision(event, memory_id=id_of[rest[0]])
 
 
 @pytest.mark.parametrize(
