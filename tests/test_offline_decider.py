@@ -248,8 +248,10 @@ def test_the_pipeline_closes_the_contradicted_memory_and_keeps_the_rest(end_user
     run(end_user, "I eat meat every day. I like to eat fish. I live in Paris.")
     request = run(end_user, "I no longer eat meat. Actually, I moved from Paris to Berlin.")
     assert [e["event"] for e in request.result] == ["DELETE", "UPDATE"]
-    live = Memory.objects.filter(user=end_user, deleted_at__isnull=True)
+    live = Memory.objects.filter(user=end_user, deleted_at__isnull=True, valid_to__isnull=True)
     assert sorted(live.values_list("content", flat=True)) == [
         "Likes to eat fish",
         "Lives in Berlin",
     ]
+    closed = Memory.objects.get(user=end_user, valid_to__isnull=False)
+    assert closed.content == "Eats meat every day"  # closed, not erased
