@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -9,7 +10,7 @@ from uuid import UUID
 
 from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
 from django.db import connection
-from django.db.models import Case, F, OuterRef, Q, QuerySet, Subquery, When, Window
+from django.db.models import Case, F, OuterRef, Q, QuerySet, Subquery, Value, When, Window
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce, Lead
 from pgvector.django import CosineDistance
@@ -154,9 +155,27 @@ def memory_search(
 # The query's lexemes ORed: AND (plainto_tsquery, websearch_to_tsquery) needs every word of a
 # natural question in one memory, and so matches almost nothing. Lexemes are quoted, so none is
 # read as tsquery syntax; stop words are already gone (english configuration).
-_OR_QUERY_SQL = """
-    SELECT string_agg(quote_literal(lexeme), ' | ') FROM unnest(to_tsvector('english', %s))
+# Each distinct lexeme of the query, quoted for tsquery, with the number of the user's live
+# memories holding it, and how many live memories the user has.
+_QUERY_LEXEMES_SQL = f"""
+    SELECT quote_literal(t.lexeme),
+           (SELECT count(*) FROM {Memory._meta.db_table} m
+            WHERE m.user_id = %(user)s AND m.deleted_at IS NULL AND m.valid_to IS NULL
+              AND m.search_vector @@ quote_literal(t.lexeme)::tsquery),
+           (SELECT count(*) FROM {Memory._meta.db_table} m
+            WHERE m.user_id = %(user)s AND m.deleted_at IS NULL AND m.valid_to IS NULL)
+    FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(query)s))) AS t
 """
+
+
+def _query_lexemes(user: EndUser, query: str) -> list[tuple[str, float]]:
+    """The query's lexemes (quoted), each with its weight: BM25's inverse document frequency
+    over the user's live memories, so a word most of them share counts for little and a rare one
+    for much; stop words are already gone (english configuration)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_QUERY_LEXEMES_SQL, {"user": user.id, "query": query})
+        rows = cursor.fetchall()
+    return [(quoted, math.log(1 + (total - df + 0.5) / (df + 0.5))) for quoted, df, total in rows]
 
 
 def memory_keyword_search(
@@ -167,31 +186,43 @@ def memory_keyword_search(
     filters: dict[str, Any],
     as_of: datetime | None = None,
 ) -> list[Memory]:
-    """The user's top-k memories sharing words (stemmed) with the query, by ts_rank_cd (cover
-    density, normalised by the memory's length so long memories do not win by size); a query
-    of stop words alone finds nothing. Each result carries `keyword_rank` (its ts_rank_cd).
-    With `as_of`, the memories true then, matched on the content they had then."""
-    with connection.cursor() as cursor:
-        cursor.execute(_OR_QUERY_SQL, [query])
-        row = cursor.fetchone()
-    lexemes = row[0] if row else None
+    """The user's top-k memories sharing words (stemmed) with the query.
+
+    The query's lexemes are ORed (AND, as plainto_tsquery and websearch_to_tsquery do, needs
+    every word of a natural question in one memory, and so matches almost nothing); a memory
+    scores the weights (`_query_lexemes`) of those it holds, ties broken by ts_rank_cd (cover
+    density, normalised by the memory's length so long memories do not win by size). Each
+    result carries `keyword_rank`, its score. With `as_of`, the memories true then, matched on
+    the content they had then."""
+    lexemes = _query_lexemes(user, query)
     if not lexemes:
         return []
-    search_query = SearchQuery(lexemes, search_type="raw", config="simple")
+    search_query = SearchQuery(
+        " | ".join(quoted for quoted, _ in lexemes), search_type="raw", config="simple"
+    )
     queryset = _memories_of(user, filters=filters, as_of=as_of)
     document: Any = F("search_vector")
     if as_of is not None:
         document = SearchVector("content_then", config="english") + SearchVector(
             DateWords("occurred_at"), config="english"
         )
+    held = [
+        Case(
+            When(document=SearchQuery(quoted, search_type="raw", config="simple"),
+                 then=Value(weight)),
+            default=Value(0.0),
+        )
+        for quoted, weight in lexemes
+    ]  # fmt: skip
+    density = SearchRank("document", search_query, cover_density=True, normalization=1)
+    ranked_by = sum(held[1:], held[0]) + density
     ranked = (
         queryset.alias(document=document)
         .filter(document=search_query)
-        .annotate(keyword_rank=SearchRank("document", search_query, cover_density=True,
-                                          normalization=1))
+        .annotate(keyword_rank=ranked_by)
         .order_by("-keyword_rank", "id")
         .defer("embedding", "search_vector")[:limit]
-    )  # fmt: skip
+    )
     return _shown_as_of(ranked, as_of)
 
 

@@ -211,3 +211,12 @@ def search_modes() -> tuple[str, ...]:
     from memories.search import MODES
 
     return MODES
+
+
+def test_a_rare_word_outweighs_words_most_memories_share(api, end_user) -> None:
+    # Chatty memories share "really" and "like"; one names Kyoto. ts_rank_cd alone counts every
+    # word alike, so two common words beat the rare one; weighted by rarity, the rare one wins.
+    chatter = [f"Really liked the {thing}, I really like it" for thing in ("film", "tea", "walk")]
+    store_memories(end_user, *(chatter * 6), "Spent a week in Kyoto")
+    (first, *_) = search(api, end_user, "Did she really like Kyoto?", mode="keyword")
+    assert first["content"] == "Spent a week in Kyoto"
