@@ -479,6 +479,10 @@ class MemorySearchApi(TenantApi):
         filters = serializers.JSONField(required=False, default=dict)  # memories.filters
         # What was true then (ISO 8601): memories closed since come back, with their old content.
         as_of = serializers.DateTimeField(required=False, allow_null=True, default=None)
+        # Halve a memory's score for every so many days since it happened (off when absent).
+        recency_half_life_days = serializers.FloatField(
+            required=False, allow_null=True, default=None, min_value=0.001, max_value=1e6
+        )
         mode = serializers.ChoiceField(choices=search.MODES, default="hybrid")
         # A minimum cosine similarity (-1 to 1), as before hybrid search; min_score: a minimum
         # fused score (0 to 1).
@@ -503,6 +507,7 @@ class MemorySearchApi(TenantApi):
                 mode=data["mode"],
                 embedder=get_embedder(),
                 as_of=data["as_of"],
+                recency_half_life_days=data["recency_half_life_days"],
             )
         results = [
             {

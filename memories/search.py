@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.utils import timezone
 
 from memories import selectors, signals
 from memories.errors import InvalidInput
@@ -53,10 +54,13 @@ def memory_search(
     mode: str = "hybrid",
     min_score: float | None = None,
     as_of: datetime | None = None,
+    recency_half_life_days: float | None = None,
 ) -> list[Found]:
     """Search the user's live memories (see the module's opening), or those true at `as_of`.
     `filters` as `memories.filters.memory_filters_parse` returns them. `threshold` is a minimum
-    cosine similarity (so it needs the vector leg); `min_score` a minimum fused score."""
+    cosine similarity (so it needs the vector leg); `min_score` a minimum fused score.
+    `recency_half_life_days` halves a memory's score for every that many days between when it
+    happened (`occurred_at`) and now (or `as_of`), so of two equal matches the recent one wins."""
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}.", field="mode")
     if threshold is not None and mode == "keyword":
@@ -75,6 +79,10 @@ def memory_search(
             user=user, query=query, limit=candidates, filters=filters, as_of=as_of
         )
     found = _fused(legs, weights=_weights())
+    if recency_half_life_days is not None:
+        found = _recency_weighted(
+            found, half_life_days=recency_half_life_days, now=as_of or timezone.now()
+        )
     if query_vector is not None:
         _fill_similarities(found, user=user, query_vector=query_vector)
         if threshold is not None:
@@ -110,6 +118,13 @@ def _fused(legs: dict[str, list[Memory]], *, weights: dict[str, float]) -> list[
     for entry in by_id.values():
         entry.score = round(entry.score / best, 6) if best else 0.0
     return sorted(by_id.values(), key=lambda f: (-f.score, str(f.memory.id)))
+
+
+def _recency_weighted(found: list[Found], *, half_life_days: float, now: datetime) -> list[Found]:
+    for entry in found:
+        age_days = max((now - entry.memory.occurred_at).total_seconds(), 0.0) / 86_400
+        entry.score = round(entry.score * 0.5 ** (age_days / half_life_days), 6)
+    return sorted(found, key=lambda f: (-f.score, str(f.memory.id)))
 
 
 def _fill_similarities(found: list[Found], *, user: EndUser, query_vector: list[float]) -> None:

@@ -210,6 +210,22 @@ def test_scope_and_type_filters(api, end_user) -> None:
     assert search(api, end_user, "tea", filters={"scope": "tenant"}) == []
 
 
+def test_recency_weighting_lets_a_recent_match_pass_an_older_better_one(api, end_user) -> None:
+    batch_create(
+        api,
+        end_user,
+        ("Visited Lisbon", "2021-03-01"),
+        ("Visited Lisbon and Porto with friends", "2026-11-01"),
+    )
+    plain = search(api, end_user, "Visited Lisbon", mode="keyword")
+    recent = search(api, end_user, "Visited Lisbon", mode="keyword", recency_half_life_days=365)
+    assert [r["content"] for r in plain][0] == "Visited Lisbon"
+    assert [r["content"] for r in recent][0] == "Visited Lisbon and Porto with friends"
+    bad = {"user_id": str(end_user.id), "query": "x", "recency_half_life_days": 0}
+    response = api.post("/v1/memories/search", bad, format="json")
+    assert response.status_code == 400 and "recency_half_life_days" in response.json()["fields"]
+
+
 # --- Close, don't erase -------------------------------------------------------------------------
 
 
