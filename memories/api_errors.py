@@ -62,10 +62,12 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         # was written, and the same call may succeed later. What failed (the provider's address,
         # its answer) goes to the log, not to the tenant.
         logger.error("model provider failed during %s: %s", context.get("view"), exc)
+        # A refusal (a bad key, an unknown model) will be refused again: no Retry-After.
+        retry = {"Retry-After": str(PROVIDER_RETRY_AFTER_SECONDS)} if exc.retryable else {}
         return Response(
             _body("provider_unavailable", "The model provider failed; nothing was changed."),
             status=status.HTTP_502_BAD_GATEWAY,
-            headers={"Retry-After": str(PROVIDER_RETRY_AFTER_SECONDS)},
+            headers=retry,
         )
     if isinstance(exc, RequestDataTooBig):
         return Response(
