@@ -121,6 +121,15 @@ def represented(serializer_class: type[serializers.Serializer], instance: Any) -
     return _serializer(serializer_class).to_representation(instance)
 
 
+# How long a call may wait for its request to finish; the ASGI layer holds it, not a thread.
+MAX_WAIT = 20
+
+
+def _wait_header(seconds: float) -> dict[str, str]:
+    """The mark asking memories.request_waits to hold the answer (dropped under plain WSGI)."""
+    return {"X-Memory-Wait-Seconds": f"{seconds:g}"} if seconds > 0 else {}
+
+
 # --- Users ---------------------------------------------------------------------------------------
 
 
@@ -245,6 +254,8 @@ class MemoryCollectionApi(TenantApi):
         )
         priority = serializers.ChoiceField(choices=MemoryRequest.Priority.choices, default="normal")
         infer = serializers.BooleanField(default=True)
+        # Seconds to wait for the job to finish before answering (not part of the request).
+        wait = serializers.FloatField(required=False, default=0, min_value=0, max_value=MAX_WAIT)
 
     class ListInput(serializers.Serializer):
         user_id = serializers.UUIDField()
@@ -277,6 +288,7 @@ class MemoryCollectionApi(TenantApi):
         return Response(
             {"request_id": str(memory_request.id), "status": memory_request.status},
             status=status.HTTP_202_ACCEPTED,
+            headers=_wait_header(data["wait"]),
         )
 
     def get(self, request: Request) -> Response:
@@ -377,9 +389,23 @@ class MemoryRequestListApi(TenantApi):
 
 
 class MemoryRequestStatusApi(TenantApi):
+    """`GET /v1/requests/{id}[?wait=<seconds>]`: the request's status; with `wait`, answered
+    when it finishes or the wait runs out (memories.request_waits)."""
+
+    class QuerySerializer(serializers.Serializer):
+        wait = serializers.FloatField(required=False, default=0, min_value=0, max_value=MAX_WAIT)
+
     def get(self, request: Request, request_id: str) -> Response:
+        query = validated_input(self.QuerySerializer, request.query_params.dict())
         memory_request = selectors.memory_request_get(tenant=self.tenant, request_id=request_id)
-        return Response(represented(MemoryRequestOutput, memory_request))
+        finished = memory_request.status in (
+            MemoryRequest.Status.SUCCESS,
+            MemoryRequest.Status.FAILURE,
+        )
+        return Response(
+            represented(MemoryRequestOutput, memory_request),
+            headers={} if finished else _wait_header(query["wait"]),
+        )
 
 
 # --- Memories ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from rest_framework.exceptions import AuthenticationFailed  # noqa: E402 (needs 
 
 from memories.auth import api_key_authenticate  # noqa: E402
 from memories.events.sse import stream_app  # noqa: E402
+from memories.request_waits import wait_for_requests  # noqa: E402
 
 
 def _body_welcome(scope: dict[str, Any]) -> bool:
@@ -43,8 +44,11 @@ def _body_welcome(scope: dict[str, Any]) -> bool:
         return False
 
 
-django_wsgi_application = BufferedWSGIMiddleware(
-    get_wsgi_application(), threads=settings.WEB_THREADS, body_welcome=_body_welcome
+# Calls that ask to wait for a request to finish are held here, on the loop, not in a thread.
+django_wsgi_application = wait_for_requests(
+    BufferedWSGIMiddleware(
+        get_wsgi_application(), threads=settings.WEB_THREADS, body_welcome=_body_welcome
+    )
 )
 
 

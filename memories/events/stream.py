@@ -10,12 +10,15 @@ Events without a tenant go to the `system` one.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from functools import cache
 from typing import Any, cast
 
 import redis
 from django.conf import settings
+
+logger = logging.getLogger(__name__)
 
 STREAM_KEY = "memory:events"
 DEAD_LETTER_KEY = "memory:events:dead"
@@ -28,6 +31,9 @@ INDEXED_SINCE_KEY = "memory:events:tenant-indexed-since"
 # The ids of entries dropped before every consumer group had them (see publisher.trim_stream).
 DROPPED_KEY = "memory:events:dropped"
 DROPPED_IDS_KEPT = 10_000
+# Pub/sub: the ids of requests that just finished (comma-separated), for callers waiting on them
+# (memories.request_waits). Fire and forget: a waiter that misses one ends at its own timeout.
+REQUESTS_DONE_CHANNEL = "memory:requests:done"
 
 
 def tenant_stream_key(tenant_id: str) -> str:
@@ -106,3 +112,12 @@ def read_range(
     # redis-py types the reply for any client (`bytes | str`, or None); this one decodes
     # responses, and XRANGE always answers a list of (id, fields).
     return cast(list[tuple[str, dict[str, str]]], reply)
+
+
+def requests_finished_announce(request_ids: list[str]) -> None:
+    """Tell waiting callers these requests finished (call it after the commit that finished
+    them). A Redis failure is logged, not raised: the request is finished all the same."""
+    try:
+        redis_client().publish(REQUESTS_DONE_CHANNEL, ",".join(request_ids))
+    except redis.RedisError as exc:
+        logger.warning("could not announce finished requests %s: %s", request_ids, exc)
