@@ -89,6 +89,10 @@ def lease_kept(claim: ledger.Claim) -> Iterator[threading.Event]:
 def request_run(*, request_id: str, work: Work) -> str:
     """Claim the request and do its work. Returns `done`, `skipped`, `retry` or `failed`.
 
+    The claim may take another request than the named one (see `ledger.memory_request_claim`:
+    its user's earlier job, or another tenant's under the fair claim), and `skipped` may mean the
+    named job waits for its user's running one, which rings it when it ends.
+
     Safe to call any number of times for the same request: only a claim holder commits (the work
     must commit through a write fenced by the claim), and a finished request is never claimed
     again. Every failure counts as an attempt, so retries are bounded by MEMORY_JOB_MAX_ATTEMPTS.

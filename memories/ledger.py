@@ -517,9 +517,11 @@ def _users_turn() -> Q:
         user_id=OuterRef("user_id"), kind=MemoryRequest.Kind.MEMORY_JOB
     )
     running = users_jobs.filter(status=MemoryRequest.Status.PROCESSING)
-    earlier = users_jobs.filter(status=MemoryRequest.Status.PENDING).filter(
-        Q(created_at__lt=OuterRef("created_at"))
-        | Q(created_at=OuterRef("created_at"), id__lt=OuterRef("id"))
+    earlier = users_jobs.filter(
+        # (created_at, id) < the job's, with a bound the index can seek to.
+        Q(created_at__lt=OuterRef("created_at")) | Q(id__lt=OuterRef("id")),
+        status=MemoryRequest.Status.PENDING,
+        created_at__lte=OuterRef("created_at"),
     )
     return (
         ~Q(kind=MemoryRequest.Kind.MEMORY_JOB)
