@@ -215,9 +215,11 @@ class Claim:
 #
 # Of two claimers of one user, exactly one may decide. Each takes a transaction-scoped advisory
 # lock on the user, then (a fresh snapshot in READ COMMITTED) looks and claims: the two
-# statements go in ONE round trip as one implicit transaction, so the lock is held for well
-# under a millisecond and never across the model calls. Without it, a job accepted concurrently
-# with a later one could become visible just after the later one was claimed, and run beside it.
+# statements go in ONE round trip as one implicit transaction (a multi-statement query: Django's
+# psycopg 3 cursors bind client-side, which allows it; server_side_binding would not), so the lock
+# is held for well under a millisecond and never across the model calls. Without it, a job
+# accepted concurrently with a later one could become visible just after the later one was
+# claimed, and run beside it.
 # Other users' claims never wait: the lock is per user. The two lookups are one probe each of
 # the partial index `memory_request_user_turn`.
 _USER_LOCK_SPACE = 0x4D4A  # the advisory locks' first key: this module's, per-user claims
