@@ -42,12 +42,20 @@ def lane_for(kind: str, priority: str) -> Queue:
     return Queue.HIGH if priority == "high" else Queue.DEFAULT
 
 
-def _send(name: str, *, args: list[Any], queue: Queue, task_id: str | None = None) -> None:
+def _send(
+    name: str,
+    *,
+    args: list[Any],
+    queue: Queue,
+    task_id: str | None = None,
+    countdown: float | None = None,
+) -> None:
     app.send_task(
         name,
         args=args,
         task_id=task_id,
         queue=queue.value,
+        countdown=countdown,
         # Celery sends a task for a queue with a direct exchange (it makes the lanes' queues so:
         # no task_queues are configured) through the anonymous exchange, which on Redis is an
         # LPUSH onto the list named after the queue: no binding is read, so nothing needs
@@ -57,9 +65,11 @@ def _send(name: str, *, args: list[Any], queue: Queue, task_id: str | None = Non
     )
 
 
-def request_send(*, request_id: str, kind: str, priority: str) -> None:
+def request_send(
+    *, request_id: str, kind: str, priority: str, countdown: float | None = None
+) -> None:
     """Ring the worker for a recorded request, on its lane, with the request id as the task id
-    (so duplicates are visible in the broker and the logs).
+    (so duplicates are visible in the broker and the logs); after `countdown` seconds if given.
 
     Called on commit. If the broker is unreachable the request stays `pending` and the sweeper
     sends it later, so a failure here is logged, never raised into the HTTP response.
@@ -67,7 +77,7 @@ def request_send(*, request_id: str, kind: str, priority: str) -> None:
     lane = lane_for(kind, priority)
     name = _TASK_OF_KIND.get(kind, MEMORY_JOB_TASK)
     try:
-        _send(name, args=[request_id], queue=lane, task_id=request_id)
+        _send(name, args=[request_id], queue=lane, task_id=request_id, countdown=countdown)
     except Exception:
         logger.exception("could not send memory request %s; the sweeper will", request_id)
 

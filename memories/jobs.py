@@ -15,8 +15,9 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from memories import ledger, metrics
+from memories import dispatch, ledger, metrics
 from memories.background import ProcessThread
+from memories.backoff import backoff_seconds
 from memories.logs import log_context
 from memories.models import MemoryRequest
 from memories.providers import ProviderError
@@ -88,6 +89,10 @@ def lease_kept(claim: ledger.Claim) -> Iterator[threading.Event]:
 def request_run(*, request_id: str, work: Work) -> str:
     """Claim the request and do its work. Returns `done`, `skipped`, `retry` or `failed`.
 
+    The claim may take another request than the named one (see `ledger.memory_request_claim`:
+    its user's earlier job, or another tenant's under the fair claim), and `skipped` may mean the
+    named job waits for its user's running one, which rings it when it ends.
+
     Safe to call any number of times for the same request: only a claim holder commits (the work
     must commit through a write fenced by the claim), and a finished request is never claimed
     again. Every failure counts as an attempt, so retries are bounded by MEMORY_JOB_MAX_ATTEMPTS.
@@ -131,8 +136,25 @@ def _run(*, request_id: str, work: Work) -> str:
         # A provider that refused the request (a 4xx) will refuse it again: the job fails now.
         final = isinstance(exc, ProviderError) and not exc.retryable
         will_retry = ledger.memory_request_record_error(claim=claim, error=error, final=final)
+        if will_retry and claim.request_id != request_id:
+            _retry_send(claim)
         return "retry" if will_retry else "failed"
     return "done"
+
+
+def _retry_send(claim: ledger.Claim) -> None:
+    """This doorbell ran another request than the one it named (its user's earlier job, or the
+    fair claim's pick from another tenant): the task's own retry names the wrong one, so the
+    request that failed is rung after the same backoff. (The named one's retry finds nothing to
+    do, or it is its turn then.)"""
+    dispatch.request_send(
+        request_id=claim.request_id,
+        kind=claim.request.kind,
+        priority=claim.request.priority,
+        countdown=backoff_seconds(
+            base=settings.MEMORY_JOB_RETRY_BACKOFF_SECONDS, attempt=claim.token - 1
+        ),
+    )
 
 
 def _error_for_tenant(exc: Exception) -> str:

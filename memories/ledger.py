@@ -20,12 +20,13 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
 from memories import dispatch, rows, signals
 from memories.errors import DuplicateRequest, IdempotencyKeyReused, InvalidInput, NotFound
+from memories.events.stream import requests_finished_announce
 from memories.models import EndUser, MemoryRequest, Session, Tenant
 from memories.rows import json_bytes
 from memories.sessions import session_add_messages
@@ -205,22 +206,73 @@ class Claim:
     request: MemoryRequest = field(compare=False, repr=False)
 
 
-# The common case of a claim in one round trip: the row changes only if it is claimable, and
-# PostgreSQL re-checks the condition after waiting on a concurrent claim's lock, so of two
-# racing workers exactly one gets a row back.
+# A user's memory jobs take effect one at a time, in the order they were accepted: each decides
+# against what the earlier ones left. So a memory job's doorbell claims its user's turn, not its
+# own row: the user's running job if its lease ran out, else the user's oldest pending job (the
+# named one, or an earlier one whose doorbell was lost or is still queued; not an earlier one
+# waiting out a retry's backoff: its own retry claims it). While the user's job runs, nothing is
+# claimed: the doorbell is dropped, and the job that finishes rings the user's next one
+# (`_users_next_send`), the sweeper being the safety net. Batches and erasures keep their own row.
+#
+# Of two claimers of one user, exactly one may decide. Each takes a transaction-scoped advisory
+# lock on the user, then (a fresh snapshot in READ COMMITTED) looks and claims: the two
+# statements go in ONE round trip as one implicit transaction (a multi-statement query: Django's
+# psycopg 3 cursors bind client-side, which allows it; server_side_binding would not), so the lock
+# is held for well under a millisecond and never across the model calls. Without it, a job
+# accepted concurrently with a later one could become visible just after the later one was
+# claimed, and run beside it.
+# Other users' claims never wait: the lock is per user. The two lookups are one probe each of
+# the partial index `memory_request_user_turn`.
+_USER_LOCK_SPACE = 0x4D4A  # the advisory locks' first key: this module's, per-user claims
+
 _CLAIM_SQL = f"""
+    SELECT pg_advisory_xact_lock({_USER_LOCK_SPACE}, hashtext(user_id::text))
+    FROM {MemoryRequest._meta.db_table}
+    WHERE id = %(id)s AND kind = 'memory_job' AND user_id IS NOT NULL;
+
+    WITH named AS (
+        SELECT id, kind, user_id FROM {MemoryRequest._meta.db_table} WHERE id = %(id)s
+    ), target AS (
+        SELECT CASE WHEN named.kind <> 'memory_job' OR named.user_id IS NULL THEN named.id
+        ELSE coalesce(
+            (SELECT running.id FROM {MemoryRequest._meta.db_table} AS running
+             WHERE running.user_id = named.user_id AND running.kind = 'memory_job'
+               AND running.status = 'processing'
+             ORDER BY running.created_at, running.id LIMIT 1),
+            (SELECT waiting.id FROM {MemoryRequest._meta.db_table} AS waiting
+             WHERE waiting.user_id = named.user_id AND waiting.kind = 'memory_job'
+               AND waiting.status = 'pending'
+             ORDER BY waiting.created_at, waiting.id LIMIT 1)
+        ) END AS id
+        FROM named
+    )
     UPDATE {MemoryRequest._meta.db_table}
     SET status = 'processing', attempts = attempts + 1, lease_until = %(lease_until)s,
         updated_at = %(now)s
-    WHERE id = %(id)s AND attempts < %(max_attempts)s
-      AND (status = 'pending'
+    WHERE id = (SELECT id FROM target) AND attempts < %(max_attempts)s
+      AND ((status = 'pending' AND (id = %(id)s OR attempts = 0))
            OR (status = 'processing' AND (lease_until IS NULL OR lease_until <= %(now)s)))
     RETURNING {rows.select_columns(MemoryRequest)}
 """
 
+# A pending memory job is its user's turn when the user has no job running and none pending
+# that was accepted earlier (two probes of `memory_request_user_turn`).
+_USERS_TURN = f"""(
+    {{job}}.kind <> 'memory_job' OR {{job}}.user_id IS NULL OR (
+        NOT EXISTS (
+            SELECT 1 FROM {MemoryRequest._meta.db_table} AS running
+            WHERE running.user_id = {{job}}.user_id AND running.kind = 'memory_job'
+              AND running.status = 'processing')
+        AND NOT EXISTS (
+            SELECT 1 FROM {MemoryRequest._meta.db_table} AS earlier
+            WHERE earlier.user_id = {{job}}.user_id AND earlier.kind = 'memory_job'
+              AND earlier.status = 'pending'
+              AND (earlier.created_at, earlier.id) < ({{job}}.created_at, {{job}}.id))))"""
+
 
 # Fair dispatch: the first-attempt request, of the same kind and priority, of the tenant that
-# has the fewest requests running, if that is fewer than the named request's tenant has.
+# has the fewest requests running, if that is fewer than the named request's tenant has (and,
+# for a memory job, if it is its user's turn).
 _FAIRER_SQL = f"""
     WITH named AS (
         SELECT tenant_id, kind, priority FROM {MemoryRequest._meta.db_table} WHERE id = %(id)s
@@ -235,6 +287,7 @@ _FAIRER_SQL = f"""
     LEFT JOIN running AS ours ON ours.tenant_id = named.tenant_id
     WHERE candidate.status = 'pending' AND candidate.attempts = 0
       AND coalesce(theirs.n, 0) < coalesce(ours.n, 0)
+      AND {_USERS_TURN.format(job="candidate")}
     ORDER BY coalesce(theirs.n, 0), candidate.created_at
     LIMIT 1
 """
@@ -242,6 +295,12 @@ _FAIRER_SQL = f"""
 
 def memory_request_claim(*, request_id: str) -> Claim | None:
     """Take a request for processing, or return None when there is nothing to do.
+
+    In order within a user: a memory job is claimed only when no job of its user accepted
+    earlier is unfinished; a doorbell for a later job claims the user's oldest pending one
+    instead (so a lost message of an earlier job does not hold the user up), and while the user's
+    job runs it claims nothing (the finishing job rings the user's next one). Other users, and
+    batches and erasures, never wait on it.
 
     Fair across tenants: when another tenant with fewer requests running has one waiting (of the
     same kind and priority, not tried yet), that one is taken instead, and the named request is
@@ -282,7 +341,8 @@ def _claim_by_id(
         "max_attempts": settings.MEMORY_JOB_MAX_ATTEMPTS,
     }
     with connection.cursor() as cursor:
-        cursor.execute(_CLAIM_SQL, params)
+        cursor.execute(_CLAIM_SQL, params)  # the user's lock, then the claim: see _CLAIM_SQL
+        cursor.nextset()
         row = cursor.fetchone()
     if row is None:
         return refused(request_id=request_id, now=now) if refused is not None else None
@@ -292,8 +352,9 @@ def _claim_by_id(
 
 def _claim_refused(*, request_id: str, now: datetime) -> Claim | None:
     """Why the one-statement claim took nothing: the request is missing, finished, held by a live
-    lease, or out of attempts (then it ends as `failure`). Re-checked under the row lock, since
-    the state may have moved on since the UPDATE."""
+    lease, out of attempts (then it ends as `failure`), or a memory job whose user's turn it is
+    not (its turn comes when the earlier job finishes and rings it). Re-checked under the row
+    lock, since the state may have moved on since the UPDATE."""
     with transaction.atomic():
         memory_request = MemoryRequest.objects.select_for_update().filter(pk=request_id).first()
         if memory_request is None:
@@ -312,12 +373,44 @@ def _claim_refused(*, request_id: str, now: datetime) -> Claim | None:
                 f"Gave up after {memory_request.attempts} attempts; last error: {last_error}",
             )
             return None
+        if memory_request.kind == MemoryRequest.Kind.MEMORY_JOB:
+            # Its user's turn was decided under the user's lock: not this job's turn yet.
+            return None
         memory_request.status = MemoryRequest.Status.PROCESSING
         memory_request.attempts += 1
         memory_request.lease_until = now + timedelta(seconds=settings.MEMORY_JOB_LEASE_SECONDS)
         memory_request.save(update_fields=["status", "attempts", "lease_until", "updated_at"])
         return Claim(
             request_id=str(memory_request.id), token=memory_request.attempts, request=memory_request
+        )
+
+
+def _request_finished_on_commit(memory_request: MemoryRequest) -> None:
+    """Once a request's end (success or failure) commits: callers waiting on it are told
+    (memories.request_waits), and a memory job hands its user's turn on, ringing the user's
+    oldest pending job. After the commit, not in it: a job whose doorbell was dropped because
+    this one still ran is then certain to be seen. If this send is lost, the sweeper rings that
+    job after the grace period."""
+    request_id = str(memory_request.id)
+    transaction.on_commit(lambda: requests_finished_announce([request_id]), robust=True)
+    if memory_request.kind != MemoryRequest.Kind.MEMORY_JOB or memory_request.user_id is None:
+        return
+    user_id = memory_request.user_id
+    transaction.on_commit(lambda: _users_next_send(user_id=user_id), robust=True)
+
+
+def _users_next_send(*, user_id: Any) -> None:
+    waiting = (
+        MemoryRequest.objects.filter(
+            user_id=user_id, kind=MemoryRequest.Kind.MEMORY_JOB, status=MemoryRequest.Status.PENDING
+        )
+        .order_by("created_at", "id")
+        .values("id", "kind", "priority")
+        .first()
+    )
+    if waiting is not None:
+        dispatch.request_send(
+            request_id=str(waiting["id"]), kind=waiting["kind"], priority=waiting["priority"]
         )
 
 
@@ -344,6 +437,7 @@ def _finish_failure(memory_request: MemoryRequest, error: str) -> None:
     # part, though: sent again, that part would be applied twice.
     memory_request.holds_idempotency_slot = applied > 0
     memory_request.save()
+    _request_finished_on_commit(memory_request)
     signals.error_occurred.send(
         sender=MemoryRequest,
         tenant_id=memory_request.tenant_id,
@@ -408,12 +502,14 @@ def memory_request_retry(*, memory_request: MemoryRequest) -> MemoryRequest:
 
 def memory_requests_due_for_resend(*, now: datetime | None = None) -> list[MemoryRequest]:
     """Requests whose doorbell was lost: `pending` past the grace period (broker lost the message,
-    or the process died between commit and publish), and `processing` whose lease ran out."""
+    or the process died between commit and publish), and `processing` whose lease ran out. A
+    memory job waiting for an earlier job of its user is not rung: that job rings it when it
+    ends (and if that ring is lost, this job is due at the next sweep after)."""
     now = now or timezone.now()
     grace = now - timedelta(seconds=settings.MEMORY_PENDING_GRACE_SECONDS)
     due = list(
         MemoryRequest.objects.filter(
-            Q(status=MemoryRequest.Status.PENDING, updated_at__lt=grace)
+            Q(status=MemoryRequest.Status.PENDING, updated_at__lt=grace) & _users_turn()
             | Q(status=MemoryRequest.Status.PROCESSING, lease_until__lt=now)
         ).order_by("created_at")[:1000]
     )
@@ -422,6 +518,26 @@ def memory_requests_due_for_resend(*, now: datetime | None = None) -> list[Memor
         pk__in=[r.pk for r in due], status=MemoryRequest.Status.PENDING
     ).update(updated_at=now)
     return due
+
+
+def _users_turn() -> Q:
+    """The ORM's `_USERS_TURN`: not a memory job, or its user has none running and none pending
+    that was accepted earlier."""
+    users_jobs = MemoryRequest.objects.filter(
+        user_id=OuterRef("user_id"), kind=MemoryRequest.Kind.MEMORY_JOB
+    )
+    running = users_jobs.filter(status=MemoryRequest.Status.PROCESSING)
+    earlier = users_jobs.filter(
+        # (created_at, id) < the job's, with a bound the index can seek to.
+        Q(created_at__lt=OuterRef("created_at")) | Q(id__lt=OuterRef("id")),
+        status=MemoryRequest.Status.PENDING,
+        created_at__lte=OuterRef("created_at"),
+    )
+    return (
+        ~Q(kind=MemoryRequest.Kind.MEMORY_JOB)
+        | Q(user_id__isnull=True)
+        | (~Exists(running) & ~Exists(earlier))
+    )
 
 
 def memory_requests_resend() -> int:
@@ -462,8 +578,9 @@ def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -
     did its writes, so they and `success` commit together or not at all: it is fenced by the
     claim token, and raises LeaseLost (rolling that transaction back) when another worker took
     the request over. One statement by hand: it ends every job, and the ORM's update cost more
-    than the write."""
+    than the write. A memory job's user's next job is rung once this commits."""
     _fenced_result_write(_FINISH_SUCCESS_SQL, claim=claim, result=result)
+    _request_finished_on_commit(claim.request)
 
 
 def _fenced_result_write(sql: str, *, claim: Claim, result: list[dict[str, Any]]) -> None:

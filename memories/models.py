@@ -189,6 +189,13 @@ class MemoryRequest(models.Model):
                 name="memory_request_live_expiry",
                 condition=Q(holds_idempotency_slot=True),
             ),
+            # A user's memory jobs run one at a time, in order (memories.ledger): the user's
+            # running job, and its oldest waiting one, are each one probe of this index.
+            models.Index(
+                fields=["user", "status", "created_at", "id"],
+                name="memory_request_user_turn",
+                condition=Q(kind="memory_job", status__in=["pending", "processing"]),
+            ),
         ]
 
     def __str__(self) -> str:

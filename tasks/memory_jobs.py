@@ -21,6 +21,8 @@ def process_memory_request(self, request_id: str) -> str:
 
     On redelivery (duplicate message, worker crash, sweeper resend) it is a no-op unless the
     request is still claimable; a failed attempt goes back to `pending` and is retried with
-    exponential backoff until the attempts run out, then ends as `failure`.
+    exponential backoff until the attempts run out, then ends as `failure`. While an earlier job
+    of the same user is unfinished, it runs that job instead (if it waits for its first attempt)
+    or nothing: it is acknowledged at once, never waits, and is rung again when its turn comes.
     """
     return finish_request_task(self, memory_request_run(request_id=request_id))

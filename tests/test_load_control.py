@@ -12,7 +12,7 @@ import pytest
 from django.conf import settings
 from prometheus_client import REGISTRY
 
-from memories import ledger
+from memories import accounts, ledger
 from memories.events.stream import redis_client
 from memories.logs import JsonLogFormatter, RequestIdFilter
 from memories.models import Memory, MemoryRequest
@@ -78,10 +78,12 @@ def test_each_lane_is_refused_by_its_own_depth(settings, api, end_user) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_a_high_job_finishes_while_the_default_lane_is_saturated(api, end_user, start_worker):
     redis_client().delete("default", "high")  # messages earlier tests left without a worker
+    # The backlog is another user's: a user's own jobs run in order (tests/test_job_order.py).
+    busy = accounts.end_user_create(tenant=end_user.tenant, external_id="busy")
     with FakeOpenAI(delay_seconds=0.4, dimensions=settings.EMBEDDING_DIMENSIONS) as fake:
         start_worker(queues="default", concurrency=1, **model_env(fake))
         start_worker(queues="high", concurrency=1, **model_env(fake))
-        backlog = [job(api, end_user, f"I like hobby{n}.").json()["request_id"] for n in range(8)]
+        backlog = [job(api, busy, f"I like hobby{n}.").json()["request_id"] for n in range(8)]
         deadline = time.monotonic() + 20
         while not MemoryRequest.objects.filter(pk__in=backlog, status="processing").exists():
             assert time.monotonic() < deadline, "the default worker took no job"
@@ -148,9 +150,12 @@ def test_what_workers_count_shows_on_the_web_process_metrics(
 ) -> None:
     # As under `make run`: every process writes its metrics into one folder, /metrics sums them.
     start_worker(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    # Two users: the doorbell of a user's later job may run the user's earlier job (see
+    # tests/test_job_order.py), which would count that job on the later one's lane.
+    other = accounts.end_user_create(tenant=end_user.tenant, external_id="other")
     jobs = [
         job(api, end_user, "I like tea.").json()["request_id"],
-        job(api, end_user, "I live in Oslo.", priority="high").json()["request_id"],
+        job(api, other, "I live in Oslo.", priority="high").json()["request_id"],
     ]
     items = [{"user_id": str(end_user.id), "content": f"Likes jam {n}"} for n in range(3)]
     accepted = api.post("/v1/memories/batch", {"items": items, "async": True}, format="json")

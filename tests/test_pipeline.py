@@ -414,8 +414,15 @@ def test_jobs_running_at_once_in_a_threads_worker_share_one_embedding_call(
             **model_env(fake),
         )
         hobbies = ["chess", "golf", "tennis", "rowing"]
+        # Four users: one user's jobs run one after another (tests/test_job_order.py).
+        users = [end_user] + [
+            accounts.end_user_create(tenant=end_user.tenant, external_id=h) for h in hobbies[1:]
+        ]
         with transaction.atomic():  # their four tasks are sent together, on commit
-            ids = [submit_job(end_user, f"I like {hobby}.").id for hobby in hobbies]
+            ids = [
+                submit_job(user, f"I like {hobby}.").id
+                for user, hobby in zip(users, hobbies, strict=True)
+            ]
         wait_for(
             lambda: MemoryRequest.objects.filter(pk__in=ids, status="success").count() == 4,
             what="the four jobs",
@@ -427,7 +434,7 @@ def test_jobs_running_at_once_in_a_threads_worker_share_one_embedding_call(
     assert sorted(text for call in embedding_calls for text in call) == sorted(
         f"Likes {hobby}" for hobby in hobbies
     )
-    assert live_contents(end_user) == sorted(f"Likes {hobby}" for hobby in hobbies)
+    assert [live_contents(user) for user in users] == [[f"Likes {hobby}"] for hobby in hobbies]
 
 
 @pytest.mark.django_db(transaction=True)

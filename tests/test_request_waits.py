@@ -57,7 +57,9 @@ def test_a_job_posted_with_wait_answers_200_with_its_finished_status(
         assert [e["content"] for e in answer.json()["events"]] == ["Lives in Paris"]
         # "wait" is not part of the request: the same job without it is the live duplicate.
         again = http.post("/v1/memories", json=job(end_user))
-        assert again.status_code == 409 and again.json()["request_id"] == answer.json()["request_id"]
+        assert (
+            again.status_code == 409 and again.json()["request_id"] == answer.json()["request_id"]
+        )
 
 
 def test_when_the_wait_runs_out_get_answers_the_status_and_post_its_202(tenant, end_user) -> None:

@@ -16,7 +16,7 @@ import memories.models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("memories", "0012_keyword_search"),
+        ("memories", "0013_job_order"),
     ]
 
     operations = [
