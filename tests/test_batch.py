@@ -547,9 +547,10 @@ def test_an_async_batch_takes_metadata_as_deep_as_a_synchronous_one(api, end_use
 
 @pytest.mark.django_db
 def test_a_batch_whose_embedding_provider_fails_is_502_and_writes_nothing(
-    api, end_user, openai_settings
+    api, end_user, openai_settings, settings
 ) -> None:
-    openai_settings.fail_next(1, status=400)  # a 4xx: the openai client does not retry it
+    settings.LLM_CLIENT_MAX_RETRIES = 0  # the openai client would retry the 503 itself
+    openai_settings.fail_next(1, status=503)
     response = batch(api, [{"user_id": str(end_user.id), "content": "Likes tea"}])
     assert response.status_code == 502 and response.json()["error"] == "provider_unavailable"
     assert int(response["Retry-After"]) > 0

@@ -55,12 +55,18 @@ def test_make_run_serves_every_lane_sums_their_metrics_and_stops_cleanly(
         _, key = accounts.api_key_create(tenant=end_user.tenant)
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"})
         uid = str(end_user.id)
+        # The high job is another user's: one user's jobs run in order, so the high lane's
+        # message could run the same user's earlier job instead.
+        other = str(accounts.end_user_create(tenant=end_user.tenant).id)
         submitted = [
             client.post(
                 "/v1/memories",
-                json={"user_id": uid, "messages": [{"role": "user", "content": text}], **extra},
+                json={"user_id": user, "messages": [{"role": "user", "content": text}], **extra},
             ).json()["request_id"]
-            for text, extra in [("I like tea.", {}), ("I live in Oslo.", {"priority": "high"})]
+            for user, text, extra in [
+                (uid, "I like tea.", {}),
+                (other, "I live in Oslo.", {"priority": "high"}),
+            ]
         ]
         batch = client.post(
             "/v1/memories/batch",
