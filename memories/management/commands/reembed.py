@@ -45,10 +45,14 @@ class Command(BaseCommand):
         )
         if options["status"]:
             return
+        if reembed.is_current(stored, spec) and not options["force"]:
+            self.stdout.write("nothing to do: the vectors are the configured embedder's")
+            return
+        embedder = get_embedder()  # first: loading a model is no part of the rate
         bar = _ProgressBar(self.stderr)
         try:
             result = reembed.memories_reembed(
-                embedder=get_embedder(),
+                embedder=embedder,
                 spec=spec,
                 batch_size=options["batch_size"],
                 limit=options["limit"],
