@@ -52,6 +52,9 @@ CREATE TRIGGER {TABLE}_reembed_stale BEFORE UPDATE OF content, embedding ON {TAB
     WHEN (OLD.content IS DISTINCT FROM NEW.content OR OLD.embedding IS DISTINCT FROM NEW.embedding)
     EXECUTE FUNCTION {TABLE}_reembed_stale()
 """
+# ALTER TABLE refuses to run past deferred checks still pending in the transaction (the memory's
+# owner key): when called inside a caller's transaction, check them first.
+_CHECK_DEFERRED = "SET CONSTRAINTS ALL IMMEDIATE"
 _DROP_STALE_TRIGGER = (
     f"DROP TRIGGER IF EXISTS {TABLE}_reembed_stale ON {TABLE}",
     f"DROP FUNCTION IF EXISTS {TABLE}_reembed_stale()",
@@ -205,6 +208,7 @@ def _shadow_create(spec: EmbedderSpec) -> None:
         # Adding a column takes the table's strongest lock for an instant; queued behind a long
         # transaction it would hold up every search: give up instead, and say so.
         cursor.execute("SET LOCAL lock_timeout = '5s'")
+        cursor.execute(_CHECK_DEFERRED)
         cursor.execute(f"ALTER TABLE {TABLE} ADD COLUMN {SHADOW} vector({int(spec.dimensions)})")
         cursor.execute(f"COMMENT ON COLUMN {TABLE}.{SHADOW} IS %s", [spec.label])
         cursor.execute(_STALE_FUNCTION)
@@ -214,6 +218,7 @@ def _shadow_create(spec: EmbedderSpec) -> None:
 def _shadow_drop() -> None:
     with transaction.atomic(), connections[DEFAULT_DB_ALIAS].cursor() as cursor:
         cursor.execute("SET LOCAL lock_timeout = '5s'")
+        cursor.execute(_CHECK_DEFERRED)
         for statement in _DROP_STALE_TRIGGER:
             cursor.execute(statement)
         cursor.execute(f"ALTER TABLE {TABLE} DROP COLUMN IF EXISTS {SHADOW}")
@@ -286,6 +291,7 @@ def _swap(*, embedder: Embedder, spec: EmbedderSpec, batch_size: int) -> int:
                     vectors = embedder.embed([content for _, content, _ in rows])
                     _shadow_write(rows, vectors, check_content=False)
                     embedded += len(rows)
+                cursor.execute(_CHECK_DEFERRED)
                 for statement in _DROP_STALE_TRIGGER:
                     cursor.execute(statement)
                 cursor.execute(f"ALTER TABLE {TABLE} DROP COLUMN embedding")
