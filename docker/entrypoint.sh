@@ -28,6 +28,8 @@ case "$1" in
     esac
     concurrency="${WORKER_CONCURRENCY:-2}"
     check_count WORKER_CONCURRENCY "$concurrency"
+    # Refused when the embedder's dimension is not the stored vectors' (web's migrate checks it).
+    python manage.py check --database default
     exec celery -A memoryproject worker -Q "${WORKER_QUEUES:-high,default,batch}" \
       --concurrency "$concurrency" --pool "$pool" --loglevel INFO ;;
   beat)

