@@ -38,6 +38,9 @@ EVENTS_DROPPED = Counter(
     "events_dropped_total",
     "Stream entries a consumer group had not acknowledged, dropped at EVENT_STREAM_MAXLEN",
 )
+READ_EVENTS_LOST = Counter(
+    "read_events_lost_total", "Events of reads (searches) not published: Redis did not answer"
+)
 SSE_SUBSCRIBERS = Gauge(
     "sse_subscribers", "Open Server-Sent Events connections", multiprocess_mode="livesum"
 )

@@ -188,11 +188,12 @@ def _loaded_fields(model: type[Model], exclude: tuple[str, ...]) -> tuple[Field,
     return tuple(f for f in model._meta.concrete_fields if f.attname not in exclude)
 
 
-def select_columns(model: type[Model], *, exclude: tuple[str, ...] = ()) -> str:
+def select_columns(model: type[Model], *, exclude: tuple[str, ...] = (), table: str = "") -> str:
     """The model's columns in field order, less `exclude` (attnames), to RETURN or SELECT for
-    `instance_from_row` with the same `exclude`."""
+    `instance_from_row` with the same `exclude`; each qualified by `table` (an alias) if given."""
     quote = connection.ops.quote_name
-    return ", ".join(quote(_column(f)) for f in _loaded_fields(model, exclude))
+    prefix = f"{table}." if table else ""
+    return ", ".join(prefix + quote(_column(f)) for f in _loaded_fields(model, exclude))
 
 
 @cache

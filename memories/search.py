@@ -2,27 +2,39 @@
 both fused by reciprocal rank fusion (the default), with a `search.performed` event left for
 audit and analytics.
 
-Hybrid takes each retriever's true top-N for the user (SEARCH_CANDIDATES, filters applied in the
-query) and scores a memory sum(weight / (SEARCH_RRF_K + rank)) over the retrievers that found it,
+Each retriever (a leg) takes its true top-N for the user (SEARCH_CANDIDATES, filters applied in
+its query); a memory scores sum(weight / (SEARCH_RRF_K + rank)) over the legs that found it,
 normalised so the best possible is 1. The vector leg's weight depends on the embedder: with the
 offline hashing embedder it is weak (its vectors know words, not meaning), so keyword leads.
+
+The legs, the fusion, the similarities, the recency weighting, the thresholds and the limit are
+ONE statement (`_ranked`): a search costs one round trip (two with the keyword leg, which first
+weighs the query's words) and builds only the memories it returns.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
+from django.contrib.postgres.search import SearchVectorExact as Matches  # `@@`
+from django.db import connection
+from django.db.models import Case, F, QuerySet, Value, When
 from django.utils import timezone
+from pgvector.django import CosineDistance
 
-from memories import selectors, signals
+from memories import rows, selectors, signals
 from memories.errors import InvalidInput
-from memories.models import EndUser, Memory
+from memories.models import DateWords, EndUser, Memory, vector_text
 from memories.providers import Embedder
 
 MODES = ("hybrid", "vector", "keyword")
+# A retriever's query: its top-N as rows of (id, rank_key), best first.
+Leg = QuerySet[Any, Any]
 
 
 @dataclass
@@ -67,29 +79,29 @@ def memory_search(
         message = "threshold is a minimum cosine similarity: it needs mode hybrid or vector."
         raise InvalidInput(message, field="threshold")
     candidates = max(limit, settings.SEARCH_CANDIDATES) if mode == "hybrid" else limit
-    legs: dict[str, list[Memory]] = {}
+    base = selectors.memories_of(user, filters=filters, as_of=as_of)
     query_vector = embedder.embed([query])[0] if mode != "keyword" else None
+    legs: dict[str, Leg] = {}
     if query_vector is not None:
-        legs["vector"] = selectors.memory_search(
-            user=user, query_vector=query_vector, limit=candidates, filters=filters,
-            threshold=threshold, as_of=as_of,
-        )  # fmt: skip
-    if mode != "vector":
-        legs["keyword"] = selectors.memory_keyword_search(
-            user=user, query=query, limit=candidates, filters=filters, as_of=as_of
+        legs["vector"] = _vector_leg(base, query_vector, threshold=threshold, limit=candidates)
+    if mode != "vector" and (lexemes := _query_lexemes(user, query)):
+        legs["keyword"] = _keyword_leg(base, lexemes, as_of=as_of, limit=candidates)
+    found = (
+        _ranked(
+            legs,
+            query_vector=query_vector,
+            limit=limit,
+            threshold=threshold,
+            min_score=min_score,
+            recency=(as_of or timezone.now(), recency_half_life_days)
+            if recency_half_life_days is not None
+            else None,
         )
-    found = _fused(legs, weights=_weights())
-    if recency_half_life_days is not None:
-        found = _recency_weighted(
-            found, half_life_days=recency_half_life_days, now=as_of or timezone.now()
-        )
-    if query_vector is not None:
-        _fill_similarities(found, user=user, query_vector=query_vector)
-        if threshold is not None:
-            found = [f for f in found if f.similarity is not None and f.similarity >= threshold]
-    if min_score is not None:
-        found = [f for f in found if f.score >= min_score]
-    found = found[:limit]
+        if legs
+        else []
+    )
+    if as_of is not None:
+        _show_contents_then(found, as_of=as_of)
     signals.search_performed.send(
         sender=Memory,
         tenant_id=user.tenant_id,
@@ -102,38 +114,175 @@ def memory_search(
     return found
 
 
-def _fused(legs: dict[str, list[Memory]], *, weights: dict[str, float]) -> list[Found]:
-    k = settings.SEARCH_RRF_K
-    by_id: dict[str, Found] = {}
-    for leg, memories in legs.items():
-        for rank, memory in enumerate(memories, start=1):
-            entry = by_id.setdefault(
-                str(memory.id), Found(memory=memory, score=0.0, similarity=None)
+# --- The legs -------------------------------------------------------------------------------------
+
+
+def _vector_leg(
+    base: QuerySet[Memory], query_vector: list[float], *, threshold: float | None, limit: int
+) -> Leg:
+    """The user's true top-k by cosine distance: an exact scan of the user's rows (B-tree on the
+    user, then distance), so no approximate index can drop a match, whatever the plan. With
+    `as_of`, ranked by the current vectors (history keeps no vector of an old content)."""
+    leg = base.annotate(rank_key=CosineDistance("embedding", query_vector))
+    if threshold is not None:
+        leg = leg.filter(rank_key__lte=1 - threshold)
+    return leg.order_by("rank_key", "id").values("id", "rank_key")[:limit]
+
+
+# Each distinct lexeme of the query, quoted for tsquery, with the number of the user's live
+# memories holding it, and how many live memories the user has. Stop words are already gone
+# (english configuration).
+_QUERY_LEXEMES_SQL = f"""
+    SELECT quote_literal(t.lexeme),
+           (SELECT count(*) FROM {Memory._meta.db_table} m
+            WHERE m.user_id = %(user)s AND m.deleted_at IS NULL AND m.valid_to IS NULL
+              AND m.search_vector @@ quote_literal(t.lexeme)::tsquery),
+           (SELECT count(*) FROM {Memory._meta.db_table} m
+            WHERE m.user_id = %(user)s AND m.deleted_at IS NULL AND m.valid_to IS NULL)
+    FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(query)s))) AS t
+"""
+
+
+def _query_lexemes(user: EndUser, query: str) -> list[tuple[str, float]]:
+    """The query's lexemes (quoted), each with its weight: BM25's inverse document frequency
+    over the user's live memories, so a word most of them share counts for little and a rare one
+    for much."""
+    with connection.cursor() as cursor:
+        cursor.execute(_QUERY_LEXEMES_SQL, {"user": user.id, "query": query})
+        found = cursor.fetchall()
+    return [(quoted, math.log(1 + (total - df + 0.5) / (df + 0.5))) for quoted, df, total in found]
+
+
+def _keyword_leg(
+    base: QuerySet[Memory], lexemes: list[tuple[str, float]], *, as_of: datetime | None, limit: int
+) -> Leg:
+    """The user's top-k memories sharing words (stemmed) with the query.
+
+    The query's lexemes are ORed (AND, as plainto_tsquery and websearch_to_tsquery do, needs
+    every word of a natural question in one memory, and so matches almost nothing); a memory
+    scores the weights of those it holds, ties broken by ts_rank_cd (cover density, normalised
+    by the memory's length so long memories do not win by size). With `as_of`, matched on the
+    content the memories had then."""
+    any_word = SearchQuery(
+        " | ".join(quoted for quoted, _ in lexemes), search_type="raw", config="simple"
+    )
+    # The stored vector, or (as_of) one made from the content then: an expression, never a name,
+    # which SearchRank would take for text and parse again.
+    document: Any = F("search_vector")
+    if as_of is not None:
+        document = SearchVector("content_then", config="english") + SearchVector(
+            DateWords("occurred_at"), config="english"
+        )
+    held = [
+        Case(
+            When(Matches(document, SearchQuery(quoted, search_type="raw", config="simple")),
+                 then=Value(weight)),
+            default=Value(0.0),
+        )
+        for quoted, weight in lexemes
+    ]  # fmt: skip
+    density = SearchRank(document, any_word, cover_density=True, normalization=1)
+    return (
+        base.filter(Matches(document, any_word))
+        .annotate(rank_key=sum(held[1:], held[0]) + density)
+        .order_by("-rank_key", "id")
+        .values("id", "rank_key")[:limit]
+    )
+
+
+# --- Fusion ---------------------------------------------------------------------------------------
+
+_LEG_ORDER = {"vector": "rank_key, id", "keyword": "rank_key DESC, id"}
+_RESULT_EXCLUDE = ("embedding", "search_vector")
+
+
+def _ranked(
+    legs: dict[str, Leg],
+    *,
+    query_vector: list[float] | None,
+    limit: int,
+    threshold: float | None,
+    min_score: float | None,
+    recency: tuple[datetime, float] | None,
+) -> list[Found]:
+    """The legs fused, ranked and cut in one statement; the memories built from its rows."""
+    weights, k = _weights(), settings.SEARCH_RRF_K
+    params: list[Any] = []
+    ctes, parts = [], []
+    for name, leg in legs.items():
+        leg_sql, leg_params = leg.query.sql_with_params()
+        params += leg_params
+        ctes.append(
+            f"{name}_leg AS (SELECT id, row_number() OVER (ORDER BY {_LEG_ORDER[name]}) AS rank"
+            f" FROM ({leg_sql}) AS leg)"
+        )
+        ranks = ["rank" if other == name else "NULL::bigint" for other in _LEG_ORDER]
+        parts.append(f"SELECT id, {', '.join(ranks)}, %s / (%s + rank) FROM {name}_leg")
+    params += [value for name in legs for value in (weights[name], k)]
+    best = sum(weights[name] for name in legs) / (k + 1)
+    similarity = "NULL::float8"
+    if query_vector is not None:
+        similarity = "1 - (m.embedding <=> %s::vector)"
+        params.append(vector_text(query_vector))
+    score = "f.raw / %s"
+    params.append(best)
+    if recency is not None:
+        score += " * power(0.5, greatest(extract(epoch FROM %s - m.occurred_at), 0) / %s)"
+        params += [recency[0], recency[1] * 86_400]
+    conditions = []
+    if threshold is not None:
+        conditions.append("similarity >= %s")
+        params.append(threshold)
+    if min_score is not None:
+        conditions.append("score >= %s")
+        params.append(min_score)
+    params.append(limit)
+    columns = rows.select_columns(Memory, exclude=_RESULT_EXCLUDE, table="m")
+    table = Memory._meta.db_table
+    sql = f"""
+        WITH {", ".join(ctes)},
+        fused AS (
+            SELECT id, max(vector_rank) AS vector_rank, max(keyword_rank) AS keyword_rank,
+                   sum(part) AS raw
+            FROM ({" UNION ALL ".join(parts)}) AS parts (id, vector_rank, keyword_rank, part)
+            GROUP BY id
+        )
+        SELECT * FROM (
+            SELECT {columns}, f.vector_rank, f.keyword_rank, {similarity} AS similarity,
+                   {score} AS score
+            FROM fused f JOIN {table} m ON m.id = f.id
+        ) AS ranked
+        {"WHERE " + " AND ".join(conditions) if conditions else ""}
+        ORDER BY score DESC, id
+        LIMIT %s
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        found_rows = cursor.fetchall()
+    width = len(found_rows[0]) - 4 if found_rows else 0
+    found = []
+    for row in found_rows:
+        memory = rows.instance_from_row(Memory, row[:width], exclude=_RESULT_EXCLUDE)
+        vector_rank, keyword_rank, row_similarity, row_score = row[width:]
+        why = {"vector": vector_rank, "keyword": keyword_rank}
+        found.append(
+            Found(
+                memory=memory,
+                score=round(row_score, 6),
+                similarity=row_similarity,
+                why={leg: rank for leg, rank in why.items() if rank is not None},
             )
-            entry.score += weights[leg] / (k + rank)
-            entry.why[leg] = rank
-            if leg == "vector":
-                entry.similarity = memory.score
-    best = sum(weights[leg] for leg in legs) / (k + 1)
-    for entry in by_id.values():
-        entry.score = round(entry.score / best, 6) if best else 0.0
-    return sorted(by_id.values(), key=lambda f: (-f.score, str(f.memory.id)))
+        )
+    return found
 
 
-def _recency_weighted(found: list[Found], *, half_life_days: float, now: datetime) -> list[Found]:
-    for entry in found:
-        age_days = max((now - entry.memory.occurred_at).total_seconds(), 0.0) / 86_400
-        entry.score = round(entry.score * 0.5 ** (age_days / half_life_days), 6)
-    return sorted(found, key=lambda f: (-f.score, str(f.memory.id)))
-
-
-def _fill_similarities(found: list[Found], *, user: EndUser, query_vector: list[float]) -> None:
-    """Keyword-only finds get their cosine similarity too (one query), so `threshold` and
-    `similarity` mean the same for every result."""
-    missing = [f.memory.id for f in found if f.similarity is None]
-    similarities = selectors.memory_similarities(
-        user=user, memory_ids=missing, query_vector=query_vector
+def _show_contents_then(found: list[Found], *, as_of: datetime) -> None:
+    """Results of a search `as_of` show the content each memory had then."""
+    ids = [f.memory.id for f in found]
+    then = dict(
+        Memory.objects.filter(pk__in=ids)
+        .annotate(then=selectors.content_then(as_of))
+        .values_list("pk", "then")
     )
     for entry in found:
-        if entry.similarity is None:
-            entry.similarity = similarities.get(str(entry.memory.id))
+        entry.memory.content = then[entry.memory.id]

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
 from django.db import connection
-from django.db.models import Case, F, OuterRef, Q, QuerySet, Subquery, Value, When, Window
+from django.db.models import Case, F, OuterRef, Q, QuerySet, Subquery, When, Window
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce, Lead
-from pgvector.django import CosineDistance
 
 from memories.errors import NotFound
 from memories.filters import memory_filters_q
 from memories.models import (
-    DateWords,
     EndUser,
     Memory,
     MemoryHistory,
@@ -69,7 +65,7 @@ def memory_history(
     return list(rows.order_by("id")[:limit])
 
 
-def _memories_of(
+def memories_of(
     user: EndUser, *, filters: dict[str, Any], as_of: datetime | None = None
 ) -> QuerySet[Memory]:
     """The user's memories true now (live: neither forgotten nor closed), or, with `as_of`, those
@@ -79,21 +75,27 @@ def _memories_of(
     if as_of is None:
         queryset = queryset.filter(valid_to__isnull=True)
     else:
-        content_then = (
-            MemoryHistory.objects.filter(
-                memory=OuterRef("pk"), occurred_at__lte=as_of, event__in=("ADD", "UPDATE")
-            )
-            .order_by("-occurred_at", "-id")
-            .values("new_content")[:1]
-        )
-        # A memory written without history (none of the service's own paths) is its content.
-        no_history = Case(When(occurred_at__lte=as_of, then=F("content")), default=None)
         queryset = (
             queryset.filter(Q(valid_to__isnull=True) | Q(valid_to__gt=as_of))
-            .annotate(content_then=Coalesce(Subquery(content_then), no_history))
+            .annotate(content_then=content_then(as_of))
             .filter(content_then__isnull=False)
         )
     return queryset.filter(memory_filters_q(filters))
+
+
+def content_then(as_of: datetime) -> Coalesce:
+    """A memory's content at `as_of` (its latest ADD or UPDATE by then), NULL if it did not
+    exist yet."""
+    latest = (
+        MemoryHistory.objects.filter(
+            memory=OuterRef("pk"), occurred_at__lte=as_of, event__in=("ADD", "UPDATE")
+        )
+        .order_by("-occurred_at", "-id")
+        .values("new_content")[:1]
+    )
+    # A memory written without history (none of the service's own paths) is its content.
+    no_history = Case(When(occurred_at__lte=as_of, then=F("content")), default=None)
+    return Coalesce(Subquery(latest), no_history)
 
 
 def _shown_as_of(memories: Iterable[Memory], as_of: datetime | None) -> list[Memory]:
@@ -115,129 +117,13 @@ def memory_list(
 ) -> list[Memory]:
     """A page of the user's live memories (or those true at `as_of`), newest first,
     keyset-paginated on (created_at, id)."""
-    queryset = _memories_of(user, filters=filters, as_of=as_of).order_by("-created_at", "-id")
+    queryset = memories_of(user, filters=filters, as_of=as_of).order_by("-created_at", "-id")
     if cursor is not None:
         created_at, memory_id = cursor
         queryset = queryset.filter(
             Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=memory_id)
         )
     return _shown_as_of(queryset.defer("embedding", "search_vector")[:limit], as_of)
-
-
-def memory_search(
-    *,
-    user: EndUser,
-    query_vector: list[float],
-    limit: int,
-    filters: dict[str, Any],
-    threshold: float | None,
-    as_of: datetime | None = None,
-) -> list[Memory]:
-    """The user's true top-k by cosine similarity, computed by pgvector.
-
-    An exact scan of the user's rows (B-tree on user, then distance): no approximate index can
-    drop a match here, whatever the plan. Each result carries `score` = 1 - cosine distance.
-    With `as_of`, the memories true then, ranked by their current vectors (history keeps no
-    vector of an old content).
-    """
-    queryset = _memories_of(user, filters=filters, as_of=as_of)
-    queryset = queryset.annotate(distance=CosineDistance("embedding", query_vector))
-    if threshold is not None:
-        queryset = queryset.filter(distance__lte=1 - threshold)
-    results: list[Memory] = []
-    ordered = queryset.order_by("distance", "id").defer("embedding", "search_vector")[:limit]
-    for memory in ordered:
-        memory.score = 1 - memory.distance
-        results.append(memory)
-    return _shown_as_of(results, as_of)
-
-
-# The query's lexemes ORed: AND (plainto_tsquery, websearch_to_tsquery) needs every word of a
-# natural question in one memory, and so matches almost nothing. Lexemes are quoted, so none is
-# read as tsquery syntax; stop words are already gone (english configuration).
-# Each distinct lexeme of the query, quoted for tsquery, with the number of the user's live
-# memories holding it, and how many live memories the user has.
-_QUERY_LEXEMES_SQL = f"""
-    SELECT quote_literal(t.lexeme),
-           (SELECT count(*) FROM {Memory._meta.db_table} m
-            WHERE m.user_id = %(user)s AND m.deleted_at IS NULL AND m.valid_to IS NULL
-              AND m.search_vector @@ quote_literal(t.lexeme)::tsquery),
-           (SELECT count(*) FROM {Memory._meta.db_table} m
-            WHERE m.user_id = %(user)s AND m.deleted_at IS NULL AND m.valid_to IS NULL)
-    FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(query)s))) AS t
-"""
-
-
-def _query_lexemes(user: EndUser, query: str) -> list[tuple[str, float]]:
-    """The query's lexemes (quoted), each with its weight: BM25's inverse document frequency
-    over the user's live memories, so a word most of them share counts for little and a rare one
-    for much; stop words are already gone (english configuration)."""
-    with connection.cursor() as cursor:
-        cursor.execute(_QUERY_LEXEMES_SQL, {"user": user.id, "query": query})
-        rows = cursor.fetchall()
-    return [(quoted, math.log(1 + (total - df + 0.5) / (df + 0.5))) for quoted, df, total in rows]
-
-
-def memory_keyword_search(
-    *,
-    user: EndUser,
-    query: str,
-    limit: int,
-    filters: dict[str, Any],
-    as_of: datetime | None = None,
-) -> list[Memory]:
-    """The user's top-k memories sharing words (stemmed) with the query.
-
-    The query's lexemes are ORed (AND, as plainto_tsquery and websearch_to_tsquery do, needs
-    every word of a natural question in one memory, and so matches almost nothing); a memory
-    scores the weights (`_query_lexemes`) of those it holds, ties broken by ts_rank_cd (cover
-    density, normalised by the memory's length so long memories do not win by size). Each
-    result carries `keyword_rank`, its score. With `as_of`, the memories true then, matched on
-    the content they had then."""
-    lexemes = _query_lexemes(user, query)
-    if not lexemes:
-        return []
-    search_query = SearchQuery(
-        " | ".join(quoted for quoted, _ in lexemes), search_type="raw", config="simple"
-    )
-    queryset = _memories_of(user, filters=filters, as_of=as_of)
-    document: Any = F("search_vector")
-    if as_of is not None:
-        document = SearchVector("content_then", config="english") + SearchVector(
-            DateWords("occurred_at"), config="english"
-        )
-    held = [
-        Case(
-            When(document=SearchQuery(quoted, search_type="raw", config="simple"),
-                 then=Value(weight)),
-            default=Value(0.0),
-        )
-        for quoted, weight in lexemes
-    ]  # fmt: skip
-    density = SearchRank("document", search_query, cover_density=True, normalization=1)
-    ranked_by = sum(held[1:], held[0]) + density
-    ranked = (
-        queryset.alias(document=document)
-        .filter(document=search_query)
-        .annotate(keyword_rank=ranked_by)
-        .order_by("-keyword_rank", "id")
-        .defer("embedding", "search_vector")[:limit]
-    )
-    return _shown_as_of(ranked, as_of)
-
-
-def memory_similarities(
-    *, user: EndUser, memory_ids: list[Any], query_vector: list[float]
-) -> dict[str, float]:
-    """Cosine similarity to the query of each of these memories of the user, by id."""
-    if not memory_ids:
-        return {}
-    rows = (
-        Memory.objects.filter(user=user, pk__in=memory_ids)
-        .annotate(distance=CosineDistance("embedding", query_vector))
-        .values_list("pk", "distance")
-    )
-    return {str(pk): 1 - distance for pk, distance in rows if distance is not None}
 
 
 def memory_nearest_for_many(

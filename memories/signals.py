@@ -78,7 +78,7 @@ def on_summary_created(sender: Any, session: Session, **kwargs: Any) -> None:
 def on_search_performed(sender: Any, tenant_id: Any, user_id: Any, **data: Any) -> None:
     data.pop("signal")
     agent_id, session_id = data.pop("agent_id", ""), data.pop("session_id", "")
-    events.record(
+    events.record_read(
         events.build_event(
             event_type="search.performed",
             tenant_id=tenant_id,

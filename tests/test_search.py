@@ -7,6 +7,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from memories import accounts, erasure, selectors
+from memories import search as search_service
 from memories.providers.wiring import get_embedder
 from tests.helpers import store_memories
 
@@ -104,14 +105,14 @@ def test_top_k_stays_exact_after_many_searches(tenant, end_user) -> None:
     users = [accounts.end_user_create(tenant=tenant, external_id=f"u{i}") for i in range(4)]
     for n, user in enumerate(users):
         store_memories(user, *[f"Fact {k} about person {n}" for k in range(25)])
-    query = get_embedder().embed(["Fact about person"])[0]
     for round_number in range(12):
         for user in users:
-            results = selectors.memory_search(
-                user=user, query_vector=query, limit=20, filters={}, threshold=None
-            )
+            results = search_service.memory_search(
+                user=user, query="Fact about person", limit=20, filters={}, threshold=None,
+                embedder=get_embedder(), mode="vector",
+            )  # fmt: skip
             assert len(results) == 20, round_number
-            assert all(m.user_id == user.id for m in results)
+            assert all(f.memory.user_id == user.id for f in results)
 
 
 def test_nearest_memories_for_all_facts_come_from_one_query(end_user) -> None:
@@ -220,3 +221,24 @@ def test_a_rare_word_outweighs_words_most_memories_share(api, end_user) -> None:
     store_memories(end_user, *(chatter * 6), "Spent a week in Kyoto")
     (first, *_) = search(api, end_user, "Did she really like Kyoto?", mode="keyword")
     assert first["content"] == "Spent a week in Kyoto"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_search_is_one_statement_a_leg_and_writes_nothing(api, end_user) -> None:
+    from memories.events.stream import STREAM_KEY, redis_client
+    from memories.models import OutboxEvent
+
+    store_memories(end_user, *FACTS)
+    body = {"user_id": str(end_user.id), "query": "Where does she work?"}
+    for mode, statements in (("vector", 1), ("hybrid", 2), ("keyword", 2)):
+        before = redis_client().xlen(STREAM_KEY)
+        with CaptureQueriesContext(connection) as queries:
+            search_service.memory_search(
+                user=end_user, query=body["query"], limit=5, filters={}, threshold=None,
+                embedder=get_embedder(), mode=mode,
+            )  # fmt: skip
+        # One fused statement (and, with the keyword leg, the query's word weights); no write.
+        assert len(queries) == statements, [q["sql"][:80] for q in queries]
+        assert not any(q["sql"].lstrip().upper().startswith("INSERT") for q in queries)
+        assert redis_client().xlen(STREAM_KEY) == before + 1  # its search.performed, at once
+    assert not OutboxEvent.objects.filter(event_type="search.performed").exists()

@@ -31,7 +31,7 @@ from memories.events.stream import (
     stream_id_order,
     tenant_stream_key,
 )
-from memories.metrics import EVENTS_DROPPED, EVENTS_PUBLISHED
+from memories.metrics import EVENTS_DROPPED, EVENTS_PUBLISHED, READ_EVENTS_LOST
 from memories.rows import insert_rows, json_bytes
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,18 @@ class _PublishedMarks:
 
 _marks = _PublishedMarks()
 atexit.register(_marks.flush)
+
+
+def record_read(event: dict[str, Any]) -> None:
+    """Publish the event of a read (a search): straight to the stream and its channels, in one
+    Redis round trip, with no outbox row. A read changes nothing, so there is no transaction
+    for its event to join, and a write and a commit per search would cost more than the search.
+    The price: with Redis down the event is lost (logged and counted), not relayed later."""
+    try:
+        _send([event])
+    except Exception:
+        logger.warning("could not publish a %s event; dropped", event["event_type"], exc_info=True)
+        READ_EVENTS_LOST.inc()
 
 
 def flush_published_marks() -> None:
