@@ -9,13 +9,15 @@ Here templates are filled from word lists (a few thousand words) and from made-u
 syllables (tens of thousands), picked with a Zipf-like skew: common words repeat as they do in
 real text, rare ones mostly do not.
 
-Deterministic: a `MemoryText(seed)` yields the same texts in the same order in any process.
+Seeded: a fresh process's `MemoryText(seed)` gives the same texts in the same order. No text is
+given twice in a process, whichever source gave it first.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import threading
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -133,7 +135,7 @@ TEMPLATES = [
     "Works as a {job} at {Company} in {place}",
     "Started {activity} lessons with a coach named {first} {Surname} on {weekday}s",
     "Goes {activity} every {weekday} with {first} near {place}",
-    "Is allergic to {allergy} and carries an antihistamine since {year}",
+    "Is allergic to {allergy}, found out at Dr {Surname}'s clinic in {year}",
     "Favourite dish is the {food} at {Shop} in {place}",
     "Cooked {food} and {food2} for {first}'s birthday on {month} {day}",
     "Bought a {adj} {thing} from {Company} for {price} dollars",
@@ -147,9 +149,9 @@ TEMPLATES = [
     "Plays {activity} in a team called the {place} {Team}",
     "Their {pet} {Name} turns {count} on {month} {day}",
     "Keeps a {adj} {thing} in the spare room from their time in {place}",
-    "Drinks {food} every morning and {food2} after dinner",
+    "Drinks {food} from {Shop} every morning and {food2} after dinner",
     "Wants to visit {place} and {place2} next {month}",
-    "Studied {subject} at the University of {place} until {year}",
+    "Studied {subject} with Professor {Surname} in {place} until {year}",
     "Meets {first} {Surname} for {food} at {Shop} on {weekday}s",
     "Sold their {adj} {thing} to a neighbour named {first}",
     "Grew up in {place} near {Street} Road and misses the {food} there",
@@ -164,6 +166,9 @@ medicine law nursing music art design literature sociology psychology geology as
 TEAMS = _words("Foxes Otters Ravens Herons Badgers Comets Rovers Wanderers Pirates Lions")
 # fmt: on
 
+# Every text given in this process, by any source: distinct across a bench's client threads.
+_SEEN: set[str] = set()
+_SEEN_LOCK = threading.Lock()
 _SLOT = re.compile(r"\{(\w+)\}")
 _TAIL_SLOTS = {"Name", "Surname", "Street", "Company", "Shop", "Title"}
 _NUMBERS = {"year": (1985, 2026), "day": (1, 28), "count": (2, 12), "minutes": (85, 160),
@@ -200,7 +205,6 @@ class MemoryText:
     def __init__(self, seed: int | str, *, made_up: int = 40_000) -> None:
         self._rng = random.Random(f"memory-text:{seed}")
         self._tail = _made_up_words(made_up)
-        self._seen: set[str] = set()
 
     def _zipf(self, words: tuple[str, ...]) -> str:
         # Log-uniform rank: frequency falls as 1/rank, as words do in text.
@@ -217,13 +221,14 @@ class MemoryText:
         return self._rng.choice(_LISTS[slot])
 
     def text(self) -> str:
-        """One text never returned before by this source."""
+        """One text never returned before in this process."""
         for _ in range(100):
             template = self._rng.choice(TEMPLATES)
             text = _SLOT.sub(lambda match: self._fill(match[1]), template)
-            if text not in self._seen:
-                self._seen.add(text)
-                return text
+            with _SEEN_LOCK:  # sources in other threads may have given it
+                if text not in _SEEN:
+                    _SEEN.add(text)
+                    return text
         raise RuntimeError("no new text in 100 tries: the vocabulary is too small")
 
     def texts(self, count: int) -> list[str]:
