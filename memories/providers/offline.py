@@ -751,5 +751,5 @@ class HashingEmbedder:
         empty = norms == 0.0
         rows[empty, 0] = 1.0  # no words: still a unit vector, so cosine distance stays defined
         norms[empty] = 1.0
-        rows /= norms[:, None]
-        return rows
+        unit: np.ndarray = rows / norms[:, None]
+        return unit
