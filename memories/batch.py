@@ -21,6 +21,7 @@ from datetime import datetime
 from functools import lru_cache, partial
 from typing import Any
 
+import numpy as np
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -138,12 +139,17 @@ def parse_items(
             except InvalidInput as exc:
                 errors.append(_error(index, "occurred_at", exc.message))
                 continue
+        # Empty values (most metadata, agent and session ids) hold nothing to refuse.
         unstorable = first_unstorable(
             {
-                "content": content,
-                "metadata": metadata,
-                "agent_id": agent_id,
-                "session_id": session_id,
+                name: value
+                for name, value in (
+                    ("content", content),
+                    ("metadata", metadata),
+                    ("agent_id", agent_id),
+                    ("session_id", session_id),
+                )
+                if value
             }
         )
         if unstorable:
@@ -236,13 +242,19 @@ def memories_batch_apply(
 def _embed(embedder: Embedder, items: list[BatchItem]) -> dict[int, bytes]:
     """Each item's vector in pgvector's binary format, as COPY sends it. Packed as soon as a chunk
     is embedded: a thousand lists of floats kept for the rest of the call would be walked
-    through again by every garbage collection the call triggers."""
+    through again by every garbage collection the call triggers. An embedder that gives a chunk
+    as one array (`embed_array`, the offline one) is packed in one go, with no float objects."""
     chunk = settings.BATCH_EMBED_CHUNK
+    embed_array = getattr(embedder, "embed_array", None)
     vectors: dict[int, bytes] = {}
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
-        for item, vector in zip(part, embedder.embed([i.text for i in part]), strict=True):
-            vectors[item.index] = _vector_binary(vector)
+        texts = [item.text for item in part]
+        if embed_array is not None:
+            packed = _vectors_binary(embed_array(texts))
+        else:
+            packed = [_vector_binary(vector) for vector in embedder.embed(texts)]
+        vectors.update(zip([item.index for item in part], packed, strict=True))
     return vectors
 
 
@@ -454,6 +466,17 @@ def _vector_struct(dimensions: int) -> struct.Struct:
 
 def _vector_binary(vector: list[float]) -> bytes:
     return _vector_struct(len(vector)).pack(len(vector), 0, *vector)
+
+
+def _vectors_binary(matrix: np.ndarray) -> list[bytes]:
+    """Each row of a (texts x dimensions) array in pgvector's binary format, packed at once."""
+    count, dimensions = matrix.shape
+    layout = np.dtype([("dimensions", ">u2"), ("unused", ">u2"), ("values", ">f4", dimensions)])
+    rows = np.zeros(count, dtype=layout)
+    rows["dimensions"] = dimensions
+    rows["values"] = matrix
+    packed, size = rows.tobytes(), layout.itemsize
+    return [packed[offset : offset + size] for offset in range(0, count * size, size)]
 
 
 def _copy_memories(memories: list[NewMemory]) -> None:

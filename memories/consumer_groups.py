@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from memories.audit import audit_record
-from memories.events.analytics import analytics_record
-from memories.events.consumers import Handler, StreamConsumer
-from webhooks.services import webhook_deliveries_create_for_event
+from memories.audit import audit_record, audit_record_many
+from memories.events.analytics import analytics_record, analytics_record_many
+from memories.events.consumers import Handler, ManyHandler, StreamConsumer
+from webhooks.services import (
+    webhook_deliveries_create_for_event,
+    webhook_deliveries_create_for_events,
+)
 
 GROUPS = ("audit", "analytics", "webhooks")
 
@@ -24,6 +27,15 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+# Groups whose work for a whole read is one statement rather than one per entry.
+MANY_HANDLERS: dict[str, ManyHandler] = {
+    "audit": audit_record_many,
+    "analytics": analytics_record_many,
+    "webhooks": webhook_deliveries_create_for_events,
+}
+
+
 def consumer_for(group: str, **options: Any) -> StreamConsumer:
-    """A consumer of one of GROUPS with its handler; options override StreamConsumer's fields."""
+    """A consumer of one of GROUPS with its handlers; options override StreamConsumer's fields."""
+    options.setdefault("handle_many", MANY_HANDLERS.get(group))
     return StreamConsumer(group=group, handler=HANDLERS[group], **options)

@@ -14,6 +14,7 @@ import pytest
 from django.core.management import call_command
 from django.db import transaction
 
+from memories import audit as audit_module
 from memories import sessions, signals
 from memories.audit import audit_record
 from memories.consumer_groups import consumer_for
@@ -267,3 +268,53 @@ def test_a_session_older_than_the_stream_is_told_from_its_rows(api, end_user) ->
         "message.added",
         "session.ended",
     ]
+
+
+def test_audit_of_a_whole_read_writes_the_rows_one_entry_at_a_time_would(end_user) -> None:
+    run_session(end_user, messages=3)
+    report_error(end_user)
+    entries = [
+        (entry_id, json.loads(f["event"])) for entry_id, f in redis_client().xrange(STREAM_KEY)
+    ]
+    expected = {
+        str(row.event_id): row
+        for row in (audit_module._entry(entry_id, event) for entry_id, event in entries)
+    }
+    consumer = consumer_for("audit", consumer="bulk")
+    assert consumer.handle_many is audit_module.audit_record_many
+    assert consumer.drain() == 6
+    redis_client().xgroup_setid(STREAM_KEY, "audit", "0")  # redelivered: written once
+    assert consumer.drain() == 6
+
+    rows = list(AuditLogEntry.objects.all())
+    assert len(rows) == 6
+    fields = ["stream_id", "event_type", "tenant_id", "user_id", "session_id", "occurred_at"]
+    for row in rows:
+        want = expected[str(row.event_id)]
+        assert [str(getattr(row, f)) for f in fields] == [str(getattr(want, f)) for f in fields]
+        assert row.payload == want.payload
+    assert pending("audit") == 0
+
+
+def test_a_read_the_bulk_handler_fails_on_is_handled_entry_by_entry(end_user) -> None:
+    sessions.session_start(user=end_user)
+    report_error(end_user)
+    sessions.session_start(user=end_user)
+    poison_id = stream_ids()[1]
+    handled: list[str] = []
+
+    def many(entries: list[tuple[str, dict]]) -> None:
+        if any(event["event_type"] == "error.occurred" for _, event in entries):
+            raise RuntimeError("one bad entry")
+        handled.extend(stream_id for stream_id, _ in entries)
+
+    def one(stream_id: str, event: dict) -> None:
+        many([(stream_id, event)])
+
+    consumer = StreamConsumer(group="mixed", handler=one, handle_many=many, consumer="m1")
+    assert consumer.drain() == 3
+
+    assert handled == [stream_ids()[0], stream_ids()[2]]  # the others, each alone
+    assert pending("mixed") == 1  # the bad one is left for a retry, then the dead letters
+    errors = redis_client().hgetall(f"{STREAM_KEY}:errors:mixed")
+    assert errors == {poison_id: "RuntimeError: one bad entry"}

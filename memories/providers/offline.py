@@ -12,12 +12,11 @@ one-value attribute does it set) and matches claims by meaning, not by spelling.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal, NamedTuple
+
+import numpy as np
 
 from memories.providers.base import Decision, ExistingMemory
 
@@ -634,34 +633,72 @@ class RuleBasedLLM:
 
 
 # --- Embedding --------------------------------------------------------------------------------
+#
+# A text's vector is the sum of its words' features, each hashed to a signed bucket: the word
+# itself (weight 1) and its character trigrams ("#pa", "par", ..., "is#"; weight 0.5 each), then
+# L2-normalised. A batch is computed with numpy: each distinct word of the batch is hashed once,
+# every feature of every word at once, and the features are summed into the texts' rows by one
+# bincount. No cache: a batch of new words (names, places) costs what a batch of common ones does.
+#
+# The hash is a fixed arithmetic one on the characters' code points (uint64 arithmetic wraps the
+# same way everywhere), not Python's hash(), which is salted per process: vectors are stored by one
+# process and compared with those another computes.
 
 _WORD = re.compile(r"\w+")
+_U64 = np.uint64
+# Mixing constants: splitmix64's finaliser, and a salt for each kind of feature.
+_MIX_1, _MIX_2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
+_SALT_WORD, _SALT_TRIGRAM = _U64(0x9E3779B97F4A7C15), _U64(0xD1B54A32D192ED03)
+_TRIGRAM_WEIGHT = 0.5
 
 
-# Both caches are sized with memory in mind: full, they hold ~17 MB per process (measured; a
-# word's entry keeps a pair per trigram). At 65k entries each, a flood of new words kept a
-# worker growing for minutes.
-@lru_cache(maxsize=16384)
-def _slot(feature: str, dimensions: int) -> tuple[int, float]:
-    # blake2b, not hash(): hash() is salted per process, and vectors are stored across processes.
-    value = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "big")
-    return value % dimensions, (1.0 if value >> 63 else -1.0)
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise: every input bit moves about half the output bits."""
+    values = (values ^ (values >> _U64(30))) * _MIX_1
+    values = (values ^ (values >> _U64(27))) * _MIX_2
+    return values ^ (values >> _U64(31))
 
 
-@lru_cache(maxsize=8192)
-def _word_slots(word: str, dimensions: int) -> tuple[tuple[int, float], ...]:
-    """The signed buckets one word adds (the word itself and its character trigrams), cached:
-    vocabularies repeat, so most words of a batch were hashed before."""
+def _stemmed(word: str) -> str:
+    # "likes" and "like" should meet.
     if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
-        word = word[:-1]  # "likes" and "like" should meet
-    padded = f"#{word}#"
-    features = [(f"w:{word}", 1.0)]
-    features += [(f"t:{padded[i : i + 3]}", 0.5) for i in range(len(padded) - 2)]
-    slots = []
-    for feature, weight in features:
-        bucket, sign = _slot(feature, dimensions)
-        slots.append((bucket, sign * weight))
-    return tuple(slots)
+        return word[:-1]
+    return word
+
+
+class _Features:
+    """The signed buckets of some distinct words, laid out word by word: word `w`'s features are
+    `bucket[start[w] : start[w] + count[w]]` (the word itself, then its trigrams)."""
+
+    def __init__(self, words: list[str], dimensions: int) -> None:
+        stems = [_stemmed(w) for w in words]
+        text = "".join(f"#{stem}#" for stem in stems)
+        padded_lengths = np.fromiter((len(s) + 2 for s in stems), dtype=np.int64, count=len(stems))
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        ends = np.cumsum(padded_lengths)
+        starts = ends - padded_lengths
+        # The whole word: a position-tagged sum of its characters (so "ab" and "ba" differ).
+        position = np.arange(codes.size, dtype=np.int64) - np.repeat(starts, padded_lengths)
+        tagged = _mix(codes ^ (position.astype(np.uint64) << _U64(32)) ^ _SALT_WORD)
+        word_hashes = _mix(np.add.reduceat(tagged, starts) + padded_lengths.astype(np.uint64))
+        # Every trigram: three 21-bit code points side by side, one key each.
+        in_trigram = np.ones(codes.size, dtype=bool)
+        in_trigram[ends - 1] = False
+        in_trigram[ends - 2] = False
+        first = np.flatnonzero(in_trigram)
+        keys = (codes[first] << _U64(42)) | (codes[first + 1] << _U64(21)) | codes[first + 2]
+        trigram_hashes = _mix(keys ^ _SALT_TRIGRAM)
+        # Lay out: each word's own feature, then its trigrams (padded length - 2 of them).
+        self.count = padded_lengths - 1
+        self.start = np.cumsum(self.count) - self.count
+        is_word = np.zeros(int(self.count.sum()), dtype=bool)
+        is_word[self.start] = True
+        hashes = np.empty(is_word.size, dtype=np.uint64)
+        hashes[is_word] = word_hashes
+        hashes[~is_word] = trigram_hashes
+        self.bucket = (hashes % _U64(dimensions)).astype(np.int64)
+        weight = np.where(is_word, 1.0, _TRIGRAM_WEIGHT)
+        self.value = np.where(hashes >> _U64(63) == 1, weight, -weight)
 
 
 class HashingEmbedder:
@@ -677,21 +714,42 @@ class HashingEmbedder:
         self.dimensions = dimensions
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        return [self._embed_one(text) for text in texts]
+        vectors: list[list[float]] = self._unit_rows(texts).tolist()
+        return vectors
 
-    def _embed_one(self, text: str) -> list[float]:
-        # A short text touches a few dozen of the buckets: sum and normalise those alone, then
-        # lay them out densely (the sums per bucket are the same as in a dense loop).
-        sums: dict[int, float] = {}
-        for word in _WORD.findall(text.casefold()):
-            for bucket, value in _word_slots(word, self.dimensions):
-                sums[bucket] = sums.get(bucket, 0.0) + value
-        norm = math.hypot(*sums.values())
-        vector = [0.0] * self.dimensions
-        if norm == 0.0:  # empty text: still a unit vector, so cosine distance stays defined
-            vector[0] = 1.0
-            return vector
-        scale = 1.0 / norm
-        for bucket, value in sums.items():
-            vector[bucket] = value * scale
-        return vector
+    def embed_array(self, texts: list[str]) -> np.ndarray:
+        """The vectors of `texts` as one float32 array, a row per text: what bulk writers pack
+        straight into the database's binary format (float32 is what pgvector stores)."""
+        return self._unit_rows(texts).astype(np.float32)
+
+    def _unit_rows(self, texts: list[str]) -> np.ndarray:
+        dimensions = self.dimensions
+        tokens: list[str] = []
+        tokens_per_text: list[int] = []
+        for text in texts:
+            words = _WORD.findall(text.casefold())
+            tokens_per_text.append(len(words))
+            tokens += words
+        if tokens:
+            distinct = {word: number for number, word in enumerate(dict.fromkeys(tokens))}
+            features = _Features(list(distinct), dimensions)
+            word_of_token = np.fromiter(map(distinct.__getitem__, tokens), np.int64, len(tokens))
+            text_of_token = np.repeat(np.arange(len(texts)), tokens_per_text)
+            # Each token's features, gathered from its word's: counts, then positions.
+            counts = features.count[word_of_token]
+            first_of_token = np.cumsum(counts) - counts
+            positions = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(
+                features.start[word_of_token] - first_of_token, counts
+            )
+            cells = np.repeat(text_of_token, counts) * dimensions + features.bucket[positions]
+            rows = np.bincount(
+                cells, weights=features.value[positions], minlength=len(texts) * dimensions
+            ).reshape(len(texts), dimensions)
+        else:
+            rows = np.zeros((len(texts), dimensions), dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        empty = norms == 0.0
+        rows[empty, 0] = 1.0  # no words: still a unit vector, so cosine distance stays defined
+        norms[empty] = 1.0
+        unit: np.ndarray = rows / norms[:, None]
+        return unit
