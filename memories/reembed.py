@@ -31,6 +31,9 @@ from memories.providers import Embedder
 from memories.providers.local import MODEL_NAME as LOCAL_MODEL_NAME
 
 TABLE = Memory._meta.db_table
+# The offline embedder's names in the stored label: its vectors changed with its features.
+FIRST_HASHING_MODEL_NAME = "hashing"
+OFFLINE_MODEL_NAME = "hashing2"
 SHADOW = "embedding_next"
 _FIRST_ID = "00000000-0000-0000-0000-000000000000"
 # Passes over the rows left undone (written meanwhile) before the swap embeds the rest under its
@@ -81,7 +84,7 @@ class EmbedderSpec:
 def configured_embedder() -> EmbedderSpec:
     """The embedder this process is configured with (settings)."""
     provider = settings.EMBEDDING_PROVIDER
-    model = {"offline": "hashing", "local": LOCAL_MODEL_NAME}.get(
+    model = {"offline": OFFLINE_MODEL_NAME, "local": LOCAL_MODEL_NAME}.get(
         provider, settings.EMBEDDING_MODEL
     )
     return EmbedderSpec(provider=provider, model=model, dimensions=settings.EMBEDDING_DIMENSIONS)
@@ -143,6 +146,30 @@ class Progress:
     embedded: int  # texts embedded by this run
     state: str = "running"  # running | stopped (limit reached) | swapped | unchanged
     started_over: bool = False  # a shadow column for another embedder was dropped
+
+
+def offline_vectors_upgrade() -> Progress | None:
+    """Re-embed vectors of the first hashing embedder (per-word Python, before numpy: other
+    features, so other vectors) with today's, when this database's are theirs and the offline
+    embedder is the configured one; None when there is nothing to upgrade. A database from
+    before embedders were recorded (no label) counts as theirs when offline is configured."""
+    spec = configured_embedder()
+    stored = stored_embeddings()
+    first_hashing = f"offline:{FIRST_HASHING_MODEL_NAME}:{spec.dimensions}"
+    if (
+        spec.provider != "offline"
+        or stored is None
+        or stored.dimensions != spec.dimensions
+        or stored.embedder not in ("", first_hashing)
+    ):
+        return None
+    if not _live_count():  # nothing to re-embed: the vectors to come are today's
+        with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+            cursor.execute(f"COMMENT ON COLUMN {TABLE}.embedding IS %s", [spec.label])
+        return None
+    from memories.providers import HashingEmbedder
+
+    return memories_reembed(embedder=HashingEmbedder(spec.dimensions), spec=spec)
 
 
 def memories_reembed(

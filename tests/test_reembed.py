@@ -93,7 +93,7 @@ def test_every_live_memory_gets_the_new_embedders_vector_and_the_column_is_swapp
 
     assert (result.state, result.done, result.total) == ("swapped", 6, 6)
     stored = reembed.stored_embeddings()
-    assert stored == reembed.StoredEmbeddings(NEW, "offline:hashing:16")
+    assert stored == reembed.StoredEmbeddings(NEW, "offline:hashing2:16")
     vectors = _vectors()
     for fact in FACTS[:-1]:
         assert _close(vectors[fact], HashingEmbedder(NEW).embed([fact])[0]), fact
@@ -117,7 +117,7 @@ def test_a_run_interrupted_after_one_batch_resumes_without_redoing_what_it_did(
     stored = reembed.stored_embeddings()
     assert stored is not None and (stored.dimensions, stored.next_embedder) == (
         384,
-        "offline:hashing:16",
+        "offline:hashing2:16",
     )
 
     second = Counting()
@@ -215,7 +215,7 @@ def test_a_run_for_another_embedder_starts_over(end_user, settings) -> None:
         embedder=HashingEmbedder(8), spec=reembed.configured_embedder()
     )
     assert (result.state, result.started_over, result.embedded) == ("swapped", True, 7)
-    assert reembed.stored_embeddings() == reembed.StoredEmbeddings(8, "offline:hashing:8")
+    assert reembed.stored_embeddings() == reembed.StoredEmbeddings(8, "offline:hashing2:8")
 
 
 def test_the_vectors_of_the_configured_embedder_are_left_alone(end_user) -> None:
@@ -249,10 +249,10 @@ def test_the_command_shows_a_progress_bar_and_what_it_did(end_user, settings) ->
     out, err = io.StringIO(), io.StringIO()
     call_command("reembed", "--batch-size", "3", stdout=out, stderr=err)
     assert "reembed [" in err.getvalue() and "7/7 100%" in err.getvalue()
-    assert "7 memories re-embedded with offline:hashing:16" in out.getvalue()
+    assert "7 memories re-embedded with offline:hashing2:16" in out.getvalue()
     status = io.StringIO()
     call_command("reembed", "--status", stdout=status)
-    assert "stored: offline:hashing:16 (vector(16))" in status.getvalue()
+    assert "stored: offline:hashing2:16 (vector(16))" in status.getvalue()
 
 
 def test_a_changed_dimension_is_no_model_change_for_makemigrations(tmp_path) -> None:
@@ -271,3 +271,25 @@ def test_a_changed_dimension_is_no_model_change_for_makemigrations(tmp_path) -> 
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "No changes detected" in done.stdout
+
+
+def test_vectors_of_the_first_hashing_embedder_are_upgraded_and_others_left_alone(
+    end_user,
+) -> None:
+    # What a database from before the numpy embedder holds: its label, and vectors unlike today's.
+    store_memories(end_user, *FACTS)
+    Memory.objects.update(embedding=[1.0] + [0.0] * 383)
+    with connection.cursor() as cursor:
+        cursor.execute("COMMENT ON COLUMN memories_memory.embedding IS 'offline:hashing:384'")
+    assert reembed.offline_vectors_upgrade() is not None
+    today = HashingEmbedder(384)
+    assert all(_close(_vectors()[f], today.embed([f])[0]) for f in FACTS)
+    assert reembed.stored_embeddings().embedder == "offline:hashing2:384"
+    assert reembed.offline_vectors_upgrade() is None  # done once
+
+    # Vectors another embedder wrote are not the offline embedder's to touch.
+    Memory.objects.update(embedding=[1.0] + [0.0] * 383)
+    with connection.cursor() as cursor:
+        cursor.execute("COMMENT ON COLUMN memories_memory.embedding IS 'openai:small:384'")
+    assert reembed.offline_vectors_upgrade() is None
+    assert all(v == [1.0] + [0.0] * 383 for v in _vectors().values())
