@@ -32,9 +32,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import itertools
+import logging
 import os
 import queue
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -386,6 +388,9 @@ TUNING_SETTINGS = (
 )
 
 
+LANES = ("high", "default", "batch")
+
+
 @dataclass
 class Stack:
     fake: common.ManagedProcess
@@ -430,6 +435,15 @@ def _roles(runner_pid: int) -> dict[str, int]:
     return roles
 
 
+def _lanes_ready(runner: common.ManagedProcess) -> bool:
+    """Each lane's worker logged "<lane>@<host> ready." (at INFO, as the runner starts them)."""
+    try:
+        text = runner.log_path.read_text(errors="replace")
+    except OSError:
+        return False
+    return all(re.search(rf"\b{lane}@\S+ ready\.", text) for lane in LANES)
+
+
 def start_stack(env: dict[str, str], var_dir: str) -> tuple[common.ManagedProcess, int, dict]:
     """`python -m memoryproject.run` on a free port; returns it, the port and its children once
     /healthz answers and every child is up."""
@@ -442,7 +456,8 @@ def start_stack(env: dict[str, str], var_dir: str) -> tuple[common.ManagedProces
     url = f"http://127.0.0.1:{port}/healthz"
     deadline = time.monotonic() + 120
     roles: dict[str, int] = {}
-    expected = {"web", "worker_high", "worker_default", "worker_batch", "beat", "consumers"}
+    up_since = 0.0
+    expected = {"web", "beat", "consumers", *(f"worker_{lane}" for lane in LANES)}
     while True:
         if not runner.alive():
             raise RuntimeError(f"memoryproject.run exited:\n{runner.log_tail()}")
@@ -454,7 +469,10 @@ def start_stack(env: dict[str, str], var_dir: str) -> tuple[common.ManagedProces
             healthy = False
         roles = _roles(runner.pid) if healthy else {}
         if healthy and expected <= roles.keys():
-            return runner, port, roles
+            up_since = up_since or time.monotonic()
+            # Below INFO (`--set LOG_LEVEL=WARNING`) there is no line: the warm-up jobs tell.
+            if _lanes_ready(runner) or time.monotonic() - up_since > 30:
+                return runner, port, roles
         time.sleep(0.2)
 
 
@@ -799,6 +817,8 @@ def main() -> dict[str, Any]:
     results = []
     try:
         bench = common.prepare(shipped)
+        # This process logs at the shipped INFO too: keep its HTTP client quiet.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         for delay in dict.fromkeys(s.llm_delay_ms for s in scenarios):
             fake, base_url = start_fake(bench.env, delay)
             common.log(f"fake model at {base_url}, {delay:g} ms a chat call")
