@@ -720,6 +720,29 @@ def run_scenario(
     }
 
 
+def status_poll_cost(
+    stack: Stack, tenancy: common.Tenancy, request_ids: list[str], gets: int = 300
+) -> dict[str, Any]:
+    """What one `GET /v1/requests/{id}` costs the web tree, alone: one client reads finished
+    requests back to back, with nothing else in flight."""
+    if not request_ids:
+        return {}
+    web = stack.roles["web"]
+    latencies = []
+    with common.http_client(stack.web.base_url, tenancy.headers) as http:
+        before = common.tree_cpu_seconds(web)
+        for n in range(gets):
+            started = time.monotonic()
+            http.get(f"/v1/requests/{request_ids[n % len(request_ids)]}").raise_for_status()
+            latencies.append(time.monotonic() - started)
+        cpu = common.tree_cpu_seconds(web) - before
+    return {
+        "gets": gets,
+        "web_cpu_ms_per_get": round(cpu * 1000 / gets, 2),
+        "latency": common.latency_summary(latencies),
+    }
+
+
 # --- Scenarios, stacks, main -------------------------------------------------------------------
 
 REFERENCE = [  # the issue's rows
@@ -796,7 +819,7 @@ def main() -> dict[str, Any]:
     parser.add_argument("--poll-ms", type=float, default=20, help="closed-loop poll interval")
     parser.add_argument("--poll-max-ms", type=float, default=0, help="backoff cap (x1.5 a poll)")
     parser.add_argument("--job-timeout", type=float, default=300, help="seconds, per job")
-    parser.add_argument("--warmup", type=int, default=8, help="unmeasured jobs per stack start")
+    parser.add_argument("--warmup", type=int, default=8, help="unmeasured jobs a stack (min 1)")
     parser.add_argument("--seed", default="jobs")
     parser.add_argument("--quick", action="store_true", help="30 users x 2, instant LLM only")
     parser.add_argument("--max-seconds", type=float, help="total runtime cap (default 1500)")
@@ -815,6 +838,7 @@ def main() -> dict[str, Any]:
     shipped: dict[str, Any] = dict.fromkeys(TUNING_SETTINGS)
     shipped.update(LOG_LEVEL=None, LOG_FORMAT=None, RATE_LIMIT_PER_SECOND=None)
     results = []
+    poll_costs: dict[str, Any] = {}
     try:
         bench = common.prepare(shipped)
         # This process logs at the shipped INFO too: keep its HTTP client quiet.
@@ -831,13 +855,20 @@ def main() -> dict[str, Any]:
             runner, port, roles = start_stack({**bench.env, **model, **tuning}, var_dir)
             stack = Stack(fake, runner, common.WebServer(runner, port), roles)
             common.log(f"memoryproject.run up on port {port}: {', '.join(sorted(roles))}")
-            if args.warmup:
-                warm = common.create_tenancy("bench-warmup", args.warmup)
-                warm_jobs = workload(f"{args.seed}-warmup", args.warmup, 1)
-                run_clients(
-                    base_url=stack.web.base_url, tenancy=warm, jobs=warm_jobs, clients=2,
-                    closed_loop=True, poll_seconds=0.02, poll_max_seconds=0.02, job_timeout=60,
-                )  # fmt: skip
+            # Unmeasured jobs: imports, connections and caches warm up; their requests are
+            # then what the status-poll probe reads.
+            warmup = max(args.warmup, 1)
+            warm = common.create_tenancy("bench-warmup", warmup)
+            warmed = run_clients(
+                base_url=stack.web.base_url,
+                tenancy=warm,
+                jobs=workload(f"{args.seed}-warmup", warmup, 1),
+                clients=2,
+                closed_loop=True,
+                poll_seconds=0.02,
+                poll_max_seconds=0.02,
+                job_timeout=120,
+            )
             for scenario in [s for s in scenarios if s.llm_delay_ms == delay]:
                 common.log(scenario.name)
                 time_left = cap - (time.monotonic() - started) - 30
@@ -855,6 +886,7 @@ def main() -> dict[str, Any]:
                     f" ms, p99 {result['post_to_success']['p99_ms']} ms, service "
                     f"{result['cpu_ms_per_job']['service_total']} ms CPU/job"
                 )
+            poll_costs[f"{delay:g}"] = status_poll_cost(stack, warm, warmed.request_ids)
             runner.stop(timeout=30)
             fake.stop()
     finally:
@@ -887,6 +919,7 @@ def main() -> dict[str, Any]:
             for r in results
         ],
         "scenarios": results,
+        "status_poll_cost_by_llm_delay_ms": poll_costs,
         "total_seconds": round(time.monotonic() - started, 1),
     }
 
