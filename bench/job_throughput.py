@@ -506,6 +506,7 @@ class Outcome:
     failed_seen: int = 0
     timed_out: int = 0
     last_seen: float = 0.0  # monotonic
+    transport_errors: list[str] = field(default_factory=list)  # a client stops at its first
 
 
 def _post(http: Any, user_id: str, messages: list, outcome: Outcome, lock: threading.Lock) -> str:
@@ -534,8 +535,11 @@ def run_clients(
     poll_seconds: float,
     poll_max_seconds: float,
     job_timeout: float,
+    deadline: float,
 ) -> Outcome:
-    """The client threads: each takes the next job; closed-loop ones poll it to the end."""
+    """The client threads: each takes the next job; closed-loop ones poll it to the end. No job is
+    sent, and no poll made, after `deadline` (monotonic): the runtime cap must leave time to read
+    the figures and stop."""
     outcome = Outcome()
     lock = threading.Lock()
     todo: queue.SimpleQueue[tuple[int, list[dict[str, str]]]] = queue.SimpleQueue()
@@ -543,22 +547,29 @@ def run_clients(
         todo.put(job)
 
     def client() -> None:
+        import httpx
+
         with common.http_client(base_url, tenancy.headers) as http:
-            while True:
+            while time.monotonic() < deadline:
                 try:
                     user_index, messages = todo.get_nowait()
                 except queue.Empty:
                     return
                 started = time.monotonic()
-                request_id = _post(http, tenancy.user_ids[user_index], messages, outcome, lock)
-                if closed_loop and request_id:
-                    _poll(http, request_id, started)
+                try:
+                    request_id = _post(http, tenancy.user_ids[user_index], messages, outcome, lock)
+                    if closed_loop and request_id:
+                        _poll(http, request_id, started)
+                except httpx.HTTPError as exc:  # on loopback: the service is gone
+                    with lock:
+                        outcome.transport_errors.append(f"{type(exc).__name__}: {exc}")
+                    return
 
     def _poll(http: Any, request_id: str, started: float) -> None:
         interval, polls = poll_seconds, 0
-        deadline = started + job_timeout
+        give_up = min(started + job_timeout, deadline)
         status = "pending"
-        while time.monotonic() < deadline:
+        while time.monotonic() < give_up:
             time.sleep(interval)
             interval = min(interval * 1.5, poll_max_seconds)
             polls += 1
@@ -581,7 +592,7 @@ def run_clients(
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=job_timeout * len(jobs) + 60)
+        thread.join(timeout=max(deadline - time.monotonic(), 0) + 60)
     return outcome
 
 
@@ -629,7 +640,7 @@ def run_scenario(
     scenario: Scenario,
     seed: str,
     args: argparse.Namespace,
-    time_left: float,
+    deadline: float,
 ) -> dict[str, Any]:
     tenancy = common.create_tenancy("bench-jobs", scenario.users)
     jobs = workload(seed, scenario.users, scenario.jobs_per_user)
@@ -648,12 +659,18 @@ def run_scenario(
         closed_loop=closed_loop,
         poll_seconds=args.poll_ms / 1000,
         poll_max_seconds=max(args.poll_max_ms, args.poll_ms) / 1000,
-        job_timeout=min(args.job_timeout, time_left),
+        job_timeout=args.job_timeout,
+        deadline=deadline,
     )
     posted = time.monotonic()
+    if not stack.runner.alive():
+        raise RuntimeError(
+            f"memoryproject.run stopped during {scenario.name!r} (exit code "
+            f"{stack.runner.popen.returncode}; a signal from outside?):\n{stack.runner.log_tail()}"
+        )
     db_reads = 0
     if not closed_loop:
-        db_reads = _wait_all(bench, outcome.request_ids, max(time_left - (posted - first_post), 1))
+        db_reads = _wait_all(bench, outcome.request_ids, max(deadline - time.monotonic(), 1))
     cpu = common.cpu_delta(cpu_before, common.cpu_snapshot(pids))
     ledger = _ledger(bench, outcome.request_ids)
     load_end = [round(x, 2) for x in os.getloadavg()]
@@ -702,12 +719,14 @@ def run_scenario(
         "cpu_ms_per_job": per_job,
         "cpu_cores_used": {name: round(s / max(elapsed, 1e-9), 2) for name, s in cpu.items()},
         "outcomes": {
+            "not_sent_runtime_cap": len(jobs) - len(outcome.post_latency),
             "accepted": len(outcome.request_ids),
             "refused_by_status": dict(outcome.refused),
             "success": success,
             "failure": statuses.get("failure", 0),
             "not_finished": len(outcome.request_ids) - success - statuses.get("failure", 0),
             "client_timed_out": outcome.timed_out,
+            "transport_errors": outcome.transport_errors[:5],
             "duplicate_deliveries_attempts_gt_1": sum(1 for a in attempts if a > 1),
             "max_attempts": max(attempts, default=0),
         },
@@ -839,11 +858,18 @@ def main() -> dict[str, Any]:
     shipped.update(LOG_LEVEL=None, LOG_FORMAT=None, RATE_LIMIT_PER_SECOND=None)
     results = []
     poll_costs: dict[str, Any] = {}
+    skipped: list[str] = []  # no time left under the runtime cap
     try:
         bench = common.prepare(shipped)
         # This process logs at the shipped INFO too: keep its HTTP client quiet.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         for delay in dict.fromkeys(s.llm_delay_ms for s in scenarios):
+            # What is left of the cap, less time to read the figures and stop.
+            deadline = started + cap - 45
+            group = [s for s in scenarios if s.llm_delay_ms == delay]
+            if deadline - time.monotonic() < 40:  # no time for a stack start and a scenario
+                skipped += [s.name for s in group]
+                continue
             fake, base_url = start_fake(bench.env, delay)
             common.log(f"fake model at {base_url}, {delay:g} ms a chat call")
             model = {
@@ -868,17 +894,20 @@ def main() -> dict[str, Any]:
                 poll_seconds=0.02,
                 poll_max_seconds=0.02,
                 job_timeout=120,
+                deadline=min(time.monotonic() + 120, deadline),
             )
-            for scenario in [s for s in scenarios if s.llm_delay_ms == delay]:
+            for scenario in group:
+                if deadline - time.monotonic() < 10:
+                    skipped.append(scenario.name)
+                    continue
                 common.log(scenario.name)
-                time_left = cap - (time.monotonic() - started) - 30
                 result = run_scenario(
                     bench=bench,
                     stack=stack,
                     scenario=scenario,
                     seed=f"{args.seed}-{len(results)}",
                     args=args,
-                    time_left=time_left,
+                    deadline=deadline,
                 )
                 results.append(result)
                 common.log(
@@ -920,6 +949,7 @@ def main() -> dict[str, Any]:
         ],
         "scenarios": results,
         "status_poll_cost_by_llm_delay_ms": poll_costs,
+        "skipped_for_runtime_cap": skipped,
         "total_seconds": round(time.monotonic() - started, 1),
     }
 
