@@ -827,7 +827,7 @@ def main() -> dict[str, Any]:
     parser.add_argument("--clients", help="comma-separated client thread counts")
     parser.add_argument("--users", type=int, help="users per scenario (default 200, quick 30)")
     parser.add_argument("--jobs-per-user", type=int, help="jobs per user (default 2)")
-    parser.add_argument("--embedder", choices=("offline", "openai"), default="offline")
+    parser.add_argument("--embedder", choices=("offline", "openai", "local"), default="offline")
     parser.add_argument("--as-shipped", action="store_true", help="the default: no tuning")
     parser.add_argument("--pool", choices=("prefork", "threads", "solo"), help="WORKER_POOL")
     parser.add_argument("--concurrency", type=int, help="WORKER_CONCURRENCY (`default` lane)")
