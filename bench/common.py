@@ -249,7 +249,8 @@ class BenchEnv:
 
 def prepare(settings: dict[str, Any] | None = None, *, fresh: bool = True) -> BenchEnv:
     """Resolve the servers, recreate `memory_bench`, migrate it, flush Redis db 15, configure this
-    process (os.environ) with the same settings as its children, and call django.setup()."""
+    process (os.environ) with the same settings as its children, and call django.setup().
+    `settings` override the bench's defaults; a value of None unsets the variable."""
     from memoryproject import embedded
 
     var_dir = Path(os.environ.get("MEMORY_VAR_DIR", ROOT / "var"))
@@ -276,7 +277,11 @@ def prepare(settings: dict[str, Any] | None = None, *, fresh: bool = True) -> Be
         OPENAI_API_KEY="",
         PYTHONUNBUFFERED="1",
     )
-    env.update({key: str(value) for key, value in (settings or {}).items()})
+    unset = [key for key, value in (settings or {}).items() if value is None]
+    for key in unset:  # None: the setting's own default (what `make run` would use)
+        env.pop(key, None)
+        os.environ.pop(key, None)
+    env.update({key: str(value) for key, value in (settings or {}).items() if value is not None})
     embedded.use_development_secret_key(env)  # the dev key under var/, as make run uses
     bench = BenchEnv(var_dir=var_dir, database_url=database_url, redis_url=redis_url, env=env)
     if fresh:

@@ -30,6 +30,8 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "backpressure": ([], ["--duration", "10"], 660),
     # Search quality (about 30 s); local is skipped with a note where that embedder is missing.
     "recall": ([], ["--quick"], 600),
+    # The service as `make run` starts it, with a fake model answering after a delay.
+    "job_throughput": ([], ["--quick"], 1800),
     # Someone else's bench: run if present, with its own defaults.
     "sse_fanout": ([], ["--counts", "1,100", "--httpx-counts", "1", "--events", "50"], 900),
 }
