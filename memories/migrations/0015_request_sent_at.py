@@ -1,7 +1,9 @@
 """When a request's doorbell was handed to the broker (`sent_at`), so the sweeper resends only what
-is known lost. A nullable column with no default: PostgreSQL adds it to the catalog alone, with
-no rewrite of the ledger's table. Rows older than it read as never handed over, so the first sweep
-after it rings each pending request of theirs once."""
+is known lost. A nullable column with no default: PostgreSQL adds it to the catalog alone, with no
+rewrite of the ledger's table. The unfinished requests (a probe of the partial index
+`memory_request_unfinished`) take their last change as their last send: their doorbells, queued
+before the deploy, are then not taken for lost and rung twice; the messages carry no send stamp,
+so their lane's order tells nothing until they have drained."""
 
 from django.db import migrations, models
 
@@ -16,5 +18,10 @@ class Migration(migrations.Migration):
             model_name="memoryrequest",
             name="sent_at",
             field=models.DateTimeField(blank=True, null=True),
+        ),
+        migrations.RunSQL(
+            "UPDATE memories_memoryrequest SET sent_at = updated_at"
+            " WHERE status IN ('pending', 'processing')",
+            reverse_sql=migrations.RunSQL.noop,
         ),
     ]
