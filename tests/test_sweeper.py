@@ -263,3 +263,31 @@ def test_a_real_backlog_drains_with_one_delivery_per_job(tenant, start_worker) -
     assert max(received.values()) == 1, received
     assert queued() == []  # and none waits to be delivered again
     assert "sweep_memory_requests" in sweeper.output()  # the sweeper did run meanwhile
+
+
+def test_every_ring_records_its_hand_over(tenant, other_tenant) -> None:
+    def rung_recently(request: MemoryRequest) -> bool:
+        sent_at = fresh(request).sent_at
+        return sent_at is not None and timezone.now() - sent_at < timedelta(seconds=5)
+
+    running, named = jobs_for(users(tenant, 2))
+    (fairer,) = jobs_for(users(other_tenant, 1))
+    age([running, named, fairer], TEN_MINUTES)
+    assert ledger.memory_request_claim(request_id=str(running.id)) is not None
+    redis_client().delete("default")
+    # The fair claim takes the other tenant's job, and rings the named one again.
+    claim = ledger.memory_request_claim(request_id=str(named.id))
+    assert claim is not None and claim.request_id == str(fairer.id)
+    assert rung_recently(named) and queued() == [str(named.id)]
+
+    # A failed attempt goes back to pending: its retry is sent right after.
+    assert not rung_recently(fairer)
+    assert ledger.memory_request_record_error(claim=claim, error="ProviderError: down") is True
+    assert rung_recently(fairer)
+
+    # The admin's retry of a failed request.
+    MemoryRequest.objects.filter(pk=running.pk).update(
+        status="failure", sent_at=F("sent_at") - timedelta(minutes=1)
+    )
+    ledger.memory_request_retry(memory_request=fresh(running))
+    assert rung_recently(running) and queued()[-1] == str(running.id)
