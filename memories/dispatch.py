@@ -67,9 +67,10 @@ def _send(
 
 def request_send(
     *, request_id: str, kind: str, priority: str, countdown: float | None = None
-) -> None:
+) -> bool:
     """Ring the worker for a recorded request, on its lane, with the request id as the task id
     (so duplicates are visible in the broker and the logs); after `countdown` seconds if given.
+    Returns whether the broker took the message.
 
     Called on commit. If the broker is unreachable the request stays `pending` and the sweeper
     sends it later, so a failure here is logged, never raised into the HTTP response.
@@ -80,6 +81,8 @@ def request_send(
         _send(name, args=[request_id], queue=lane, task_id=request_id, countdown=countdown)
     except Exception:
         logger.exception("could not send memory request %s; the sweeper will", request_id)
+        return False
+    return True
 
 
 def events_publish_send(*, outbox_ids: list[int]) -> None:

@@ -234,6 +234,7 @@ def user_erasure_submit(*, user: EndUser) -> MemoryRequest:
             kind=MemoryRequest.Kind.ERASURE,
             request_hash=hashlib.sha256(f"erase:{user.pk}".encode()).hexdigest(),
             payload={"user_id": str(user.pk)},
+            sent_at=now,  # sent on commit, just below (memories.ledger: known-lost resends)
             expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
         )
         transaction.on_commit(

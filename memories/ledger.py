@@ -8,9 +8,11 @@ A request's state is the truth; the Celery task is only a doorbell that names th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import operator
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -20,11 +22,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
-from memories import dispatch, rows, signals
+from memories import dispatch, queue_load, rows, signals
 from memories.errors import DuplicateRequest, IdempotencyKeyReused, InvalidInput, NotFound
 from memories.events.stream import requests_finished_announce
 from memories.models import EndUser, MemoryRequest, Session, Tenant
@@ -35,14 +37,32 @@ from memories.validation import first_unstorable, unstorable_text
 logger = logging.getLogger(__name__)
 
 
+# Every doorbell's hand-over is recorded in `sent_at` by the statement that already precedes its
+# send (the insert, the retry's save, the ring's lookup turned into an UPDATE ... RETURNING), so
+# recording it costs no round trip; if the broker then refuses the message, the record is taken
+# back. A process that dies between the record and the send leaves a hand-over that never
+# happened: the lane's order still tells it was lost (`memory_requests_due_for_resend`).
+
+
+def _ring(*, request_id: str, kind: str, priority: str, marked_at: datetime | None) -> None:
+    """Send a request's doorbell, whose hand-over was recorded as `marked_at`; if the broker
+    refused it, take the record back (unless a later send replaced it), so the sweeper sees a
+    request that was never handed over."""
+    if dispatch.request_send(request_id=request_id, kind=kind, priority=priority):
+        return
+    if marked_at is not None:
+        MemoryRequest.objects.filter(pk=request_id, sent_at=marked_at).update(sent_at=None)
+
+
 def _send_on_commit(memory_request: MemoryRequest) -> None:
-    """Ring the worker once the transaction that recorded the request commits (at once outside
-    one); a failed send leaves the request `pending` for the sweeper."""
+    """Ring the worker once the transaction that recorded the request (and its `sent_at`)
+    commits (at once outside one); a failed send leaves the request `pending` for the sweeper."""
     transaction.on_commit(
-        lambda: dispatch.request_send(
+        lambda: _ring(
             request_id=str(memory_request.id),
             kind=memory_request.kind,
             priority=memory_request.priority,
+            marked_at=memory_request.sent_at,
         ),
         robust=True,
     )
@@ -106,6 +126,7 @@ def memory_request_submit(
         payload=payload,
         created_at=now,
         updated_at=now,
+        sent_at=now,  # sent on commit, just below
         expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
     )
     slot = {"tenant_id": tenant_id, "user_id": user_id, "request_hash": request_hash}
@@ -293,6 +314,14 @@ _FAIRER_SQL = f"""
 """
 
 
+# The named request is rung again when the fair claim took another: its hand-over recorded in the
+# statement that reads what the send needs.
+_MARK_SENT_SQL = f"""
+    UPDATE {MemoryRequest._meta.db_table} SET sent_at = %(now)s WHERE id = %(id)s
+    RETURNING kind, priority
+"""
+
+
 def memory_request_claim(*, request_id: str) -> Claim | None:
     """Take a request for processing, or return None when there is nothing to do.
 
@@ -321,9 +350,11 @@ def memory_request_claim(*, request_id: str) -> Claim | None:
         cursor.execute(_FAIRER_SQL, {"id": request_id, "now": now})
         fairer = cursor.fetchone()
     if fairer is not None and (claim := _claim_by_id(request_id=str(fairer[0]), now=now)):
-        named = MemoryRequest.objects.filter(pk=request_id).values("kind", "priority").first()
+        with connection.cursor() as cursor:
+            cursor.execute(_MARK_SENT_SQL, {"id": request_id, "now": now})
+            named = cursor.fetchone()
         if named is not None:
-            dispatch.request_send(request_id=request_id, **named)
+            _ring(request_id=request_id, kind=named[0], priority=named[1], marked_at=now)
         return claim
     return _claim_by_id(request_id=request_id, now=now, refused=_claim_refused)
 
@@ -399,19 +430,25 @@ def _request_finished_on_commit(memory_request: MemoryRequest) -> None:
     transaction.on_commit(lambda: _users_next_send(user_id=user_id), robust=True)
 
 
+# The user's oldest pending job, found and marked as rung in one statement (one probe of
+# `memory_request_user_turn`); a job claimed meanwhile is left alone, and not rung.
+_USERS_NEXT_SQL = f"""
+    UPDATE {MemoryRequest._meta.db_table} SET sent_at = %(now)s
+    WHERE status = 'pending' AND id = (
+        SELECT id FROM {MemoryRequest._meta.db_table}
+        WHERE user_id = %(user_id)s AND kind = 'memory_job' AND status = 'pending'
+        ORDER BY created_at, id LIMIT 1)
+    RETURNING id, kind, priority
+"""
+
+
 def _users_next_send(*, user_id: Any) -> None:
-    waiting = (
-        MemoryRequest.objects.filter(
-            user_id=user_id, kind=MemoryRequest.Kind.MEMORY_JOB, status=MemoryRequest.Status.PENDING
-        )
-        .order_by("created_at", "id")
-        .values("id", "kind", "priority")
-        .first()
-    )
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(_USERS_NEXT_SQL, {"user_id": user_id, "now": now})
+        waiting = cursor.fetchone()
     if waiting is not None:
-        dispatch.request_send(
-            request_id=str(waiting["id"]), kind=waiting["kind"], priority=waiting["priority"]
-        )
+        _ring(request_id=str(waiting[0]), kind=waiting[1], priority=waiting[2], marked_at=now)
 
 
 def memory_request_renew_lease(*, claim: Claim) -> bool:
@@ -472,7 +509,10 @@ def memory_request_record_error(*, claim: Claim, error: str, final: bool = False
         memory_request.status = MemoryRequest.Status.PENDING
         memory_request.error = error[:4000]
         memory_request.lease_until = None
-        memory_request.save(update_fields=["status", "error", "lease_until", "updated_at"])
+        # Its retry is sent right after (the task's own, or jobs' ring of the request it ran).
+        memory_request.sent_at = timezone.now()
+        update_fields = ["status", "error", "lease_until", "sent_at", "updated_at"]
+        memory_request.save(update_fields=update_fields)
         return True
 
 
@@ -491,6 +531,7 @@ def memory_request_retry(*, memory_request: MemoryRequest) -> MemoryRequest:
         locked.finished_at = None
         locked.holds_idempotency_slot = True
         locked.expires_at = timezone.now() + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS)
+        locked.sent_at = timezone.now()  # sent on commit, just below
         try:
             with transaction.atomic():
                 locked.save()
@@ -500,24 +541,99 @@ def memory_request_retry(*, memory_request: MemoryRequest) -> MemoryRequest:
     return locked
 
 
+# --- Resending what was lost -------------------------------------------------------------------
+#
+# A request's doorbell may be lost: the broker refused it, the process died between the commit and
+# the send, Redis restarted empty, a worker took it and died before recording anything. A doorbell
+# that merely waits its turn in a lane is not lost, and ringing it again would only deepen the
+# lane (which admission control measures) with a duplicate delivery: so the sweeper rings again
+# only what is known lost. A lane is first in, first out: a message sent well before the oldest
+# one still queued in its lane (or before now, when the lane is empty) has left the queue, and if
+# no worker holds it (fetched, not yet acknowledged) and its request is still pending, nothing
+# will run it.
+
+
 def memory_requests_due_for_resend(*, now: datetime | None = None) -> list[MemoryRequest]:
-    """Requests whose doorbell was lost: `pending` past the grace period (broker lost the message,
-    or the process died between commit and publish), and `processing` whose lease ran out. A
-    memory job waiting for an earlier job of its user is not rung: that job rings it when it
-    ends (and if that ring is lost, this job is due at the next sweep after)."""
+    """Requests whose doorbell is known lost, and `processing` ones whose lease ran out.
+
+    A `pending` request is due when its doorbell was never handed over (`sent_at` empty past the
+    grace period MEMORY_PENDING_GRACE_SECONDS), or when it was sent a grace period before the
+    oldest message still queued in its lane, or before now while its lane is empty, and no worker
+    holds one of its messages (fetched within the grace period, or waiting out a countdown). One
+    whose message is queued is never due, however old the backlog. A memory job waiting for an
+    earlier job of its user is not rung: that job rings it when it ends (and if that ring is
+    lost, this job is due at a sweep after). A `processing` request whose lease ran out is due
+    once for that lapse, then again only when that ring is known lost the same way.
+    """
     now = now or timezone.now()
-    grace = now - timedelta(seconds=settings.MEMORY_PENDING_GRACE_SECONDS)
-    due = list(
-        MemoryRequest.objects.filter(
-            Q(status=MemoryRequest.Status.PENDING, updated_at__lt=grace) & _users_turn()
-            | Q(status=MemoryRequest.Status.PROCESSING, lease_until__lt=now)
-        ).order_by("created_at")[:1000]
+    grace = timedelta(seconds=settings.MEMORY_PENDING_GRACE_SECONDS)
+    # The broker first, then the rows: a request still pending after the broker was read, whose
+    # message had left its lane by then and was held by no worker, was not run by that message.
+    broker = queue_load.broker_view()
+    sent_before_its_lane = _sent_before_oldest_queued(broker, now=now, grace=grace)
+    never_handed_over = Q(sent_at__isnull=True, updated_at__lt=now - grace)
+    rung_since_lapse = Q(sent_at__gt=F("lease_until"))
+    candidates = MemoryRequest.objects.filter(
+        Q(status=MemoryRequest.Status.PENDING)
+        & (never_handed_over | sent_before_its_lane)
+        & _users_turn()
+        | Q(status=MemoryRequest.Status.PROCESSING, lease_until__lt=now)
+        & (~rung_since_lapse | Q(sent_at__isnull=True) | sent_before_its_lane)
+    ).order_by("created_at")[:1000]
+    held_after = now - grace
+    return [
+        memory_request
+        for memory_request in candidates
+        if not _held(memory_request, broker=broker, after=held_after)
+    ]
+
+
+def _sent_before_oldest_queued(
+    broker: queue_load.BrokerView, *, now: datetime, grace: timedelta
+) -> Q:
+    """Requests sent a grace period (for the clocks of the senders, and messages in flight)
+    before the oldest message queued in their lane, or before now if it is empty. A lane whose
+    oldest message carries no stamp tells nothing: none of its requests."""
+    lost = Q(pk__in=[])
+    for lane in dispatch.Queue:
+        if lane.value in broker.empty:
+            cutoff = now - grace
+        elif (oldest := broker.oldest_sent[lane.value]) is not None:
+            cutoff = min(now, oldest) - grace
+        else:
+            continue
+        lost |= _on_lane(lane) & Q(sent_at__lt=cutoff)
+    return lost
+
+
+def _on_lane(lane: dispatch.Queue) -> Q:
+    """The requests whose doorbell goes on `lane` (by `dispatch.lane_for`, the one rule)."""
+    return functools.reduce(
+        operator.or_,
+        (
+            Q(kind=kind, priority=priority)
+            for kind in MemoryRequest.Kind.values
+            for priority in MemoryRequest.Priority.values
+            if dispatch.lane_for(kind, priority) == lane
+        ),
+        Q(pk__in=[]),
     )
-    # Touch them so the next sweep waits another grace period before sending again.
-    MemoryRequest.objects.filter(
-        pk__in=[r.pk for r in due], status=MemoryRequest.Status.PENDING
-    ).update(updated_at=now)
-    return due
+
+
+def _held(memory_request: MemoryRequest, *, broker: queue_load.BrokerView, after: datetime) -> bool:
+    """A worker holds one of the request's messages and is due to run it: fetched since `after`,
+    or waiting out a countdown that ends after it. An older hold is a worker that died holding
+    it (kombu hands such a message on only after the visibility timeout): not a hold. The first
+    ring after a lease ran out is never held back: the message its dead worker held is old."""
+    lapsed = memory_request.status == MemoryRequest.Status.PROCESSING
+    if lapsed and (
+        memory_request.sent_at is None
+        or memory_request.lease_until is None
+        or memory_request.sent_at <= memory_request.lease_until
+    ):
+        return False
+    held_until = broker.held_until.get(str(memory_request.id))
+    return held_until is not None and held_until > after
 
 
 def _users_turn() -> Q:
@@ -540,16 +656,23 @@ def _users_turn() -> Q:
     )
 
 
-def memory_requests_resend() -> int:
-    """Send again every request whose doorbell was lost (see `memory_requests_due_for_resend`);
-    returns how many. Safe to run any number of times: a resent request that is not claimable
-    is a no-op in the worker."""
-    due = memory_requests_due_for_resend()
+def memory_requests_resend(*, now: datetime | None = None) -> int:
+    """Send again every request whose doorbell is known lost (see
+    `memory_requests_due_for_resend`); returns how many. Each ring's hand-over is recorded first,
+    in one statement for all, so the next sweep does not ring it again while it waits in its
+    lane. Safe to run any number of times: a resent request that is not claimable is a no-op in
+    the worker."""
+    due = memory_requests_due_for_resend(now=now)
+    if not due:
+        return 0
+    marked_at = timezone.now()
+    MemoryRequest.objects.filter(pk__in=[r.pk for r in due]).update(sent_at=marked_at)
     for memory_request in due:
-        dispatch.request_send(
+        _ring(
             request_id=str(memory_request.id),
             kind=memory_request.kind,
             priority=memory_request.priority,
+            marked_at=marked_at,
         )
     return len(due)
 
@@ -648,6 +771,7 @@ def batch_request_submit(
                     request_hash=request_hash,
                     idempotency_key=idempotency_key,
                     payload={"items": items},
+                    sent_at=now,  # sent on commit, just below
                     expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
                 )
         except IntegrityError:

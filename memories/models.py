@@ -177,6 +177,11 @@ class MemoryRequest(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField()
+    # When its doorbell (the Celery task) was last handed to the broker: recorded with the
+    # statement that precedes the send, taken back if the broker refused it. Empty: never handed
+    # over. The sweeper compares it with the oldest message still queued in the request's lane to
+    # tell a doorbell that was lost from one that waits its turn (memories.ledger).
+    sent_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [

@@ -1,9 +1,14 @@
 """How much work waits: the depth of each Celery lane in Redis and the `pending` requests in
-PostgreSQL, read by admission control (`backpressure`) and by `/metrics` (`QueueDepthCollector`)."""
+PostgreSQL, read by admission control (`backpressure`) and by `/metrics` (`QueueDepthCollector`);
+and what the broker still holds of the requests' doorbells, read by the sweeper (`broker_view`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from django.db import connection
 from prometheus_client.core import GaugeMetricFamily
@@ -11,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from memories.dispatch import Queue, lane_for
 from memories.events.stream import redis_client
 from memories.models import MemoryRequest
+from memoryproject.celery import SENT_AT_HEADER
 
 # Kombu's Redis transport keeps a lane in a list named after it, plus one list per priority step
 # when messages carry a priority; count them all.
@@ -27,6 +33,104 @@ def lane_depths() -> dict[str, int]:
         lengths = pipe.execute()
     steps = len(_PRIORITY_SUFFIXES)
     return {lane.value: sum(lengths[i * steps : (i + 1) * steps]) for i, lane in enumerate(Queue)}
+
+
+# kombu keeps each message a worker fetched and has not acknowledged in a hash (delivery tag ->
+# [message, exchange, routing key]), and when it was fetched in a sorted set; both by these names.
+_UNACKED_KEY = "unacked"
+_UNACKED_INDEX_KEY = "unacked_index"
+
+
+@dataclass(frozen=True)
+class BrokerView:
+    """What the broker holds of the lanes, at one instant.
+
+    `empty`: lanes with no message queued. `oldest_sent`: when the oldest message queued in a
+    lane was sent (None when the lane is empty, or when that message carries no stamp: then the
+    lane's order tells nothing). `held_until`: per task id (a request's id), the latest moment at
+    which a worker that fetched one of its messages is due to run it: its fetch, or the end of its
+    countdown.
+    """
+
+    empty: frozenset[str]
+    oldest_sent: dict[str, datetime | None]
+    held_until: dict[str, datetime]
+
+
+def broker_view() -> BrokerView:
+    """Read the oldest message of each lane and the unacknowledged ones, atomically (one MULTI:
+    a message is either queued or fetched in what this sees, never neither, unless a worker holds
+    it between its BRPOP and its record of the fetch)."""
+    client = redis_client()
+    with client.pipeline(transaction=True) as pipe:
+        for lane in Queue:
+            for suffix in _PRIORITY_SUFFIXES:
+                pipe.lindex(
+                    f"{lane.value}{suffix}", -1
+                )  # kombu LPUSHes and BRPOPs: right is oldest
+        pipe.hgetall(_UNACKED_KEY)
+        pipe.zrange(_UNACKED_INDEX_KEY, 0, -1, withscores=True)
+        *heads, unacked, fetched = pipe.execute()
+    steps = len(_PRIORITY_SUFFIXES)
+    empty: set[str] = set()
+    oldest_sent: dict[str, datetime | None] = {}
+    for i, lane in enumerate(Queue):
+        lane_heads = [head for head in heads[i * steps : (i + 1) * steps] if head is not None]
+        if not lane_heads:
+            empty.add(lane.value)
+            oldest_sent[lane.value] = None
+            continue
+        stamps = [_sent_at(_envelope(head)) for head in lane_heads]
+        known = [stamp for stamp in stamps if stamp is not None]
+        oldest_sent[lane.value] = min(known) if len(known) == len(stamps) else None
+    fetched_at = {_text(tag): score for tag, score in fetched}
+    held_until: dict[str, datetime] = {}
+    for tag, raw in unacked.items():
+        try:
+            message = json.loads(raw)[0]
+            task_id = str(message["headers"]["id"])
+        except (ValueError, TypeError, KeyError, IndexError):
+            continue  # not a task message: nothing of a request's
+        moments = [datetime.fromtimestamp(fetched_at.get(_text(tag), 0.0), UTC)]
+        if eta := _eta(message):
+            moments.append(eta)
+        latest = max(moments)
+        if task_id not in held_until or held_until[task_id] < latest:
+            held_until[task_id] = latest
+    return BrokerView(empty=frozenset(empty), oldest_sent=oldest_sent, held_until=held_until)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _envelope(raw: bytes) -> dict[str, Any] | None:
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _sent_at(message: dict[str, Any] | None) -> datetime | None:
+    """The stamp memoryproject.celery puts on every message as it is published."""
+    headers = (message or {}).get("headers")
+    stamp = headers.get(SENT_AT_HEADER) if isinstance(headers, dict) else None
+    if not isinstance(stamp, int | float):
+        return None
+    return datetime.fromtimestamp(stamp, UTC)
+
+
+def _eta(message: dict[str, Any]) -> datetime | None:
+    """A countdown's end (Celery's `eta` header, ISO 8601), as an aware datetime."""
+    eta = message.get("headers", {}).get("eta")
+    try:
+        moment = datetime.fromisoformat(eta) if isinstance(eta, str) else None
+    except ValueError:
+        return None
+    if moment is not None and moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
 
 
 # By hand: the ORM's aggregate cost more to build than PostgreSQL took to count (0.5 vs 0.1 ms).

@@ -1,9 +1,11 @@
 """The Celery app, configured from Django settings (CELERY_ namespace)."""
 
 import os
+import time
+from typing import Any
 
 from celery import Celery
-from celery.signals import task_postrun
+from celery.signals import before_task_publish, task_postrun
 from django.db import close_old_connections
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memoryproject.settings")
@@ -26,3 +28,17 @@ def _return_database_connection(**kwargs: object) -> None:
     """After each task, give the connection back to the pool (and drop it if it broke), which the
     fixup no longer does for us once CELERY_DB_REUSE_MAX is set (see settings)."""
     close_old_connections()
+
+
+# The header in which every message carries when it was handed to the broker (seconds since the
+# epoch). The sweeper reads it on a lane's oldest queued message (memories.queue_load): a request
+# rung before that was consumed already, so if it is still pending its doorbell was lost.
+SENT_AT_HEADER = "sent_at"
+
+
+@before_task_publish.connect(weak=False, dispatch_uid="stamp_sent_at")
+def _stamp_sent_at(headers: dict[str, Any] | None = None, **kwargs: object) -> None:
+    """Stamp every message as it is published: sends by name, beat's, and a task's own retry
+    (which copies the first message's headers, so the stamp is set anew, never kept)."""
+    if headers is not None:
+        headers[SENT_AT_HEADER] = time.time()
