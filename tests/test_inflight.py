@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from django.conf import settings
@@ -18,6 +19,7 @@ from memories import accounts
 from memories.models import Memory, MemoryRequest
 from memories.providers import ProviderError
 from memories.providers.openai_provider import OpenAILLM
+from memories.providers.wiring import get_embedder, get_llm
 from memoryproject import embedded, run
 from tests.fake_openai import FakeOpenAI, FakeResponse, rule_based_chat
 from tests.helpers import model_env, submit_job, wait_for
@@ -103,6 +105,23 @@ def test_a_429_holds_back_every_threads_calls_for_its_retry_after_then_one_probe
     assert answered[0][0] >= before + 0.5
     # ...and then one call went first, alone: the others waited for its answer.
     assert answered[0][1] <= answered[1][0]
+
+
+def test_a_processs_llm_and_embedder_share_one_client_and_its_keep_alive_connection(
+    openai_settings,
+) -> None:
+    llm, embedder = get_llm(), get_embedder()
+    assert llm._endpoint.client is embedder._endpoint.client  # type: ignore[attr-defined]
+    for n in range(3):
+        llm.extract_facts(said(f"I live in City{n}."))
+        embedder.embed([f"Lives in City{n}"])
+    port = int(openai_settings.base_url.split(":")[2].split("/")[0])
+    opened = [
+        c
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    ]
+    assert len(opened) == 1  # six calls, one connection
 
 
 # --- A threads worker: many jobs in flight over a small pool -------------------------------------

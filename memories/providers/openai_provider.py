@@ -14,6 +14,7 @@ import math
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -67,7 +68,11 @@ _TRANSIENT_STATUSES = frozenset({408, 409, 429})
 # server's Retry-After of up to two minutes is honoured as given.
 _FIRST_RETRY_SECONDS, _LAST_RETRY_SECONDS, _MOST_RETRY_AFTER_SECONDS = 0.5, 8.0, 120.0
 
-_clients: dict[tuple[str, str, float], openai.OpenAI] = {}
+# A process talks to one or two endpoints; the bound only keeps a process that is handed many
+# (the tests' fake servers) from keeping every client it ever made. A client dropped here lives on
+# while a provider holds it.
+_MOST_CLIENTS = 8
+_clients: OrderedDict[tuple[str, str, float], openai.OpenAI] = OrderedDict()
 _clients_lock = threading.Lock()
 
 
@@ -83,6 +88,9 @@ def _client(api_key: str, base_url: str, timeout: float) -> openai.OpenAI:
                 api_key=api_key or "no-key", base_url=base_url, timeout=timeout, max_retries=0
             )
             _clients[key] = client
+            while len(_clients) > _MOST_CLIENTS:
+                _clients.popitem(last=False)
+        _clients.move_to_end(key)
         return client
 
 
