@@ -107,6 +107,17 @@ def test_a_429_holds_back_every_threads_calls_for_its_retry_after_then_one_probe
     assert answered[0][1] <= answered[1][0]
 
 
+def test_a_429_asking_for_more_than_two_minutes_fails_the_call_and_pauses_the_endpoint() -> None:
+    with FakeOpenAI() as fake:
+        llm = OpenAILLM(api_key="k", base_url=fake.base_url, model="m", max_retries=3)
+        fake.fail_next(1, status=429, headers={"retry-after": "600"})
+        with pytest.raises(ProviderError, match="HTTP 429"):
+            llm.extract_facts(said("I live in Paris."))  # the job retries later, not this thread
+        assert len(fake.requests) == 1
+    paused_for = llm._endpoint.throttle._resume_at - time.monotonic()  # type: ignore[attr-defined]
+    assert 100 < paused_for <= 120  # every thread's calls wait, up to two minutes
+
+
 def test_a_processs_llm_and_embedder_share_one_client_and_its_keep_alive_connection(
     openai_settings,
 ) -> None:

@@ -96,7 +96,7 @@ def _client(api_key: str, base_url: str, timeout: float) -> openai.OpenAI:
 
 def _retry_after(response: httpx.Response | None) -> float | None:
     """The server's Retry-After in seconds (`retry-after-ms`, `retry-after` in seconds or as a
-    date), when it gives a usable one."""
+    date), when it gives one (it may exceed what a call waits: see `_Endpoint.call`)."""
     if response is None:
         return None
     for header, divisor in (("retry-after-ms", 1000), ("retry-after", 1)):
@@ -108,7 +108,7 @@ def _retry_after(response: httpx.Response | None) -> float | None:
         except ValueError:
             parsed = email.utils.parsedate_tz(value)
             seconds = email.utils.mktime_tz(parsed) - time.time() if parsed else math.nan
-        if math.isfinite(seconds) and 0 < seconds <= _MOST_RETRY_AFTER_SECONDS:
+        if seconds > 0 and not math.isnan(seconds):
             return seconds
     return None
 
@@ -149,15 +149,17 @@ class _Endpoint:
             except openai.OpenAIError as exc:
                 if not _is_transient(exc):
                     raise
-                response = getattr(exc, "response", None)
-                delay = _retry_after(response)
+                asked = _retry_after(getattr(exc, "response", None))
+                delay = min(asked, _MOST_RETRY_AFTER_SECONDS) if asked else None
                 if delay is None:
                     delay = min(_FIRST_RETRY_SECONDS * 2**retry, _LAST_RETRY_SECONDS)
                     delay *= 1 - 0.25 * random.random()
                 if getattr(exc, "status_code", None) == 429:
                     self.throttle.rate_limited(seconds=delay, who=self.who)
                     delay = 0  # the throttle holds this thread's next call back as well
-                if retry == self.max_retries:
+                # A wait longer than two minutes is the job's to take (it retries with backoff),
+                # not a thread's; the pause above still spares the endpoint meanwhile.
+                if retry == self.max_retries or (asked or 0) > _MOST_RETRY_AFTER_SECONDS:
                     raise
                 logger.info("%s: %s; retrying in %.2f s", self.who, type(exc).__name__, delay)
                 time.sleep(delay)
