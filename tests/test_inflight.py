@@ -138,12 +138,13 @@ def test_a_processs_llm_and_embedder_share_one_client_and_its_keep_alive_connect
 # --- A threads worker: many jobs in flight over a small pool -------------------------------------
 
 
-def _worker_connections() -> int:
+def _worker_sessions() -> set[int]:
+    """The backends of the worker under test (its DATABASE_URL names it)."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'inflight-worker'"
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'inflight-worker'"
         )
-        return cursor.fetchone()[0]
+        return {row[0] for row in cursor.fetchall()}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -163,15 +164,19 @@ def test_a_threads_worker_overlaps_many_jobs_model_calls_within_a_pool_of_three(
         users = [accounts.end_user_create(tenant=tenant, external_id=f"u{n}") for n in range(12)]
         requests = [submit_job(user, f"I live in City{n}.") for n, user in enumerate(users)]
         most_connections = 0
+        sessions: set[int] = set()
 
         def finished() -> bool:
             nonlocal most_connections
-            most_connections = max(most_connections, _worker_connections())
+            now = _worker_sessions()
+            most_connections = max(most_connections, len(now))
+            sessions.update(now)
             done = MemoryRequest.objects.filter(pk__in=[r.pk for r in requests])
             return done.filter(status="success").count() == len(requests)
 
         wait_for(finished, timeout=60, what="the twelve jobs")
     assert most_connections <= 3
+    assert len(sessions) <= 3  # the same pooled sessions all along: none opened per job
     # With a connection held across its model calls, three jobs at most could have been waiting
     # on the model at once.
     assert model.most_in_flight >= 6, model.most_in_flight
