@@ -21,12 +21,12 @@ case "$1" in
     python manage.py migrate --noinput
     exec uvicorn memoryproject.asgi:application --host 0.0.0.0 --port "${PORT:-8000}" ;;
   worker)
-    pool="${WORKER_POOL:-prefork}"
+    pool="${WORKER_POOL:-threads}"
     case "$pool" in
       prefork|threads|solo) ;;
       *) fail "WORKER_POOL must be one of prefork, threads, solo; got '$pool'" ;;
     esac
-    concurrency="${WORKER_CONCURRENCY:-2}"
+    concurrency="${WORKER_CONCURRENCY:-64}"
     check_count WORKER_CONCURRENCY "$concurrency"
     # Refused when the embedder's dimension is not the stored vectors' (web's migrate checks it).
     python manage.py check --database default

@@ -86,6 +86,16 @@ def lease_kept(claim: ledger.Claim) -> Iterator[threading.Event]:
         _renewer.remove(claim)
 
 
+def connection_release() -> None:
+    """Give this thread's database connection back to the process's pool, before a wait that
+    needs none (a model call). A `threads` worker runs dozens of jobs at once over a pool of about
+    ten connections: a job that kept its connection across its model calls would hold the others
+    up, so the pool, not the model, would bound the worker. Inside a transaction it does nothing
+    (the transaction needs its connection). Taking one again costs a lock, not a new session."""
+    if not connection.in_atomic_block:
+        connection.close()
+
+
 def request_run(*, request_id: str, work: Work) -> str:
     """Claim the request and do its work. Returns `done`, `skipped`, `retry` or `failed`.
 

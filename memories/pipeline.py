@@ -1,6 +1,7 @@
 """The memory pipeline: extract facts, embed them in one batch, fetch the nearest memories, decide.
 
-Model calls happen here, outside any transaction (they take seconds); the decided changes are then
+Model calls happen here, outside any transaction and without holding a database connection (they
+take seconds, and dozens of jobs share a pool of a few connections); the decided changes are then
 written (memories.memory_writes) and the request marked done (memories.ledger) in one short
 transaction, fenced by the worker's claim.
 """
@@ -15,7 +16,7 @@ from django.conf import settings
 from django.db import transaction
 
 from memories import metrics, selectors
-from memories.jobs import request_run
+from memories.jobs import connection_release, request_run
 from memories.ledger import Claim, memory_request_mark_success
 from memories.memory_writes import PlannedChange, memory_job_changes_apply
 from memories.models import MemoryRequest
@@ -48,6 +49,7 @@ def plan_changes(
             vectors=fact_vectors,
             per_vector=settings.MEMORY_NEIGHBOURS_PER_FACT,
         )
+    connection_release()  # the decision takes a model call: no connection held meanwhile
     # The LLM sees memories as 1..n: it copies short integers reliably, long UUIDs it invents.
     id_by_number = {number: memory_id for number, (memory_id, _) in enumerate(neighbours, start=1)}
     shown = [ExistingMemory(id=n, text=text) for n, (_, text) in enumerate(neighbours, start=1)]
@@ -103,7 +105,11 @@ def plan_changes(
 
 
 def memory_job_work(claim: Claim, memory_request: MemoryRequest) -> None:
-    """The work of a memory job, for `jobs.request_run`: plan with the models, then commit."""
+    """The work of a memory job, for `jobs.request_run`: plan with the models, then commit.
+
+    No database connection is held while a model answers: the claim's goes back to the pool
+    before the first call (and the neighbours' before the second); the commit takes one again."""
+    connection_release()
     changes = plan_changes(memory_request=memory_request, llm=get_llm(), embedder=get_embedder())
     with metrics.timed("database"):
         memory_request_complete(claim=claim, changes=changes)

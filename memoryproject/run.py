@@ -21,31 +21,78 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 WORKER_POOLS = ("prefork", "threads", "solo")
+# The LLM lanes (`high`, `default`) wait on the network for almost all of a job: many jobs in flight
+# in one process (threads) is what scales them, sized for a remote model (a 300 ms model and 64
+# jobs in flight: ~100 jobs/s). The batch lane embeds and COPYs, CPU-bound: a process per job.
+POOL_SETTINGS = {"WORKER_POOL": "threads", "BATCH_WORKER_POOL": "prefork"}
 CONCURRENCY_SETTINGS = {
-    "HIGH_WORKER_CONCURRENCY": "1",
-    "WORKER_CONCURRENCY": "2",
+    "HIGH_WORKER_CONCURRENCY": "16",
+    "WORKER_CONCURRENCY": "64",
     "BATCH_WORKER_CONCURRENCY": "1",
 }
+# Which settings each lane's worker takes.
+LANES = {
+    "high": ("WORKER_POOL", "HIGH_WORKER_CONCURRENCY"),
+    "default": ("WORKER_POOL", "WORKER_CONCURRENCY"),
+    "batch": ("BATCH_WORKER_POOL", "BATCH_WORKER_CONCURRENCY"),
+}
+DB_POOL_MAX_SIZE_DEFAULT = "10"  # as memoryproject/settings.py
 
 
 class ConfigurationError(Exception):
     """A setting the runner reads has a value it cannot use; the message names it."""
 
 
-def _checked_options(env: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """The worker pool and each lane's concurrency, validated before anything starts."""
-    pool = env.get("WORKER_POOL") or "prefork"
-    if pool not in WORKER_POOLS:
-        allowed = ", ".join(WORKER_POOLS)
-        raise ConfigurationError(f"WORKER_POOL must be one of {allowed}; got {pool!r}")
-    concurrency = {}
+def _whole_number(env: dict[str, str], name: str, default: str) -> int:
+    value = env.get(name) or default
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 10_000):
+        raise ConfigurationError(f"{name} must be a whole number from 1 to 10000; got {value!r}")
+    return int(value)
+
+
+def _checked_options(env: dict[str, str]) -> dict[str, str]:
+    """Each lane's pool and concurrency, validated before anything starts."""
+    options = {}
+    for name, default in POOL_SETTINGS.items():
+        pool = env.get(name) or default
+        if pool not in WORKER_POOLS:
+            allowed = ", ".join(WORKER_POOLS)
+            raise ConfigurationError(f"{name} must be one of {allowed}; got {pool!r}")
+        options[name] = pool
     for name, default in CONCURRENCY_SETTINGS.items():
-        value = env.get(name) or default
-        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 10_000):
-            message = f"{name} must be a whole number from 1 to 10000; got {value!r}"
-            raise ConfigurationError(message)
-        concurrency[name] = str(int(value))
-    return pool, concurrency
+        options[name] = str(_whole_number(env, name, default))
+    options["DB_POOL_MAX_SIZE"] = str(
+        _whole_number(env, "DB_POOL_MAX_SIZE", DB_POOL_MAX_SIZE_DEFAULT)
+    )
+    return options
+
+
+def connections_wanted(options: dict[str, str]) -> int:
+    """The most PostgreSQL connections the processes `make run` starts may open together: each
+    process has a pool of up to DB_POOL_MAX_SIZE; a prefork worker is one process per job, a
+    threads worker one process; web, beat and the consumers one process each (manage.py commands
+    run beside them take one more pool each)."""
+    processes = 3  # web, beat, consumers
+    for pool_setting, concurrency_setting in LANES.values():
+        forked = options[pool_setting] == "prefork"
+        processes += int(options[concurrency_setting]) if forked else 1
+    return processes * int(options["DB_POOL_MAX_SIZE"])
+
+
+def _connections_allowed(database_url: str) -> int | None:
+    """How many connections the server lets ordinary roles open (None if it cannot be asked)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(database_url, connect_timeout=5) as conn:
+            row = conn.execute(
+                "SELECT current_setting('max_connections')::int"
+                " - current_setting('superuser_reserved_connections')::int"
+                " - coalesce(current_setting('reserved_connections', true)::int, 0)"
+            ).fetchone()
+    except psycopg.Error:
+        return None
+    return row[0] if row else None
 
 
 def _service_env() -> dict[str, str]:
@@ -67,7 +114,7 @@ def _service_env() -> dict[str, str]:
 
 def main() -> int:
     try:
-        pool, concurrency = _checked_options(dict(os.environ))
+        options = _checked_options(dict(os.environ))
     except ConfigurationError as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return 2
@@ -83,23 +130,36 @@ def main() -> int:
     migrate = [python, "manage.py", "migrate", "--noinput"]
     if (migrated := subprocess.run(migrate, cwd=BASE_DIR, env=env)).returncode:
         return migrated.returncode
+    wanted, allowed = connections_wanted(options), _connections_allowed(env["DATABASE_URL"])
+    if allowed is not None and wanted > allowed:
+        print(
+            f"make run: warning: the processes' database pools may open {wanted} connections, "
+            f"PostgreSQL allows {allowed}: raise its max_connections "
+            "(EMBEDDED_POSTGRES_MAX_CONNECTIONS for the embedded one, then `make stop`) or lower "
+            "DB_POOL_MAX_SIZE / the prefork concurrency",
+            file=sys.stderr,
+            flush=True,
+        )
 
     celery = [python, "-m", "celery", "-A", "memoryproject"]
 
-    def worker(lane: str, concurrency: str) -> list[str]:
+    def worker(lane: str) -> list[str]:
         # One worker per lane: a correction on `high` starts while `default` is saturated.
-        options = ["-n", f"{lane}@%h", "-Q", lane, "--concurrency", concurrency]
-        # `threads` lets the jobs of one worker share embedding calls (EMBEDDING_BATCH_WINDOW_MS).
-        options += ["--pool", pool]
-        return [*celery, "worker", *options, "--loglevel", "INFO"]
+        pool_setting, concurrency_setting = LANES[lane]
+        concurrency = options[concurrency_setting]
+        arguments = ["-n", f"{lane}@%h", "-Q", lane, "--concurrency", concurrency]
+        # `threads`: one process runs `concurrency` jobs at once, sharing one database pool, one
+        # model client (keep-alive) and its call limit (LLM_MAX_CONCURRENCY).
+        arguments += ["--pool", options[pool_setting]]
+        return [*celery, "worker", *arguments, "--loglevel", "INFO"]
 
     schedule = str(Path(env["MEMORY_VAR_DIR"]) / "celerybeat-schedule")
     web = ["memoryproject.asgi:application", "--host", host, "--port", port, "--no-access-log"]
     commands = {
         "web": [python, "-m", "uvicorn", *web],
-        "worker-high": worker("high", concurrency["HIGH_WORKER_CONCURRENCY"]),
-        "worker-default": worker("default", concurrency["WORKER_CONCURRENCY"]),
-        "worker-batch": worker("batch", concurrency["BATCH_WORKER_CONCURRENCY"]),
+        "worker-high": worker("high"),
+        "worker-default": worker("default"),
+        "worker-batch": worker("batch"),
         "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule", schedule],
         "consumers": [python, "manage.py", "consume_events"],
     }

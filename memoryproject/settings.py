@@ -33,6 +33,13 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def env_positive_int(name: str, default: int) -> int:
+    value = env_int(name, default)
+    if value < 1:
+        raise ImproperlyConfigured(f"{name} must be at least 1, got {value}")
+    return value
+
+
 def env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -348,6 +355,11 @@ EMBEDDING_SEND_DIMENSIONS = env_bool("EMBEDDING_SEND_DIMENSIONS", True)
 EMBEDDING_BATCH_WINDOW_MS = env_float("EMBEDDING_BATCH_WINDOW_MS", 0.0)
 LLM_REQUEST_TIMEOUT_SECONDS = env_float("LLM_REQUEST_TIMEOUT_SECONDS", 60.0)
 LLM_CLIENT_MAX_RETRIES = env_int("LLM_CLIENT_MAX_RETRIES", 1)
+# Calls in flight at once from one process to the LLM, and to the embedding endpoint, whatever the
+# number of jobs running in it; a 429 holds every call of the process back for its Retry-After.
+# Sized for the default lane's 64 jobs in flight; lower it for a rate-limited model.
+LLM_MAX_CONCURRENCY = env_positive_int("LLM_MAX_CONCURRENCY", 64)
+EMBEDDING_MAX_CONCURRENCY = env_positive_int("EMBEDDING_MAX_CONCURRENCY", 64)
 
 # --- API --------------------------------------------------------------------------------------
 # How long a web process trusts an API key it has read (0: read it on every call). Expiry is

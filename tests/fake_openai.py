@@ -240,6 +240,9 @@ def _usage(prompt: str, completion: str) -> dict[str, int]:
 def _handler_for(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the client expects
+        # Headers and body go out in two writes: with Nagle's algorithm the body waited for the
+        # client's delayed ACK, ~40 ms on every answer, which no real endpoint adds.
+        disable_nagle_algorithm = True
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))

@@ -225,17 +225,16 @@ def test_concurrent_identical_posts_create_one_request(api: APIClient, end_user)
 @pytest.mark.django_db(transaction=True)
 def test_killed_database_connection_rolls_back_and_the_retry_applies_once(end_user) -> None:
     request = submit_job(end_user, "I live in Paris. I like hiking. I work at Acme.")
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        pid = cursor.fetchone()[0]
     inserts = {"count": 0}
 
     def kill_connection_on_second_insert(execute, sql, params, many, context):
         # The job's first INSERT (its memories) has run inside the transaction; the connection
-        # dies as the second one (their history) is sent.
+        # dies as the second one (their history) is sent. (The job's connection, whichever of
+        # the pool's it took for its commit: it gives its connection back during model calls.)
         if sql.lstrip().upper().startswith("INSERT"):
             inserts["count"] += 1
             if inserts["count"] == 2:
+                pid = context["connection"].connection.info.backend_pid
                 with psycopg.connect(
                     database_url_for(connection.settings_dict), autocommit=True
                 ) as admin:

@@ -43,6 +43,9 @@ class ProviderConfig:
     embedding_send_dimensions: bool
     request_timeout: float
     client_max_retries: int
+    # Calls in flight at once from one process, per endpoint (memories.providers.throttle).
+    llm_max_concurrency: int = 64
+    embedding_max_concurrency: int = 64
 
 
 def build_llm(config: ProviderConfig) -> LLMProvider:
@@ -59,6 +62,7 @@ def build_llm(config: ProviderConfig) -> LLMProvider:
             model=config.llm_model,
             timeout=config.request_timeout,
             max_retries=config.client_max_retries,
+            max_concurrency=config.llm_max_concurrency,
         )
     raise ValueError(f"LLM_PROVIDER must be 'openai' or 'offline', not {config.llm_provider!r}")
 
@@ -83,6 +87,7 @@ def build_embedder(config: ProviderConfig) -> Embedder:
             send_dimensions=config.embedding_send_dimensions,
             timeout=config.request_timeout,
             max_retries=config.client_max_retries,
+            max_concurrency=config.embedding_max_concurrency,
         )
     raise ValueError(
         "EMBEDDING_PROVIDER must be 'openai', 'offline' or 'local', "

@@ -7,16 +7,24 @@ answer is read and validated is memories.providers.llm_answers).
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
+import math
+import random
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import httpx
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from memories.providers.base import Decision, ExistingMemory, ProviderError, ProviderRejected
 from memories.providers.llm_answers import UnreadableAnswer, read_decisions, read_facts
+from memories.providers.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +64,106 @@ no other text, no code fences."""
 # Statuses that may pass if asked again (as the openai client judges them too); any other 4xx
 # is the endpoint refusing this request, which it will refuse again.
 _TRANSIENT_STATUSES = frozenset({408, 409, 429})
+# Retry delays as the openai client's own: 0.5 s doubling to 8 s, less up to 25 % jitter; a
+# server's Retry-After of up to two minutes is honoured as given.
+_FIRST_RETRY_SECONDS, _LAST_RETRY_SECONDS, _MOST_RETRY_AFTER_SECONDS = 0.5, 8.0, 120.0
+
+# A process talks to one or two endpoints; the bound only keeps a process that is handed many
+# (the tests' fake servers) from keeping every client it ever made. A client dropped here lives on
+# while a provider holds it.
+_MOST_CLIENTS = 8
+_clients: OrderedDict[tuple[str, str, float], openai.OpenAI] = OrderedDict()
+_clients_lock = threading.Lock()
 
 
-def _client(api_key: str, base_url: str, timeout: float, max_retries: int) -> openai.OpenAI:
-    # Local endpoints (vLLM, Ollama) need no key, but the client refuses to start without one.
-    return openai.OpenAI(
-        api_key=api_key or "no-key", base_url=base_url, timeout=timeout, max_retries=max_retries
-    )
+def _client(api_key: str, base_url: str, timeout: float) -> openai.OpenAI:
+    """One client per endpoint per process, shared by its LLM and its embedder and by every thread:
+    one pool of keep-alive connections (httpx's), not a TCP and TLS handshake per call. Its own
+    retries are off: `_Endpoint.call` retries, so that a 429 pauses every thread (Throttle)."""
+    key = (api_key, base_url, timeout)
+    with _clients_lock:
+        if (client := _clients.get(key)) is None:
+            # Local endpoints (vLLM, Ollama) need no key, but the client refuses to start without.
+            client = openai.OpenAI(
+                api_key=api_key or "no-key", base_url=base_url, timeout=timeout, max_retries=0
+            )
+            _clients[key] = client
+            while len(_clients) > _MOST_CLIENTS:
+                _clients.popitem(last=False)
+        _clients.move_to_end(key)
+        return client
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """The server's Retry-After in seconds (`retry-after-ms`, `retry-after` in seconds or as a
+    date), when it gives one (it may exceed what a call waits: see `_Endpoint.call`)."""
+    if response is None:
+        return None
+    for header, divisor in (("retry-after-ms", 1000), ("retry-after", 1)):
+        value = response.headers.get(header)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / divisor
+        except ValueError:
+            parsed = email.utils.parsedate_tz(value)
+            seconds = email.utils.mktime_tz(parsed) - time.time() if parsed else math.nan
+        if seconds > 0 and not math.isnan(seconds):
+            return seconds
+    return None
+
+
+def _is_transient(exc: openai.OpenAIError) -> bool:
+    if isinstance(exc, openai.APIConnectionError):  # timeouts included
+        return True
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and (status in _TRANSIENT_STATUSES or status >= 500)
+
+
+class _Endpoint:
+    """One model endpoint as this process uses it: the shared client, at most `max_concurrency`
+    calls in flight (whatever the number of threads), and retries of transient failures that
+    honour the server's Retry-After; a 429 holds back every thread's calls (Throttle), not only
+    the one that got it."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str,
+        timeout: float,
+        max_retries: int,
+        max_concurrency: int,
+        who: str,
+    ) -> None:
+        self.client = _client(api_key, base_url, timeout)
+        self.max_retries = max_retries
+        self.throttle = Throttle(limit=max_concurrency)
+        self.who = who
+
+    def call(self, send: Callable[[], T]) -> T:
+        for retry in range(self.max_retries + 1):
+            try:
+                with self.throttle.slot():
+                    return send()
+            except openai.OpenAIError as exc:
+                if not _is_transient(exc):
+                    raise
+                asked = _retry_after(getattr(exc, "response", None))
+                delay = min(asked, _MOST_RETRY_AFTER_SECONDS) if asked else None
+                if delay is None:
+                    delay = min(_FIRST_RETRY_SECONDS * 2**retry, _LAST_RETRY_SECONDS)
+                    delay *= 1 - 0.25 * random.random()
+                if getattr(exc, "status_code", None) == 429:
+                    self.throttle.rate_limited(seconds=delay, who=self.who)
+                    delay = 0  # the throttle holds this thread's next call back as well
+                # A wait longer than two minutes is the job's to take (it retries with backoff),
+                # not a thread's; the pause above still spares the endpoint meanwhile.
+                if retry == self.max_retries or (asked or 0) > _MOST_RETRY_AFTER_SECONDS:
+                    raise
+                logger.info("%s: %s; retrying in %.2f s", self.who, type(exc).__name__, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # the last attempt returned or raised
 
 
 def _excerpt(text: str, limit: int = 200) -> str:
@@ -84,12 +185,20 @@ class OpenAILLM:
         model: str,
         timeout: float = 60.0,
         max_retries: int = 1,
+        max_concurrency: int = 64,
     ) -> None:
         self.base_url = base_url
         self.model = model
-        # The client retries what may pass (connection errors, timeouts, 408/409/429, 5xx) with
-        # its own backoff; the job retries after that (ProviderError.retryable).
-        self._client = _client(api_key, base_url, timeout, max_retries)
+        # What may pass (connection errors, timeouts, 408/409/429, 5xx) is asked again with
+        # backoff; the job retries after that (ProviderError.retryable).
+        self._endpoint = _Endpoint(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_concurrency=max_concurrency,
+            who=self._who(),
+        )
         # JSON mode until the server refuses the option itself (LM Studio wants a json_schema,
         # some servers know no response_format): then plain text, which the reading copes with.
         self._json_mode = True
@@ -175,8 +284,10 @@ class OpenAILLM:
         options: dict[str, Any] = (
             {"response_format": {"type": "json_object"}} if self._json_mode else {}
         )
-        return self._client.chat.completions.create(
-            model=self.model, messages=messages, temperature=0, **options
+        return self._endpoint.call(
+            lambda: self._endpoint.client.chat.completions.create(
+                model=self.model, messages=messages, temperature=0, **options
+            )
         )
 
 
@@ -197,23 +308,34 @@ class OpenAIEmbedder:
         send_dimensions: bool = True,
         timeout: float = 60.0,
         max_retries: int = 1,
+        max_concurrency: int = 64,
     ) -> None:
         self.base_url = base_url
         self.model = model
         self.dimensions = dimensions
         # Only some models (text-embedding-3-*) accept `dimensions`; others reject the request.
         self.send_dimensions = send_dimensions
-        self._client = _client(api_key, base_url, timeout, max_retries)
+        self._who = f"embedding model {model} at {base_url}"
+        self._endpoint = _Endpoint(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_concurrency=max_concurrency,
+            who=self._who,
+        )
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         if not texts:
             return []
-        who = f"embedding model {self.model} at {self.base_url}"
+        who = self._who
         options: dict[str, Any] = {"dimensions": self.dimensions} if self.send_dimensions else {}
         try:
             # "float" explicitly: the client otherwise asks for base64, which not every server has.
-            response = self._client.embeddings.create(
-                model=self.model, input=texts, encoding_format="float", **options
+            response = self._endpoint.call(
+                lambda: self._endpoint.client.embeddings.create(
+                    model=self.model, input=texts, encoding_format="float", **options
+                )
             )
         except openai.OpenAIError as exc:
             raise _call_failed(who, exc) from exc

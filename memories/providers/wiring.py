@@ -29,6 +29,8 @@ def provider_config() -> ProviderConfig:
         embedding_send_dimensions=settings.EMBEDDING_SEND_DIMENSIONS,
         request_timeout=settings.LLM_REQUEST_TIMEOUT_SECONDS,
         client_max_retries=settings.LLM_CLIENT_MAX_RETRIES,
+        llm_max_concurrency=settings.LLM_MAX_CONCURRENCY,
+        embedding_max_concurrency=settings.EMBEDDING_MAX_CONCURRENCY,
     )
 
 
