@@ -30,6 +30,9 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "backpressure": ([], ["--duration", "10"], 660),
     # Search quality (about 30 s); local is skipped with a note where that embedder is missing.
     "recall": ([], ["--quick"], 600),
+    # Search latency at 10,000 memories (as shipped and the harness's web), with the breakdown.
+    # bench/search_million.py stays out: it runs for half an hour.
+    "search": (["--breakdown"], ["--quick"], 900),
     # Someone else's bench: run if present, with its own defaults.
     "sse_fanout": ([], ["--counts", "1,100", "--httpx-counts", "1", "--events", "50"], 900),
 }
