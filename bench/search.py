@@ -1011,6 +1011,9 @@ def main() -> dict[str, Any]:
     deadline = began + args.max_seconds - 60
     machine = common.machine()
     bench = common.prepare()
+    if args.breakdown:  # fail now, not after the API runs, if a function has been renamed
+        for dotted in BREAKDOWN_CALLS:
+            resolve(dotted)
     memories = make_memories(args.seed, args.users, args.per_user)
     queries = make_queries(memories, args.searches + WARMUP_SEARCHES, args.seed)
     vocabulary = {w.lower() for m in memories for w in m.content.split()}
