@@ -5,7 +5,7 @@ and a per-user partial HNSW index for comparison. Prints one JSON object. Not in
 
     .venv/bin/python bench/search_million.py [--rows 1000000] [--queries 100]
                                              [--ef-search 40,100,200,400] [--keep]
-                                             [--max-seconds 900]
+                                             [--max-seconds 1200]
 
 Data: a scratch database `memory_bench_million` on the same server as the dev database (its own
 name: `memory_bench` is dropped by the other benches), migrated with the project's migrations,
@@ -391,7 +391,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-partial", action="store_true", help="skip the per-user index")
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
     parser.add_argument("--quick", action="store_true", help="200,000 rows, 40 queries")
-    parser.add_argument("--max-seconds", type=float, default=900)
+    parser.add_argument("--max-seconds", type=float, default=1200)
     args = parser.parse_args()
     args.ef_search = [int(v) for v in args.ef_search.split(",") if v]
     if args.quick:
