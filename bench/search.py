@@ -710,6 +710,7 @@ def run_searches(
     for mode in modes:
         for query in queries[-WARMUP_SEARCHES:]:
             search(http, user_ids[query.user], query.text, mode)
+        sessions_before = _sessions(conn)
         seconds: list[float] = []
         checks = {"strict": 0, "ties_allowed": 0, "missing_total": 0, "vector_ranks_exact": 0}
         empty = 0
@@ -734,6 +735,9 @@ def run_searches(
                 checks["vector_ranks_exact"] += vector_ranks_exact(results, ranking)
         n = len(seconds)
         entry: dict[str, Any] = {"latency": common.latency_summary(seconds), "empty_results": empty}
+        # Above 0: the service opens PostgreSQL connections per search instead of reusing them
+        # (the bench's own connection is already open and counts nothing).
+        entry["postgres_sessions_opened"] = _sessions(conn) - sessions_before
         if n and seconds:
             entry["mean_ms"] = round(statistics.fmean(seconds) * 1000, 2)
         if mode == "vector" and n:
@@ -745,6 +749,15 @@ def run_searches(
         report["modes"][mode] = entry
         common.log(f"{mode}: {entry['latency']}")
     return report
+
+
+def _sessions(conn: Any) -> int:
+    time.sleep(0.6)  # backends flush their statistics at most once a second (PostgreSQL 15+)
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(
+        "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+    ).fetchone()
+    return int(row[0] or 0)
 
 
 def verdict(report: dict[str, Any]) -> dict[str, Any]:
@@ -866,6 +879,7 @@ def breakdown(
     runs them; then `memories.search.memory_search` whole, to compare with the parts' sum."""
     from django.conf import settings
     from django.db import connection
+    from django.test import Client
     from django.test.utils import override_settings
 
     f = {name: resolve(name) for name in BREAKDOWN_CALLS}
@@ -960,6 +974,24 @@ def breakdown(
                  user=user, query=query.text, limit=LIMIT, filters={}, threshold=None,
                  embedder=embedder, mode=mode)  # fmt: skip
             whole.append(time.perf_counter() - started)
+        # Outside the parts: the whole view through Django's handler in this process (middleware,
+        # DRF, the parts above, the connection handed back to the pool at the end), and that
+        # hand-back and checkout of a pooled connection alone.
+        client = Client(headers={"authorization": header})
+        view: list[float] = []
+        checkout: list[float] = []
+        for query in queries[: len(whole)]:
+            body = {"user_id": tenancy.user_ids[query.user], "query": query.text,
+                    "limit": LIMIT, "mode": mode}  # fmt: skip
+            started = time.perf_counter()
+            response = client.post("/v1/memories/search", body, content_type="application/json")
+            view.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                raise RuntimeError(f"in-process view: {response.status_code} {response.content!r}")
+            started = time.perf_counter()
+            connection.close()
+            connection.ensure_connection()
+            checkout.append(time.perf_counter() - started)
         connection.close()
         p50 = {part: statistics.median(values) * 1000 for part, values in parts.items() if values}
         result["modes"][mode] = {
@@ -972,6 +1004,8 @@ def breakdown(
             },
             "sum_of_parts_p50_ms": round(sum(p50.values()), 3),
             "service_memory_search_whole": common.latency_summary(whole),
+            "django_view_in_process": common.latency_summary(view),
+            "db_connection_back_to_pool_and_out": common.latency_summary(checkout),
         }
         common.log(f"breakdown {mode}: {result['modes'][mode]['parts_p50_ms']}")
     return result
