@@ -3,7 +3,7 @@
 at a time after a warm-up, and whether vector mode returned each user's true top 20. Prints one
 JSON object.
 
-    .venv/bin/python bench/search.py [--servers as_shipped,harness] [--searches 400]
+    .venv/bin/python bench/search.py [--servers as_shipped,shipped_web,harness] [--searches 400]
                                      [--breakdown] [--quick] [--max-seconds 900]
 
 Memories: a seeded generator (topics x templates x a vocabulary of ~1,500 words) writes 100
@@ -15,6 +15,8 @@ Servers, against the same loaded database, one after the other:
 - `as_shipped`: `python -m memoryproject.run` (web as it starts uvicorn, workers, beat, event
   consumers), with its defaults: INFO json logs, the rate limiter on, Prometheus multiprocess
   metrics (in a temporary folder, never var/metrics).
+- `shipped_web`: run.py's web command alone, with the same defaults, no other process: what
+  the settings cost, apart from the stack's other processes taking CPU.
 - `harness`: bench/common.py's web alone (uvicorn --workers 1, WARNING logs, no rate limit, no
   metrics folder, no workers or consumers).
 
@@ -52,7 +54,7 @@ USERS = 100
 MEMORIES_PER_USER = 100
 LIMIT = 20
 MODES = ("vector", "hybrid", "keyword")
-SERVERS = ("as_shipped", "harness")
+SERVERS = ("as_shipped", "shipped_web", "harness")
 BATCH = 1000  # BATCH_MAX_ITEMS
 SEED = 20260101
 WARMUP_SEARCHES = 40
@@ -816,6 +818,41 @@ def start_as_shipped(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str
     return common.WebServer(process, port), config
 
 
+def start_shipped_web(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str, Any]]:
+    """The web process alone, exactly as run.py starts uvicorn and with its environment (logs,
+    rate limit, metrics folder), but no workers or consumers: what the settings cost, apart
+    from what the other processes of the stack take of the two cores."""
+    import httpx
+
+    var_dir = tempfile.mkdtemp(prefix="memory-bench-search-var-")
+    port = common.free_port()
+    env = dict(bench.env)
+    for name in ("LOG_LEVEL", "LOG_FORMAT", "RATE_LIMIT_PER_SECOND"):
+        env.pop(name, None)
+    env.update(MEMORY_VAR_DIR=var_dir, PROMETHEUS_MULTIPROC_DIR=var_dir)
+    command = [sys.executable, "-m", "uvicorn", "memoryproject.asgi:application",
+               "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]  # fmt: skip
+    process = common.spawn("shipped-web", command, env)
+    url = f"http://127.0.0.1:{port}/healthz"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    common._wait_until(healthy, process, timeout=60)
+    config = {
+        "command": "uvicorn memoryproject.asgi:application --host 127.0.0.1 --port P "
+        "--no-access-log (run.py's web command)",
+        "also_running": "nothing",
+        "logs": "LOG_LEVEL INFO, LOG_FORMAT json (defaults)",
+        "rate_limit": "on (defaults)",
+        "prometheus_multiproc_dir": "set (a temporary folder)",
+    }
+    return common.WebServer(process, port), config
+
+
 def start_harness(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str, Any]]:
     web = common.start_web(bench, workers=1)
     config = {
@@ -1016,7 +1053,7 @@ def breakdown(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--servers", default=",".join(SERVERS), help="as_shipped,harness")
+    parser.add_argument("--servers", default=",".join(SERVERS), help=",".join(SERVERS))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--searches", type=int, default=400, help="timed searches per mode")
     parser.add_argument("--users", type=int, default=USERS)
@@ -1084,7 +1121,11 @@ def main() -> dict[str, Any]:
     loaded = False
     try:
         for name in args.servers:
-            starter = start_as_shipped if name == "as_shipped" else start_harness
+            starter = {
+                "as_shipped": start_as_shipped,
+                "shipped_web": start_shipped_web,
+                "harness": start_harness,
+            }[name]
             web, config = starter(bench)
             try:
                 with common.http_client(web.base_url, tenancy.headers, timeout=120) as http:
