@@ -36,9 +36,11 @@ fails the breakdown with its name.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -783,13 +785,20 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
 # --- Servers --------------------------------------------------------------------------------------
 
 
+def _scratch_var_dir() -> str:
+    """A var folder for a shipped server's metrics and beat schedule, removed at exit."""
+    path = tempfile.mkdtemp(prefix="memory-bench-search-var-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def start_as_shipped(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str, Any]]:
     """`python -m memoryproject.run` on the bench database: web, a worker per lane, beat and the
     event consumers, with the service's own defaults for logs, rate limit and metrics. Its var
     folder (metrics, beat's schedule) is a temporary one, so `make run`'s is never touched."""
     import httpx
 
-    var_dir = tempfile.mkdtemp(prefix="memory-bench-search-var-")
+    var_dir = _scratch_var_dir()
     port = common.free_port()
     env = dict(bench.env)
     for name in ("LOG_LEVEL", "LOG_FORMAT", "RATE_LIMIT_PER_SECOND"):
@@ -824,7 +833,7 @@ def start_shipped_web(bench: common.BenchEnv) -> tuple[common.WebServer, dict[st
     from what the other processes of the stack take of the two cores."""
     import httpx
 
-    var_dir = tempfile.mkdtemp(prefix="memory-bench-search-var-")
+    var_dir = _scratch_var_dir()
     port = common.free_port()
     env = dict(bench.env)
     for name in ("LOG_LEVEL", "LOG_FORMAT", "RATE_LIMIT_PER_SECOND"):
