@@ -32,6 +32,9 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "recall": ([], ["--quick"], 600),
     # The service as `make run` starts it, with a fake model answering after a delay.
     "job_throughput": ([], ["--quick"], 1800),
+    # Search latency at 10,000 memories (as shipped and the harness's web), with the breakdown.
+    # bench/search_million.py stays out: it runs for half an hour.
+    "search": (["--breakdown"], ["--quick"], 900),
     # Someone else's bench: run if present, with its own defaults.
     "sse_fanout": ([], ["--counts", "1,100", "--httpx-counts", "1", "--events", "50"], 900),
 }
