@@ -509,20 +509,33 @@ class Outcome:
     transport_errors: list[str] = field(default_factory=list)  # a client stops at its first
 
 
-def _post(http: Any, user_id: str, messages: list, outcome: Outcome, lock: threading.Lock) -> str:
+def _post(
+    http: Any,
+    user_id: str,
+    messages: list,
+    outcome: Outcome,
+    lock: threading.Lock,
+    wait_seconds: float = 0,
+) -> tuple[str, str]:
+    """POST the job (with `"wait"` when given: then a 200 brings its finished status); its
+    request id and the status the answer gave ("" when refused)."""
     wall, started = time.time(), time.monotonic()
-    response = http.post("/v1/memories", json={"user_id": user_id, "messages": messages})
+    body: dict[str, Any] = {"user_id": user_id, "messages": messages}
+    if wait_seconds:
+        body["wait"] = wait_seconds
+    response = http.post("/v1/memories", json=body, timeout=wait_seconds + 30)
     elapsed = time.monotonic() - started
     with lock:
         outcome.post_latency.append(elapsed)
-        if response.status_code != 202:
+        if response.status_code not in (200, 202):
             outcome.refused[str(response.status_code)] += 1
             common.log(f"POST {response.status_code}: {response.text[:200]}")
-            return ""
-        request_id = response.json()["request_id"]
+            return "", ""
+        answer = response.json()
+        request_id = answer["request_id"]
         outcome.request_ids.append(request_id)
         outcome.post_started[request_id] = wall
-        return request_id
+        return request_id, answer.get("status", "")
 
 
 def run_clients(
@@ -536,6 +549,7 @@ def run_clients(
     poll_max_seconds: float,
     job_timeout: float,
     deadline: float,
+    wait_seconds: float = 0,
 ) -> Outcome:
     """The client threads: each takes the next job; closed-loop ones poll it to the end. No job is
     sent, and no poll made, after `deadline` (monotonic): the runtime cap must leave time to read
@@ -557,19 +571,21 @@ def run_clients(
                     return
                 started = time.monotonic()
                 try:
-                    request_id = _post(http, tenancy.user_ids[user_index], messages, outcome, lock)
+                    request_id, status = _post(
+                        http, tenancy.user_ids[user_index], messages, outcome, lock, wait_seconds
+                    )
                     if closed_loop and request_id:
-                        _poll(http, request_id, started)
+                        _poll(http, request_id, started, status)
                 except httpx.HTTPError as exc:  # on loopback: the service is gone
                     with lock:
                         outcome.transport_errors.append(f"{type(exc).__name__}: {exc}")
                     return
 
-    def _poll(http: Any, request_id: str, started: float) -> None:
+    def _poll(http: Any, request_id: str, started: float, status: str) -> None:
+        """Poll until the job ends, unless the POST's own answer (a wait) already said so."""
         interval, polls = poll_seconds, 0
         give_up = min(started + job_timeout, deadline)
-        status = "pending"
-        while time.monotonic() < give_up:
+        while status not in ("success", "failure") and time.monotonic() < give_up:
             time.sleep(interval)
             interval = min(interval * 1.5, poll_max_seconds)
             polls += 1
@@ -661,6 +677,7 @@ def run_scenario(
         poll_max_seconds=max(args.poll_max_ms, args.poll_ms) / 1000,
         job_timeout=args.job_timeout,
         deadline=deadline,
+        wait_seconds=args.wait_seconds if closed_loop else 0,
     )
     posted = time.monotonic()
     if not stack.runner.alive():
@@ -836,6 +853,12 @@ def main() -> dict[str, Any]:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting"
     )
     parser.add_argument("--poll-ms", type=float, default=20, help="closed-loop poll interval")
+    parser.add_argument(
+        "--wait-seconds",
+        type=float,
+        default=0,
+        help='closed-loop: POST with "wait" (at most 20): the answer is the finished job',
+    )
     parser.add_argument("--poll-max-ms", type=float, default=0, help="backoff cap (x1.5 a poll)")
     parser.add_argument("--job-timeout", type=float, default=300, help="seconds, per job")
     parser.add_argument("--warmup", type=int, default=8, help="unmeasured jobs a stack (min 1)")
@@ -931,6 +954,7 @@ def main() -> dict[str, Any]:
             "llm_calls_per_job": "2 chat calls (extract, decide), each after llm_delay_ms",
             "embedder": args.embedder,
             "poll_ms": args.poll_ms,
+            "wait_seconds": args.wait_seconds,
             "poll_max_ms": max(args.poll_max_ms, args.poll_ms),
             "warmup_jobs_per_stack": args.warmup,
         },
