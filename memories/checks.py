@@ -45,6 +45,9 @@ def embedding_dimensions_check(
             "keeps answering meanwhile), or configure the stored dimension back." + under_way
         )
         return [Error(message, hint=hint, id="memories.E001")]
+    first_hashing = f"offline:{reembed.FIRST_HASHING_MODEL_NAME}:{spec.dimensions}"
+    if stored.embedder == first_hashing and spec.provider == "offline":
+        return []  # migration 0015 re-embeds these (the checks run before the migrations)
     if stored.embedder and stored.embedder != spec.label:
         message = (
             f"The stored memories' vectors are {stored.embedder}'s, but the configured embedder "

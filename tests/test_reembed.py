@@ -246,6 +246,18 @@ def test_another_embedder_of_the_same_dimension_is_a_warning_naming_reembed(sett
     assert warning.id == "memories.W001" and "manage.py reembed" in warning.hint
 
 
+def test_the_first_hashing_embedders_vectors_warn_only_where_migrate_will_not_upgrade_them(
+    settings,
+) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("COMMENT ON COLUMN memories_memory.embedding IS 'offline:hashing:384'")
+    # Offline configured: migration 0015 re-embeds them (the checks run before it): no warning.
+    assert embedding_dimensions_check(databases=["default"]) == []
+    settings.EMBEDDING_PROVIDER = "openai"
+    [warning] = embedding_dimensions_check(databases=["default"])
+    assert warning.id == "memories.W001"
+
+
 def test_the_command_shows_a_progress_bar_and_what_it_did(end_user, settings) -> None:
     store_memories(end_user, *FACTS)
     _configure_new(settings)
