@@ -33,6 +33,7 @@ from memories import (
     search,
     selectors,
 )
+from memories.access import Access, Actor
 from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
@@ -71,6 +72,16 @@ class TenantApi(APIView):
     def tenant(self) -> Tenant:
         # ApiKeyAuthentication (the only authentication) makes request.user a TenantPrincipal.
         return cast(TenantPrincipal, self.request.user).tenant
+
+    @property
+    def access(self) -> Access:
+        """The calling key's rights (memories.access)."""
+        return Access.of(self.request.user)
+
+    def actor(self, agent_id: str | None = None) -> Actor:
+        """Who a change is recorded as: `agent_id` from the body, else X-Agent-Id, else the
+        key's name."""
+        return self.access.actor(agent_id=agent_id or self.request.headers.get("X-Agent-Id"))
 
 
 class JsonObjectField(serializers.DictField):

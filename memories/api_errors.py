@@ -22,6 +22,7 @@ PROVIDER_RETRY_AFTER_SECONDS = 5
 
 STATUS_BY_ERROR: dict[type[errors.ServiceError], int] = {
     errors.NotFound: status.HTTP_404_NOT_FOUND,
+    errors.Forbidden: status.HTTP_403_FORBIDDEN,
     errors.InvalidInput: status.HTTP_400_BAD_REQUEST,
     errors.DuplicateRequest: status.HTTP_409_CONFLICT,
     errors.AlreadyExists: status.HTTP_409_CONFLICT,

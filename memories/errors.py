@@ -20,6 +20,12 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class Forbidden(ServiceError):
+    """The key's role or grants do not allow the call; `missing_grant` names what would."""
+
+    code = "forbidden"
+
+
 class InvalidInput(ServiceError):
     """Input that passed the serializer but breaks a rule (`field` names the culprit)."""
 
