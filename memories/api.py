@@ -32,14 +32,16 @@ from memories import (
     metrics,
     search,
     selectors,
+    versioned_writes,
 )
 from memories.access import Access, Actor
 from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
+from memories.events.schema import typed_value
 from memories.errors import InvalidInput
 from memories.filters import DATE_FIELDS, FIELDS, memory_filters_parse
-from memories.models import Memory, MemoryRequest, Tenant
+from memories.models import Memory, MemoryConflict, MemoryRequest, Tenant
 from memories.parsers import strict_loads
 from memories.providers.wiring import get_embedder
 from memories.queue_load import QueueDepthCollector
@@ -77,6 +79,30 @@ class TenantApi(APIView):
     def access(self) -> Access:
         """The calling key's rights (memories.access)."""
         return Access.of(self.request.user)
+
+    def _shared_read_check(self, *, include_shared: bool, topics: tuple[str, ...]) -> None:
+        if include_shared:
+            self.access.shared()
+        for topic in topics:
+            self.access.topic(topic)
+
+    def _scope_write_check(self, scope: str, topic: str, user_id: Any = None) -> None:
+        """May this key write memories of this scope (a user's, the tenant's, a topic's)?"""
+        if scope == Memory.Scope.TENANT:
+            self.access.shared(write=True)
+        elif scope == Memory.Scope.TOPIC:
+            self.access.topic(topic, write=True)
+        else:
+            self.access.user(user_id, write=True)
+
+    def _memory_check(self, memory: Memory, *, write: bool) -> None:
+        """May this key read (or change) this memory, by its scope?"""
+        if memory.scope == Memory.Scope.TENANT and memory.user_id is None:
+            self.access.shared(write=write)
+        elif memory.scope == Memory.Scope.TOPIC and memory.user_id is None:
+            self.access.topic(memory.topic, write=write)
+        else:
+            self.access.user(memory.user_id, write=write)
 
     def actor(self, agent_id: str | None = None) -> Actor:
         """Who a change is recorded as: `agent_id` from the body, else X-Agent-Id, else the
@@ -208,20 +234,31 @@ class MemoryRequestOutput(serializers.Serializer):
 
 
 class MemoryOutput(serializers.Serializer):
+    """A memory, with the same keys as an event's `memory` (memories.events.schema)."""
+
     id = serializers.UUIDField()
-    user_id = serializers.UUIDField()
+    user_id = serializers.UUIDField(allow_null=True)  # none for a shared memory
     content = serializers.CharField()
     type = serializers.CharField()
     scope = serializers.CharField()
+    topic = serializers.CharField()
     metadata = serializers.JSONField()
     agent_id = serializers.CharField()
     session_id = serializers.CharField()
     version = serializers.IntegerField()
+    clock = serializers.JSONField(source="vector_clock")
+    merge = serializers.CharField(source="merge_rule")
+    conflicted = serializers.BooleanField()
+    written_at = serializers.DateTimeField()
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
     occurred_at = serializers.DateTimeField()
     # Set once a later statement contradicted it (closed: no longer listed or searched).
     valid_to = serializers.DateTimeField(allow_null=True)
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        # A list's `items`, a counter's `value`, read from its merge state.
+        return {**super().to_representation(instance), **typed_value(instance.type, instance.state)}
 
 
 def _as_of(value: Any) -> datetime | None:
@@ -265,6 +302,10 @@ class MemoryCollectionApi(TenantApi):
         )
         priority = serializers.ChoiceField(choices=MemoryRequest.Priority.choices, default="normal")
         infer = serializers.BooleanField(default=True)
+        # Where the job's memories go: the user's own (default), or shared with the tenant or a
+        # topic (no owning user; the job still runs in the user's turn).
+        scope = serializers.ChoiceField(choices=Memory.Scope.choices, default="user")
+        topic = serializers.CharField(required=False, default="", allow_blank=True, max_length=200)
         # Seconds to wait for the job to finish before answering (not part of the request).
         wait = serializers.FloatField(required=False, default=0, min_value=0, max_value=MAX_WAIT)
 
@@ -272,6 +313,9 @@ class MemoryCollectionApi(TenantApi):
         user_id = serializers.UUIDField()
         cursor = serializers.CharField(required=False, max_length=200)  # ours are ~90
         limit = serializers.IntegerField(required=False, default=50, min_value=1, max_value=500)
+        # The tenant's shared memories too; and those of the topics named (comma-separated).
+        include_shared = serializers.BooleanField(required=False, default=False)
+        topics = serializers.CharField(required=False, default="", allow_blank=True)
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
@@ -282,6 +326,7 @@ class MemoryCollectionApi(TenantApi):
         backpressure.admit(
             lane_for(MemoryRequest.Kind.MEMORY_JOB, data["priority"]), tenant_id=tenant_id
         )
+        _scope_check(data["scope"], data["topic"])
         payload = {
             "messages": [dict(m) for m in data["messages"]],
             "metadata": data["metadata"],
@@ -289,6 +334,9 @@ class MemoryCollectionApi(TenantApi):
             "session_id": data["session_id"],
             "infer": data["infer"],
         }
+        if data["scope"] != Memory.Scope.USER:  # a user-scope job's payload (and hash) as before
+            payload |= {"scope": data["scope"], "topic": data["topic"]}
+            self._scope_write_check(data["scope"], data["topic"])
         memory_request = ledger.memory_request_submit(
             tenant_id=self.tenant.id,
             user_id=data["user_id"],
@@ -313,6 +361,8 @@ class MemoryCollectionApi(TenantApi):
         data = validated_input(self.ListInput, params)
         filters = memory_filters_parse({k: v for k, v in params.items() if k in FIELDS}, prefix="")
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        topics = _topics(data["topics"].split(","), field="topics")
+        self._shared_read_check(include_shared=data["include_shared"], topics=topics)
         cursor = _decode_cursor(data["cursor"]) if data.get("cursor") else None
         page = selectors.memory_list(
             user=user,
@@ -320,6 +370,8 @@ class MemoryCollectionApi(TenantApi):
             cursor=cursor,
             limit=data["limit"] + 1,
             as_of=_as_of(params.get("as_of")),
+            include_shared=data["include_shared"],
+            topics=topics,
         )
         has_more = len(page) > data["limit"]
         page = page[: data["limit"]]
@@ -377,6 +429,18 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
+def _topics(names: list[str], *, field: str) -> tuple[str, ...]:
+    topics = tuple(dict.fromkeys(name.strip() for name in names if name.strip()))
+    if any(len(name) > 200 for name in topics):
+        raise InvalidInput("A topic has at most 200 characters.", field=field)
+    return topics
+
+
+def _scope_check(scope: str, topic: str) -> None:
+    if (scope == Memory.Scope.TOPIC) != bool(topic):
+        raise InvalidInput("scope topic needs a topic, and only it takes one.", field="topic")
+
+
 class MemoryRequestListApi(TenantApi):
     """`GET /v1/requests?status=failure`: the dead-letter list (last error, attempts), newest
     first; page with `before=<created_at of the last one>`."""
@@ -422,6 +486,18 @@ class MemoryRequestStatusApi(TenantApi):
 # --- Memories ------------------------------------------------------------------------------------
 
 
+class ClockField(serializers.DictField):
+    """A vector clock: {agent_id: count}, counts whole and not negative."""
+
+    child = serializers.IntegerField(min_value=0)
+
+    def to_internal_value(self, data: Any) -> dict[str, int]:
+        clock = super().to_internal_value(data)
+        if len(clock) > 1000 or any(len(agent) > 200 for agent in clock):
+            raise serializers.ValidationError("At most 1000 agents of 200 characters each.")
+        return clock
+
+
 class MemoryDetailApi(TenantApi):
     class UpdateInput(serializers.Serializer):
         content = serializers.CharField(
@@ -429,10 +505,25 @@ class MemoryDetailApi(TenantApi):
         )
         metadata = JsonObjectField(required=False)
         occurred_at = serializers.DateTimeField(required=False)
+        agent_id = serializers.CharField(required=False, allow_blank=True, max_length=200)
+        # What the write was based on (If-Match says the version too), and whether a stale base
+        # merges (last writer wins) instead of failing with 412.
+        base_version = serializers.IntegerField(required=False, min_value=1)
+        base_clock = ClockField(required=False)
+        merge = serializers.BooleanField(default=False)
+        # A write queued offline: when the client made it (never later than now).
+        written_at = serializers.DateTimeField(required=False)
+        # A list's changes, a counter's.
+        add = serializers.ListField(child=serializers.JSONField(), required=False, max_length=1000)
+        remove = serializers.ListField(
+            child=serializers.JSONField(), required=False, max_length=1000
+        )
+        increment = serializers.IntegerField(required=False, min_value=-(10**12), max_value=10**12)
 
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-            if not attrs:
-                message = "Give content, metadata or occurred_at."
+            changes = ("content", "metadata", "occurred_at", "add", "remove", "increment")
+            if not any(name in attrs for name in changes):
+                message = "Give content, metadata, occurred_at, add, remove or increment."
                 raise serializers.ValidationError({"content": [message]})
             return attrs
 
@@ -442,16 +533,29 @@ class MemoryDetailApi(TenantApi):
 
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
-        expected_version = _if_match_version(request)
+        base_version = _if_match_version(request) or data.get("base_version")
+        self._memory_check(
+            selectors.memory_get(tenant=self.tenant, memory_id=memory_id), write=True
+        )
+        change = versioned_writes.Change(
+            content=data.get("content"),
+            metadata=data.get("metadata"),
+            occurred_at=data.get("occurred_at"),
+            list_add=data.get("add"),
+            list_remove=data.get("remove"),
+            increment=data.get("increment"),
+            base_version=base_version,
+            base_clock=data.get("base_clock"),
+            merge=data["merge"],
+            written_at=data.get("written_at"),
+        )
         with backpressure.embedding_slot():
-            memory = memory_writes.memory_update(
+            memory = versioned_writes.memory_change(
                 tenant_id=self.tenant.id,
                 memory_id=memory_id,
+                change=change,
+                actor=self.actor(data.get("agent_id")),
                 embedder=get_embedder(),
-                content=data.get("content"),
-                metadata=data.get("metadata"),
-                occurred_at=data.get("occurred_at"),
-                expected_version=expected_version,
             )
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
@@ -469,6 +573,143 @@ def _if_match_version(request: Request) -> int | None:
     if not (value.isascii() and value.isdigit() and len(value) <= 18):
         raise InvalidInput("If-Match must be a memory version number.", field="If-Match")
     return int(value)
+
+
+class MemoryDirectApi(TenantApi):
+    """`POST /v1/memories/direct`: one memory written as given (no LLM), in any scope -> 201."""
+
+    class InputSerializer(serializers.Serializer):
+        user_id = serializers.UUIDField(required=False, allow_null=True, default=None)
+        content = serializers.CharField(max_length=settings.MEMORY_MAX_CONTENT_CHARS)
+        type = serializers.ChoiceField(choices=Memory.Type.choices, default="fact")
+        scope = serializers.ChoiceField(choices=Memory.Scope.choices, default="user")
+        topic = serializers.CharField(required=False, default="", allow_blank=True, max_length=200)
+        metadata = JsonObjectField(required=False, default=dict)
+        agent_id = serializers.CharField(required=False, allow_blank=True, max_length=200)
+        session_id = serializers.CharField(
+            required=False, default="", allow_blank=True, max_length=200
+        )
+        occurred_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+        merge = serializers.ChoiceField(choices=Memory.MergeRule.choices, default="lww")
+        items = serializers.ListField(
+            child=serializers.JSONField(), required=False, allow_null=True, max_length=1000
+        )
+        value = serializers.IntegerField(
+            required=False, allow_null=True, min_value=-(10**12), max_value=10**12
+        )
+
+    def post(self, request: Request) -> Response:
+        data = validated_input(self.InputSerializer, request.data)
+        _scope_check(data["scope"], data["topic"])
+        user = None
+        if data["user_id"] is not None:
+            user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        self._scope_write_check(data["scope"], data["topic"], data["user_id"])
+        with backpressure.embedding_slot():
+            memory = versioned_writes.memory_direct_create(
+                tenant=self.tenant,
+                user=user,
+                content=data["content"],
+                memory_type=data["type"],
+                scope=data["scope"],
+                topic=data["topic"],
+                metadata=data["metadata"],
+                actor=self.actor(data.get("agent_id")),
+                embedder=get_embedder(),
+                occurred_at=data["occurred_at"],
+                merge_rule=data["merge"],
+                items=data.get("items"),
+                value=data.get("value"),
+                session_id=data["session_id"],
+            )
+        return Response(
+            represented(MemoryOutput, memory),
+            status=status.HTTP_201_CREATED,
+            headers={"ETag": f'"{memory.version}"'},
+        )
+
+
+class ConflictOutput(serializers.Serializer):
+    id = serializers.UUIDField()
+    memory_id = serializers.UUIDField()
+    status = serializers.CharField()
+    current = serializers.JSONField()
+    incoming = serializers.JSONField()
+    created_at = serializers.DateTimeField()
+    resolved_at = serializers.DateTimeField(allow_null=True)
+    resolution = serializers.JSONField(allow_null=True)
+
+
+class ConflictListApi(TenantApi):
+    """`GET /v1/conflicts[?status=open|resolved][&memory_id=]`: newest first, paginated."""
+
+    class QuerySerializer(serializers.Serializer):
+        status = serializers.ChoiceField(choices=MemoryConflict.Status.choices, default="open")
+        memory_id = serializers.UUIDField(required=False)
+        cursor = serializers.CharField(required=False, max_length=200)
+        limit = serializers.IntegerField(required=False, default=50, min_value=1, max_value=500)
+
+    def get(self, request: Request) -> Response:
+        query = validated_input(self.QuerySerializer, request.query_params.dict())
+        if query.get("memory_id"):  # one memory's: whoever may read it; all of them: an admin
+            memory = selectors.memory_get(tenant=self.tenant, memory_id=query["memory_id"])
+            self._memory_check(memory, write=False)
+        else:
+            self.access.admin()
+        page = selectors.conflict_list(
+            tenant=self.tenant,
+            status=query["status"],
+            memory_id=query.get("memory_id"),
+            before=_decode_cursor(query["cursor"]) if query.get("cursor") else None,
+            limit=query["limit"] + 1,
+        )
+        has_more = len(page) > query["limit"]
+        page = page[: query["limit"]]
+        return Response(
+            {
+                "results": [represented(ConflictOutput, conflict) for conflict in page],
+                "next_cursor": _encode_cursor(page[-1]) if has_more else None,
+            }
+        )
+
+
+class ConflictResolveApi(TenantApi):
+    """`POST /v1/conflicts/{id}/resolve {"choose": "current"|"incoming"} | {"content": ...}`."""
+
+    class InputSerializer(serializers.Serializer):
+        choose = serializers.ChoiceField(choices=["current", "incoming"], required=False)
+        content = serializers.CharField(
+            required=False, max_length=settings.MEMORY_MAX_CONTENT_CHARS
+        )
+        agent_id = serializers.CharField(required=False, allow_blank=True, max_length=200)
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            if ("choose" in attrs) == ("content" in attrs):
+                message = "Give either choose (current or incoming) or content."
+                raise serializers.ValidationError({"choose": [message]})
+            return attrs
+
+    def post(self, request: Request, conflict_id: str) -> Response:
+        data = validated_input(self.InputSerializer, request.data)
+        conflict = selectors.conflict_get(tenant=self.tenant, conflict_id=conflict_id)
+        self._memory_check(
+            selectors.memory_get(tenant=self.tenant, memory_id=conflict.memory_id), write=True
+        )
+        with backpressure.embedding_slot():
+            conflict, memory = versioned_writes.conflict_resolve(
+                tenant_id=self.tenant.id,
+                conflict_id=conflict_id,
+                choose=data.get("choose"),
+                content=data.get("content"),
+                actor=self.actor(data.get("agent_id")),
+                embedder=get_embedder(),
+            )
+        return Response(
+            {
+                "conflict": represented(ConflictOutput, conflict),
+                "memory": represented(MemoryOutput, memory),
+            }
+        )
 
 
 class MemoryHistoryApi(TenantApi):
@@ -529,10 +770,17 @@ class MemorySearchApi(TenantApi):
         min_score = serializers.FloatField(
             required=False, allow_null=True, min_value=0, max_value=1
         )
+        # The tenant's shared memories too; and those of the topics named.
+        include_shared = serializers.BooleanField(default=False)
+        topics = serializers.ListField(
+            child=serializers.CharField(max_length=200), required=False, default=list, max_length=50
+        )
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        topics = _topics(data["topics"], field="topics")
+        self._shared_read_check(include_shared=data["include_shared"], topics=topics)
         with backpressure.embedding_slot():
             found = search.memory_search(
                 user=user,
@@ -545,6 +793,8 @@ class MemorySearchApi(TenantApi):
                 embedder=get_embedder(),
                 as_of=data["as_of"],
                 recency_half_life_days=data["recency_half_life_days"],
+                include_shared=data["include_shared"],
+                topics=topics,
             )
         results = [
             {

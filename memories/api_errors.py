@@ -29,6 +29,7 @@ STATUS_BY_ERROR: dict[type[errors.ServiceError], int] = {
     errors.LimitReached: status.HTTP_409_CONFLICT,
     errors.IdempotencyKeyReused: status.HTTP_422_UNPROCESSABLE_ENTITY,
     errors.VersionConflict: status.HTTP_412_PRECONDITION_FAILED,
+    errors.ConflictRecorded: status.HTTP_409_CONFLICT,
     errors.Overloaded: status.HTTP_429_TOO_MANY_REQUESTS,
     errors.RateLimited: status.HTTP_429_TOO_MANY_REQUESTS,
     errors.Gone: status.HTTP_410_GONE,

@@ -27,7 +27,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from pgvector import Vector
 
-from memories import events, ledger, memory_writes, metrics, rows
+from memories import events, ledger, memory_writes, merges, metrics, rows
 from memories.errors import InvalidInput
 from memories.jobs import request_run
 from memories.memory_writes import content_hash
@@ -37,6 +37,7 @@ from memories.providers.wiring import get_embedder
 from memories.validation import first_unstorable, parse_datetime_value
 
 ACTIONS = ("create", "update", "delete")
+SCOPES = tuple(choice for choice, _ in Memory.Scope.choices)
 MEMORY_TYPES = {choice for choice, _ in Memory.Type.choices}
 
 
@@ -44,7 +45,7 @@ MEMORY_TYPES = {choice for choice, _ in Memory.Type.choices}
 class BatchItem:
     index: int
     action: str
-    user_id: str
+    user_id: str | None  # None: a shared memory (scope tenant or topic)
     memory_id: str | None = None
     content: str | None = None
     # None on an update: the memory keeps the type and metadata it has.
@@ -54,6 +55,8 @@ class BatchItem:
     session_id: str = ""
     # When what it records happened; None: when written (a create), unchanged (an update).
     occurred_at: datetime | None = None
+    scope: str = Memory.Scope.USER.value
+    topic: str = ""
 
     @property
     def target(self) -> str:
@@ -89,10 +92,22 @@ def parse_items(
         if action not in ACTIONS:
             errors.append(_error(index, "action", f"Must be one of {', '.join(ACTIONS)}."))
             continue
-        try:
-            user_id = _canonical_uuid(raw.get("user_id"), canonical)
-        except ValueError:
-            errors.append(_error(index, "user_id", "Must be a valid UUID."))
+        scope, topic = raw.get("scope", "user"), raw.get("topic", "")
+        if scope not in SCOPES:
+            errors.append(_error(index, "scope", f"Must be one of {', '.join(SCOPES)}."))
+            continue
+        if not isinstance(topic, str) or len(topic) > 200 or bool(topic) != (scope == "topic"):
+            errors.append(_error(index, "topic", "scope topic needs a topic (200 characters at most), and only it."))  # noqa: E501
+            continue
+        user_id: str | None = None
+        if scope == "user":
+            try:
+                user_id = _canonical_uuid(raw.get("user_id"), canonical)
+            except ValueError:
+                errors.append(_error(index, "user_id", "Must be a valid UUID."))
+                continue
+        elif raw.get("user_id") is not None:
+            errors.append(_error(index, "user_id", "A shared memory has no user: leave it out."))
             continue
         memory_id = raw.get("id")
         if action == "create" and memory_id is not None:
@@ -167,6 +182,8 @@ def parse_items(
                 agent_id[:200],
                 session_id[:200],
                 occurred_at,
+                scope,
+                topic,
             )
         )
     return valid, errors
@@ -200,7 +217,7 @@ def memories_batch_apply(
     `changed_before` the memories earlier chunks updated or deleted (each at most once a batch).
     """
     items, results = parse_items(raw_items, first_index)
-    user_ids = {item.user_id for item in items}
+    user_ids = {item.user_id for item in items if item.user_id is not None}
     known_users = {
         str(pk)
         for pk in EndUser.objects.filter(
@@ -208,9 +225,9 @@ def memories_batch_apply(
         ).values_list("pk", flat=True)
     }
     for item in items:
-        if item.user_id not in known_users:
+        if item.user_id is not None and item.user_id not in known_users:
             results.append(_error(item.index, "user_id", "User not found."))
-    items = [item for item in items if item.user_id in known_users]
+    items = [item for item in items if item.user_id is None or item.user_id in known_users]
     with metrics.timed("embedding", kind="batch"):
         vectors = _embed(embedder, [item for item in items if item.action != "delete"])
     target_ids = [item.target for item in items if item.action != "create"]
@@ -223,7 +240,7 @@ def memories_batch_apply(
         for item in items:
             if item.action == "create":
                 accepted.append(item)
-            elif not _owned(targets.get(item.target), item.user_id):
+            elif not _owned(targets.get(item.target), item):
                 results.append(_error(item.index, "id", "Memory not found for this user."))
             elif item.target in claimed:
                 results.append(_error(item.index, "id", "The same memory twice in one batch."))
@@ -267,7 +284,7 @@ class NewMemory:
     id: str
     raw_id: bytes
     tenant_id: str
-    user_id: str
+    user_id: str | None
     content: str
     type: str
     metadata: dict[str, Any]
@@ -281,6 +298,12 @@ class NewMemory:
     topic: str = ""
     version: int = 1
     valid_to: Any = None  # a new memory is current
+    vector_clock: dict[str, int] = field(default_factory=dict)
+    written_at: Any = None
+    written_by: str = ""
+    merge_rule: str = Memory.MergeRule.LWW.value
+    conflicted: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 # The version (4) and variant (RFC 4122) bits uuid.UUID(version=4) sets, as byte translations.
@@ -303,8 +326,13 @@ def new_uuid4s(count: int) -> list[tuple[bytes, str]]:
     return ids
 
 
-def _owned(memory: Memory | None, user_id: str) -> bool:
-    return memory is not None and str(memory.user_id) == user_id
+def _owned(memory: Memory | None, item: BatchItem) -> bool:
+    """The memory is the one the item may change: the user's, or a shared one of its scope."""
+    if memory is None:
+        return False
+    if item.user_id is None:
+        return memory.user_id is None and (memory.scope, memory.topic) == (item.scope, item.topic)
+    return str(memory.user_id) == item.user_id
 
 
 def _write(
@@ -336,6 +364,11 @@ def _write(
             created_at=now,
             updated_at=now,
             occurred_at=item.occurred_at or now,
+            scope=item.scope,
+            topic=item.topic,
+            vector_clock={item.agent_id or actor: 1},
+            written_at=now,
+            written_by=item.agent_id or actor,
         )
         for item, (raw_id, text_id) in zip(creates, new_uuid4s(len(creates)), strict=True)
     ]
@@ -347,6 +380,9 @@ def _write(
         previous = memory.content
         memory.version += 1
         memory.updated_at = now
+        writer = item.agent_id or actor
+        memory.vector_clock = merges.clock_tick(memory.vector_clock or {}, writer)
+        memory.written_at, memory.written_by = now, writer
         if item.action == "update":
             memory.content = item.text
             if item.type is not None:
@@ -421,6 +457,11 @@ MEMORY_COPY_COLUMNS = {
     "created_at": "timestamptz",
     "updated_at": "timestamptz",
     "occurred_at": "timestamptz",
+    "written_at": "timestamptz",
+    "written_by": "varchar",
+    "merge_rule": "varchar",
+    "conflicted": "bool",
+    "state": "bytea",  # jsonb
 }
 HISTORY_COPY_COLUMNS = {
     "memory_id": "bytea",  # uuid
@@ -440,6 +481,7 @@ COPY_COLUMNS_LEFT_OUT = {
         "valid_to": "a new memory is current",
         "change_txid": "the trigger sets it",
         "search_vector": "a generated column: PostgreSQL computes it",
+        "author_key_id": "bulk writes record their actor in the history and events",
     },
     MemoryHistory: {
         "id": "a sequence",
@@ -489,13 +531,13 @@ def _copy_memories(memories: list[NewMemory]) -> None:
         copy.set_types(list(MEMORY_COPY_COLUMNS.values()))
         for m in memories:
             for text_id in (m.tenant_id, m.user_id):
-                if text_id not in raw_ids:
+                if text_id is not None and text_id not in raw_ids:
                     raw_ids[text_id] = uuid.UUID(text_id).bytes
             copy.write_row(
                 (
                     m.raw_id,
                     raw_ids[m.tenant_id],
-                    raw_ids[m.user_id],
+                    raw_ids[m.user_id] if m.user_id is not None else None,
                     m.scope,
                     m.topic,
                     m.type,
@@ -506,10 +548,15 @@ def _copy_memories(memories: list[NewMemory]) -> None:
                     m.agent_id,
                     m.session_id,
                     m.version,
-                    _EMPTY_JSONB,  # vector_clock
+                    _jsonb_binary(m.vector_clock),
                     m.created_at,
                     m.updated_at,
                     m.occurred_at,
+                    m.written_at,
+                    m.written_by,
+                    m.merge_rule,
+                    m.conflicted,
+                    _jsonb_binary(m.state),
                 )
             )
 
@@ -522,7 +569,14 @@ def _update_memories(changed: list[tuple[BatchItem, Memory, str]]) -> None:
 
 
 def _changed_row(item: BatchItem, memory: Memory) -> dict[str, Any]:
-    row = {"id": memory.id, "version": memory.version, "updated_at": memory.updated_at}
+    row = {
+        "id": memory.id,
+        "version": memory.version,
+        "updated_at": memory.updated_at,
+        "vector_clock": memory.vector_clock,
+        "written_at": memory.written_at,
+        "written_by": memory.written_by,
+    }
     if item.action == "update":
         row |= {
             "content": memory.content,

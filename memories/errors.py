@@ -60,6 +60,13 @@ class VersionConflict(ServiceError):
     code = "version_conflict"
 
 
+class ConflictRecorded(ServiceError):
+    """A write concurrent with another, on a memory that merges by hand: kept as `conflict`,
+    not applied."""
+
+    code = "conflict"
+
+
 class Overloaded(ServiceError):
     """Too much work is waiting; `retry_after` seconds is a fair wait."""
 

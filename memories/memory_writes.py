@@ -18,7 +18,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
-from memories import rows, signals
+from memories import merges, rows, signals
 from memories.errors import NotFound, VersionConflict
 from memories.events.schema import EVENT_TYPE_OF_CHANGE
 from memories.models import Memory, MemoryHistory, MemoryRequest
@@ -53,18 +53,34 @@ def memory_job_changes_apply(
     decision order."""
     payload = memory_request.payload
     assert memory_request.user_id is not None  # a memory job is always for one user
+    # A job may write shared memories (scope tenant or topic): they belong to no user.
+    scope, topic = payload.get("scope", Memory.Scope.USER), payload.get("topic", "")
+    owner_id = memory_request.user_id if scope == Memory.Scope.USER else None
+    agent = payload.get("agent_id") or "memory-job"
     now = timezone.now()
     target_ids = [c.memory_id for c in changes if c.event != "ADD"]
     targets: dict[str, Memory] = {}
-    if target_ids:  # the memories to change, locked (a job of ADDs alone needs no round trip)
-        targets = memories_lock(memory_ids=target_ids, user_id=memory_request.user_id)
+    if target_ids and owner_id is not None:  # the memories to change, locked (a job of ADDs
+        targets = memories_lock(memory_ids=target_ids, user_id=owner_id)  # needs no round trip)
+    elif target_ids:
+        locked = memories_lock(memory_ids=target_ids, tenant_id=memory_request.tenant_id)
+        targets = {
+            memory_id: memory
+            for memory_id, memory in locked.items()
+            if memory.user_id is None and (memory.scope, memory.topic) == (scope, topic)
+        }
     applied: list[AppliedChange] = []
     for change in changes:
         if change.event == "ADD":
             assert change.content is not None and change.embedding is not None  # an ADD has both
             memory = Memory(
                 tenant_id=memory_request.tenant_id,
-                user_id=memory_request.user_id,
+                user_id=owner_id,
+                scope=scope,
+                topic=topic,
+                vector_clock={agent: 1},
+                written_at=now,
+                written_by=agent,
                 content=change.content,
                 embedding=change.embedding,
                 content_hash=content_hash(change.content),
@@ -92,9 +108,7 @@ def memory_job_changes_apply(
             # Never closed before it began (a conversation sent late, about an earlier time).
             target.valid_to = max(occurred_at, target.occurred_at)
             applied.append(AppliedChange("CLOSE", target, previous, reason=change.reason))
-    _memories_write(
-        applied, actor=payload.get("agent_id") or "memory-job", request=memory_request, at=now
-    )
+    memories_write(applied, actor=agent, request=memory_request, at=now)
     return [
         {
             "event": "DELETE" if change.event == "CLOSE" else change.event,
@@ -110,12 +124,19 @@ def memory_job_changes_apply(
 
 @dataclass(frozen=True)
 class AppliedChange:
-    """A change about to be written: the memory as it will be, and its content before."""
+    """A change about to be written: the memory as it will be, and its content before.
 
-    event: str  # ADD | UPDATE | CLOSE | DELETE (MemoryHistory.Event)
+    `versioned`: the caller set the memory's clock, written_at and written_by itself (a write
+    merged with a concurrent one, memories.versioned_writes); otherwise the write is the actor's
+    next one, ticked here. An OVERWRITTEN change records a losing concurrent write (`lost`, its
+    content) and leaves the memory's content as it is."""
+
+    event: str  # ADD | UPDATE | CLOSE | DELETE | OVERWRITTEN (MemoryHistory.Event)
     memory: Memory
     previous: str | None
     reason: str | None = None
+    versioned: bool = False
+    lost: str | None = None
 
 
 def _memory_set_content(memory: Memory, *, content: str, embedding: list[float]) -> None:
@@ -124,12 +145,13 @@ def _memory_set_content(memory: Memory, *, content: str, embedding: list[float])
     memory.content_hash = content_hash(content)
 
 
-def _memories_write(
+def memories_write(
     applied: list[AppliedChange],
     *,
     actor: str,
     request: MemoryRequest | None = None,
     at: datetime,
+    actor_key_id: str | None = None,
 ) -> None:
     """Write changes with a statement per kind of row, not per change: one INSERT of the new
     memories, one UPDATE of the changed ones (two when only some have a new embedding), one
@@ -141,7 +163,13 @@ def _memories_write(
         if change.event == "ADD":
             continue
         memory = change.memory
-        memory.version += 1
+        if memory.id in changed:
+            pass  # a second change of it in this write: one more version, one tick, not two
+        else:
+            memory.version += 1
+            if not change.versioned:
+                memory.vector_clock = merges.clock_tick(memory.vector_clock or {}, actor)
+                memory.written_at, memory.written_by = at, actor
         memory.updated_at = at
         changed[memory.id] = {
             "id": memory.id,
@@ -153,6 +181,11 @@ def _memories_write(
             "valid_to": memory.valid_to,
             "version": memory.version,
             "updated_at": at,
+            "vector_clock": memory.vector_clock,
+            "written_at": memory.written_at,
+            "written_by": memory.written_by,
+            "state": memory.state,
+            "conflicted": memory.conflicted,
         }
         # Locked memories are read without their embedding; one is written only if the change
         # set it (assigning a deferred field loads it into the instance).
@@ -166,6 +199,7 @@ def _memories_write(
     signals.memories_written.send(
         sender=Memory,
         changes=[(change.memory, EVENT_TYPE_OF_CHANGE[change.event]) for change in applied],
+        actor_key_id=actor_key_id,
     )
 
 
@@ -181,7 +215,7 @@ def _history_insert(
                 "memory_id": change.memory.id,
                 "event": change.event,
                 "old_content": change.previous,
-                "new_content": _content_after(change),
+                "new_content": change.lost if change.event == "OVERWRITTEN" else _content_after(change),
                 "actor": actor,
                 "request_id": request_id,
                 "created_at": at,
@@ -199,6 +233,8 @@ def _content_after(change: AppliedChange) -> str | None:
 
 def _change_occurred_at(change: AppliedChange, *, at: datetime) -> datetime:
     """When the change became true: a close at the memory's end, a forget when it was asked."""
+    if change.event == "OVERWRITTEN":
+        return change.memory.written_at  # the loser's own time would reorder the history
     if change.event == "CLOSE":
         assert change.memory.valid_to is not None  # set by the close
         return change.memory.valid_to
@@ -232,7 +268,7 @@ def memories_lock(
     return {str(memory.id): memory for memory in locked}
 
 
-def _memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:
+def memory_lock(*, tenant_id: Any, memory_id: Any) -> Memory:
     """The tenant's live memory, row-locked for a change; NotFound otherwise (another tenant's
     memory is indistinguishable from none)."""
     try:
@@ -266,7 +302,7 @@ def memory_update(
     # Embedded before the lock is taken, so a slow embedder never holds the row.
     embedding = embedder.embed([content])[0] if content is not None else None
     with transaction.atomic():
-        memory = _memory_lock(tenant_id=tenant_id, memory_id=memory_id)
+        memory = memory_lock(tenant_id=tenant_id, memory_id=memory_id)
         if expected_version is not None and memory.version != expected_version:
             raise VersionConflict(
                 f"Memory is at version {memory.version}, not {expected_version}.",
@@ -279,7 +315,7 @@ def memory_update(
             memory.occurred_at = occurred_at
         if content is not None and embedding is not None:
             _memory_set_content(memory, content=content, embedding=embedding)
-        _memories_write([AppliedChange("UPDATE", memory, previous)], actor=actor, at=timezone.now())
+        memories_write([AppliedChange("UPDATE", memory, previous)], actor=actor, at=timezone.now())
     return memory
 
 
@@ -288,10 +324,10 @@ def memory_tombstone(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> M
     tombstone for pull-sync (id, version, deleted_at) with no content, metadata or embedding,
     its DELETE history row and its event, both content-free. NotFound unless it is live."""
     with transaction.atomic():
-        memory = _memory_lock(tenant_id=tenant_id, memory_id=memory_id)
+        memory = memory_lock(tenant_id=tenant_id, memory_id=memory_id)
         now = timezone.now()
         memory.deleted_at = now
         memory.content, memory.content_hash, memory.metadata = "", "", {}
         memory.embedding = None
-        _memories_write([AppliedChange("DELETE", memory, None)], actor=actor, at=now)
+        memories_write([AppliedChange("DELETE", memory, None)], actor=actor, at=now)
     return memory

@@ -234,6 +234,10 @@ class Memory(models.Model):
         LIST = "list"
         COUNTER = "counter"
 
+    class MergeRule(models.TextChoices):
+        LWW = "lww"  # the type's rule: last writer wins, or a list's / counter's merge
+        MANUAL = "manual"  # a concurrent write is kept as a conflict
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     # Both kept by ONE composite foreign key, (user_id, tenant_id) -> end user (id, tenant_id),
     # added by migration 0006 (Django declares no composite foreign keys): it also holds a memory
@@ -279,8 +283,22 @@ class Memory(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     agent_id = models.CharField(max_length=200, blank=True, default="")
     session_id = models.CharField(max_length=200, blank=True, default="")
+    # Bumped on every change. The clock counts each agent's writes ({agent_id: n}): a write that
+    # names the clock it was based on is concurrent with what happened since when neither
+    # descends from the other, and is then merged by the memory's type (memories.versioned).
     version = models.PositiveIntegerField(default=1)
     vector_clock = models.JSONField(default=dict, blank=True)
+    # The last write's time (the server's, or a client's earlier one for a write queued offline)
+    # and agent: last-writer-wins orders concurrent writes by the pair.
+    written_at = models.DateTimeField(default=timezone.now)
+    written_by = models.CharField(max_length=200, blank=True, default="")
+    # How a concurrent write is settled: by the type's rule, or kept as a conflict to resolve.
+    merge_rule = models.CharField(max_length=8, choices=MergeRule.choices, default=MergeRule.LWW)
+    conflicted = models.BooleanField(default=False)
+    # A list's add-wins set or a counter's per-agent totals (memories.merges); empty otherwise.
+    state = models.JSONField(default=dict, blank=True)
+    # The key that created it: a shared memory has no owning user, its author is recorded.
+    author_key_id = models.UUIDField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     # A tombstone rather than a row delete, so pull-sync can hand deletions to offline clients.
@@ -311,6 +329,13 @@ class Memory(models.Model):
             # PostgreSQL spent inserting 1,000 of them. A page sorts the rows of its
             # transactions by id (an incremental sort).
             models.Index(fields=["user", "change_txid"], name="memory_user_changes"),
+            # The shared memories of a tenant (scope tenant) and of its topics: listed, searched
+            # and synced by these keys; a user's own memories have no entry.
+            models.Index(
+                fields=["tenant", "scope", "topic", "change_txid"],
+                name="memory_shared_changes",
+                condition=Q(user__isnull=True),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -326,6 +351,8 @@ class MemoryHistory(models.Model):
         UPDATE = "UPDATE"
         DELETE = "DELETE"  # forgotten (erased) or a bulk delete
         CLOSE = "CLOSE"  # contradicted: no longer true, kept with its validity interval
+        # A concurrent write that lost (last writer wins): its content, kept, not applied.
+        OVERWRITTEN = "OVERWRITTEN"
 
     id = models.BigAutoField(primary_key=True)
     # Indexed by memory_history_by_memory (memory, id) alone; a second index would cost every
@@ -333,7 +360,7 @@ class MemoryHistory(models.Model):
     memory = models.ForeignKey(
         Memory, on_delete=models.CASCADE, related_name="history", db_index=False
     )
-    event = models.CharField(max_length=8, choices=Event.choices)
+    event = models.CharField(max_length=16, choices=Event.choices)
     old_content = models.TextField(null=True, blank=True)
     new_content = models.TextField(null=True, blank=True)
     actor = models.CharField(max_length=200, blank=True, default="")
@@ -367,6 +394,34 @@ class MemoryHistory(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} {self.memory_id}"
+
+
+class MemoryConflict(models.Model):
+    """A write to a `merge: manual` memory that was concurrent with another: not applied, both
+    sides kept until someone chooses. Each side: content, version, clock, agent_id, written_at."""
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        RESOLVED = "resolved"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="conflicts")
+    memory = models.ForeignKey(Memory, on_delete=models.CASCADE, related_name="conflicts")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.OPEN)
+    current = models.JSONField()
+    incoming = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    # {"choose": "current"|"incoming"} or {"content": ...}, with who chose.
+    resolution = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "status", "created_at"], name="conflict_by_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"conflict {self.id} on {self.memory_id} ({self.status})"
 
 
 class Session(models.Model):

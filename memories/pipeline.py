@@ -46,6 +46,9 @@ def plan_changes(
     with metrics.timed("database"):
         neighbours = selectors.memory_nearest_for_many(
             user_id=memory_request.user_id,
+            tenant_id=memory_request.tenant_id,
+            scope=payload.get("scope", "user"),
+            topic=payload.get("topic", ""),
             vectors=fact_vectors,
             per_vector=settings.MEMORY_NEIGHBOURS_PER_FACT,
         )

@@ -67,6 +67,8 @@ def memory_search(
     min_score: float | None = None,
     as_of: datetime | None = None,
     recency_half_life_days: float | None = None,
+    include_shared: bool = False,
+    topics: tuple[str, ...] = (),
 ) -> list[Found]:
     """Search the user's live memories (see the module's opening), or those true at `as_of`.
     `filters` as `memories.filters.memory_filters_parse` returns them. `threshold` is a minimum
@@ -79,7 +81,9 @@ def memory_search(
         message = "threshold is a minimum cosine similarity: it needs mode hybrid or vector."
         raise InvalidInput(message, field="threshold")
     candidates = max(limit, settings.SEARCH_CANDIDATES) if mode == "hybrid" else limit
-    base = selectors.memories_of(user, filters=filters, as_of=as_of)
+    base = selectors.memories_of(
+        user, filters=filters, as_of=as_of, include_shared=include_shared, topics=topics
+    )
     query_vector = embedder.embed([query])[0] if mode != "keyword" else None
     legs: dict[str, Leg] = {}
     if query_vector is not None:

@@ -17,6 +17,7 @@ from memories.filters import memory_filters_q
 from memories.models import (
     EndUser,
     Memory,
+    MemoryConflict,
     MemoryHistory,
     MemoryRequest,
     Session,
@@ -65,13 +66,33 @@ def memory_history(
     return list(rows.order_by("id")[:limit])
 
 
+def memory_pool_q(user: EndUser, *, include_shared: bool, topics: Iterable[str] = ()) -> Q:
+    """The memories a user's view holds: their own, and with `include_shared` the tenant's
+    shared ones (scope tenant); `topics` adds those topics' memories."""
+    pool = Q(user=user)
+    if include_shared:
+        pool |= Q(tenant_id=user.tenant_id, user__isnull=True, scope=Memory.Scope.TENANT)
+    topics = list(topics)
+    if topics:
+        pool |= Q(
+            tenant_id=user.tenant_id, user__isnull=True, scope=Memory.Scope.TOPIC, topic__in=topics
+        )
+    return pool
+
+
 def memories_of(
-    user: EndUser, *, filters: dict[str, Any], as_of: datetime | None = None
+    user: EndUser,
+    *,
+    filters: dict[str, Any],
+    as_of: datetime | None = None,
+    include_shared: bool = False,
+    topics: Iterable[str] = (),
 ) -> QuerySet[Memory]:
     """The user's memories true now (live: neither forgotten nor closed), or, with `as_of`, those
     true then, each with `content_then` (its content at that time, from its history), filtered
-    in SQL by the parsed filters."""
-    queryset = Memory.objects.filter(user=user, deleted_at__isnull=True)
+    in SQL by the parsed filters; with the shared ones `memory_pool_q` adds."""
+    pool = memory_pool_q(user, include_shared=include_shared, topics=topics)
+    queryset = Memory.objects.filter(pool, deleted_at__isnull=True)
     if as_of is None:
         queryset = queryset.filter(valid_to__isnull=True)
     else:
@@ -114,10 +135,14 @@ def memory_list(
     cursor: tuple[str, str] | None,
     limit: int,
     as_of: datetime | None = None,
+    include_shared: bool = False,
+    topics: Iterable[str] = (),
 ) -> list[Memory]:
     """A page of the user's live memories (or those true at `as_of`), newest first,
-    keyset-paginated on (created_at, id)."""
-    queryset = memories_of(user, filters=filters, as_of=as_of).order_by("-created_at", "-id")
+    keyset-paginated on (created_at, id); the shared ones too, as `memory_pool_q` says."""
+    queryset = memories_of(
+        user, filters=filters, as_of=as_of, include_shared=include_shared, topics=topics
+    ).order_by("-created_at", "-id")
     if cursor is not None:
         created_at, memory_id = cursor
         queryset = queryset.filter(
@@ -127,9 +152,16 @@ def memory_list(
 
 
 def memory_nearest_for_many(
-    *, user_id: UUID | str, vectors: list[list[float]], per_vector: int
+    *,
+    user_id: UUID | str,
+    vectors: list[list[float]],
+    per_vector: int,
+    tenant_id: UUID | str | None = None,
+    scope: str = "user",
+    topic: str = "",
 ) -> list[tuple[str, str]]:
-    """The nearest live memories of the user for every vector at once, in ONE query.
+    """The nearest live memories of the user (or, for a job writing shared memories, of the
+    tenant's scope or topic) for every vector at once, in ONE query.
 
     Returns (memory_id, content) pairs, de-duplicated, closest first for the first vector, then the
     next, so the LLM sees each memory once.
@@ -137,21 +169,27 @@ def memory_nearest_for_many(
     if not vectors:
         return []
     literals = [vector_text(vector) for vector in vectors]
+    if scope == "user":
+        owner, params = "user_id = %s", [str(user_id)]
+    else:
+        owner = "tenant_id = %s AND user_id IS NULL AND scope = %s AND topic = %s"
+        params = [str(tenant_id), scope, topic]
     with connection.cursor() as cursor:
         cursor.execute(
-            """
+            f"""
             SELECT f.ord, m.id, m.content
             FROM unnest(%s::text[]) WITH ORDINALITY AS f(vec, ord)
             CROSS JOIN LATERAL (
                 SELECT id, content, embedding <=> f.vec::vector AS distance
                 FROM memories_memory
-                WHERE user_id = %s AND deleted_at IS NULL AND valid_to IS NULL
+                WHERE {owner} AND deleted_at IS NULL AND valid_to IS NULL
+                  AND type IN ('fact', 'preference', 'conversation')
                 ORDER BY distance
                 LIMIT %s
             ) AS m
             ORDER BY f.ord, m.distance
             """,
-            [literals, str(user_id), per_vector],
+            [literals, *params, per_vector],
         )
         rows = cursor.fetchall()
     seen: dict[str, str] = {}
@@ -208,3 +246,31 @@ def memory_request_list(
     if before:
         queryset = queryset.filter(created_at__lt=before)
     return list(queryset.order_by("-created_at", "-id").defer("payload")[:limit])
+
+
+def conflict_get(*, tenant: Tenant, conflict_id: UUID | str) -> MemoryConflict:
+    try:
+        return MemoryConflict.objects.get(tenant=tenant, pk=conflict_id)
+    except (MemoryConflict.DoesNotExist, ValueError) as exc:
+        raise NotFound("Conflict not found.") from exc
+
+
+def conflict_list(
+    *,
+    tenant: Tenant,
+    status: str | None,
+    memory_id: UUID | None,
+    before: tuple[str, str] | None,
+    limit: int,
+) -> list[MemoryConflict]:
+    """The tenant's conflicts (open ones unless `status` says), newest first, keyset-paginated
+    on (created_at, id)."""
+    queryset = MemoryConflict.objects.filter(tenant=tenant, status=status or "open")
+    if memory_id is not None:
+        queryset = queryset.filter(memory_id=memory_id)
+    if before is not None:
+        created_at, conflict_id = before
+        queryset = queryset.filter(
+            Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=conflict_id)
+        )
+    return list(queryset.order_by("-created_at", "-id")[:limit])

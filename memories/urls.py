@@ -9,6 +9,13 @@ urlpatterns = [
     path("v1/memories", api.MemoryCollectionApi.as_view(), name="memories"),
     path("v1/memories/search", api.MemorySearchApi.as_view(), name="memory-search"),
     path("v1/memories/batch", api.MemoryBatchApi.as_view(), name="memory-batch"),
+    path("v1/memories/direct", api.MemoryDirectApi.as_view(), name="memory-direct"),
+    path("v1/conflicts", api.ConflictListApi.as_view(), name="conflicts"),
+    path(
+        "v1/conflicts/<uuid:conflict_id>/resolve",
+        api.ConflictResolveApi.as_view(),
+        name="conflict-resolve",
+    ),
     path("v1/memories/<uuid:memory_id>", api.MemoryDetailApi.as_view(), name="memory-detail"),
     path(
         "v1/memories/<uuid:memory_id>/history",

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 from django.utils import timezone
 
+from memories import merges
+
 
 class MemoryFields(Protocol):
     """What an event reads of a memory: a `Memory`, or a row a bulk write is about to COPY."""
@@ -40,6 +42,18 @@ class MemoryFields(Protocol):
     def occurred_at(self) -> Any: ...
     @property
     def valid_to(self) -> Any: ...
+    @property
+    def vector_clock(self) -> Any: ...
+    @property
+    def written_at(self) -> Any: ...
+    @property
+    def merge_rule(self) -> str: ...
+    @property
+    def conflicted(self) -> bool: ...
+    @property
+    def state(self) -> Any: ...
+    @property
+    def created_at(self) -> Any: ...
 
 
 SCHEMA_VERSION = 1
@@ -66,6 +80,7 @@ EVENT_TYPE_OF_CHANGE = {
     "UPDATE": "memory.updated",
     "CLOSE": "memory.closed",
     "DELETE": "memory.deleted",
+    "OVERWRITTEN": "memory.updated",  # its clock took in a concurrent write that lost
 }
 
 
@@ -86,8 +101,8 @@ def system_channel() -> str:
 
 
 def channels_for_memory(memory: MemoryFields) -> list[str]:
-    """The owner's channel always; the shared channel of its scope too."""
-    channels = [user_channel(memory.user_id)]
+    """The owner's channel (a shared memory has none); the shared channel of its scope too."""
+    channels = [user_channel(memory.user_id)] if memory.user_id else []
     if memory.scope == "tenant":
         channels.append(tenant_channel(memory.tenant_id))
     elif memory.scope == "topic" and memory.topic:
@@ -140,22 +155,47 @@ def memory_event(
         user_id=memory.user_id,
         agent_id=memory.agent_id,
         session_id=memory.session_id,
-        memory={
-            "id": str(memory.id),
-            "content": memory.content if event_type != "memory.deleted" else None,
-            "type": memory.type,
-            "metadata": memory.metadata,
-            "version": memory.version,
-            "scope": memory.scope,
-            "topic": memory.topic,
-            "occurred_at": _isoformat(memory.occurred_at),
-            "valid_to": _isoformat(memory.valid_to),
-        },
+        memory=memory_document(memory, deleted=event_type == "memory.deleted"),
         channels=channels_for_memory(memory),
         data=data,
         at=memory.updated_at,
         event_id=event_id,
     )
+
+
+def memory_document(memory: MemoryFields, *, deleted: bool = False) -> dict[str, Any]:
+    """The memory as the API shows it (the same keys), so that a client's cache may keep an
+    event's `memory` as the memory itself. A deleted one keeps no content."""
+    document: dict[str, Any] = {
+        "id": str(memory.id),
+        "user_id": str(memory.user_id) if memory.user_id else None,
+        "content": None if deleted else memory.content,
+        "type": memory.type,
+        "scope": memory.scope,
+        "topic": memory.topic,
+        "metadata": memory.metadata,
+        "agent_id": memory.agent_id,
+        "session_id": memory.session_id,
+        "version": memory.version,
+        "clock": memory.vector_clock or {},
+        "merge": memory.merge_rule,
+        "conflicted": memory.conflicted,
+        "written_at": _isoformat(memory.written_at),
+        "created_at": _isoformat(memory.created_at),
+        "updated_at": _isoformat(memory.updated_at),
+        "occurred_at": _isoformat(memory.occurred_at),
+        "valid_to": _isoformat(memory.valid_to),
+    }
+    return document | typed_value(memory.type, memory.state)
+
+
+def typed_value(memory_type: str, state: Any) -> dict[str, Any]:
+    """What a list or a counter holds, read from its merge state: `items` or `value`."""
+    if memory_type == "list":
+        return {"items": merges.orset_items(state or {})}
+    if memory_type == "counter":
+        return {"value": merges.counter_value(state or {})}
+    return {}
 
 
 def _isoformat(value: datetime | None) -> str | None:
