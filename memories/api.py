@@ -28,7 +28,6 @@ from memories import (
     backpressure,
     erasure,
     ledger,
-    memory_writes,
     metrics,
     search,
     selectors,
@@ -38,8 +37,8 @@ from memories.access import Access, Actor
 from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
-from memories.events.schema import typed_value
 from memories.errors import InvalidInput
+from memories.events.schema import typed_value
 from memories.filters import DATE_FIELDS, FIELDS, memory_filters_parse
 from memories.models import Memory, MemoryConflict, MemoryRequest, Tenant
 from memories.parsers import strict_loads
@@ -269,7 +268,7 @@ def _as_of(value: Any) -> datetime | None:
 _JSON_QUERY_FILTERS = ("metadata", *DATE_FIELDS)
 
 
-def _encode_cursor(memory: Memory) -> str:
+def _encode_cursor(memory: Memory | MemoryConflict) -> str:
     raw = json.dumps([memory.created_at.isoformat(), str(memory.id)])
     return base64.urlsafe_b64encode(raw.encode()).decode()
 

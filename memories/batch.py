@@ -97,7 +97,13 @@ def parse_items(
             errors.append(_error(index, "scope", f"Must be one of {', '.join(SCOPES)}."))
             continue
         if not isinstance(topic, str) or len(topic) > 200 or bool(topic) != (scope == "topic"):
-            errors.append(_error(index, "topic", "scope topic needs a topic (200 characters at most), and only it."))  # noqa: E501
+            errors.append(
+                _error(
+                    index,
+                    "topic",
+                    "scope topic needs a topic (200 characters at most), and only it.",
+                )
+            )  # noqa: E501
             continue
         user_id: str | None = None
         if scope == "user":

@@ -215,7 +215,9 @@ def _history_insert(
                 "memory_id": change.memory.id,
                 "event": change.event,
                 "old_content": change.previous,
-                "new_content": change.lost if change.event == "OVERWRITTEN" else _content_after(change),
+                "new_content": change.lost
+                if change.event == "OVERWRITTEN"
+                else _content_after(change),
                 "actor": actor,
                 "request_id": request_id,
                 "created_at": at,

@@ -24,7 +24,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from memories import merges, memory_writes, rows, signals
+from memories import memory_writes, merges, rows, signals
 from memories.access import Actor
 from memories.errors import ConflictRecorded, InvalidInput, NotFound, VersionConflict
 from memories.memory_writes import AppliedChange, content_hash
@@ -371,8 +371,11 @@ def conflict_resolve(
             f"chose the {choose} side" if choose else "wrote a new value"
         )
         memory_writes.memories_write(
-            [AppliedChange("UPDATE", memory, conflict.current["content"], reason=reason,
-                           versioned=True)],  # fmt: skip
+            [
+                AppliedChange(
+                    "UPDATE", memory, conflict.current["content"], reason=reason, versioned=True
+                )
+            ],  # fmt: skip
             actor=actor.agent_id,
             at=now,
             actor_key_id=actor.key_id,

@@ -25,9 +25,7 @@ def direct(api: APIClient, **body: Any) -> dict[str, Any]:
 
 
 def patch(api: APIClient, memory_id: str, *, agent: str, **body: Any) -> Any:
-    return api.patch(
-        f"/v1/memories/{memory_id}", body, format="json", HTTP_X_AGENT_ID=agent
-    )
+    return api.patch(f"/v1/memories/{memory_id}", body, format="json", HTTP_X_AGENT_ID=agent)
 
 
 def history(api: APIClient, memory_id: str) -> list[dict[str, Any]]:
@@ -81,9 +79,9 @@ def test_a_tenant_memory_has_no_user_and_is_listed_and_searched_only_with_includ
 def test_topic_memories_join_a_view_only_when_their_topic_is_named(api, end_user: EndUser):
     direct(api, content="Release freeze starts Monday", scope="topic", topic="releases")
     direct(api, content="Lunch is at noon", scope="topic", topic="office")
-    listed = api.get(
-        "/v1/memories", {"user_id": str(end_user.id), "topics": "releases"}
-    ).json()["results"]
+    listed = api.get("/v1/memories", {"user_id": str(end_user.id), "topics": "releases"}).json()[
+        "results"
+    ]
     assert [m["content"] for m in listed] == ["Release freeze starts Monday"]
     assert listed[0]["topic"] == "releases"
 
@@ -120,7 +118,7 @@ def test_a_shared_memory_is_evented_on_the_tenant_channel_not_a_user_channel(api
 
 
 def test_a_job_with_scope_tenant_writes_shared_memories(end_user: EndUser, settings):
-    request = submit_job(end_user, "Our refund window is 30 days", scope="tenant", topic="")
+    request = submit_job(end_user, "I love hiking in the mountains", scope="tenant", topic="")
     assert memory_request_run(request_id=str(request.id)) == "done"
     memory = Memory.objects.get()
     assert memory.user_id is None and memory.scope == "tenant"
@@ -234,9 +232,7 @@ def test_a_list_merges_a_concurrent_add_and_remove_add_wins(api, end_user: EndUs
 
 
 def test_a_counter_sums_every_agents_increments_and_decrements(api, end_user: EndUser):
-    memory = direct(
-        api, user_id=str(end_user.id), content="Visits", type="counter", agent_id="a"
-    )
+    memory = direct(api, user_id=str(end_user.id), content="Visits", type="counter", agent_id="a")
     assert memory["value"] == 0
     for agent, by in (("a", 2), ("b", 5), ("a", -1), ("c", 1)):
         response = patch(api, memory["id"], agent=agent, increment=by, base_clock={})
@@ -253,9 +249,7 @@ def test_list_operations_on_a_fact_are_a_400(api, end_user: EndUser):
 # --- Manual merges: conflicts --------------------------------------------------------------------
 
 
-def test_a_manual_memory_keeps_a_concurrent_write_as_a_conflict_to_resolve(
-    api, end_user: EndUser
-):
+def test_a_manual_memory_keeps_a_concurrent_write_as_a_conflict_to_resolve(api, end_user: EndUser):
     memory = direct(
         api, user_id=str(end_user.id), content="Budget is 10k", merge="manual", agent_id="a"
     )
@@ -282,7 +276,9 @@ def test_a_manual_memory_keeps_a_concurrent_write_as_a_conflict_to_resolve(
     assert resolved.json()["memory"]["conflicted"] is False
     assert resolved.json()["conflict"]["status"] == "resolved"
     assert api.get("/v1/conflicts").json()["results"] == []
-    again = api.post(f"/v1/conflicts/{conflict['id']}/resolve", {"choose": "current"}, format="json")
+    again = api.post(
+        f"/v1/conflicts/{conflict['id']}/resolve", {"choose": "current"}, format="json"
+    )
     assert again.status_code == 404
 
 

@@ -192,9 +192,9 @@ def memory_document(memory: MemoryFields, *, deleted: bool = False) -> dict[str,
 def typed_value(memory_type: str, state: Any) -> dict[str, Any]:
     """What a list or a counter holds, read from its merge state: `items` or `value`."""
     if memory_type == "list":
-        return {"items": merges.orset_items(state or {})}
+        return {"items": merges.orset_items(state or merges.orset_empty())}
     if memory_type == "counter":
-        return {"value": merges.counter_value(state or {})}
+        return {"value": merges.counter_value(state or merges.counter_empty())}
     return {}
 
 
