@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 from datetime import datetime
+from functools import partial
 from typing import Any, cast
 
 import prometheus_client
@@ -533,9 +534,6 @@ class MemoryDetailApi(TenantApi):
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
         base_version = _if_match_version(request) or data.get("base_version")
-        self._memory_check(
-            selectors.memory_get(tenant=self.tenant, memory_id=memory_id), write=True
-        )
         change = versioned_writes.Change(
             content=data.get("content"),
             metadata=data.get("metadata"),
@@ -555,6 +553,7 @@ class MemoryDetailApi(TenantApi):
                 change=change,
                 actor=self.actor(data.get("agent_id")),
                 embedder=get_embedder(),
+                may_write=partial(self._memory_check, write=True),
             )
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 

@@ -17,6 +17,7 @@ writer saw, so a write based on the result descends from both sides.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -130,11 +131,18 @@ def memory_direct_create(
 
 
 def memory_change(
-    *, tenant_id: Any, memory_id: Any, change: Change, actor: Actor, embedder: Embedder
+    *,
+    tenant_id: Any,
+    memory_id: Any,
+    change: Change,
+    actor: Actor,
+    embedder: Embedder,
+    may_write: Callable[[Memory], None] | None = None,
 ) -> Memory:
     """Apply a PATCH under the rules in the module's opening. Raises VersionConflict (412: a
     stale base without `merge`), ConflictRecorded (409: a manual memory's concurrent write, kept
-    as a conflict) or InvalidInput (an operation the memory's type has not)."""
+    as a conflict) or InvalidInput (an operation the memory's type has not). `may_write` is the
+    caller's access check, given the memory as locked (one read of it, not two)."""
     # Embedded before the lock is taken, so a slow embedder never holds the row.
     embedding = embedder.embed([change.content])[0] if change.content is not None else None
     now = timezone.now()
@@ -143,6 +151,8 @@ def memory_change(
     conflict: MemoryConflict | None = None
     with transaction.atomic():
         memory = memory_writes.memory_lock(tenant_id=tenant_id, memory_id=memory_id)
+        if may_write is not None:
+            may_write(memory)
         _operations_check(memory, change)
         base_clock = change.base_clock or {}
         ticks = max(1, len(change.list_add or []))  # an added item takes a dot of its own

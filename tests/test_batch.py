@@ -206,8 +206,10 @@ def test_batch_rows_read_back_as_written(api, end_user) -> None:
     first, second = (Memory.objects.get(pk=i) for i in ids)
     assert (first.user_id, first.tenant_id) == (end_user.id, end_user.tenant_id)
     assert first.metadata == metadata and first.type == "preference"
+    assert first.vector_clock == {"batch": 1}  # no agent: the writer is the batch
     assert (second.agent_id, second.session_id, second.metadata) == ("bot", "s-1", {})
-    assert second.vector_clock == {} and second.version == 1
+    assert second.vector_clock == {"bot": 1} and second.version == 1
+    assert (second.written_by, second.merge_rule, second.state) == ("bot", "lww", {})
     expected = get_embedder().embed(["Lives in Zürich"])[0]
     assert len(first.embedding) == len(expected)
     assert all(

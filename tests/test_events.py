@@ -42,14 +42,24 @@ def test_committed_change_is_published_to_stream_and_user_channel(end_user) -> N
 
     (event,) = tenant_events(end_user.tenant, "memory.created")
     assert event["schema"] == 1 and event["event_id"] and event["timestamp"]
+    # The memory as the API shows it, so that a client's cache may keep it as it comes.
     assert event["memory"] == {
         "id": str(memory.id),
+        "user_id": str(end_user.id),
         "content": "Lives in Paris",
         "type": "fact",
-        "metadata": {},
-        "version": 1,
         "scope": "user",
         "topic": "",
+        "metadata": {},
+        "agent_id": "",
+        "session_id": "",
+        "version": 1,
+        "clock": {},
+        "merge": "lww",
+        "conflicted": False,
+        "written_at": memory.written_at.isoformat(),
+        "created_at": memory.created_at.isoformat(),
+        "updated_at": memory.updated_at.isoformat(),
         "occurred_at": memory.occurred_at.isoformat(),
         "valid_to": None,
     }
