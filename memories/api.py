@@ -152,9 +152,20 @@ class UserOutput(serializers.Serializer):
 
 
 class UserCreateApi(TenantApi):
+    """`POST` creates a user (a taken `external_id` is 409 naming its `user_id`); `GET
+    ?external_id=` finds one: `{"results": [user]}`, empty when there is none."""
+
     class InputSerializer(serializers.Serializer):
         external_id = serializers.CharField(required=False, allow_null=True, max_length=200)
         metadata = JsonObjectField(required=False, default=dict)
+
+    class FindInput(serializers.Serializer):
+        external_id = serializers.CharField(max_length=200)
+
+    def get(self, request: Request) -> Response:
+        data = validated_input(self.FindInput, request.query_params.dict())
+        user = selectors.end_user_find(tenant=self.tenant, external_id=data["external_id"])
+        return Response({"results": [UserOutput(user).data] if user else []})
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)

@@ -46,10 +46,47 @@ class SessionCreateApi(TenantApi):
         return Response(SessionOutput(session).data, status=status.HTTP_201_CREATED)
 
 
+class SessionDetailApi(TenantApi):
+    def get(self, request: Request, session_id: str) -> Response:
+        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        return Response(SessionOutput(session).data)
+
+
+class MessageOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    role = serializers.CharField()
+    content = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
 class SessionMessagesApi(TenantApi):
+    """`POST` appends messages; `GET ?cursor=&limit=` reads them back, oldest first."""
+
     class InputSerializer(serializers.Serializer):
         # many=True: the ListSerializer takes max_length; the stub types only the child's kwargs.
         messages = MessageInput(many=True, allow_empty=False, max_length=200)  # type: ignore[call-arg]
+
+    class QuerySerializer(serializers.Serializer):
+        cursor = serializers.RegexField(r"^\d{1,18}$", required=False)
+        limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=500)
+
+    def get(self, request: Request, session_id: str) -> Response:
+        query = validated_input(self.QuerySerializer, request.query_params.dict())
+        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        page = selectors.session_messages(
+            session=session,
+            after=int(query["cursor"]) if query.get("cursor") else None,
+            limit=query["limit"] + 1,
+        )
+        has_more = len(page) > query["limit"]
+        page = page[: query["limit"]]
+        return Response(
+            {
+                "session_id": str(session.id),
+                "messages": MessageOutput(page, many=True).data,
+                "next_cursor": str(page[-1].id) if has_more else None,
+            }
+        )
 
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)

@@ -19,6 +19,7 @@ from memories.models import (
     Memory,
     MemoryHistory,
     MemoryRequest,
+    Message,
     Session,
     Tenant,
     vector_text,
@@ -32,6 +33,13 @@ def end_user_get(*, tenant: Tenant, user_id: UUID | str) -> EndUser:
         return EndUser.objects.get(tenant=tenant, pk=user_id, erasing_since__isnull=True)
     except (EndUser.DoesNotExist, ValueError, TypeError) as exc:
         raise NotFound("User not found.", field="user_id") from exc
+
+
+def end_user_find(*, tenant: Tenant, external_id: str) -> EndUser | None:
+    """The tenant's user with this external id (not one being erased), or None."""
+    return EndUser.objects.filter(
+        tenant=tenant, external_id=external_id, erasing_since__isnull=True
+    ).first()
 
 
 def memory_request_get(*, tenant: Tenant, request_id: UUID | str) -> MemoryRequest:
@@ -165,6 +173,14 @@ def session_get(*, tenant: Tenant, session_id: UUID | str) -> Session:
         return Session.objects.get(tenant=tenant, pk=session_id)
     except (Session.DoesNotExist, ValueError) as exc:
         raise NotFound("Session not found.") from exc
+
+
+def session_messages(*, session: Session, after: int | None, limit: int) -> list[Message]:
+    """A page of the session's messages, oldest first, after the message `after` (a cursor)."""
+    rows = Message.objects.filter(session=session)
+    if after is not None:
+        rows = rows.filter(id__gt=after)
+    return list(rows.order_by("id")[:limit])
 
 
 def memory_changes_since(

@@ -22,6 +22,9 @@ urlpatterns = [
     ),
     path("v1/sessions", api_events.SessionCreateApi.as_view(), name="sessions"),
     path(
+        "v1/sessions/<uuid:session_id>", api_events.SessionDetailApi.as_view(), name="session"
+    ),
+    path(
         "v1/sessions/<uuid:session_id>/messages",
         api_events.SessionMessagesApi.as_view(),
         name="session-messages",
