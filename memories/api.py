@@ -34,6 +34,7 @@ from memories import (
     selectors,
 )
 from memories.access import Access, Actor
+from memories.api_idempotency import idempotency_key, idempotent_write
 from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
@@ -286,7 +287,7 @@ class MemoryCollectionApi(TenantApi):
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
-        idempotency_key = _idempotency_key(request)
+        key = idempotency_key(request)
         tenant_id = str(self.tenant.id)
         # A job costs its messages (the call paid one already).
         backpressure.rate_limit(tenant_id, cost=len(data["messages"]) - 1)
@@ -305,7 +306,7 @@ class MemoryCollectionApi(TenantApi):
             user_id=data["user_id"],
             payload=payload,
             priority=data["priority"],
-            idempotency_key=idempotency_key,
+            idempotency_key=key,
         )
         return Response(
             {"request_id": str(memory_request.id), "status": memory_request.status},
@@ -363,7 +364,7 @@ class MemoryBatchApi(TenantApi):
         if run_async:
             backpressure.admit(Queue.BATCH, tenant_id=str(self.tenant.id))
             memory_request = ledger.batch_request_submit(
-                tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)
+                tenant=self.tenant, items=items, idempotency_key=idempotency_key(request)
             )
             metrics.BATCH_SIZE.observe(len(items))  # of accepted batches only
             return Response(
@@ -371,21 +372,16 @@ class MemoryBatchApi(TenantApi):
                 status=status.HTTP_202_ACCEPTED,
             )
         metrics.BATCH_SIZE.observe(len(items))
+        return self._apply(request, items)
+
+    @idempotent_write  # the asynchronous mode keeps the request ledger's own keys
+    def _apply(self, request: Request, items: list[Any]) -> Response:
         with backpressure.embedding_slot():
             results = memories_batch_apply(
                 tenant=self.tenant, raw_items=items, embedder=get_embedder()
             )
         failed = sum(result["status"] == "error" for result in results)
         return Response({"results": results, "ok": len(results) - failed, "failed": failed})
-
-
-def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("Idempotency-Key") or None
-    if key is not None and len(key) > 255:
-        raise InvalidInput(
-            "Idempotency-Key is longer than 255 characters.", field="Idempotency-Key"
-        )
-    return key
 
 
 class MemoryRequestListApi(TenantApi):
@@ -451,6 +447,7 @@ class MemoryDetailApi(TenantApi):
         memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
+    @idempotent_write
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
         expected_version = _if_match_version(request)
@@ -466,6 +463,7 @@ class MemoryDetailApi(TenantApi):
             )
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
+    @idempotent_write
     def delete(self, request: Request, memory_id: str) -> Response:
         erasure.memory_forget(tenant_id=self.tenant.id, memory_id=memory_id)
         return Response(status=status.HTTP_204_NO_CONTENT)

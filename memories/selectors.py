@@ -21,6 +21,7 @@ from memories.models import (
     MemoryRequest,
     Message,
     Session,
+    SyncPurge,
     Tenant,
     vector_text,
 )
@@ -183,19 +184,44 @@ def session_messages(*, session: Session, after: int | None, limit: int) -> list
     return list(rows.order_by("id")[:limit])
 
 
+def _sync_set(
+    *, tenant: Tenant | None, user: EndUser | None, shared: bool, topics: Iterable[str]
+) -> Q:
+    """The memories a pull-sync covers: the user's own, the tenant's shared ones (`shared`) and
+    those of the topics named, as one condition (a memory in several sets counts once)."""
+    covered = Q(pk__in=[])
+    if user is not None:
+        covered |= Q(user=user, scope=Memory.Scope.USER)
+    tenant_id = tenant.id if tenant is not None else user.tenant_id if user is not None else None
+    if shared:
+        covered |= Q(tenant_id=tenant_id, scope=Memory.Scope.TENANT, topic="")
+    topics = sorted(set(topics))
+    if topics:
+        covered |= Q(tenant_id=tenant_id, scope=Memory.Scope.TOPIC, topic__in=topics)
+    return covered
+
+
 def memory_changes_since(
-    *, user: EndUser, cursor: tuple[int, str] | None, limit: int
+    *,
+    cursor: tuple[int, str] | None,
+    limit: int,
+    user: EndUser | None = None,
+    tenant: Tenant | None = None,
+    shared: bool = False,
+    topics: Iterable[str] = (),
 ) -> list[Memory]:
-    """The user's memories written since `cursor`, deletions (tombstones) included, in the order
-    they were written, for pull-sync.
+    """The memories of the sets named (a user's, the tenant's shared ones, topics') written since
+    `cursor`, deletions (tombstones) included, in the order they were written, for pull-sync.
 
     Pages on (writing transaction id, memory id). Only rows whose transaction id lies below the
     oldest transaction still running are returned: every such transaction has ended, so no row
     can later appear behind the cursor — a client never misses a change that committed late. The
-    price: a change shows up once the transactions that began before it have finished.
+    price: a change shows up once the transactions that began before it have finished. Each set
+    is a range of its own index (memory_user_changes, memory_shared_changes), ORed by PostgreSQL.
     """
     settled = RawSQL("pg_snapshot_xmin(pg_current_snapshot())::text::bigint", [])
-    queryset = Memory.objects.filter(user=user, change_txid__lt=settled)
+    covered = _sync_set(tenant=tenant, user=user, shared=shared, topics=topics)
+    queryset = Memory.objects.filter(covered, change_txid__lt=settled)
     if cursor is not None:
         txid, memory_id = cursor
         # The first condition is implied by the second, but PostgreSQL cannot start an index
@@ -205,6 +231,43 @@ def memory_changes_since(
             Q(change_txid__gt=txid) | Q(change_txid=txid, id__gt=memory_id)
         )
     return list(queryset.order_by("change_txid", "id").defer("embedding", "search_vector")[:limit])
+
+
+def memory_digest(
+    *,
+    user: EndUser | None = None,
+    tenant: Tenant | None = None,
+    shared: bool = False,
+    topics: Iterable[str] = (),
+) -> tuple[int, str]:
+    """How many live memories (neither forgotten nor closed) the sets hold, and the sha256 (hex)
+    of their `id:version` lines sorted by id, joined by newlines ("" when there are none): what a
+    client's cache holds the same of. Computed in PostgreSQL, so no row travels."""
+    live = Memory.objects.filter(
+        _sync_set(tenant=tenant, user=user, shared=shared, topics=topics),
+        deleted_at__isnull=True,
+        valid_to__isnull=True,
+    ).values_list("id", "version")
+    sql, params = live.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT count(*), encode(sha256(convert_to(coalesce(string_agg(
+                       live.id::text || ':' || live.version::text, E'\\n'
+                       ORDER BY live.id::text COLLATE "C"), ''), 'UTF8')), 'hex')
+            FROM ({sql}) AS live (id, version)
+            """,
+            params,
+        )
+        count, digest = cursor.fetchone()
+    return count, digest
+
+
+def sync_purged_through(*, tenant_id: UUID | str) -> tuple[int, UUID] | None:
+    """The greatest (change_txid, id) of the tenant's purged tombstones (memories.sync), or None
+    when none was ever purged: a pull-sync cursor before it may have missed a deletion."""
+    mark = SyncPurge.objects.filter(tenant_id=tenant_id).first()
+    return None if mark is None else (mark.purged_txid, mark.purged_memory_id)
 
 
 def memory_request_list(
