@@ -231,9 +231,7 @@ def test_the_digest_is_count_and_sha256_of_the_live_sets_id_version_lines(
 
 def forget(api, memory: Memory, *, days_ago: float) -> None:
     assert api.delete(f"/v1/memories/{memory.id}").status_code == 204
-    Memory.objects.filter(pk=memory.pk).update(
-        deleted_at=timezone.now() - timedelta(days=days_ago)
-    )
+    Memory.objects.filter(pk=memory.pk).update(deleted_at=timezone.now() - timedelta(days=days_ago))
 
 
 def test_old_tombstones_are_purged_and_a_cursor_from_before_them_is_410_with_the_snapshot(
