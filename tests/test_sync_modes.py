@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
@@ -13,20 +14,26 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
-from memories import events, sync
+from memories import accounts, events, sync
 from memories.events import sse
 from memories.models import EndUser, Memory, MemoryHistory, Tenant
 from tasks.sync import purge_sync_tombstones
 from tests.helpers import store_memories
-from tests.test_sse import (  # noqa: F401 (the module's live server and key fixtures)
-    Stream,
-    key,
-    open_stream,
-    server,
-    user_channel,
-)
+from tests.live_server import uvicorn_live_server
+from tests.test_sse import Stream, user_channel
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with uvicorn_live_server() as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def key(tenant: Tenant) -> str:
+    return accounts.api_key_create(tenant=tenant)[1]
 
 
 def shared_memory(tenant: Tenant, content: str, *, topic: str = "") -> Memory:
