@@ -42,6 +42,11 @@ def end_user_create(
                 tenant=tenant, external_id=external_id, metadata=metadata or {}
             )
     except IntegrityError as exc:
+        # Only the external_id can clash: name the user who holds it, so a client that lost the
+        # first answer carries on with that user.
+        existing = EndUser.objects.filter(tenant=tenant, external_id=external_id).first()
         raise AlreadyExists(
-            f"A user with external_id {external_id!r} already exists.", field="external_id"
+            f"A user with external_id {external_id!r} already exists.",
+            field="external_id",
+            user_id=str(existing.id) if existing else None,
         ) from exc

@@ -35,6 +35,7 @@ from memories import (
     versioned_writes,
 )
 from memories.access import Access, Actor
+from memories.api_idempotency import idempotency_key, idempotent_write
 from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
@@ -178,9 +179,20 @@ class UserOutput(serializers.Serializer):
 
 
 class UserCreateApi(TenantApi):
+    """`POST` creates a user (a taken `external_id` is 409 naming its `user_id`); `GET
+    ?external_id=` finds one: `{"results": [user]}`, empty when there is none."""
+
     class InputSerializer(serializers.Serializer):
         external_id = serializers.CharField(required=False, allow_null=True, max_length=200)
         metadata = JsonObjectField(required=False, default=dict)
+
+    class FindInput(serializers.Serializer):
+        external_id = serializers.CharField(max_length=200)
+
+    def get(self, request: Request) -> Response:
+        data = validated_input(self.FindInput, request.query_params.dict())
+        user = selectors.end_user_find(tenant=self.tenant, external_id=data["external_id"])
+        return Response({"results": [UserOutput(user).data] if user else []})
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
@@ -319,7 +331,7 @@ class MemoryCollectionApi(TenantApi):
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
-        idempotency_key = _idempotency_key(request)
+        key = idempotency_key(request)
         tenant_id = str(self.tenant.id)
         # A job costs its messages (the call paid one already).
         backpressure.rate_limit(tenant_id, cost=len(data["messages"]) - 1)
@@ -342,7 +354,7 @@ class MemoryCollectionApi(TenantApi):
             user_id=data["user_id"],
             payload=payload,
             priority=data["priority"],
-            idempotency_key=idempotency_key,
+            idempotency_key=key,
         )
         return Response(
             {"request_id": str(memory_request.id), "status": memory_request.status},
@@ -404,7 +416,7 @@ class MemoryBatchApi(TenantApi):
         if run_async:
             backpressure.admit(Queue.BATCH, tenant_id=str(self.tenant.id))
             memory_request = ledger.batch_request_submit(
-                tenant=self.tenant, items=items, idempotency_key=_idempotency_key(request)
+                tenant=self.tenant, items=items, idempotency_key=idempotency_key(request)
             )
             metrics.BATCH_SIZE.observe(len(items))  # of accepted batches only
             return Response(
@@ -412,21 +424,16 @@ class MemoryBatchApi(TenantApi):
                 status=status.HTTP_202_ACCEPTED,
             )
         metrics.BATCH_SIZE.observe(len(items))
+        return self._apply(request, items)
+
+    @idempotent_write  # the asynchronous mode keeps the request ledger's own keys
+    def _apply(self, request: Request, items: list[Any]) -> Response:
         with backpressure.embedding_slot():
             results = memories_batch_apply(
                 tenant=self.tenant, raw_items=items, embedder=get_embedder()
             )
         failed = sum(result["status"] == "error" for result in results)
         return Response({"results": results, "ok": len(results) - failed, "failed": failed})
-
-
-def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("Idempotency-Key") or None
-    if key is not None and len(key) > 255:
-        raise InvalidInput(
-            "Idempotency-Key is longer than 255 characters.", field="Idempotency-Key"
-        )
-    return key
 
 
 def _topics(names: list[str], *, field: str) -> tuple[str, ...]:
@@ -531,6 +538,7 @@ class MemoryDetailApi(TenantApi):
         memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
+    @idempotent_write
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
         base_version = _if_match_version(request) or data.get("base_version")
@@ -557,6 +565,7 @@ class MemoryDetailApi(TenantApi):
             )
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
+    @idempotent_write
     def delete(self, request: Request, memory_id: str) -> Response:
         erasure.memory_forget(tenant_id=self.tenant.id, memory_id=memory_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -596,6 +605,7 @@ class MemoryDirectApi(TenantApi):
             required=False, allow_null=True, min_value=-(10**12), max_value=10**12
         )
 
+    @idempotent_write
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         _scope_check(data["scope"], data["topic"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from typing import Any
+from uuid import UUID
 
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -12,7 +13,7 @@ from rest_framework.response import Response
 
 from memories import selectors, sessions
 from memories.api import JsonObjectField, MemoryOutput, MessageInput, TenantApi, validated_input
-from memories.errors import InvalidInput
+from memories.errors import Gone, InvalidInput
 from memories.events import EVENT_TYPES
 from memories.events.analytics import analytics_summary
 from memories.events.replay import events_in_range, session_events, session_reconstruct
@@ -46,10 +47,47 @@ class SessionCreateApi(TenantApi):
         return Response(SessionOutput(session).data, status=status.HTTP_201_CREATED)
 
 
+class SessionDetailApi(TenantApi):
+    def get(self, request: Request, session_id: str) -> Response:
+        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        return Response(SessionOutput(session).data)
+
+
+class MessageOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    role = serializers.CharField()
+    content = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
 class SessionMessagesApi(TenantApi):
+    """`POST` appends messages; `GET ?cursor=&limit=` reads them back, oldest first."""
+
     class InputSerializer(serializers.Serializer):
         # many=True: the ListSerializer takes max_length; the stub types only the child's kwargs.
         messages = MessageInput(many=True, allow_empty=False, max_length=200)  # type: ignore[call-arg]
+
+    class QuerySerializer(serializers.Serializer):
+        cursor = serializers.RegexField(r"^\d{1,18}$", required=False)
+        limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=500)
+
+    def get(self, request: Request, session_id: str) -> Response:
+        query = validated_input(self.QuerySerializer, request.query_params.dict())
+        session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        page = selectors.session_messages(
+            session=session,
+            after=int(query["cursor"]) if query.get("cursor") else None,
+            limit=query["limit"] + 1,
+        )
+        has_more = len(page) > query["limit"]
+        page = page[: query["limit"]]
+        return Response(
+            {
+                "session_id": str(session.id),
+                "messages": MessageOutput(page, many=True).data,
+                "next_cursor": str(page[-1].id) if has_more else None,
+            }
+        )
 
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
@@ -161,14 +199,60 @@ def _decode_sync_cursor(cursor: str) -> tuple[int, str]:
         raise InvalidInput("Malformed cursor.", field="since") from exc
 
 
-class SyncApi(TenantApi):
-    """`GET /v1/sync?user_id=&since=CURSOR&limit=`: every change since the cursor, deletions as
-    tombstones (`deleted: true`), contradicted memories as `closed: true`, and the cursor to send
-    next time."""
+class SyncQuery(serializers.Serializer):
+    """Which memories a pull-sync covers: `user_id` (with `include_shared` and `topics`), or
+    `scope=tenant`, or `topic`."""
 
-    class InputSerializer(serializers.Serializer):
-        user_id = serializers.UUIDField()
-        since = serializers.CharField(required=False)
+    user_id = serializers.UUIDField(required=False)
+    include_shared = serializers.BooleanField(required=False, default=False)
+    topics = serializers.CharField(required=False, allow_blank=True, max_length=10_000)
+    scope = serializers.ChoiceField(choices=["user", "tenant"], required=False)
+    topic = serializers.CharField(required=False, max_length=200)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        named = [
+            attrs.get("user_id") is not None,
+            attrs.get("scope") == "tenant",
+            attrs.get("topic") is not None,
+        ]
+        if sum(named) != 1:
+            message = "Give one of user_id, scope=tenant or topic."
+            raise serializers.ValidationError({"user_id": [message]})
+        topics = [name.strip() for name in attrs.get("topics", "").split(",") if name.strip()]
+        if topics and attrs.get("user_id") is None:
+            raise serializers.ValidationError({"topics": ["Only with user_id."]})
+        attrs["topics"] = topics
+        return attrs
+
+
+class SyncApiBase(TenantApi):
+    def sync_sets(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The selectors' arguments for the sets the query names, each checked against the
+        key's rights (a user of another tenant is a 404)."""
+        if data.get("topic") is not None:
+            self.access.topic(data["topic"])
+            return {"tenant": self.tenant, "topics": [data["topic"]]}
+        if data.get("scope") == "tenant":
+            self.access.shared()
+            return {"tenant": self.tenant, "shared": True}
+        user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        self.access.user(user.id)
+        if data["include_shared"]:
+            self.access.shared()
+        for topic in data["topics"]:
+            self.access.topic(topic)
+        return {"user": user, "shared": data["include_shared"], "topics": data["topics"]}
+
+
+class SyncApi(SyncApiBase):
+    """`GET /v1/sync?user_id=[&include_shared=true][&topics=a,b] | scope=tenant | topic=`
+    `&since=CURSOR&limit=`: every change of those memories since the cursor (one cursor over
+    their union), deletions as tombstones (`deleted: true`), contradicted memories as `closed:
+    true`, and the cursor to send next time. A cursor from before tombstones that were purged
+    (SYNC_TOMBSTONE_RETENTION_DAYS) is `410 cursor_expired`, with the `snapshot` to start from."""
+
+    class InputSerializer(SyncQuery):
+        since = serializers.CharField(required=False, allow_blank=True)
         limit = serializers.IntegerField(required=False, default=500, min_value=1, max_value=1000)
 
     class ChangeOutput(MemoryOutput):
@@ -185,9 +269,19 @@ class SyncApi(TenantApi):
 
     def get(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.query_params.dict())
-        user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        sets = self.sync_sets(data)
         cursor = _decode_sync_cursor(data["since"]) if data.get("since") else None
-        changes = selectors.memory_changes_since(user=user, cursor=cursor, limit=data["limit"])
+        if cursor is not None:
+            purged = selectors.sync_purged_through(tenant_id=self.tenant.id)
+            if purged is not None and (cursor[0], UUID(cursor[1])) < purged:
+                query = request.query_params.copy()
+                query.pop("since", None)
+                raise Gone(
+                    "Deletions after this cursor were purged; rebuild from the snapshot, then "
+                    "sync on from its next_cursor.",
+                    snapshot=f"/v1/sync?{query.urlencode()}",
+                )
+        changes = selectors.memory_changes_since(cursor=cursor, limit=data["limit"], **sets)
         if changes:
             last = changes[-1]
             assert last.change_txid is not None  # a trigger sets it on every write
@@ -201,3 +295,14 @@ class SyncApi(TenantApi):
                 "has_more": len(changes) == data["limit"],
             }
         )
+
+
+class SyncDigestApi(SyncApiBase):
+    """`GET /v1/sync/digest?<the sets, as /v1/sync>` -> `{count, hash}`: how many live memories
+    (not deleted, not closed) and the sha256 hex of their `id:version` lines, sorted by id, joined
+    by newlines; a cache that computes the same holds the same."""
+
+    def get(self, request: Request) -> Response:
+        data = validated_input(SyncQuery, request.query_params.dict())
+        count, digest = selectors.memory_digest(**self.sync_sets(data))
+        return Response({"count": count, "hash": digest})

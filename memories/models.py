@@ -507,3 +507,49 @@ class AuditLogEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.stream_id}"
+
+
+class IdempotentWrite(models.Model):
+    """A write sent with an `Idempotency-Key`, and the answer it got (memories.idempotency).
+
+    The row is inserted before the write and its answer saved in the write's own transaction, so
+    the two commit together: a duplicate sent while the first runs waits on the unique index, then
+    finds the answer; one sent after a lost answer finds it too, and nothing is applied twice.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    # No index of its own: the unique (tenant, key) leads with it.
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+", db_index=False)
+    key = models.CharField(max_length=255)
+    # sha256 of the method, path and body: the same key with another request is refused.
+    fingerprint = models.CharField(max_length=64)
+    # The first answer; empty only inside the transaction that is writing it.
+    status = models.PositiveSmallIntegerField(null=True, blank=True)
+    body = JsonTextField(null=True, blank=True)
+    headers = JsonTextField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "key"], name="idempotent_write_key_unique"),
+        ]
+        indexes = [models.Index(fields=["expires_at"], name="idempotent_write_expiry")]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.status})"
+
+
+class SyncPurge(models.Model):
+    """How far a tenant's tombstones have been purged (memories.sync): the greatest (change_txid,
+    id) removed. A pull-sync cursor before it may have missed a deletion, so it is refused."""
+
+    tenant = models.OneToOneField(
+        Tenant, on_delete=models.CASCADE, primary_key=True, related_name="+"
+    )
+    purged_txid = models.BigIntegerField()
+    purged_memory_id = models.UUIDField()
+    purged_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} up to {self.purged_txid}"

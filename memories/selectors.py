@@ -20,7 +20,9 @@ from memories.models import (
     MemoryConflict,
     MemoryHistory,
     MemoryRequest,
+    Message,
     Session,
+    SyncPurge,
     Tenant,
     vector_text,
 )
@@ -33,6 +35,13 @@ def end_user_get(*, tenant: Tenant, user_id: UUID | str) -> EndUser:
         return EndUser.objects.get(tenant=tenant, pk=user_id, erasing_since__isnull=True)
     except (EndUser.DoesNotExist, ValueError, TypeError) as exc:
         raise NotFound("User not found.", field="user_id") from exc
+
+
+def end_user_find(*, tenant: Tenant, external_id: str) -> EndUser | None:
+    """The tenant's user with this external id (not one being erased), or None."""
+    return EndUser.objects.filter(
+        tenant=tenant, external_id=external_id, erasing_since__isnull=True
+    ).first()
 
 
 def memory_request_get(*, tenant: Tenant, request_id: UUID | str) -> MemoryRequest:
@@ -66,16 +75,26 @@ def memory_history(
     return list(rows.order_by("id")[:limit])
 
 
-def memory_pool_q(user: EndUser, *, include_shared: bool, topics: Iterable[str] = ()) -> Q:
-    """The memories a user's view holds: their own, and with `include_shared` the tenant's
-    shared ones (scope tenant); `topics` adds those topics' memories."""
-    pool = Q(user=user)
+def memory_pool_q(
+    *,
+    tenant_id: Any,
+    user: EndUser | None,
+    include_shared: bool,
+    topics: Iterable[str] = (),
+) -> Q:
+    """The memories a view holds (a list, a search, a pull-sync, a digest): the user's own (when
+    one is named), with `include_shared` the tenant's shared ones (scope tenant), and those of the
+    `topics` named. Shared memories have no user; naming that keeps their lookups on the partial
+    index memory_shared_changes."""
+    pool = Q(pk__in=[])
+    if user is not None:
+        pool |= Q(user=user)
     if include_shared:
-        pool |= Q(tenant_id=user.tenant_id, user__isnull=True, scope=Memory.Scope.TENANT)
-    topics = list(topics)
+        pool |= Q(tenant_id=tenant_id, user__isnull=True, scope=Memory.Scope.TENANT)
+    topics = sorted(set(topics))
     if topics:
         pool |= Q(
-            tenant_id=user.tenant_id, user__isnull=True, scope=Memory.Scope.TOPIC, topic__in=topics
+            tenant_id=tenant_id, user__isnull=True, scope=Memory.Scope.TOPIC, topic__in=topics
         )
     return pool
 
@@ -91,7 +110,9 @@ def memories_of(
     """The user's memories true now (live: neither forgotten nor closed), or, with `as_of`, those
     true then, each with `content_then` (its content at that time, from its history), filtered
     in SQL by the parsed filters; with the shared ones `memory_pool_q` adds."""
-    pool = memory_pool_q(user, include_shared=include_shared, topics=topics)
+    pool = memory_pool_q(
+        tenant_id=user.tenant_id, user=user, include_shared=include_shared, topics=topics
+    )
     queryset = Memory.objects.filter(pool, deleted_at__isnull=True)
     if as_of is None:
         queryset = queryset.filter(valid_to__isnull=True)
@@ -205,19 +226,42 @@ def session_get(*, tenant: Tenant, session_id: UUID | str) -> Session:
         raise NotFound("Session not found.") from exc
 
 
+def session_messages(*, session: Session, after: int | None, limit: int) -> list[Message]:
+    """A page of the session's messages, oldest first, after the message `after` (a cursor)."""
+    rows = Message.objects.filter(session=session)
+    if after is not None:
+        rows = rows.filter(id__gt=after)
+    return list(rows.order_by("id")[:limit])
+
+
+def _sync_set(
+    *, tenant: Tenant | None, user: EndUser | None, shared: bool, topics: Iterable[str]
+) -> Q:
+    tenant_id = tenant.id if tenant is not None else user.tenant_id if user is not None else None
+    return memory_pool_q(tenant_id=tenant_id, user=user, include_shared=shared, topics=topics)
+
+
 def memory_changes_since(
-    *, user: EndUser, cursor: tuple[int, str] | None, limit: int
+    *,
+    cursor: tuple[int, str] | None,
+    limit: int,
+    user: EndUser | None = None,
+    tenant: Tenant | None = None,
+    shared: bool = False,
+    topics: Iterable[str] = (),
 ) -> list[Memory]:
-    """The user's memories written since `cursor`, deletions (tombstones) included, in the order
-    they were written, for pull-sync.
+    """The memories of the sets named (a user's, the tenant's shared ones, topics') written since
+    `cursor`, deletions (tombstones) included, in the order they were written, for pull-sync.
 
     Pages on (writing transaction id, memory id). Only rows whose transaction id lies below the
     oldest transaction still running are returned: every such transaction has ended, so no row
     can later appear behind the cursor — a client never misses a change that committed late. The
-    price: a change shows up once the transactions that began before it have finished.
+    price: a change shows up once the transactions that began before it have finished. Each set
+    is a range of its own index (memory_user_changes, memory_shared_changes), ORed by PostgreSQL.
     """
     settled = RawSQL("pg_snapshot_xmin(pg_current_snapshot())::text::bigint", [])
-    queryset = Memory.objects.filter(user=user, change_txid__lt=settled)
+    covered = _sync_set(tenant=tenant, user=user, shared=shared, topics=topics)
+    queryset = Memory.objects.filter(covered, change_txid__lt=settled)
     if cursor is not None:
         txid, memory_id = cursor
         # The first condition is implied by the second, but PostgreSQL cannot start an index
@@ -227,6 +271,43 @@ def memory_changes_since(
             Q(change_txid__gt=txid) | Q(change_txid=txid, id__gt=memory_id)
         )
     return list(queryset.order_by("change_txid", "id").defer("embedding", "search_vector")[:limit])
+
+
+def memory_digest(
+    *,
+    user: EndUser | None = None,
+    tenant: Tenant | None = None,
+    shared: bool = False,
+    topics: Iterable[str] = (),
+) -> tuple[int, str]:
+    """How many live memories (neither forgotten nor closed) the sets hold, and the sha256 (hex)
+    of their `id:version` lines sorted by id, joined by newlines ("" when there are none): what a
+    client's cache holds the same of. Computed in PostgreSQL, so no row travels."""
+    live = Memory.objects.filter(
+        _sync_set(tenant=tenant, user=user, shared=shared, topics=topics),
+        deleted_at__isnull=True,
+        valid_to__isnull=True,
+    ).values_list("id", "version")
+    sql, params = live.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT count(*), encode(sha256(convert_to(coalesce(string_agg(
+                       live.id::text || ':' || live.version::text, E'\\n'
+                       ORDER BY live.id::text COLLATE "C"), ''), 'UTF8')), 'hex')
+            FROM ({sql}) AS live (id, version)
+            """,
+            params,
+        )
+        count, digest = cursor.fetchone()
+    return count, digest
+
+
+def sync_purged_through(*, tenant_id: UUID | str) -> tuple[int, UUID] | None:
+    """The greatest (change_txid, id) of the tenant's purged tombstones (memories.sync), or None
+    when none was ever purged: a pull-sync cursor before it may have missed a deletion."""
+    mark = SyncPurge.objects.filter(tenant_id=tenant_id).first()
+    return None if mark is None else (mark.purged_txid, mark.purged_memory_id)
 
 
 def memory_request_list(

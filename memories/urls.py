@@ -28,6 +28,7 @@ urlpatterns = [
         "get_status/<uuid:request_id>", api.MemoryRequestStatusApi.as_view(), name="request-alias"
     ),
     path("v1/sessions", api_events.SessionCreateApi.as_view(), name="sessions"),
+    path("v1/sessions/<uuid:session_id>", api_events.SessionDetailApi.as_view(), name="session"),
     path(
         "v1/sessions/<uuid:session_id>/messages",
         api_events.SessionMessagesApi.as_view(),
@@ -49,6 +50,7 @@ urlpatterns = [
     path("v1/events", api_events.EventsApi.as_view(), name="events"),
     path("v1/analytics/events", api_events.AnalyticsApi.as_view(), name="analytics"),
     path("v1/sync", api_events.SyncApi.as_view(), name="sync"),
+    path("v1/sync/digest", api_events.SyncDigestApi.as_view(), name="sync-digest"),
     # Served by memoryproject.asgi before Django; this answers only under a WSGI server.
     path("v1/stream", api_errors.stream_needs_asgi_view, name="stream-needs-asgi"),
     path("healthz", api.healthz, name="healthz"),

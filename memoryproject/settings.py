@@ -213,6 +213,11 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # --- Memory jobs ------------------------------------------------------------------------------
 MEMORY_REQUEST_TTL_SECONDS = env_int("MEMORY_REQUEST_TTL_SECONDS", 24 * 3600)
+# How long a direct write's Idempotency-Key answers with its first response (memories.idempotency).
+IDEMPOTENCY_KEY_TTL_HOURS = env_positive_int("IDEMPOTENCY_KEY_TTL_HOURS", 24)
+# Pull-sync keeps deletions (tombstones) this long; an older cursor is 410 cursor_expired.
+SYNC_TOMBSTONE_RETENTION_DAYS = env_positive_int("SYNC_TOMBSTONE_RETENTION_DAYS", 30)
+HOUSEKEEPING_INTERVAL_SECONDS = env_float("HOUSEKEEPING_INTERVAL_SECONDS", 3600.0)
 MEMORY_JOB_MAX_ATTEMPTS = env_int("MEMORY_JOB_MAX_ATTEMPTS", 3)
 MEMORY_JOB_LEASE_SECONDS = env_int("MEMORY_JOB_LEASE_SECONDS", 60)
 MEMORY_JOB_RETRY_BACKOFF_SECONDS = env_float("MEMORY_JOB_RETRY_BACKOFF_SECONDS", 2.0)
@@ -311,6 +316,16 @@ CELERY_BEAT_SCHEDULE = {
         "task": "tasks.events.trim_events",
         "schedule": EVENT_TRIM_INTERVAL_SECONDS,
         "options": {"queue": "high", "expires": EVENT_TRIM_INTERVAL_SECONDS},
+    },
+    "purge-sync-tombstones": {
+        "task": "tasks.sync.purge_sync_tombstones",
+        "schedule": HOUSEKEEPING_INTERVAL_SECONDS,
+        "options": {"queue": "high", "expires": HOUSEKEEPING_INTERVAL_SECONDS},
+    },
+    "expire-idempotent-writes": {
+        "task": "tasks.sync.expire_idempotent_writes",
+        "schedule": HOUSEKEEPING_INTERVAL_SECONDS,
+        "options": {"queue": "high", "expires": HOUSEKEEPING_INTERVAL_SECONDS},
     },
     "sweep-webhook-deliveries": {
         "task": "tasks.webhooks.sweep_webhook_deliveries",

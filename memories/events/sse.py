@@ -10,6 +10,12 @@ delivered. Comments `: heartbeat` keep an idle connection open. Two events end a
 `stream-reset` (the Last-Event-ID is older than the oldest retained entry; fetch the state with
 `GET /v1/sync`, then the live events follow).
 
+Lazy mode, `&batch_ms=<1..60000>`: events are gathered for that long from the first one, then sent
+as one `event: batch` frame, `data: {"events": [...]}` (each with its "id"), whose `id:` is the
+last gathered event's stream id, so Last-Event-ID resumes after the whole batch. Within a batch a
+memory's events (created, updated, closed, deleted) coalesce to its latest one, which carries its
+state (a deletion is kept: it is the latest); other events pass through in order.
+
     stream_app(...)     the ASGI app: authorize, wait for the hub, send the stream
     Hub                 one per process: the only reader of `memory:events`, fans entries out
     event_stream(...)   one client's body: replay after Last-Event-ID, then live, with heartbeats
@@ -69,6 +75,14 @@ STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 _USER = re.compile(r"user:([^:]+):memories")
 _TENANT = re.compile(r"tenant:([^:]+):shared")
 _TOPIC = re.compile(r"topic:(.{1,200}):updates")
+BATCH_MS_MAX = 60_000
+# A batch is sent early once it holds this many entries (a long replay, a burst of many
+# memories), so no frame grows without bound.
+BATCH_MAX_EVENTS = 500
+# The events that carry one memory's whole state: a batch keeps a memory's latest of them.
+MEMORY_STATE_EVENTS = frozenset(
+    {"memory.created", "memory.updated", "memory.closed", "memory.deleted"}
+)
 
 # redis-py types replies for any client: `bytes | str`, and RESP3's shapes too. The hub's client
 # decodes responses and speaks RESP2, so its replies are cast to the shapes it actually returns.
@@ -113,6 +127,7 @@ class StreamRequest:
     channels: tuple[str, ...]
     types: frozenset[str] | None
     last_event_id: str | None
+    batch_ms: int | None = None  # lazy mode: coalesce over this window
 
 
 def route_key(tenant_id: str, channel: str) -> str:
@@ -134,7 +149,7 @@ def stream_request_authorize(
 
     `authorization` is the Authorization header ("" when absent), `query` the query string and
     `last_event_id` the Last-Event-ID header (None when absent; `?last_event_id=` stands in).
-    Raises StreamRefused: 401 without a valid key; 400 naming `channels`, `types` or
+    Raises StreamRefused: 401 without a valid key; 400 naming `channels`, `types`, `batch_ms` or
     `Last-Event-ID` when one is missing or malformed; 403 naming `channels` for a channel of
     another tenant (a user who is not the caller's is refused whether or not they exist elsewhere).
     """
@@ -153,6 +168,7 @@ def stream_request_authorize(
         channels=channels,
         types=_types_parse(query.get("types", "")),
         last_event_id=_last_event_id_parse(last_event_id or query.get("last_event_id")),
+        batch_ms=_batch_ms_parse(query.get("batch_ms")),
     )
 
 
@@ -233,6 +249,20 @@ def _types_parse(raw: str) -> frozenset[str] | None:
     return types or None
 
 
+def _batch_ms_parse(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    value = raw.strip()
+    if not (
+        value.isascii() and value.isdigit() and len(value) <= 6 and 1 <= int(value) <= BATCH_MS_MAX
+    ):
+        raise StreamRefused(
+            400, "invalid_request", f"batch_ms must be an integer from 1 to {BATCH_MS_MAX}.",
+            "batch_ms",
+        )  # fmt: skip
+    return int(value)
+
+
 def _last_event_id_parse(raw: str | None) -> str | None:
     if raw is None or not raw.strip():
         return None
@@ -254,13 +284,49 @@ class Frame:
     id: str
     order: tuple[int, int]
     data: bytes
+    event: dict[str, Any]  # as read (without "id"), for a lazy stream's batches; never changed
 
 
 def frame_for(entry_id: str, event: dict[str, Any]) -> Frame:
     # Compact JSON never contains a newline, so the event fits on one `data:` line.
     data = json.dumps({"id": entry_id, **event}, separators=(",", ":"))
     text = f"id: {entry_id}\nevent: {event['event_type']}\ndata: {data}\n\n"
-    return Frame(id=entry_id, order=stream_id_order(entry_id), data=text.encode())
+    return Frame(id=entry_id, order=stream_id_order(entry_id), data=text.encode(), event=event)
+
+
+class Batch:
+    """A lazy stream's events of one window, coalesced per memory (see the module's opening)."""
+
+    __slots__ = ("entries", "last_id")
+
+    def __init__(self) -> None:
+        # Insertion order is send order; a memory's newer event moves it to the end, so the
+        # batch stays in stream order of what it keeps.
+        self.entries: dict[Any, Frame] = {}
+        self.last_id: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, frame: Frame) -> None:
+        event = frame.event
+        memory = event.get("memory")
+        if event.get("event_type") in MEMORY_STATE_EVENTS and isinstance(memory, dict):
+            key: Any = ("memory", memory.get("id"))
+            self.entries.pop(key, None)
+        else:
+            key = frame.id
+        self.entries[key] = frame
+        self.last_id = frame.id
+
+    def take(self) -> tuple[str, bytes]:
+        """The batch's frame and its id (the last gathered event's); the batch is empty after."""
+        assert self.last_id is not None, "an empty batch is never sent"
+        events = [{"id": frame.id, **frame.event} for frame in self.entries.values()]
+        data = json.dumps({"events": events}, separators=(",", ":"))
+        last_id = self.last_id
+        self.entries, self.last_id = {}, None
+        return last_id, f"id: {last_id}\nevent: batch\ndata: {data}\n\n".encode()
 
 
 class Subscriber:
@@ -496,6 +562,9 @@ async def event_stream(
         keys.add(SYSTEM_CHANNEL)
     subscriber = hub.subscribe(keys=keys, types=wanted.types, buffer=buffer)
     last_id = subscriber.start_id
+    # Lazy mode: frames gathered into `batch` until `window` seconds after its first one.
+    window = wanted.batch_ms / 1000 if wanted.batch_ms else None
+    batch = Batch()
     try:
         yield SUBSCRIBED
         if wanted.last_event_id is not None:
@@ -516,12 +585,25 @@ async def event_stream(
                     system=SYSTEM_CHANNEL in wanted.channels,
                 )
                 async for stored in replayed:
-                    yield stored.data
-                    last_id = stored.id
+                    if window is None:
+                        yield stored.data
+                        last_id = stored.id
+                        continue
+                    batch.add(stored)  # what was missed, coalesced too
+                    if len(batch) >= BATCH_MAX_EVENTS:
+                        last_id, data = batch.take()
+                        yield data
+                if batch:
+                    last_id, data = batch.take()
+                    yield data
         last_order = stream_id_order(last_id)
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         timer: asyncio.TimerHandle  # set below, then re-armed by each call
+        # Lazy mode: the pending get (kept across a window's end, so no frame is lost to a
+        # cancelled get) and when the batch in progress is due.
+        getter: asyncio.Future[Frame | None] | None = None
+        due: float | None = None
 
         def heartbeat_if_quiet() -> None:
             # One timer per quiet period, not one per event (a timeout around every wait cost
@@ -529,17 +611,24 @@ async def event_stream(
             # sent for `heartbeat` seconds, else waits for the rest of the period. A timer that
             # fires early just waits again. Only an empty queue gets one: else data is coming.
             nonlocal timer
-            due = quiet_since + heartbeat
-            if loop.time() >= due:
+            next_at = quiet_since + heartbeat
+            if loop.time() >= next_at:
                 if subscriber.queue.empty():
                     subscriber.queue.put_nowait(None)
-                due = loop.time() + heartbeat
-            timer = loop.call_at(due, heartbeat_if_quiet)
+                next_at = loop.time() + heartbeat
+            timer = loop.call_at(next_at, heartbeat_if_quiet)
 
         timer = loop.call_at(quiet_since + heartbeat, heartbeat_if_quiet)
         try:
             while True:
-                if subscriber.overflowed and subscriber.queue.empty():
+                overflowed = subscriber.overflowed and subscriber.queue.empty()
+                if overflowed and (getter is None or not getter.done()):
+                    if getter is not None:  # nothing more can come: the hub let go of us
+                        getter.cancel()
+                        getter = None
+                    if batch:
+                        last_id, data = batch.take()
+                        yield data
                     yield _control_frame(
                         "overflow",
                         last_id,
@@ -548,17 +637,44 @@ async def event_stream(
                         f"Last-Event-ID: {last_id} to continue without a gap.",
                     )
                     return
-                frame = await subscriber.queue.get()
+                if due is None:
+                    if getter is not None:  # left waiting when the last window ended
+                        frame, getter = await getter, None
+                    else:
+                        frame = await subscriber.queue.get()
+                else:
+                    if getter is None:
+                        getter = asyncio.ensure_future(subscriber.queue.get())
+                    done, _ = await asyncio.wait((getter,), timeout=max(due - loop.time(), 0))
+                    if not done:  # the window is over: send what it gathered
+                        last_id, data = batch.take()
+                        due = None
+                        yield data
+                        quiet_since = loop.time()
+                        continue
+                    frame, getter = getter.result(), None
                 if frame is None:
-                    yield HEARTBEAT
+                    if due is None:  # a batch in progress will be sent soon enough
+                        yield HEARTBEAT
                 elif frame.order <= last_order:
                     continue  # already sent by the replay
-                else:
+                elif window is None:
                     yield frame.data
                     last_id, last_order = frame.id, frame.order
+                else:
+                    batch.add(frame)
+                    last_order = frame.order
+                    if due is None:
+                        due = loop.time() + window
+                    if len(batch) >= BATCH_MAX_EVENTS:
+                        last_id, data = batch.take()
+                        due = None
+                        yield data
                 quiet_since = loop.time()
         finally:
             timer.cancel()
+            if getter is not None:
+                getter.cancel()
     except RedisError:
         # Ending the stream is safe: the client reconnects with the last id it received.
         logger.exception("event stream: Redis failed while catching up; closing the stream")
