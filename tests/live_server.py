@@ -22,9 +22,11 @@ import uvicorn
 
 @contextmanager
 def uvicorn_live_server(
-    *, startup_timeout: float = 10.0, shutdown_timeout: float = 10.0
+    *, startup_timeout: float = 10.0, shutdown_timeout: float = 10.0, port: int = 0
 ) -> Iterator[str]:
-    """Serve `memoryproject.asgi:application` on a free loopback port; yield its base URL.
+    """Serve `memoryproject.asgi:application` on a free loopback port (or `port`: a server
+    started again where an earlier one was, as a restart looks to its clients); yield its base
+    URL.
 
     On exit the server stops (open streams are cut after a short grace period) and its thread is
     joined, so nothing it started outlives the block.
@@ -33,7 +35,7 @@ def uvicorn_live_server(
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         application,
