@@ -448,7 +448,6 @@ def test_two_agents_share_a_memory_through_a_live_cache_and_verify_it(
             cache.stop()
 
 
-@pytest.mark.skip(reason="needs Idempotency-Key on PATCH and POST /v1/memories/direct")
 def test_a_write_sent_again_with_its_idempotency_key_is_applied_once(
     client: MemoryClient, user_id: str
 ) -> None:
@@ -479,7 +478,6 @@ def test_a_forbidden_call_names_the_missing_grant(
     assert refused.value.status == 403 and refused.value.missing_grant
 
 
-@pytest.mark.skip(reason="needs GET /v1/stream?batch_ms= (coalesced `batch` frames)")
 def test_a_lazy_subscription_gets_one_entry_per_memory_per_window(
     client: MemoryClient, user_id: str
 ) -> None:
