@@ -25,6 +25,7 @@ from memories import accounts
 from memories.models import Tenant
 from memoryclient import (
     AsyncMemoryClient,
+    Conflict,
     InvalidInput,
     LocalCache,
     MemoryClient,
@@ -488,3 +489,45 @@ def test_a_lazy_subscription_gets_one_entry_per_memory_per_window(
     (event,) = collector.take(1)
     collector.close()
     assert event["memory"]["content"] == "Counter at 20" and event["memory"]["version"] == 21
+
+
+# --- Lists, counters and conflicts through the SDK --------------------------------------------
+
+
+def test_counters_and_lists_merge_the_changes_of_two_agents(server: str, key: str) -> None:
+    with (
+        MemoryClient(server, key, agent_id="phone") as phone,
+        MemoryClient(server, key, agent_id="laptop") as laptop,
+    ):
+        visits = phone.write(None, "Store visits", type="counter", scope="topic", topic="shop")
+        assert visits["value"] == 0 and visits["user_id"] is None
+        phone.increment(visits["id"], 3)
+        assert laptop.increment(visits["id"], -1)["value"] == 2
+        assert laptop.get(visits["id"])["clock"] == {"phone": 2, "laptop": 1}
+
+        groceries = phone.write(None, "Groceries", type="list", scope="tenant", items=["milk"])
+        assert laptop.list_add(groceries["id"], ["eggs"])["items"] == ["milk", "eggs"]
+        assert phone.list_remove(groceries["id"], ["milk"])["items"] == ["eggs"]
+
+
+def test_a_manual_conflict_is_raised_listed_and_resolved_through_the_sdk(
+    server: str, key: str, user_id: str
+) -> None:
+    with (
+        MemoryClient(server, key, agent_id="a") as first,
+        MemoryClient(server, key, agent_id="b") as second,
+    ):
+        memory = first.write(user_id, "Budget 10k", merge="manual")
+        base = memory["clock"]
+        first.update(memory["id"], content="Budget 12k", base_clock=base)
+        with pytest.raises(Conflict) as raised:
+            second.update(memory["id"], content="Budget 9k", base_clock=base)
+        assert raised.value.status == 409
+        conflict = raised.value.body["conflict"]
+        assert [c["id"] for c in second.conflicts()] == [conflict["id"]]
+        assert first.get(memory["id"])["conflicted"] is True
+        resolved = second.resolve(conflict["id"], choose="incoming")
+        assert resolved["memory"]["content"] == "Budget 9k"
+        assert second.conflicts() == []
+        history = [entry["new_content"] for entry in first.history(memory["id"])]
+        assert history[-1] == "Budget 9k"
