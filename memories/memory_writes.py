@@ -93,7 +93,11 @@ def memory_job_changes_apply(
             target.valid_to = max(occurred_at, target.occurred_at)
             applied.append(AppliedChange("CLOSE", target, previous, reason=change.reason))
     _memories_write(
-        applied, actor=payload.get("agent_id") or "memory-job", request=memory_request, at=now
+        applied,
+        actor=payload.get("agent_id") or "memory-job",
+        actor_key_id=payload.get("api_key_id"),
+        request=memory_request,
+        at=now,
     )
     return [
         {
@@ -128,6 +132,7 @@ def _memories_write(
     applied: list[AppliedChange],
     *,
     actor: str,
+    actor_key_id: str | None = None,
     request: MemoryRequest | None = None,
     at: datetime,
 ) -> None:
@@ -162,15 +167,21 @@ def _memories_write(
     # below, through the memories_written signal.
     rows.update_rows(Memory, list(changed.values()))
     rows.insert_instances([change.memory for change in applied if change.event == "ADD"])
-    _history_insert(applied, actor=actor, request=request, at=at)
+    _history_insert(applied, actor=actor, actor_key_id=actor_key_id, request=request, at=at)
     signals.memories_written.send(
         sender=Memory,
         changes=[(change.memory, EVENT_TYPE_OF_CHANGE[change.event]) for change in applied],
+        api_key_id=actor_key_id,
     )
 
 
 def _history_insert(
-    applied: list[AppliedChange], *, actor: str, request: MemoryRequest | None, at: datetime
+    applied: list[AppliedChange],
+    *,
+    actor: str,
+    actor_key_id: str | None = None,
+    request: MemoryRequest | None,
+    at: datetime,
 ) -> None:
     """The history rows of a write, in one statement (bulk writes COPY theirs)."""
     request_id = request.id if request is not None else None
@@ -183,6 +194,7 @@ def _history_insert(
                 "old_content": change.previous,
                 "new_content": _content_after(change),
                 "actor": actor,
+                "actor_key_id": actor_key_id,
                 "request_id": request_id,
                 "created_at": at,
                 "occurred_at": _change_occurred_at(change, at=at),
@@ -255,6 +267,7 @@ def memory_update(
     occurred_at: datetime | None = None,
     expected_version: int | None = None,
     actor: str = "api",
+    actor_key_id: str | None = None,
 ) -> Memory:
     """A correction, applied synchronously: embedding, update, history and event in one
     transaction, with one locking read of the memory.
@@ -279,11 +292,18 @@ def memory_update(
             memory.occurred_at = occurred_at
         if content is not None and embedding is not None:
             _memory_set_content(memory, content=content, embedding=embedding)
-        _memories_write([AppliedChange("UPDATE", memory, previous)], actor=actor, at=timezone.now())
+        _memories_write(
+            [AppliedChange("UPDATE", memory, previous)],
+            actor=actor,
+            actor_key_id=actor_key_id,
+            at=timezone.now(),
+        )
     return memory
 
 
-def memory_tombstone(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> Memory:
+def memory_tombstone(
+    *, tenant_id: Any, memory_id: Any, actor: str = "api", actor_key_id: str | None = None
+) -> Memory:
     """Forget's write of the memory itself (memories.erasure.memory_forget does the rest): a
     tombstone for pull-sync (id, version, deleted_at) with no content, metadata or embedding,
     its DELETE history row and its event, both content-free. NotFound unless it is live."""
@@ -293,5 +313,7 @@ def memory_tombstone(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> M
         memory.deleted_at = now
         memory.content, memory.content_hash, memory.metadata = "", "", {}
         memory.embedding = None
-        _memories_write([AppliedChange("DELETE", memory, None)], actor=actor, at=now)
+        _memories_write(
+            [AppliedChange("DELETE", memory, None)], actor=actor, actor_key_id=actor_key_id, at=now
+        )
     return memory
