@@ -9,8 +9,8 @@
     access.actor(agent_id=...)           # who a change is recorded as (key id and agent id)
 
 Each check raises `Forbidden` (403, with `missing_grant`) or returns None. A user or memory of
-another tenant is never asked about here: the selectors scope every read by tenant first, so
-those stay 404.
+another tenant stays 404: the selectors scope every read by tenant first, and a user that
+`user()` itself reads (to learn who created it) and does not find in the tenant is NotFound.
 
 Roles: `admin` may do everything in its tenant. `agent` may create users; read and write the
 users and topics it is granted (`user:<uuid>`, `topic:<name>`, `*` for every user and topic) and
@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from memories.errors import Forbidden, InvalidInput
+from memories.errors import Forbidden, InvalidInput, NotFound
 from memories.models import ApiKey, EndUser
 
 ADMIN, AGENT, READ_ONLY = ApiKey.Role.ADMIN.value, ApiKey.Role.AGENT.value, ApiKey.Role.READ_ONLY
@@ -134,17 +134,46 @@ class Access:
         user_id = _canonical_id(user_id)
         if EVERYTHING in self.grants or f"user:{user_id}" in self.grants:
             return
-        if created_by_key_id is _UNREAD and _is_uuid(user_id):
-            created_by_key_id = (
-                EndUser.objects.filter(pk=user_id, tenant_id=self.tenant_id)
-                .values_list("created_by_key_id", flat=True)
-                .first()
+        if created_by_key_id is _UNREAD:
+            found = (
+                list(
+                    EndUser.objects.filter(
+                        pk=user_id, tenant_id=self.tenant_id, erasing_since__isnull=True
+                    ).values_list("created_by_key_id", flat=True)[:1]
+                )
+                if _is_uuid(user_id)
+                else []
             )
-        if created_by_key_id not in (None, _UNREAD) and str(created_by_key_id) == self.key_id:
+            if not found:  # not the tenant's: the same 404 as the selectors'
+                raise NotFound("User not found.", field="user_id")
+            created_by_key_id = found[0]
+        if created_by_key_id is not None and str(created_by_key_id) == self.key_id:
             return
         raise Forbidden(
             f"This key is not granted user {user_id}.", missing_grant=f"user:{user_id}"
         )
+
+    def users(self, user_ids: Any, *, write: bool = False) -> None:
+        """`user()` for many users (a batch's) in one read; ids not of the tenant are left to
+        the caller (a batch answers them per item)."""
+        if self.is_admin:
+            return
+        self._writes(write)
+        if EVERYTHING in self.grants:
+            return
+        wanted = {_canonical_id(u) for u in user_ids if _is_uuid(str(u))}
+        wanted = {u for u in wanted if f"user:{u}" not in self.grants}
+        if not wanted:
+            return
+        found = EndUser.objects.filter(pk__in=wanted, tenant_id=self.tenant_id).values_list(
+            "id", "created_by_key_id"
+        )
+        for user_id, created_by_key_id in sorted(found, key=lambda row: str(row[0])):
+            self.user(user_id, write=write, created_by_key_id=created_by_key_id)
+
+    def user_create(self) -> None:
+        """New users: every role but read-only (an agent then uses the users it creates)."""
+        self._writes(True)
 
     def topic(self, name: str, *, write: bool = False) -> None:
         if self.is_admin:

@@ -34,6 +34,7 @@ from memories import (
     selectors,
 )
 from memories.access import Access, Actor
+from memories.events.schema import acting_key_id
 from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
@@ -54,6 +55,8 @@ class TenantApi(APIView):
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
+        # The events this call's changes record name its key (reset in finalize_response).
+        self._acting_key = acting_key_id.set(self.access.key_id)
         self.rate_limit_headers = backpressure.rate_limit(str(self.tenant.id))
         length = request.META.get("CONTENT_LENGTH") or "0"
         if length.isdigit() and int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
@@ -66,6 +69,9 @@ class TenantApi(APIView):
     ) -> Response:
         for header, value in getattr(self, "rate_limit_headers", {}).items():
             response.setdefault(header, value)
+        if getattr(self, "_acting_key", None) is not None:
+            acting_key_id.reset(self._acting_key)
+            self._acting_key = None
         return super().finalize_response(request, response, *args, **kwargs)
 
     @property
@@ -77,6 +83,17 @@ class TenantApi(APIView):
     def access(self) -> Access:
         """The calling key's rights (memories.access)."""
         return Access.of(self.request.user)
+
+    def user_allowed(self, user: Any, *, write: bool = False) -> None:
+        """The key may read (or write) this user's memories, jobs and sessions: 403 otherwise."""
+        self.access.user(user.id, write=write, created_by_key_id=user.created_by_key_id)
+
+    def memory_allowed(self, memory_id: Any, *, write: bool = False) -> None:
+        """The key may read (or write) this memory, by its scope: 403 otherwise, 404 if it is not
+        the tenant's. An admin may do anything, so its calls skip the read."""
+        access = self.access
+        if not access.is_admin:
+            access.memory(selectors.memory_owner(tenant=self.tenant, memory_id=memory_id), write=write)
 
     def actor(self, agent_id: str | None = None) -> Actor:
         """Who a change is recorded as: `agent_id` from the body, else X-Agent-Id, else the
@@ -157,9 +174,13 @@ class UserCreateApi(TenantApi):
         metadata = JsonObjectField(required=False, default=dict)
 
     def post(self, request: Request) -> Response:
+        self.access.user_create()
         data = validated_input(self.InputSerializer, request.data)
         user = accounts.end_user_create(
-            tenant=self.tenant, external_id=data.get("external_id"), metadata=data["metadata"]
+            tenant=self.tenant,
+            external_id=data.get("external_id"),
+            metadata=data["metadata"],
+            created_by_key_id=self.access.key_id,
         )
         return Response(UserOutput(user).data, status=status.HTTP_201_CREATED)
 
@@ -167,12 +188,14 @@ class UserCreateApi(TenantApi):
 class UserDetailApi(TenantApi):
     def get(self, request: Request, user_id: str) -> Response:
         user = selectors.end_user_get(tenant=self.tenant, user_id=user_id)
+        self.user_allowed(user)
         return Response(UserOutput(user).data)
 
     def delete(self, request: Request, user_id: str) -> Response:
         """Erase the user: a job (202), polled at /v1/requests/{request_id}; the user is not
         found from now on, and the finished request's `events` hold the receipt."""
         user = selectors.end_user_get(tenant=self.tenant, user_id=user_id)
+        self.user_allowed(user, write=True)
         memory_request = erasure.user_erasure_submit(user=user)
         body = {"request_id": str(memory_request.id), "status": memory_request.status}
         return Response(body, status=status.HTTP_202_ACCEPTED)
@@ -275,6 +298,7 @@ class MemoryCollectionApi(TenantApi):
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
+        self.access.user(data["user_id"], write=True)
         idempotency_key = _idempotency_key(request)
         tenant_id = str(self.tenant.id)
         # A job costs its messages (the call paid one already).
@@ -288,6 +312,8 @@ class MemoryCollectionApi(TenantApi):
             "agent_id": data["agent_id"],
             "session_id": data["session_id"],
             "infer": data["infer"],
+            # Not part of the job's identity (ledger.memory_request_hash): who its changes are by.
+            "api_key_id": self.access.key_id,
         }
         memory_request = ledger.memory_request_submit(
             tenant_id=self.tenant.id,
@@ -313,6 +339,7 @@ class MemoryCollectionApi(TenantApi):
         data = validated_input(self.ListInput, params)
         filters = memory_filters_parse({k: v for k, v in params.items() if k in FIELDS}, prefix="")
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        self.user_allowed(user)
         cursor = _decode_cursor(data["cursor"]) if data.get("cursor") else None
         page = selectors.memory_list(
             user=user,
@@ -348,6 +375,7 @@ class MemoryBatchApi(TenantApi):
             raise InvalidInput("A non-empty list of items is required.", field="items")
         if len(items) > limit:
             raise InvalidInput(f"At most {limit} items per call.", field="items")
+        _batch_allowed(self.access, items)
         backpressure.rate_limit(str(self.tenant.id), cost=len(items) - 1)  # one item, one token
         if run_async:
             backpressure.admit(Queue.BATCH, tenant_id=str(self.tenant.id))
@@ -366,6 +394,20 @@ class MemoryBatchApi(TenantApi):
             )
         failed = sum(result["status"] == "error" for result in results)
         return Response({"results": results, "ok": len(results) - failed, "failed": failed})
+
+
+def _batch_allowed(access: Access, items: list[Any]) -> None:
+    """The key may write every item's user (and scope, for a shared item): 403 otherwise. Items
+    that are not objects are left to the batch, which answers them one by one."""
+    if access.is_admin:
+        return
+    objects = [item for item in items if isinstance(item, dict)]
+    access.users([item.get("user_id") for item in objects], write=True)
+    for item in objects:
+        if item.get("scope") == "tenant":
+            access.shared(write=True)
+        elif item.get("scope") == "topic" and isinstance(item.get("topic"), str):
+            access.topic(item["topic"], write=True)
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -389,6 +431,10 @@ class MemoryRequestListApi(TenantApi):
 
     def get(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.query_params.dict())
+        if data.get("user_id"):
+            self.access.user(data["user_id"])
+        else:  # every user's requests
+            self.access.admin()
         requests = selectors.memory_request_list(
             tenant=self.tenant,
             status=data.get("status"),
@@ -409,6 +455,10 @@ class MemoryRequestStatusApi(TenantApi):
     def get(self, request: Request, request_id: str) -> Response:
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         memory_request = selectors.memory_request_get(tenant=self.tenant, request_id=request_id)
+        # A bulk write's request has no user: its status is any key's to poll (its results name
+        # memory ids and statuses, no content).
+        if memory_request.user_id is not None:
+            self.access.user(memory_request.user_id)
         finished = memory_request.status in (
             MemoryRequest.Status.SUCCESS,
             MemoryRequest.Status.FAILURE,
@@ -438,11 +488,14 @@ class MemoryDetailApi(TenantApi):
 
     def get(self, request: Request, memory_id: str) -> Response:
         memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
+        self.access.memory(memory)
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
         expected_version = _if_match_version(request)
+        self.memory_allowed(memory_id, write=True)
+        actor = self.actor(request.data.get("agent_id"))
         with backpressure.embedding_slot():
             memory = memory_writes.memory_update(
                 tenant_id=self.tenant.id,
@@ -452,11 +505,20 @@ class MemoryDetailApi(TenantApi):
                 metadata=data.get("metadata"),
                 occurred_at=data.get("occurred_at"),
                 expected_version=expected_version,
+                actor=actor.agent_id or "api",
+                actor_key_id=actor.key_id,
             )
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
     def delete(self, request: Request, memory_id: str) -> Response:
-        erasure.memory_forget(tenant_id=self.tenant.id, memory_id=memory_id)
+        self.memory_allowed(memory_id, write=True)
+        actor = self.actor()
+        erasure.memory_forget(
+            tenant_id=self.tenant.id,
+            memory_id=memory_id,
+            actor=actor.agent_id or "api",
+            actor_key_id=actor.key_id,
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -481,6 +543,7 @@ class MemoryHistoryApi(TenantApi):
         valid_to = serializers.DateTimeField(allow_null=True)
         reason = serializers.CharField(allow_null=True)  # why a CLOSE happened
         actor = serializers.CharField()
+        actor_key_id = serializers.UUIDField(allow_null=True)
         request_id = serializers.UUIDField(allow_null=True)
         created_at = serializers.DateTimeField()
 
@@ -491,6 +554,7 @@ class MemoryHistoryApi(TenantApi):
     def get(self, request: Request, memory_id: str) -> Response:
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         after = int(query["cursor"]) if query.get("cursor") else None
+        self.memory_allowed(memory_id)
         page = selectors.memory_history(
             tenant=self.tenant, memory_id=memory_id, after=after, limit=query["limit"] + 1
         )
@@ -533,6 +597,7 @@ class MemorySearchApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        self.user_allowed(user)
         with backpressure.embedding_slot():
             found = search.memory_search(
                 user=user,

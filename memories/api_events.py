@@ -40,6 +40,7 @@ class SessionCreateApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        self.user_allowed(user, write=True)
         session = sessions.session_start(
             user=user, agent_id=data["agent_id"], metadata=data["metadata"]
         )
@@ -54,6 +55,7 @@ class SessionMessagesApi(TenantApi):
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        self.access.user(session.user_id, write=True)
         added = sessions.session_add_messages(
             session=session, messages=[dict(m) for m in data["messages"]]
         )
@@ -67,6 +69,7 @@ class SessionEndApi(TenantApi):
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        self.access.user(session.user_id, write=True)
         session = sessions.session_end(
             session=session,
             summarize=data["summarize"],
@@ -97,6 +100,10 @@ class EventsApi(TenantApi):
 
     def get(self, request: Request) -> Response:
         data = validated_input(EventsQuery, request.query_params.dict())
+        if data.get("user_id"):
+            self.access.user(data["user_id"])
+        else:  # the whole tenant's events
+            self.access.admin()
         events = events_in_range(
             tenant_id=str(self.tenant.id),
             since=data.get("since"),
@@ -111,14 +118,15 @@ class EventsApi(TenantApi):
         return Response({"events": events, "next_after": next_after})
 
 
-def _session_events(tenant: Any, session_id: str) -> tuple[Any, list[dict[str, Any]]]:
-    session = selectors.session_get(tenant=tenant, session_id=session_id)
-    return session, session_events(tenant_id=str(tenant.id), session=session)
+def _session_events(view: TenantApi, session_id: str) -> tuple[Any, list[dict[str, Any]]]:
+    session = selectors.session_get(tenant=view.tenant, session_id=session_id)
+    view.access.user(session.user_id)
+    return session, session_events(tenant_id=str(view.tenant.id), session=session)
 
 
 class SessionTimelineApi(TenantApi):
     def get(self, request: Request, session_id: str) -> Response:
-        session, events = _session_events(self.tenant, session_id)
+        session, events = _session_events(self, session_id)
         timeline = [
             {
                 "id": e["id"],
@@ -134,7 +142,7 @@ class SessionTimelineApi(TenantApi):
 
 class SessionReconstructApi(TenantApi):
     def get(self, request: Request, session_id: str) -> Response:
-        session, events = _session_events(self.tenant, session_id)
+        session, events = _session_events(self, session_id)
         return Response({"session_id": str(session.id), **session_reconstruct(events)})
 
 
@@ -142,6 +150,7 @@ class AnalyticsApi(TenantApi):
     """Counters kept by the `analytics` consumer group: totals, events/s, error rate, sessions."""
 
     def get(self, request: Request) -> Response:
+        self.access.admin()
         return Response(analytics_summary(str(self.tenant.id)))
 
 
@@ -186,6 +195,7 @@ class SyncApi(TenantApi):
     def get(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.query_params.dict())
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        self.user_allowed(user)
         cursor = _decode_sync_cursor(data["since"]) if data.get("since") else None
         changes = selectors.memory_changes_since(user=user, cursor=cursor, limit=data["limit"])
         if changes:
