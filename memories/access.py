@@ -122,9 +122,7 @@ class Access:
     def is_admin(self) -> bool:
         return self.role == ADMIN
 
-    def user(
-        self, user_id: Any, *, write: bool = False, created_by_key_id: Any = _UNREAD
-    ) -> None:
+    def user(self, user_id: Any, *, write: bool = False, created_by_key_id: Any = _UNREAD) -> None:
         """The user's memories, jobs, sessions and channel. `created_by_key_id`: the user's
         creator when the caller has read the user (saves a read); a user this key created is
         granted to it."""
@@ -149,9 +147,7 @@ class Access:
             created_by_key_id = found[0]
         if created_by_key_id is not None and str(created_by_key_id) == self.key_id:
             return
-        raise Forbidden(
-            f"This key is not granted user {user_id}.", missing_grant=f"user:{user_id}"
-        )
+        raise Forbidden(f"This key is not granted user {user_id}.", missing_grant=f"user:{user_id}")
 
     def users(self, user_ids: Any, *, write: bool = False) -> None:
         """`user()` for many users (a batch's) in one read; ids not of the tenant are left to

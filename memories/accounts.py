@@ -10,8 +10,8 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from memories.auth import hash_api_key
 from memories.access import ADMIN, ROLES, grants_validate
+from memories.auth import hash_api_key
 from memories.errors import AlreadyExists, InvalidInput
 from memories.models import ApiKey, EndUser, Tenant
 

@@ -34,11 +34,11 @@ from memories import (
     selectors,
 )
 from memories.access import Access, Actor
-from memories.events.schema import acting_key_id
 from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
 from memories.errors import InvalidInput
+from memories.events.schema import acting_key_id
 from memories.filters import DATE_FIELDS, FIELDS, memory_filters_parse
 from memories.models import Memory, MemoryRequest, Tenant
 from memories.parsers import strict_loads
@@ -69,9 +69,9 @@ class TenantApi(APIView):
     ) -> Response:
         for header, value in getattr(self, "rate_limit_headers", {}).items():
             response.setdefault(header, value)
-        if getattr(self, "_acting_key", None) is not None:
-            acting_key_id.reset(self._acting_key)
-            self._acting_key = None
+        token = self.__dict__.pop("_acting_key", None)
+        if token is not None:
+            acting_key_id.reset(token)
         return super().finalize_response(request, response, *args, **kwargs)
 
     @property
@@ -93,7 +93,9 @@ class TenantApi(APIView):
         the tenant's. An admin may do anything, so its calls skip the read."""
         access = self.access
         if not access.is_admin:
-            access.memory(selectors.memory_owner(tenant=self.tenant, memory_id=memory_id), write=write)
+            access.memory(
+                selectors.memory_owner(tenant=self.tenant, memory_id=memory_id), write=write
+            )
 
     def actor(self, agent_id: str | None = None) -> Actor:
         """Who a change is recorded as: `agent_id` from the body, else X-Agent-Id, else the
@@ -495,7 +497,7 @@ class MemoryDetailApi(TenantApi):
         data = validated_input(self.UpdateInput, request.data)
         expected_version = _if_match_version(request)
         self.memory_allowed(memory_id, write=True)
-        actor = self.actor(request.data.get("agent_id"))
+        actor = self.actor(cast(dict[str, Any], request.data).get("agent_id"))
         with backpressure.embedding_slot():
             memory = memory_writes.memory_update(
                 tenant_id=self.tenant.id,

@@ -103,7 +103,7 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.ADMIN)
-    # `user:<uuid>`, `topic:<name>`, `shared:write`, `*` (every user and topic); an admin needs none.
+    # `user:<uuid>`, `topic:<name>`, `shared:write`, `*` (every user and topic); admins need none.
     grants = models.JSONField(default=list, blank=True)
 
     def __str__(self) -> str:

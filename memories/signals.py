@@ -23,7 +23,8 @@ conflict_detected = Signal()  # memory, data
 summary_created = Signal()  # session
 # Memories written by the services without save() (a memory job's changes, a correction, a
 # delete), so that the events of one write go in one statement: changes = [(memory, event_type),
-# ...], and api_key_id (the key behind them, if known). Bulk writes (memories.batch) record theirs directly, with ids drawn in bulk.
+# ...], and api_key_id (the key behind them, if known). Bulk writes (memories.batch) record
+# theirs directly, with ids drawn in bulk.
 memories_written = Signal()
 
 

@@ -8,34 +8,43 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('memories', '0016_request_sent_at'),
+        ("memories", "0016_request_sent_at"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='apikey',
-            name='grants',
+            model_name="apikey",
+            name="grants",
             field=models.JSONField(blank=True, default=list),
         ),
         migrations.AddField(
-            model_name='apikey',
-            name='role',
-            field=models.CharField(choices=[('admin', 'Admin'), ('agent', 'Agent'), ('read-only', 'Read Only')], default='admin', max_length=16),
+            model_name="apikey",
+            name="role",
+            field=models.CharField(
+                choices=[("admin", "Admin"), ("agent", "Agent"), ("read-only", "Read Only")],
+                default="admin",
+                max_length=16,
+            ),
         ),
         migrations.AddField(
-            model_name='enduser',
-            name='created_by_key',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='memories.apikey'),
+            model_name="enduser",
+            name="created_by_key",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="memories.apikey",
+            ),
         ),
         migrations.AddField(
-            model_name='memoryhistory',
-            name='actor_key_id',
+            model_name="memoryhistory",
+            name="actor_key_id",
             field=models.UUIDField(blank=True, null=True),
         ),
         migrations.AddIndex(
-            model_name='auditlogentry',
-            index=models.Index(fields=['tenant_id', '-id'], name='audit_by_tenant_id'),
+            model_name="auditlogentry",
+            index=models.Index(fields=["tenant_id", "-id"], name="audit_by_tenant_id"),
         ),
     ]
