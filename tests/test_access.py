@@ -458,11 +458,11 @@ def test_patch_and_delete_record_the_key_and_agent(world: World, tenant: Tenant)
     history = client.get(f"/v1/memories/{memory_id}/history").json()["history"]
     assert history[-1]["actor_key_id"] == key_id
 
-    updated = OutboxEvent.objects.filter(payload__event_type="memory.updated").get()
+    updated = OutboxEvent.objects.filter(event_type="memory.updated").get()
     assert updated.payload["source"]["api_key_id"] == key_id
 
     assert client.delete(f"/v1/memories/{memory_id}").status_code == 204
-    deleted = OutboxEvent.objects.filter(payload__event_type="memory.deleted").get()
+    deleted = OutboxEvent.objects.filter(event_type="memory.deleted").get()
     assert deleted.payload["source"]["api_key_id"] == key_id
 
 
