@@ -392,7 +392,10 @@ class MemoryBatchApi(TenantApi):
         metrics.BATCH_SIZE.observe(len(items))
         with backpressure.embedding_slot():
             results = memories_batch_apply(
-                tenant=self.tenant, raw_items=items, embedder=get_embedder()
+                tenant=self.tenant,
+                raw_items=items,
+                embedder=get_embedder(),
+                actor_key_id=self.access.key_id,
             )
         failed = sum(result["status"] == "error" for result in results)
         return Response({"results": results, "ok": len(results) - failed, "failed": failed})

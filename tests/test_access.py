@@ -546,3 +546,20 @@ def test_stream_tenant_channel_is_every_roles_and_topics_need_their_grant(
     status, body = _stream_status(server, reader, "topic:news:updates")
     assert status == 403
     assert body["missing_grant"] == "topic:news"
+
+
+def test_a_bulk_write_records_its_key_in_history(world: World, tenant: Tenant) -> None:
+    client = client_for(tenant, "agent", [f"user:{world.user_id}"])
+    key_id = client.get("/v1/whoami").json()["key_id"]
+    item = {"user_id": world.user_id, "content": "bulk fact", "type": "fact", "metadata": {}}
+    response = client.post("/v1/memories/batch", {"items": [item]}, format="json")
+    assert response.json()["ok"] == 1, response.content
+    memory_id = response.json()["results"][0]["id"]
+    entry = MemoryHistory.objects.get(memory_id=memory_id)
+    assert str(entry.actor_key_id) == key_id
+    created = [
+        event.payload
+        for event in OutboxEvent.objects.filter(event_type="memory.created")
+        if event.payload["memory"]["id"] == memory_id
+    ]
+    assert [event["source"]["api_key_id"] for event in created] == [key_id]
