@@ -37,8 +37,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
     # Grants are checked where keys are made (POST /v1/keys, createapikey), not in this form.
     readonly_fields = ["grants", "prefix", "created_at"]
 
-    def get_form(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> Any:
-        form = super().get_form(request, obj, **kwargs)
+    def get_form(
+        self, request: HttpRequest, obj: ApiKey | None = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)
         if "role" in form.base_fields:  # left out: an admin, as with createapikey
             form.base_fields["role"].required = False
         return form
