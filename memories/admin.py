@@ -22,17 +22,36 @@ class TenantAdmin(admin.ModelAdmin):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["prefix", "name", "tenant", "created_at", "expires_at", "revoked_at"]
-    list_filter = ["tenant"]
-    fields = ["tenant", "name", "expires_at", "revoked_at", "prefix", "created_at"]
-    readonly_fields = ["prefix", "created_at"]
+    list_display = ["prefix", "name", "tenant", "role", "created_at", "expires_at", "revoked_at"]
+    list_filter = ["tenant", "role"]
+    fields = [
+        "tenant",
+        "name",
+        "role",
+        "grants",
+        "expires_at",
+        "revoked_at",
+        "prefix",
+        "created_at",
+    ]
+    # Grants are checked where keys are made (POST /v1/keys, createapikey), not in this form.
+    readonly_fields = ["grants", "prefix", "created_at"]
+
+    def get_form(
+        self, request: HttpRequest, obj: ApiKey | None = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        if "role" in form.base_fields:  # left out: an admin, as with createapikey
+            form.base_fields["role"].required = False
+        return form
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:
+        obj.role = obj.role or ApiKey.Role.ADMIN
         if change:
             super().save_model(request, obj, form, change)
             return
         api_key, raw_key = accounts.api_key_create(
-            tenant=obj.tenant, name=obj.name, expires_at=obj.expires_at
+            tenant=obj.tenant, name=obj.name, expires_at=obj.expires_at, role=obj.role
         )
         obj.pk, obj.prefix, obj.key_hash = api_key.pk, api_key.prefix, api_key.key_hash
         # The only time the key is visible: it is stored hashed.

@@ -40,7 +40,7 @@ from memories.auth import TenantPrincipal
 from memories.batch import memories_batch_apply
 from memories.dispatch import Queue, lane_for
 from memories.errors import InvalidInput
-from memories.events.schema import typed_value
+from memories.events.schema import acting_key_id, typed_value
 from memories.filters import DATE_FIELDS, FIELDS, memory_filters_parse
 from memories.models import Memory, MemoryConflict, MemoryRequest, Tenant
 from memories.parsers import strict_loads
@@ -57,6 +57,8 @@ class TenantApi(APIView):
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
+        # The events this call's changes record name its key (reset in finalize_response).
+        self._acting_key = acting_key_id.set(self.access.key_id)
         self.rate_limit_headers = backpressure.rate_limit(str(self.tenant.id))
         length = request.META.get("CONTENT_LENGTH") or "0"
         if length.isdigit() and int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
@@ -69,6 +71,9 @@ class TenantApi(APIView):
     ) -> Response:
         for header, value in getattr(self, "rate_limit_headers", {}).items():
             response.setdefault(header, value)
+        token = self.__dict__.pop("_acting_key", None)
+        if token is not None:
+            acting_key_id.reset(token)
         return super().finalize_response(request, response, *args, **kwargs)
 
     @property
@@ -81,29 +86,37 @@ class TenantApi(APIView):
         """The calling key's rights (memories.access)."""
         return Access.of(self.request.user)
 
+    def user_allowed(self, user: Any, *, write: bool = False) -> None:
+        """The key may read (or write) this user's memories, jobs and sessions: 403 otherwise."""
+        self.access.user(user.id, write=write, created_by_key_id=user.created_by_key_id)
+
+    def memory_allowed(self, memory_id: Any, *, write: bool = False) -> None:
+        """The key may read (or write) this memory, by its scope: 403 otherwise, 404 if it is not
+        the tenant's. An admin may do anything, so its calls skip the read."""
+        access = self.access
+        if not access.is_admin:
+            access.memory(
+                selectors.memory_owner(tenant=self.tenant, memory_id=memory_id), write=write
+            )
+
+    def _memory_check(self, memory: Memory, *, write: bool) -> None:
+        """May this key read (or change) this memory (one already read), by its scope?"""
+        self.access.memory(memory, write=write)
+
     def _shared_read_check(self, *, include_shared: bool, topics: tuple[str, ...]) -> None:
         if include_shared:
             self.access.shared()
         for topic in topics:
             self.access.topic(topic)
 
-    def _scope_write_check(self, scope: str, topic: str, user_id: Any = None) -> None:
+    def _scope_write_check(self, scope: str, topic: str, user: Any = None) -> None:
         """May this key write memories of this scope (a user's, the tenant's, a topic's)?"""
         if scope == Memory.Scope.TENANT:
             self.access.shared(write=True)
         elif scope == Memory.Scope.TOPIC:
             self.access.topic(topic, write=True)
-        else:
-            self.access.user(user_id, write=True)
-
-    def _memory_check(self, memory: Memory, *, write: bool) -> None:
-        """May this key read (or change) this memory, by its scope?"""
-        if memory.scope == Memory.Scope.TENANT and memory.user_id is None:
-            self.access.shared(write=write)
-        elif memory.scope == Memory.Scope.TOPIC and memory.user_id is None:
-            self.access.topic(memory.topic, write=write)
-        else:
-            self.access.user(memory.user_id, write=write)
+        elif user is not None:
+            self.user_allowed(user, write=True)
 
     def actor(self, agent_id: str | None = None) -> Actor:
         """Who a change is recorded as: `agent_id` from the body, else X-Agent-Id, else the
@@ -192,12 +205,18 @@ class UserCreateApi(TenantApi):
     def get(self, request: Request) -> Response:
         data = validated_input(self.FindInput, request.query_params.dict())
         user = selectors.end_user_find(tenant=self.tenant, external_id=data["external_id"])
+        if user is not None:  # found: whether the key may read them (absent: nothing to see)
+            self.user_allowed(user)
         return Response({"results": [UserOutput(user).data] if user else []})
 
     def post(self, request: Request) -> Response:
+        self.access.user_create()
         data = validated_input(self.InputSerializer, request.data)
         user = accounts.end_user_create(
-            tenant=self.tenant, external_id=data.get("external_id"), metadata=data["metadata"]
+            tenant=self.tenant,
+            external_id=data.get("external_id"),
+            metadata=data["metadata"],
+            created_by_key_id=self.access.key_id,
         )
         return Response(UserOutput(user).data, status=status.HTTP_201_CREATED)
 
@@ -205,12 +224,14 @@ class UserCreateApi(TenantApi):
 class UserDetailApi(TenantApi):
     def get(self, request: Request, user_id: str) -> Response:
         user = selectors.end_user_get(tenant=self.tenant, user_id=user_id)
+        self.user_allowed(user)
         return Response(UserOutput(user).data)
 
     def delete(self, request: Request, user_id: str) -> Response:
         """Erase the user: a job (202), polled at /v1/requests/{request_id}; the user is not
         found from now on, and the finished request's `events` hold the receipt."""
         user = selectors.end_user_get(tenant=self.tenant, user_id=user_id)
+        self.user_allowed(user, write=True)
         memory_request = erasure.user_erasure_submit(user=user)
         body = {"request_id": str(memory_request.id), "status": memory_request.status}
         return Response(body, status=status.HTTP_202_ACCEPTED)
@@ -331,6 +352,7 @@ class MemoryCollectionApi(TenantApi):
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
+        self.access.user(data["user_id"], write=True)
         key = idempotency_key(request)
         tenant_id = str(self.tenant.id)
         # A job costs its messages (the call paid one already).
@@ -345,6 +367,8 @@ class MemoryCollectionApi(TenantApi):
             "agent_id": data["agent_id"],
             "session_id": data["session_id"],
             "infer": data["infer"],
+            # Not part of the job's identity (ledger.memory_request_hash): who its changes are by.
+            "api_key_id": self.access.key_id,
         }
         if data["scope"] != Memory.Scope.USER:  # a user-scope job's payload (and hash) as before
             payload |= {"scope": data["scope"], "topic": data["topic"]}
@@ -373,6 +397,7 @@ class MemoryCollectionApi(TenantApi):
         data = validated_input(self.ListInput, params)
         filters = memory_filters_parse({k: v for k, v in params.items() if k in FIELDS}, prefix="")
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        self.user_allowed(user)
         topics = _topics(data["topics"].split(","), field="topics")
         self._shared_read_check(include_shared=data["include_shared"], topics=topics)
         cursor = _decode_cursor(data["cursor"]) if data.get("cursor") else None
@@ -412,6 +437,7 @@ class MemoryBatchApi(TenantApi):
             raise InvalidInput("A non-empty list of items is required.", field="items")
         if len(items) > limit:
             raise InvalidInput(f"At most {limit} items per call.", field="items")
+        _batch_allowed(self.access, items)
         backpressure.rate_limit(str(self.tenant.id), cost=len(items) - 1)  # one item, one token
         if run_async:
             backpressure.admit(Queue.BATCH, tenant_id=str(self.tenant.id))
@@ -430,7 +456,10 @@ class MemoryBatchApi(TenantApi):
     def _apply(self, request: Request, items: list[Any]) -> Response:
         with backpressure.embedding_slot():
             results = memories_batch_apply(
-                tenant=self.tenant, raw_items=items, embedder=get_embedder()
+                tenant=self.tenant,
+                raw_items=items,
+                embedder=get_embedder(),
+                actor_key_id=self.access.key_id,
             )
         failed = sum(result["status"] == "error" for result in results)
         return Response({"results": results, "ok": len(results) - failed, "failed": failed})
@@ -448,6 +477,20 @@ def _scope_check(scope: str, topic: str) -> None:
         raise InvalidInput("scope topic needs a topic, and only it takes one.", field="topic")
 
 
+def _batch_allowed(access: Access, items: list[Any]) -> None:
+    """The key may write every item's user (and scope, for a shared item): 403 otherwise. Items
+    that are not objects are left to the batch, which answers them one by one."""
+    if access.is_admin:
+        return
+    objects = [item for item in items if isinstance(item, dict)]
+    access.users([item.get("user_id") for item in objects], write=True)
+    for item in objects:
+        if item.get("scope") == "tenant":
+            access.shared(write=True)
+        elif item.get("scope") == "topic" and isinstance(item.get("topic"), str):
+            access.topic(item["topic"], write=True)
+
+
 class MemoryRequestListApi(TenantApi):
     """`GET /v1/requests?status=failure`: the dead-letter list (last error, attempts), newest
     first; page with `before=<created_at of the last one>`."""
@@ -460,6 +503,10 @@ class MemoryRequestListApi(TenantApi):
 
     def get(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.query_params.dict())
+        if data.get("user_id"):
+            self.access.user(data["user_id"])
+        else:  # every user's requests
+            self.access.admin()
         requests = selectors.memory_request_list(
             tenant=self.tenant,
             status=data.get("status"),
@@ -480,6 +527,10 @@ class MemoryRequestStatusApi(TenantApi):
     def get(self, request: Request, request_id: str) -> Response:
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         memory_request = selectors.memory_request_get(tenant=self.tenant, request_id=request_id)
+        # A bulk write's request has no user: its status is any key's to poll (its results name
+        # memory ids and statuses, no content).
+        if memory_request.user_id is not None:
+            self.access.user(memory_request.user_id)
         finished = memory_request.status in (
             MemoryRequest.Status.SUCCESS,
             MemoryRequest.Status.FAILURE,
@@ -536,6 +587,7 @@ class MemoryDetailApi(TenantApi):
 
     def get(self, request: Request, memory_id: str) -> Response:
         memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
+        self.access.memory(memory)
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
     @idempotent_write
@@ -567,7 +619,14 @@ class MemoryDetailApi(TenantApi):
 
     @idempotent_write
     def delete(self, request: Request, memory_id: str) -> Response:
-        erasure.memory_forget(tenant_id=self.tenant.id, memory_id=memory_id)
+        self.memory_allowed(memory_id, write=True)
+        actor = self.actor()
+        erasure.memory_forget(
+            tenant_id=self.tenant.id,
+            memory_id=memory_id,
+            actor=actor.agent_id or "api",
+            actor_key_id=actor.key_id,
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -612,7 +671,7 @@ class MemoryDirectApi(TenantApi):
         user = None
         if data["user_id"] is not None:
             user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
-        self._scope_write_check(data["scope"], data["topic"], data["user_id"])
+        self._scope_write_check(data["scope"], data["topic"], user)
         with backpressure.embedding_slot():
             memory = versioned_writes.memory_direct_create(
                 tenant=self.tenant,
@@ -730,6 +789,7 @@ class MemoryHistoryApi(TenantApi):
         valid_to = serializers.DateTimeField(allow_null=True)
         reason = serializers.CharField(allow_null=True)  # why a CLOSE happened
         actor = serializers.CharField()
+        actor_key_id = serializers.UUIDField(allow_null=True)
         request_id = serializers.UUIDField(allow_null=True)
         created_at = serializers.DateTimeField()
 
@@ -740,6 +800,7 @@ class MemoryHistoryApi(TenantApi):
     def get(self, request: Request, memory_id: str) -> Response:
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         after = int(query["cursor"]) if query.get("cursor") else None
+        self.memory_allowed(memory_id)
         page = selectors.memory_history(
             tenant=self.tenant, memory_id=memory_id, after=after, limit=query["limit"] + 1
         )
@@ -787,6 +848,7 @@ class MemorySearchApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        self.user_allowed(user)
         topics = _topics(data["topics"], field="topics")
         self._shared_read_check(include_shared=data["include_shared"], topics=topics)
         with backpressure.embedding_slot():

@@ -41,6 +41,7 @@ class SessionCreateApi(TenantApi):
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
+        self.user_allowed(user, write=True)
         session = sessions.session_start(
             user=user, agent_id=data["agent_id"], metadata=data["metadata"]
         )
@@ -50,6 +51,7 @@ class SessionCreateApi(TenantApi):
 class SessionDetailApi(TenantApi):
     def get(self, request: Request, session_id: str) -> Response:
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        self.access.user(session.user_id)
         return Response(SessionOutput(session).data)
 
 
@@ -74,6 +76,7 @@ class SessionMessagesApi(TenantApi):
     def get(self, request: Request, session_id: str) -> Response:
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        self.access.user(session.user_id)
         page = selectors.session_messages(
             session=session,
             after=int(query["cursor"]) if query.get("cursor") else None,
@@ -92,6 +95,7 @@ class SessionMessagesApi(TenantApi):
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        self.access.user(session.user_id, write=True)
         added = sessions.session_add_messages(
             session=session, messages=[dict(m) for m in data["messages"]]
         )
@@ -105,6 +109,7 @@ class SessionEndApi(TenantApi):
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
+        self.access.user(session.user_id, write=True)
         session = sessions.session_end(
             session=session,
             summarize=data["summarize"],
@@ -135,6 +140,10 @@ class EventsApi(TenantApi):
 
     def get(self, request: Request) -> Response:
         data = validated_input(EventsQuery, request.query_params.dict())
+        if data.get("user_id"):
+            self.access.user(data["user_id"])
+        else:  # the whole tenant's events
+            self.access.admin()
         events = events_in_range(
             tenant_id=str(self.tenant.id),
             since=data.get("since"),
@@ -149,14 +158,15 @@ class EventsApi(TenantApi):
         return Response({"events": events, "next_after": next_after})
 
 
-def _session_events(tenant: Any, session_id: str) -> tuple[Any, list[dict[str, Any]]]:
-    session = selectors.session_get(tenant=tenant, session_id=session_id)
-    return session, session_events(tenant_id=str(tenant.id), session=session)
+def _session_events(view: TenantApi, session_id: str) -> tuple[Any, list[dict[str, Any]]]:
+    session = selectors.session_get(tenant=view.tenant, session_id=session_id)
+    view.access.user(session.user_id)
+    return session, session_events(tenant_id=str(view.tenant.id), session=session)
 
 
 class SessionTimelineApi(TenantApi):
     def get(self, request: Request, session_id: str) -> Response:
-        session, events = _session_events(self.tenant, session_id)
+        session, events = _session_events(self, session_id)
         timeline = [
             {
                 "id": e["id"],
@@ -172,7 +182,7 @@ class SessionTimelineApi(TenantApi):
 
 class SessionReconstructApi(TenantApi):
     def get(self, request: Request, session_id: str) -> Response:
-        session, events = _session_events(self.tenant, session_id)
+        session, events = _session_events(self, session_id)
         return Response({"session_id": str(session.id), **session_reconstruct(events)})
 
 
@@ -180,6 +190,7 @@ class AnalyticsApi(TenantApi):
     """Counters kept by the `analytics` consumer group: totals, events/s, error rate, sessions."""
 
     def get(self, request: Request) -> Response:
+        self.access.admin()
         return Response(analytics_summary(str(self.tenant.id)))
 
 
@@ -236,7 +247,7 @@ class SyncApiBase(TenantApi):
             self.access.shared()
             return {"tenant": self.tenant, "shared": True}
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
-        self.access.user(user.id)
+        self.user_allowed(user)
         if data["include_shared"]:
             self.access.shared()
         for topic in data["topics"]:

@@ -209,6 +209,7 @@ def memories_batch_apply(
     raw_items: list[Any],
     embedder: Embedder,
     actor: str = "batch",
+    actor_key_id: str | None = None,
     on_applied: Callable[[list[dict[str, Any]]], None] | None = None,
     first_index: int = 0,
     changed_before: frozenset[str] = frozenset(),
@@ -254,7 +255,12 @@ def memories_batch_apply(
                 claimed.add(item.target)
                 accepted.append(item)
         results += _write(
-            tenant=tenant, items=accepted, targets=targets, vectors=vectors, actor=actor
+            tenant=tenant,
+            items=accepted,
+            targets=targets,
+            vectors=vectors,
+            actor=actor,
+            actor_key_id=actor_key_id,
         )
         results.sort(key=lambda result: result["index"])
         if on_applied is not None:
@@ -348,6 +354,7 @@ def _write(
     targets: dict[str, Memory],
     vectors: dict[int, bytes],
     actor: str,
+    actor_key_id: str | None = None,
 ) -> list[dict[str, Any]]:
     if not items:
         return []
@@ -415,7 +422,7 @@ def _write(
         )
         for item, m, previous in changed
     ]
-    _copy_history(history, actor=actor, at=now)
+    _copy_history(history, actor=actor, actor_key_id=actor_key_id, at=now)
     changes: list[tuple[events.MemoryFields, str]] = [(m, "memory.created") for m in created]
     changes += [(m, f"memory.{item.action}d") for item, m, _ in changed]
     events.record_many(
@@ -475,6 +482,7 @@ HISTORY_COPY_COLUMNS = {
     "old_content": "text",
     "new_content": "text",
     "actor": "varchar",
+    "actor_key_id": "uuid",
     "created_at": "timestamptz",
     "occurred_at": "timestamptz",
 }
@@ -597,13 +605,16 @@ def _changed_row(item: BatchItem, memory: Memory) -> dict[str, Any]:
     return row
 
 
-def _copy_history(entries: list[tuple], *, actor: str, at: Any) -> None:
+def _copy_history(
+    entries: list[tuple], *, actor: str, actor_key_id: str | None = None, at: Any
+) -> None:
     columns = ", ".join(HISTORY_COPY_COLUMNS)
     statement = f"COPY {MemoryHistory._meta.db_table} ({columns}) FROM STDIN WITH (FORMAT BINARY)"
     with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
         copy.set_types(list(HISTORY_COPY_COLUMNS.values()))
+        key_id = uuid.UUID(actor_key_id) if actor_key_id else None
         for memory_id, event, old, new, occurred_at in entries:
-            copy.write_row((memory_id, event, old, new, actor, at, occurred_at))
+            copy.write_row((memory_id, event, old, new, actor, key_id, at, occurred_at))
 
 
 def batch_request_work(claim: ledger.Claim, memory_request: MemoryRequest) -> None:

@@ -69,12 +69,14 @@ def scrub_event(event: dict[str, Any]) -> dict[str, Any]:
 # --- Forget a memory -----------------------------------------------------------------------------
 
 
-def memory_forget(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> None:
+def memory_forget(
+    *, tenant_id: Any, memory_id: Any, actor: str = "api", actor_key_id: str | None = None
+) -> None:
     """Forget the tenant's memory everywhere (see the module's opening); NotFound if it is not
     live. The database's copies go in one transaction; the streams' entries right after it."""
     with transaction.atomic():
         memory = memory_writes.memory_tombstone(
-            tenant_id=tenant_id, memory_id=memory_id, actor=actor
+            tenant_id=tenant_id, memory_id=memory_id, actor=actor, actor_key_id=actor_key_id
         )
         forgotten = str(memory.id)
         MemoryHistory.objects.filter(memory_id=memory.id).update(

@@ -108,7 +108,13 @@ def memory_job_changes_apply(
             # Never closed before it began (a conversation sent late, about an earlier time).
             target.valid_to = max(occurred_at, target.occurred_at)
             applied.append(AppliedChange("CLOSE", target, previous, reason=change.reason))
-    memories_write(applied, actor=agent, request=memory_request, at=now)
+    memories_write(
+        applied,
+        actor=agent,
+        actor_key_id=payload.get("api_key_id"),
+        request=memory_request,
+        at=now,
+    )
     return [
         {
             "event": "DELETE" if change.event == "CLOSE" else change.event,
@@ -149,9 +155,9 @@ def memories_write(
     applied: list[AppliedChange],
     *,
     actor: str,
+    actor_key_id: str | None = None,
     request: MemoryRequest | None = None,
     at: datetime,
-    actor_key_id: str | None = None,
 ) -> None:
     """Write changes with a statement per kind of row, not per change: one INSERT of the new
     memories, one UPDATE of the changed ones (two when only some have a new embedding), one
@@ -195,16 +201,21 @@ def memories_write(
     # below, through the memories_written signal.
     rows.update_rows(Memory, list(changed.values()))
     rows.insert_instances([change.memory for change in applied if change.event == "ADD"])
-    _history_insert(applied, actor=actor, request=request, at=at)
+    _history_insert(applied, actor=actor, actor_key_id=actor_key_id, request=request, at=at)
     signals.memories_written.send(
         sender=Memory,
         changes=[(change.memory, EVENT_TYPE_OF_CHANGE[change.event]) for change in applied],
-        actor_key_id=actor_key_id,
+        api_key_id=actor_key_id,
     )
 
 
 def _history_insert(
-    applied: list[AppliedChange], *, actor: str, request: MemoryRequest | None, at: datetime
+    applied: list[AppliedChange],
+    *,
+    actor: str,
+    actor_key_id: str | None = None,
+    request: MemoryRequest | None,
+    at: datetime,
 ) -> None:
     """The history rows of a write, in one statement (bulk writes COPY theirs)."""
     request_id = request.id if request is not None else None
@@ -219,6 +230,7 @@ def _history_insert(
                 if change.event == "OVERWRITTEN"
                 else _content_after(change),
                 "actor": actor,
+                "actor_key_id": actor_key_id,
                 "request_id": request_id,
                 "created_at": at,
                 "occurred_at": _change_occurred_at(change, at=at),
@@ -293,6 +305,7 @@ def memory_update(
     occurred_at: datetime | None = None,
     expected_version: int | None = None,
     actor: str = "api",
+    actor_key_id: str | None = None,
 ) -> Memory:
     """A correction, applied synchronously: embedding, update, history and event in one
     transaction, with one locking read of the memory.
@@ -317,11 +330,18 @@ def memory_update(
             memory.occurred_at = occurred_at
         if content is not None and embedding is not None:
             _memory_set_content(memory, content=content, embedding=embedding)
-        memories_write([AppliedChange("UPDATE", memory, previous)], actor=actor, at=timezone.now())
+        memories_write(
+            [AppliedChange("UPDATE", memory, previous)],
+            actor=actor,
+            actor_key_id=actor_key_id,
+            at=timezone.now(),
+        )
     return memory
 
 
-def memory_tombstone(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> Memory:
+def memory_tombstone(
+    *, tenant_id: Any, memory_id: Any, actor: str = "api", actor_key_id: str | None = None
+) -> Memory:
     """Forget's write of the memory itself (memories.erasure.memory_forget does the rest): a
     tombstone for pull-sync (id, version, deleted_at) with no content, metadata or embedding,
     its DELETE history row and its event, both content-free. NotFound unless it is live."""
@@ -331,5 +351,7 @@ def memory_tombstone(*, tenant_id: Any, memory_id: Any, actor: str = "api") -> M
         memory.deleted_at = now
         memory.content, memory.content_hash, memory.metadata = "", "", {}
         memory.embedding = None
-        memories_write([AppliedChange("DELETE", memory, None)], actor=actor, at=now)
+        memories_write(
+            [AppliedChange("DELETE", memory, None)], actor=actor, actor_key_id=actor_key_id, at=now
+        )
     return memory

@@ -86,7 +86,13 @@ class Tenant(models.Model):
 
 
 class ApiKey(models.Model):
-    """A bearer key of one tenant. Only its SHA-256 is stored; the key is shown once."""
+    """A bearer key of one tenant. Only its SHA-256 is stored; the key is shown once. Its role and
+    grants say what it may do (memories.access)."""
+
+    class Role(models.TextChoices):
+        ADMIN = "admin"  # everything in its tenant
+        AGENT = "agent"  # the users and topics it is granted (and the users it created)
+        READ_ONLY = "read-only"  # an agent's reads, no writes
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
@@ -96,6 +102,9 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.ADMIN)
+    # `user:<uuid>`, `topic:<name>`, `shared:write`, `*` (every user and topic); admins need none.
+    grants = models.JSONField(default=list, blank=True)
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.tenant})"
@@ -116,6 +125,10 @@ class EndUser(models.Model):
     # Set when the user's erasure is requested: from then on the user is not found (no new jobs,
     # reads, sessions) while the erasure job removes everything of theirs.
     erasing_since = models.DateTimeField(null=True, blank=True)
+    # The key that created the user: an agent key may use the users it creates without a grant.
+    created_by_key = models.ForeignKey(
+        ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         verbose_name = "end user"
@@ -364,6 +377,8 @@ class MemoryHistory(models.Model):
     old_content = models.TextField(null=True, blank=True)
     new_content = models.TextField(null=True, blank=True)
     actor = models.CharField(max_length=200, blank=True, default="")
+    # The API key behind the change (no foreign key: history outlives a deleted key).
+    actor_key_id = models.UUIDField(null=True, blank=True)
     request = models.ForeignKey(
         MemoryRequest,
         null=True,
@@ -503,6 +518,8 @@ class AuditLogEntry(models.Model):
         indexes = [
             models.Index(fields=["tenant_id", "occurred_at"], name="audit_by_tenant_time"),
             models.Index(fields=["user_id", "occurred_at"], name="audit_by_user_time"),
+            # GET /v1/audit pages a tenant's entries newest first by id.
+            models.Index(fields=["tenant_id", "-id"], name="audit_by_tenant_id"),
         ]
 
     def __str__(self) -> str:

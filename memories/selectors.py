@@ -15,6 +15,8 @@ from django.db.models.functions import Coalesce, Lead
 from memories.errors import NotFound
 from memories.filters import memory_filters_q
 from memories.models import (
+    ApiKey,
+    AuditLogEntry,
     EndUser,
     Memory,
     MemoryConflict,
@@ -54,6 +56,17 @@ def memory_request_get(*, tenant: Tenant, request_id: UUID | str) -> MemoryReque
 def memory_get(*, tenant: Tenant, memory_id: UUID | str) -> Memory:
     try:
         return Memory.objects.get(tenant=tenant, pk=memory_id, deleted_at__isnull=True)
+    except (Memory.DoesNotExist, ValueError) as exc:
+        raise NotFound("Memory not found.") from exc
+
+
+def memory_owner(*, tenant: Tenant, memory_id: UUID | str) -> Memory:
+    """Whose the tenant's memory is (its id, scope, user and topic only), tombstones included:
+    what a key's rights over it are asked by (memories.access). NotFound otherwise."""
+    try:
+        return Memory.objects.only("id", "scope", "user_id", "topic").get(
+            tenant=tenant, pk=memory_id
+        )
     except (Memory.DoesNotExist, ValueError) as exc:
         raise NotFound("Memory not found.") from exc
 
@@ -355,3 +368,34 @@ def conflict_list(
             Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=conflict_id)
         )
     return list(queryset.order_by("-created_at", "-id")[:limit])
+
+
+def api_key_list(*, tenant: Tenant) -> list[ApiKey]:
+    """The tenant's keys, revoked ones too, newest first."""
+    return list(ApiKey.objects.filter(tenant=tenant).order_by("-created_at", "-id"))
+
+
+def api_key_get(*, tenant: Tenant, key_id: UUID | str) -> ApiKey:
+    try:
+        return ApiKey.objects.get(tenant=tenant, pk=key_id)
+    except (ApiKey.DoesNotExist, ValueError) as exc:
+        raise NotFound("Key not found.") from exc
+
+
+def audit_list(
+    *,
+    tenant: Tenant,
+    user_id: UUID | None = None,
+    memory_id: UUID | None = None,
+    before: int | None = None,
+    limit: int = 100,
+) -> list[AuditLogEntry]:
+    """The tenant's audit entries, newest first, before the entry `before` (a cursor)."""
+    queryset = AuditLogEntry.objects.filter(tenant_id=tenant.id)
+    if user_id:
+        queryset = queryset.filter(user_id=user_id)
+    if memory_id:
+        queryset = queryset.filter(payload__memory__id=str(memory_id))
+    if before is not None:
+        queryset = queryset.filter(id__lt=before)
+    return list(queryset.order_by("-id")[:limit])

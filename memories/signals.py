@@ -23,7 +23,8 @@ conflict_detected = Signal()  # memory, data
 summary_created = Signal()  # session
 # Memories written by the services without save() (a memory job's changes, a correction, a
 # delete), so that the events of one write go in one statement: changes = [(memory, event_type),
-# ...]. Bulk writes (memories.batch) record theirs directly, with ids drawn in bulk.
+# ...], and api_key_id (the key behind them, if known). Bulk writes (memories.batch) record
+# theirs directly, with ids drawn in bulk.
 memories_written = Signal()
 
 
@@ -39,8 +40,18 @@ def memory_changed(sender: type, instance: Memory, created: bool, **kwargs: Any)
 
 
 @receiver(memories_written, dispatch_uid="memories_written")
-def on_memories_written(sender: type, changes: list[tuple[Memory, str]], **kwargs: Any) -> None:
-    events.record_many([events.memory_event(memory, event_type) for memory, event_type in changes])
+def on_memories_written(
+    sender: type,
+    changes: list[tuple[Memory, str]],
+    api_key_id: str | None = None,
+    **kwargs: Any,
+) -> None:
+    events.record_many(
+        [
+            events.memory_event(memory, event_type, api_key_id=api_key_id)
+            for memory, event_type in changes
+        ]
+    )
 
 
 @receiver(post_save, sender=Session, dispatch_uid="session_changed")

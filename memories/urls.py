@@ -1,6 +1,6 @@
 from django.urls import path
 
-from memories import api, api_errors, api_events
+from memories import api, api_access, api_errors, api_events
 
 urlpatterns = [
     path("v1/users", api.UserCreateApi.as_view(), name="user-create"),
@@ -51,6 +51,10 @@ urlpatterns = [
     path("v1/analytics/events", api_events.AnalyticsApi.as_view(), name="analytics"),
     path("v1/sync", api_events.SyncApi.as_view(), name="sync"),
     path("v1/sync/digest", api_events.SyncDigestApi.as_view(), name="sync-digest"),
+    path("v1/keys", api_access.KeyCollectionApi.as_view(), name="keys"),
+    path("v1/keys/<uuid:key_id>", api_access.KeyDetailApi.as_view(), name="key-detail"),
+    path("v1/whoami", api_access.WhoamiApi.as_view(), name="whoami"),
+    path("v1/audit", api_access.AuditApi.as_view(), name="audit"),
     # Served by memoryproject.asgi before Django; this answers only under a WSGI server.
     path("v1/stream", api_errors.stream_needs_asgi_view, name="stream-needs-asgi"),
     path("healthz", api.healthz, name="healthz"),

@@ -68,6 +68,7 @@ def test_committed_change_is_published_to_stream_and_user_channel(end_user) -> N
         "session_id": "",
         "user_id": str(end_user.id),
         "tenant_id": str(end_user.tenant_id),
+        "api_key_id": "",
     }
     assert event["channels"] == [f"user:{end_user.id}:memories"]
     message = pubsub.get_message(timeout=2)

@@ -424,7 +424,6 @@ def test_the_mcp_server_refuses_to_start_without_its_settings() -> None:
 # --- Waiting for the server parts of issue 16 (unskip once they are merged) -----------------------
 
 
-@pytest.mark.skip(reason="needs POST /v1/memories/direct, GET /v1/whoami, GET /v1/sync/digest")
 def test_two_agents_share_a_memory_through_a_live_cache_and_verify_it(
     server: str, key: str, client: MemoryClient, user_id: str
 ) -> None:
@@ -463,7 +462,6 @@ def test_a_write_sent_again_with_its_idempotency_key_is_applied_once(
     assert reused.value.status == 422
 
 
-@pytest.mark.skip(reason="needs POST /v1/keys with roles and grants (403 missing_grant)")
 def test_a_forbidden_call_names_the_missing_grant(
     server: str, client: MemoryClient, user_id: str
 ) -> None:

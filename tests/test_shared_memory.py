@@ -337,3 +337,33 @@ def test_concurrent_fact_writes_converge_in_any_order_and_lose_nothing_from_hist
         MemoryHistory.objects.filter(memory_id=memory["id"]).values_list("new_content", flat=True)
     )
     assert {content for content, _ in writes.values()} <= kept
+
+
+def test_an_agent_writes_shared_memories_only_with_the_shared_write_grant(tenant, end_user):
+    from memories import accounts
+
+    def agent(*grants: str) -> APIClient:
+        _, raw = accounts.api_key_create(
+            tenant=tenant, name="bot", role="agent", grants=list(grants)
+        )
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+        return client
+
+    body = {"content": "Shared rule", "scope": "tenant"}
+    refused = agent("*").post("/v1/memories/direct", body, format="json")
+    assert refused.status_code == 403
+    assert refused.json()["missing_grant"] == "shared:write"
+    written = agent("shared:write").post("/v1/memories/direct", body, format="json")
+    assert written.status_code == 201
+    assert written.json()["clock"] == {"bot": 1}  # no agent id given: the key's name
+    topic = agent("topic:news").post(
+        "/v1/memories/direct",
+        {"content": "News", "scope": "topic", "topic": "sports"},
+        format="json",
+    )
+    assert topic.status_code == 403 and topic.json()["missing_grant"] == "topic:sports"
+    # Every role reads the tenant's shared memories.
+    reader = agent(f"user:{end_user.id}")
+    listed = reader.get("/v1/memories", {"user_id": str(end_user.id), "include_shared": "true"})
+    assert [m["content"] for m in listed.json()["results"]] == ["Shared rule"]

@@ -1,4 +1,5 @@
-"""HTTP for webhooks: one view per resource; validate, call a service or selector, render."""
+"""HTTP for webhooks: one view per resource; validate, call a service or selector, render. Every
+call wants an admin key (memories.access)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class WebhookCollectionApi(TenantApi):
         secret = serializers.CharField()
 
     def post(self, request: Request) -> Response:
+        self.access.admin()
         data = validated_input(self.InputSerializer, request.data)
         webhook = services.webhook_create(
             tenant=self.tenant,
@@ -58,12 +60,14 @@ class WebhookCollectionApi(TenantApi):
         return Response(self.CreatedOutput(webhook).data, status=status.HTTP_201_CREATED)
 
     def get(self, request: Request) -> Response:
+        self.access.admin()
         webhooks = selectors.webhook_list(tenant=self.tenant)
         return Response({"results": WebhookOutput(webhooks, many=True).data})
 
 
 class WebhookDetailApi(TenantApi):
     def delete(self, request: Request, webhook_id: str) -> Response:
+        self.access.admin()
         webhook = selectors.webhook_get(tenant=self.tenant, webhook_id=webhook_id)
         services.webhook_delete(webhook=webhook)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -90,6 +94,7 @@ class WebhookDeliveriesApi(TenantApi):
         delivered_at = serializers.DateTimeField(allow_null=True)
 
     def get(self, request: Request, webhook_id: str) -> Response:
+        self.access.admin()
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         webhook = selectors.webhook_get(tenant=self.tenant, webhook_id=webhook_id)
         deliveries = selectors.webhook_deliveries(webhook=webhook, limit=query["limit"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -57,6 +58,11 @@ class MemoryFields(Protocol):
 
 
 SCHEMA_VERSION = 1
+
+# The API key whose call is being served (set by the API for the call's length): the default of
+# an event's `source.api_key_id`, so every change an API call makes names its key, whichever
+# service records the event. Empty outside a call (a worker, the admin) unless given.
+acting_key_id: ContextVar[str] = ContextVar("acting_key_id", default="")
 
 EVENT_TYPES = (
     "memory.created",
@@ -122,9 +128,11 @@ def build_event(
     data: dict[str, Any] | None = None,
     at: datetime | None = None,
     event_id: str | None = None,
+    api_key_id: str | None = None,
 ) -> dict[str, Any]:
     """The event dict (schema 1). `event_id`: a fresh UUID4's text, when the caller (a bulk
-    write) draws many at once instead of one read of the system's randomness per event."""
+    write) draws many at once instead of one read of the system's randomness per event.
+    `api_key_id`: the key behind the change (by default the key of the API call served)."""
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {event_type!r}")
     return {
@@ -138,6 +146,7 @@ def build_event(
             "session_id": str(session_id or ""),
             "user_id": str(user_id) if user_id else "",
             "tenant_id": str(tenant_id) if tenant_id else "",
+            "api_key_id": acting_key_id.get() if api_key_id is None else api_key_id,
         },
         "channels": channels
         if channels is not None
@@ -147,7 +156,12 @@ def build_event(
 
 
 def memory_event(
-    memory: MemoryFields, event_type: str, *, event_id: str | None = None, **data: Any
+    memory: MemoryFields,
+    event_type: str,
+    *,
+    event_id: str | None = None,
+    api_key_id: str | None = None,
+    **data: Any,
 ) -> dict[str, Any]:
     return build_event(
         event_type=event_type,
@@ -160,6 +174,7 @@ def memory_event(
         data=data,
         at=memory.updated_at,
         event_id=event_id,
+        api_key_id=api_key_id,
     )
 
 

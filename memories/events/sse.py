@@ -45,8 +45,9 @@ from redis.exceptions import RedisError, ResponseError
 from rest_framework import exceptions
 
 from memories import selectors
+from memories.access import Access
 from memories.auth import TenantPrincipal, api_key_authenticate
-from memories.errors import NotFound
+from memories.errors import Forbidden, NotFound
 from memories.events.schema import EVENT_TYPES, system_channel, tenant_channel, user_channel
 from memories.events.stream import (
     INDEXED_SINCE_KEY,
@@ -95,15 +96,25 @@ _Entries = list[tuple[str, dict[str, str]]]
 class StreamRefused(Exception):
     """A stream request that is not served, answered in the API's error JSON shape."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        missing_grant: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.missing_grant = missing_grant
 
     async def send_to(self, send: ASGISend) -> None:
         """Answer with the API's error JSON (the bytes JsonResponse would have written)."""
         body: dict[str, Any] = {"error": self.code, "message": self.message}
         if self.field:
             body["fields"] = {self.field: [self.message]}
+        if self.missing_grant:
+            body["missing_grant"] = self.missing_grant
         content = json.dumps(body).encode()
         headers = [
             (b"content-type", b"application/json"),
@@ -159,7 +170,9 @@ def stream_request_authorize(
     try:
         principal = _authenticate(authorization)
         tenant = principal.tenant
-        channels = _channels_authorize(tenant, query.get("channels", ""))
+        channels = _channels_authorize(
+            tenant, query.get("channels", ""), access=Access.of(principal)
+        )
     finally:
         close_old_connections()
     return StreamRequest(
@@ -182,7 +195,10 @@ def _authenticate(authorization: str) -> TenantPrincipal:
     return principal
 
 
-def _channels_authorize(tenant: Tenant, raw: str) -> tuple[str, ...]:
+def _channels_authorize(tenant: Tenant, raw: str, *, access: Access) -> tuple[str, ...]:
+    """The channels asked for, canonical; another tenant's (or no one's) user or tenant channel
+    is 403, as is a user or topic channel the key is not granted (with `missing_grant`). The
+    tenant's shared channel and `system:global` are every role's."""
     names = [name.strip() for name in raw.split(",") if name.strip()]
     if not names:
         raise StreamRefused(
@@ -198,11 +214,14 @@ def _channels_authorize(tenant: Tenant, raw: str) -> tuple[str, ...]:
         channel = _channel_canonical(name)
         if channel.startswith("user:"):
             try:
-                selectors.end_user_get(tenant=tenant, user_id=channel.split(":")[1])
+                user = selectors.end_user_get(tenant=tenant, user_id=channel.split(":")[1])
             except NotFound as exc:
                 raise _forbidden(name) from exc
+            _granted(name, access.user, user.id, created_by_key_id=user.created_by_key_id)
         elif channel.startswith("tenant:") and channel != tenant_channel(tenant.id):
             raise _forbidden(name)
+        elif channel.startswith("topic:"):
+            _granted(name, access.topic, channel.removeprefix("topic:").removesuffix(":updates"))
         if channel not in channels:
             channels.append(channel)
     return tuple(channels)
@@ -230,6 +249,15 @@ def _malformed(name: str) -> StreamRefused:
         "topic:<topic>:updates or system:global.",
         "channels",
     )
+
+
+def _granted(name: str, check: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    try:
+        check(*args, **kwargs)
+    except Forbidden as exc:
+        raise StreamRefused(
+            403, "forbidden", exc.message, "channels", missing_grant=exc.details["missing_grant"]
+        ) from exc
 
 
 def _forbidden(name: str) -> StreamRefused:
