@@ -207,8 +207,10 @@ class Access:
 
     def actor(self, *, agent_id: str | None = None) -> Actor:
         """The body's `agent_id`, else the X-Agent-Id header's (the caller passes whichever it
-        has), else the key's name."""
-        return Actor(key_id=self.key_id, agent_id=(agent_id or self.key_name or "")[:200])
+        has), else the key's name, else the key itself (`key:<first 8 of its id>`): a clock
+        needs a name for every writer."""
+        name = agent_id or self.key_name or f"key:{self.key_id[:8]}"
+        return Actor(key_id=self.key_id, agent_id=name[:200])
 
     def _writes(self, write: bool) -> None:
         if write and self.role == READ_ONLY:

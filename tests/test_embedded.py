@@ -3,6 +3,7 @@ uses only servers that are its own, and two starts at once share one server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,11 +49,15 @@ def _postgres_pids(pgdata: Path) -> list[int]:
 
 def _kill_servers(var_dir: Path) -> None:
     """SIGKILL the embedded PostgreSQL (every process of it) and Redis, as a crash would."""
-    for pid in _postgres_pids((var_dir / "postgres").resolve()):
-        os.kill(pid, signal.SIGKILL)
+    pids = _postgres_pids((var_dir / "postgres").resolve())
     redis_pid = var_dir / "redis" / "redis.pid"
     if redis_pid.exists():
-        os.kill(int(redis_pid.read_text()), signal.SIGKILL)
+        pids.append(int(redis_pid.read_text()))
+    for pid in pids:
+        # A PostgreSQL backend may end by itself between the listing and its kill (its
+        # postmaster was killed a moment before): what is gone needs no killing.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
