@@ -37,6 +37,8 @@ BENCHES: dict[str, tuple[list[str], list[str], float]] = {
     "search": (["--breakdown"], ["--quick"], 900),
     # Someone else's bench: run if present, with its own defaults.
     "sse_fanout": ([], ["--counts", "1,100", "--httpx-counts", "1", "--events", "50"], 900),
+    # Write -> LocalCache latency with 10 and 100 caches, the service as shipped; ~1 min.
+    "cache_propagation": ([], ["--caches", "10", "--writes", "50"], 300),
 }
 
 

@@ -321,6 +321,38 @@ def test_the_cache_warms_up_and_sees_writes_within_a_second_without_polling(
     assert cache.staleness > 0
 
 
+def test_on_change_is_told_of_each_memory_the_cache_takes_in_and_of_each_that_leaves(
+    server: str, key: str, client: MemoryClient, user_id: str
+) -> None:
+    (old,) = write_facts(client, user_id, "Written before the cache")
+    told: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def on_change(memory_id: str, memory: dict[str, Any] | None) -> None:
+        # What the cache holds when it tells: the listener can read it back at once.
+        told.put((memory_id, memory and memory["version"], cache.get(memory_id) is not None))
+        if memory is not None and memory["content"] == "Makes the listener fail":
+            raise RuntimeError("a listener's bug")
+
+    with MemoryClient(server, key, agent_id="agent-b") as other:
+        cache = LocalCache(other, user_id, include_shared=False, on_change=on_change)
+        cache.start()
+        try:
+            assert told.get(timeout=2) == (old, 1, True)  # the warm-up
+            (new,) = write_facts(client, user_id, "Written by agent A")
+            assert told.get(timeout=2) == (new, 1, True)
+            client.update(new, content="Corrected by agent A")
+            assert told.get(timeout=2) == (new, 2, True)
+            client.delete(old)
+            assert told.get(timeout=2) == (old, None, False)
+            (failing,) = write_facts(client, user_id, "Makes the listener fail")
+            assert told.get(timeout=2) == (failing, 1, True)
+            (after,) = write_facts(client, user_id, "Still followed after the failure")
+            assert told.get(timeout=2) == (after, 1, True)
+            assert told.empty()  # nothing told twice, no replay reported
+        finally:
+            cache.stop()
+
+
 @pytest.mark.parametrize("with_event_id", [True, False], ids=["last-event-id", "sync"])
 def test_a_stopped_cache_catches_up_when_started_again(
     server: str, key: str, client: MemoryClient, user_id: str, with_event_id: bool

@@ -5,6 +5,7 @@
     cache.get(memory_id); cache.memories(); cache.staleness; cache.verify()
     cache.write("Prefers tea"); cache.update(memory_id, content="...")   # queued while offline
     cache.stop()                             # start() again resumes where it stopped
+    LocalCache(client, user_id, on_change=lambda memory_id, memory: ...)  # told of each change
 
 How it stays right:
 - Warm-up is a full `sync` (its `next_cursor` kept). A background thread then follows the user's
@@ -21,6 +22,14 @@ How it stays right:
   with it: while the server is unreachable they wait in a queue (a JSON-lines file at
   `queue_path`, so they survive a restart) and are sent, in order, when the subscription is back;
   sent twice (the answer was lost), the server applies them once.
+
+`on_change(memory_id, memory)`, when given, is called after each change the cache takes in: with
+the memory as it now holds it, or None when the memory left the live set (closed, deleted, or
+dropped by a rebuild). It runs in the thread that applied the change (the reading thread, or the
+one that wrote through the cache), outside the cache's lock, so it may read the cache; the next
+event waits for it, so it should be quick. What it raises is logged and ignored: a listener's bug
+must not stop the cache following its channels. A replayed or older change, which the cache
+ignores, is not reported.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +59,9 @@ _LIVE_EVENTS = ("memory.created", "memory.updated")
 _LEAVING_EVENTS = ("memory.closed", "memory.deleted")
 # Refusals that mean "not now": the write stays queued. Any other refusal drops it (`rejected`).
 _LATER = (Unreachable, ServerError, RateLimited)
+
+# What `on_change` is told: the memory's id, and the memory now held (None: it left).
+Change = tuple[str, Json | None]
 
 
 @dataclass
@@ -74,6 +86,7 @@ class LocalCache:
         queue_path: str | os.PathLike[str] | None = None,
         batch_ms: int | None = None,
         ready_timeout: float = 10.0,
+        on_change: Callable[[str, Json | None], None] | None = None,
     ) -> None:
         self.client = client
         self.user_id = str(user_id)
@@ -81,6 +94,7 @@ class LocalCache:
         self.topics = tuple(topics)
         self.batch_ms = batch_ms
         self.ready_timeout = ready_timeout
+        self.on_change = on_change
         self.queue_path = Path(queue_path) if queue_path is not None else None
         # Writes the server refused for good (bad input, not found...), with the error.
         self.rejected: list[tuple[PendingWrite, MemoryClientError]] = []
@@ -242,26 +256,39 @@ class LocalCache:
         elif kind in _LIVE_EVENTS or kind in _LEAVING_EVENTS:
             memory = event.get("memory")
             if isinstance(memory, dict) and memory.get("id"):
-                self._apply(memory, leaves=kind in _LEAVING_EVENTS)
+                self._notify([self._apply(memory, leaves=kind in _LEAVING_EVENTS)])
 
-    def _apply(self, memory: Json, *, leaves: bool) -> None:
+    def _apply(self, memory: Json, *, leaves: bool) -> Change | None:
+        """Take a change in unless it is older than what is held; what changed, or None."""
         memory_id = str(memory["id"])
         version = int(memory.get("version") or 0)
         with self._lock:
             if self._gone.get(memory_id, -1) >= version:
-                return
+                return None
             held = self._live.get(memory_id)
             if held is not None and int(held.get("version") or 0) > version:
-                return
+                return None
             if leaves:
                 self._live.pop(memory_id, None)
                 self._gone[memory_id] = version
-            else:
-                self._live[memory_id] = dict(memory)
+                return memory_id, None
+            self._live[memory_id] = dict(memory)
+            return memory_id, dict(memory)
 
-    def _apply_change(self, change: Json) -> None:
+    def _apply_change(self, change: Json) -> Change | None:
         leaves = bool(change.get("deleted") or change.get("closed") or change.get("valid_to"))
-        self._apply(change, leaves=leaves)
+        return self._apply(change, leaves=leaves)
+
+    def _notify(self, changes: Iterable[Change | None]) -> None:
+        if self.on_change is None:
+            return
+        for change in changes:
+            if change is None:
+                continue
+            try:
+                self.on_change(*change)
+            except Exception:
+                logger.exception("local cache: on_change raised; the cache goes on")
 
     def _sync_query(self) -> dict[str, Any]:
         return {
@@ -296,22 +323,34 @@ class LocalCache:
                 return changes, cursor
 
     def _rebuild(self) -> None:
+        with self._lock:
+            held = set(self._live)
         changes, cursor = self._sync_all(None)
         with self._lock:
             self._live.clear()
-            for change in changes:
-                self._apply_change(change)
+            applied = [self._apply_change(change) for change in changes]
             self._cursor = cursor
             self._warmed = True
             self._fresh_at = time.monotonic()
+            applied += self._dropped(held, applied)
+        self._notify(applied)
 
     def _catch_up(self) -> None:
-        changes, cursor = self._sync_all(self._cursor)
         with self._lock:
-            for change in changes:
-                self._apply_change(change)
+            held = set(self._live)
+        changes, cursor = self._sync_all(self._cursor)  # a 410 on the way empties the live set
+        with self._lock:
+            applied = [self._apply_change(change) for change in changes]
             self._cursor = cursor
             self._fresh_at = time.monotonic()
+            applied += self._dropped(held, applied)
+        self._notify(applied)
+
+    def _dropped(self, held: set[str], applied: list[Change | None]) -> list[Change | None]:
+        """Memories held before a sync, gone from the live set after it and not already reported
+        as leaving: a rebuild dropped them."""
+        reported = {change[0] for change in applied if change is not None}
+        return [(mid, None) for mid in held - set(self._live) - reported]
 
     # --- writing ---
 
@@ -388,7 +427,7 @@ class LocalCache:
                     self.rejected.append((pending, exc))
                 else:
                     answered[pending.idempotency_key] = memory
-                    self._apply(memory, leaves=bool(memory.get("valid_to")))
+                    self._notify([self._apply(memory, leaves=bool(memory.get("valid_to")))])
                 with self._lock:
                     self._queue.remove(pending)
                     self._queue_save()
