@@ -756,6 +756,7 @@ class ConflictResolveApi(TenantApi):
                 raise serializers.ValidationError({"choose": [message]})
             return attrs
 
+    @idempotent_write
     def post(self, request: Request, conflict_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         conflict = selectors.conflict_get(tenant=self.tenant, conflict_id=conflict_id)

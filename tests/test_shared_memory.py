@@ -367,3 +367,17 @@ def test_an_agent_writes_shared_memories_only_with_the_shared_write_grant(tenant
     reader = agent(f"user:{end_user.id}")
     listed = reader.get("/v1/memories", {"user_id": str(end_user.id), "include_shared": "true"})
     assert [m["content"] for m in listed.json()["results"]] == ["Shared rule"]
+
+
+def test_a_resolve_sent_again_with_its_idempotency_key_answers_the_first_time_again(
+    api, end_user: EndUser
+):
+    memory = direct(api, user_id=str(end_user.id), content="v1", merge="manual", agent_id="a")
+    patch(api, memory["id"], agent="b", content="v2", base_clock={"a": 1})
+    conflict = patch(api, memory["id"], agent="c", content="v3", base_clock={"a": 1}).json()
+    url = f"/v1/conflicts/{conflict['conflict']['id']}/resolve"
+    first = api.post(url, {"choose": "incoming"}, format="json", HTTP_IDEMPOTENCY_KEY="r-1")
+    again = api.post(url, {"choose": "incoming"}, format="json", HTTP_IDEMPOTENCY_KEY="r-1")
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json()
+    assert Memory.objects.get().version == first.json()["memory"]["version"]  # applied once
