@@ -1,11 +1,12 @@
 #!/bin/sh
 # The image's processes, as `make run` starts them (memoryproject/run.py), one per container:
-#   web                 migrate, then the ASGI app on uvicorn (PORT, default 8000)
+#   migrate             apply the migrations and exit: run it first, once (compose.yaml's
+#                       `migrate` service), never from every replica of web at once
+#   web                 the ASGI app on uvicorn (PORT, default 8000)
 #   worker LANE         a Celery worker on one lane: high, default or batch, with that lane's pool
 #                       and concurrency (the same settings as `make run`)
 #   beat                Celery beat: the sweeper, the event relay, trims and housekeeping
 #   consumers           the event stream's consumer groups (audit, analytics, webhooks)
-#   migrate             apply the migrations and exit
 #   anything else       run as given (`manage.py createapikey --tenant demo`, a shell...)
 set -e
 
@@ -32,7 +33,6 @@ fi
 
 case "$1" in
   web)
-    python manage.py migrate --noinput
     exec uvicorn memoryproject.asgi:application --host 0.0.0.0 --port "${PORT:-8000}" \
       --no-access-log ;;
   worker)

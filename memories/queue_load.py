@@ -188,7 +188,8 @@ class QueueDepthCollector:
         age.add_metric([], oldest)
         yield age
         dead = GaugeMetricFamily(
-            "event_dead_letters", f"Entries in {DEAD_LETTER_KEY}: events a consumer group gave up on"
+            "event_dead_letters",
+            f"Entries in {DEAD_LETTER_KEY}: events a consumer group gave up on",
         )
         dead.add_metric([], redis_client().xlen(DEAD_LETTER_KEY))
         yield dead
