@@ -41,6 +41,13 @@ EVENTS_DROPPED = Counter(
 READ_EVENTS_LOST = Counter(
     "read_events_lost_total", "Events of reads (searches) not published: Redis did not answer"
 )
+# Every failed call to a model endpoint, also one its retry then got through: `endpoint` is `llm`
+# or `embeddings`; `error` is `rate_limited` (429), `transient` (timeouts, connection errors,
+# 408, 409, 5xx), `rejected` (another 4xx: a wrong key or model; the job fails at once) or
+# `unusable_answer` (the LLM's answer could not be read, even when asked again).
+PROVIDER_ERRORS = Counter(
+    "provider_errors_total", "Failed calls to a model endpoint", ["endpoint", "error"]
+)
 SSE_SUBSCRIBERS = Gauge(
     "sse_subscribers", "Open Server-Sent Events connections", multiprocess_mode="livesum"
 )

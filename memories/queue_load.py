@@ -14,8 +14,8 @@ from django.db import connection
 from prometheus_client.core import GaugeMetricFamily
 
 from memories.dispatch import Queue, lane_for
-from memories.events.stream import redis_client
-from memories.models import MemoryRequest
+from memories.events.stream import DEAD_LETTER_KEY, redis_client
+from memories.models import MemoryRequest, OutboxEvent
 from memoryproject.celery import SENT_AT_HEADER
 
 # Kombu's Redis transport keeps a lane in a list named after it, plus one list per priority step
@@ -175,3 +175,32 @@ class QueueDepthCollector:
         pending = GaugeMetricFamily("memory_requests_pending", "Requests in status pending")
         pending.add_metric([], pending_requests())
         yield pending
+        count, oldest = outbox_backlog()
+        unpublished = GaugeMetricFamily(
+            "event_outbox_unpublished", "Outbox events committed and not yet on the stream"
+        )
+        unpublished.add_metric([], count)
+        yield unpublished
+        age = GaugeMetricFamily(
+            "event_outbox_oldest_unpublished_seconds",
+            "Age of the oldest outbox event not yet on the stream (0: none)",
+        )
+        age.add_metric([], oldest)
+        yield age
+        dead = GaugeMetricFamily(
+            "event_dead_letters",
+            f"Entries in {DEAD_LETTER_KEY}: events a consumer group gave up on",
+        )
+        dead.add_metric([], redis_client().xlen(DEAD_LETTER_KEY))
+        yield dead
+
+
+def outbox_backlog() -> tuple[int, float]:
+    """How many outbox events wait to be published, and the oldest one's age in seconds: after
+    commit each is published at once, so a backlog that lasts means Redis refused them and beat's
+    relay has not caught up (both are reads of the partial index `outbox_unpublished`)."""
+    waiting = OutboxEvent.objects.filter(published_at__isnull=True)
+    count = waiting.count()
+    first = waiting.order_by("id").values_list("created_at", flat=True).first()
+    age = (datetime.now(UTC) - first).total_seconds() if first else 0.0
+    return count, max(age, 0.0)

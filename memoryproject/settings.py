@@ -173,6 +173,12 @@ DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
 # A connection pool per process (psycopg_pool), not a connection per request: under ASGI every
 # request runs in its own thread, and without a pool each would open (and leave open) a new
 # connection until PostgreSQL refuses more. Celery's workers return theirs to the pool too.
+# Behind PgBouncer in transaction mode: Django's `.iterator()` outside a transaction opens a
+# server-side cursor WITH HOLD, which lives in one server session the pooler may hand to another
+# client between fetches; with this on, such loops read their rows in one go instead.
+DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = env_bool(
+    "DB_DISABLE_SERVER_SIDE_CURSORS", False
+)
 DATABASES["default"]["OPTIONS"] = {
     **DATABASES["default"].get("OPTIONS", {}),
     "pool": {

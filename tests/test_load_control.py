@@ -7,15 +7,17 @@ import json
 import logging
 import os
 import time
+from datetime import timedelta
 
 import pytest
 from django.conf import settings
+from django.utils import timezone
 from prometheus_client import REGISTRY
 
 from memories import accounts, ledger
-from memories.events.stream import redis_client
+from memories.events.stream import DEAD_LETTER_KEY, redis_client
 from memories.logs import JsonLogFormatter, RequestIdFilter
-from memories.models import Memory, MemoryRequest
+from memories.models import Memory, MemoryRequest, OutboxEvent
 from memories.pipeline import memory_request_run
 from tests.fake_openai import FakeOpenAI
 from tests.helpers import metric_value, model_env, wait_for
@@ -142,6 +144,24 @@ def test_metrics_are_served_in_prometheus_format(settings, api, end_user) -> Non
     refused = api.post("/v1/memories/batch", {**batch, "async": True}, format="json")
     assert refused.status_code == 429
     assert scraped("batch_write_items_count") == batches + 2  # the refused one is not counted
+
+
+@pytest.mark.django_db
+def test_metrics_show_the_outbox_backlog_and_the_dead_letters(api) -> None:
+    def scraped(name: str) -> float:
+        return metric_value(api.get("/metrics").content.decode(), name) or 0.0
+
+    waiting, dead = scraped("event_outbox_unpublished"), scraped("event_dead_letters")
+    # An event whose publishing after commit failed two minutes ago, and one a consumer gave up on.
+    stale = timezone.now() - timedelta(seconds=120)
+    OutboxEvent.objects.create(event_type="memory.created", payload={}, created_at=stale)
+    entry = redis_client().xadd(DEAD_LETTER_KEY, {"entry": "0-1", "group": "audit"})
+    try:
+        assert scraped("event_outbox_unpublished") == waiting + 1
+        assert scraped("event_outbox_oldest_unpublished_seconds") >= 120
+        assert scraped("event_dead_letters") == dead + 1
+    finally:
+        redis_client().xdel(DEAD_LETTER_KEY, entry)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from memories.providers import (
     Decision,
@@ -349,6 +350,42 @@ def test_embedding_server_error_is_a_provider_error(fake: FakeOpenAI) -> None:
     fake.fail_next(1, status=503)
     with pytest.raises(ProviderError, match="fake-embed"):
         embedder_for(fake).embed(["Likes tea"])
+
+
+def provider_errors(endpoint: str, error: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "provider_errors_total", {"endpoint": endpoint, "error": error}
+    )
+    return value or 0.0
+
+
+def test_failed_model_calls_are_counted_by_endpoint_and_kind(fake: FakeOpenAI) -> None:
+    before = {
+        key: provider_errors(*key)
+        for key in [
+            ("llm", "transient"),
+            ("llm", "rate_limited"),
+            ("llm", "unusable_answer"),
+            ("embeddings", "rejected"),
+        ]
+    }
+    # One retry allowed: a 429 then a 500 are both counted, and the third call answers.
+    llm = OpenAILLM(api_key="k", base_url=fake.base_url, model="m", timeout=5, max_retries=1)
+    fake.fail_next(1, status=429, headers={"Retry-After": "0"})
+    fake.fail_next(1, status=500)
+    with pytest.raises(ProviderError):
+        llm.extract_facts(said("I live in Paris"))
+    assert llm.extract_facts(said("I live in Paris")) == ["Lives in Paris"]
+    fake.chat_handler = lambda body: "no JSON at all"
+    with pytest.raises(ProviderError):
+        llm.extract_facts(said("I live in Paris"))
+    fake.fail_next(1, status=401)
+    with pytest.raises(ProviderError):
+        embedder_for(fake).embed(["Likes tea"])
+    assert provider_errors("llm", "rate_limited") == before[("llm", "rate_limited")] + 1
+    assert provider_errors("llm", "transient") == before[("llm", "transient")] + 1
+    assert provider_errors("llm", "unusable_answer") == before[("llm", "unusable_answer")] + 1
+    assert provider_errors("embeddings", "rejected") == before[("embeddings", "rejected")] + 1
 
 
 def test_fake_server_runs_as_a_standalone_process() -> None:

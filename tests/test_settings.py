@@ -106,9 +106,10 @@ def test_a_wrong_worker_setting_stops_make_run_and_the_image_before_anything_sta
     done = _run([sys.executable, "-m", "memoryproject.run"], env)
     assert (done.returncode, done.stderr.strip()) == (2, f"make run: {message}")
     assert list(tmp_path.iterdir()) == []  # refused before the embedded servers started
-    if variable != "BATCH_WORKER_CONCURRENCY":  # the image runs one worker per container
-        image = _run(["sh", str(BASE_DIR / "docker" / "entrypoint.sh"), "worker"], env)
-        assert (image.returncode, image.stderr.strip()) == (2, f"entrypoint: {message}")
+    # The image runs one worker per lane, each reading its lane's settings as `make run` does.
+    lane = "batch" if variable.startswith("BATCH_") else "default"
+    image = _run(["sh", str(BASE_DIR / "docker" / "entrypoint.sh"), "worker", lane], env)
+    assert (image.returncode, image.stderr.strip()) == (2, f"entrypoint: {message}")
 
 
 _PRINT_KEY = [
@@ -151,3 +152,16 @@ def test_the_compose_file_takes_every_credential_from_its_env_file() -> None:
     )
     assert example["SECRET_KEY"] == "" and example["POSTGRES_PASSWORD"] == ""
     assert "REQUIRE_SECRET_KEY=true" in (BASE_DIR / "docker" / "Dockerfile").read_text()
+
+
+def test_behind_pgbouncer_server_side_cursors_can_be_switched_off(tmp_path) -> None:
+    probe = [
+        sys.executable,
+        "-c",
+        "from django.conf import settings; "
+        "print(settings.DATABASES['default']['DISABLE_SERVER_SIDE_CURSORS'])",
+    ]
+    default = _run(probe, _clean_env(tmp_path, SECRET_KEY="k", **_URLS))
+    assert default.stdout.strip() == "False", default.stderr
+    env = _clean_env(tmp_path, SECRET_KEY="k", DB_DISABLE_SERVER_SIDE_CURSORS="true", **_URLS)
+    assert _run(probe, env).stdout.strip() == "True"

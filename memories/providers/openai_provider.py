@@ -22,6 +22,7 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
+from memories.metrics import PROVIDER_ERRORS
 from memories.providers.base import Decision, ExistingMemory, ProviderError, ProviderRejected
 from memories.providers.llm_answers import UnreadableAnswer, read_decisions, read_facts
 from memories.providers.throttle import Throttle
@@ -135,8 +136,10 @@ class _Endpoint:
         max_retries: int,
         max_concurrency: int,
         who: str,
+        endpoint: str,
     ) -> None:
         self.client = _client(api_key, base_url, timeout)
+        self.endpoint = endpoint  # `llm` or `embeddings`: the provider_errors_total label
         self.max_retries = max_retries
         self.throttle = Throttle(limit=max_concurrency)
         self.who = who
@@ -147,6 +150,7 @@ class _Endpoint:
                 with self.throttle.slot():
                     return send()
             except openai.OpenAIError as exc:
+                PROVIDER_ERRORS.labels(endpoint=self.endpoint, error=_error_kind(exc)).inc()
                 if not _is_transient(exc):
                     raise
                 asked = _retry_after(getattr(exc, "response", None))
@@ -164,6 +168,13 @@ class _Endpoint:
                 logger.info("%s: %s; retrying in %.2f s", self.who, type(exc).__name__, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")  # the last attempt returned or raised
+
+
+def _error_kind(exc: openai.OpenAIError) -> str:
+    status = getattr(exc, "status_code", None)
+    if status == 429:
+        return "rate_limited"
+    return "transient" if _is_transient(exc) else "rejected"
 
 
 def _excerpt(text: str, limit: int = 200) -> str:
@@ -198,6 +209,7 @@ class OpenAILLM:
             max_retries=max_retries,
             max_concurrency=max_concurrency,
             who=self._who(),
+            endpoint="llm",
         )
         # JSON mode until the server refuses the option itself (LM Studio wants a json_schema,
         # some servers know no response_format): then plain text, which the reading copes with.
@@ -252,6 +264,7 @@ class OpenAILLM:
                 problem,
                 _excerpt(content or ""),
             )
+            PROVIDER_ERRORS.labels(endpoint="llm", error="unusable_answer").inc()
             raise ProviderError(
                 f"{self._who()} gave no usable answer, even when asked again: {problem}"
             ) from exc
@@ -323,6 +336,7 @@ class OpenAIEmbedder:
             max_retries=max_retries,
             max_concurrency=max_concurrency,
             who=self._who,
+            endpoint="embeddings",
         )
 
     def embed(self, texts: list[str]) -> list[list[float]]:
