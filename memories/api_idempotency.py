@@ -13,7 +13,9 @@ the first status and body again (with `Idempotent-Replayed: true`); with another
 
 An error answer (4xx, 5xx, raised or returned) is not stored: its transaction rolls back with the
 key, so the same key may be sent again and is judged afresh (a 412 whose base was stale stays a
-412; a 429 or 502 may succeed). Without the header, the method runs as before.
+412; a 429 or 502 may succeed). The exception is an outcome the service recorded before raising
+(`ServiceError.recorded`: a concurrent write kept as a conflict, 409): it commits with its key and
+is replayed. Without the header, the method runs as before.
 
 The transaction spans the whole method, embedding calls included (a correction, a batch): a
 connection is held for that time, by the writes that send a key.
@@ -32,8 +34,9 @@ from rest_framework.response import Response
 from rest_framework.utils.encoders import JSONEncoder
 
 from memories import idempotency
+from memories.api_errors import exception_handler
 from memories.auth import TenantPrincipal
-from memories.errors import InvalidInput
+from memories.errors import InvalidInput, ServiceError
 
 # Headers of the first answer that its replay carries too.
 _KEPT_HEADERS = ("ETag", "Location")
@@ -70,8 +73,16 @@ def idempotent_write(view_method: ViewMethod) -> ViewMethod:
             if stored is not None:
                 headers = {**stored.headers, "Idempotent-Replayed": "true"}
                 return Response(stored.body, status=stored.status, headers=headers)
-            response = view_method(view, request, *args, **kwargs)
-            if response.status_code >= 400:
+            recorded = False
+            try:
+                response = view_method(view, request, *args, **kwargs)
+            except ServiceError as exc:
+                if not exc.recorded:
+                    raise
+                # A conflict kept: the write's outcome, committed with its key, replayed as is.
+                recorded, response = True, exception_handler(exc, {})
+                assert response is not None  # every ServiceError has its answer
+            if response.status_code >= 400 and not recorded:
                 transaction.set_rollback(True)  # not stored: the key stays free
                 return response
             idempotency.idempotent_write_finish(

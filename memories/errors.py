@@ -9,6 +9,9 @@ class ServiceError(Exception):
     """Base of every error a service raises on purpose."""
 
     code = "error"
+    # True for an outcome the service committed before raising (a conflict kept): an answer to
+    # keep with the write's Idempotency-Key, not an error that undoes the request.
+    recorded = False
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -65,6 +68,7 @@ class ConflictRecorded(ServiceError):
     not applied."""
 
     code = "conflict"
+    recorded = True
 
 
 class Overloaded(ServiceError):

@@ -381,3 +381,24 @@ def test_a_resolve_sent_again_with_its_idempotency_key_answers_the_first_time_ag
     assert first.status_code == again.status_code == 200
     assert again.json() == first.json()
     assert Memory.objects.get().version == first.json()["memory"]["version"]  # applied once
+
+
+def test_a_conflict_sent_with_an_idempotency_key_is_kept_once_and_replayed(api, end_user: EndUser):
+    memory = direct(api, user_id=str(end_user.id), content="v1", merge="manual", agent_id="a")
+    patch(api, memory["id"], agent="b", content="v2", base_clock={"a": 1})
+
+    def send() -> Any:
+        return api.patch(
+            f"/v1/memories/{memory['id']}",
+            {"content": "v3", "base_clock": {"a": 1}},
+            format="json",
+            HTTP_X_AGENT_ID="c",
+            HTTP_IDEMPOTENCY_KEY="offline-write-7",
+        )
+
+    first, again = send(), send()
+    assert first.status_code == again.status_code == 409
+    assert again.json() == first.json()
+    assert again["Idempotent-Replayed"] == "true"
+    listed = api.get("/v1/conflicts").json()["results"]
+    assert [c["id"] for c in listed] == [first.json()["conflict"]["id"]]  # kept, and once
