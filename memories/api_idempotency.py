@@ -80,8 +80,9 @@ def idempotent_write(view_method: ViewMethod) -> ViewMethod:
                 if not exc.recorded:
                     raise
                 # A conflict kept: the write's outcome, committed with its key, replayed as is.
-                recorded, response = True, exception_handler(exc, {})
-                assert response is not None  # every ServiceError has its answer
+                answer = exception_handler(exc, {})
+                assert answer is not None  # every ServiceError has its answer
+                recorded, response = True, answer
             if response.status_code >= 400 and not recorded:
                 transaction.set_rollback(True)  # not stored: the key stays free
                 return response
