@@ -185,7 +185,7 @@ class EventsApi(TenantApi):
     @extend_schema(
         operation_id="events_list",
         parameters=[EventsQuery],
-        responses={200: PageOutput, **errors(403, 404)},
+        responses={200: PageOutput, **errors(403, 404, 410)},
         tags=["events"],
     )
     def get(self, request: Request) -> Response:
