@@ -164,7 +164,8 @@ class EventsQuery(serializers.Serializer):
     type = serializers.CharField(required=False)
     since = serializers.DateTimeField(required=False)
     until = serializers.DateTimeField(required=False)
-    after = serializers.RegexField(r"^\d+-\d+$", required=False)
+    # A stream id; 19 digits a part at most, so that each fits Redis's 64 bits.
+    after = serializers.RegexField(r"^\d{1,19}-\d{1,19}$", required=False)
     limit = serializers.IntegerField(required=False, default=500, min_value=1, max_value=5000)
 
     def validate_type(self, value: str) -> list[str]:
