@@ -74,7 +74,10 @@ def live_api(tenant, start_worker) -> Iterator[dict[str, Any]]:
     _, raw_key = accounts.api_key_create(tenant=tenant, name="fuzz")
     headers = {"Authorization": f"Bearer {raw_key}"}
     start_worker(queues="high,default,batch")
-    with uvicorn_live_server() as base_url, httpx.Client(base_url=base_url, headers=headers) as http:
+    with (
+        uvicorn_live_server() as base_url,
+        httpx.Client(base_url=base_url, headers=headers) as http,
+    ):
         user_id = http.post("/v1/users", json={"external_id": "fuzz"}).json()["user_id"]
         job = http.post(
             "/v1/memories",
@@ -140,7 +143,9 @@ def test_fuzzed_calls_never_fail_with_5xx_and_answer_as_documented(live_api) -> 
         try:
             call()
         except (Exception, BaseExceptionGroup) as exc:  # every operation's, not the first's
-            failures.append(f"{operation.method.upper()} {operation.path}: {exc!r}\n{_details(exc)}")
+            failures.append(
+                f"{operation.method.upper()} {operation.path}: {exc!r}\n{_details(exc)}"
+            )
         assert time.monotonic() - started < FUZZ_BUDGET_SECONDS * 2, "the fuzz ran too long"
     assert not failures, "\n\n".join(failures)
 
