@@ -178,3 +178,28 @@ def test_links_lead_from_a_new_user_to_its_job_its_status_and_its_memory(live_ap
     assert memory.status_code == 200
     assert memory.json()["content"] == "I live in Paris."
     assert memory.json()["user_id"] == user.json()["user_id"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(120)
+def test_stateful_runs_follow_the_links_and_answer_as_documented(live_api) -> None:
+    schema = schemathesis.openapi.from_dict(CONTRACT).exclude(func=_not_for_fuzzers)
+    base_url, headers = live_api["base_url"], live_api["headers"]
+
+    class Machine(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"base_url": base_url, "headers": headers, "timeout": 30}
+
+        def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
+            case.validate_response(response, checks=CHECKS)
+
+    Machine.run(
+        settings=settings(
+            max_examples=10,
+            stateful_step_count=4,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+    )
