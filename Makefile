@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCAL_STAMP := $(VENV)/.installed-local
 INSTALLED := $(STAMP) $(if $(filter local,$(EMBEDDING_PROVIDER)),$(LOCAL_STAMP))
 
-.PHONY: run stop test check lint typecheck imports format bench clean install-local
+.PHONY: run stop test check lint typecheck imports format bench clean install-local openapi
 
 # The SDK (memoryclient/, its own distribution) goes in too, with its MCP extra: the tests use it.
 $(STAMP): pyproject.toml memoryclient/pyproject.toml
@@ -49,6 +49,10 @@ imports: $(STAMP)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# The published contract, generated from the views (tests/test_openapi.py fails when it is stale).
+openapi: $(STAMP)
+	$(VENV)/bin/python manage.py spectacular --validate --fail-on-warn --file openapi.yaml
 
 bench: $(INSTALLED)
 	$(VENV)/bin/python bench/run_all.py

@@ -18,6 +18,7 @@ import prometheus_client
 from django.conf import settings
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from prometheus_client import multiprocess
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -43,6 +44,7 @@ from memories.errors import InvalidInput
 from memories.events.schema import acting_key_id, typed_value
 from memories.filters import DATE_FIELDS, FIELDS, memory_filters_parse
 from memories.models import Memory, MemoryConflict, MemoryRequest, Tenant
+from memories.openapi import IDEMPOTENCY_KEY, IF_MATCH, errors
 from memories.parsers import strict_loads
 from memories.providers.wiring import get_embedder
 from memories.queue_load import QueueDepthCollector
@@ -191,6 +193,17 @@ class UserOutput(serializers.Serializer):
     created_at = serializers.DateTimeField()
 
 
+class UserListOutput(serializers.Serializer):
+    results = UserOutput(many=True)
+
+
+class RequestAcceptedOutput(serializers.Serializer):
+    """A job accepted (202): poll `GET /v1/requests/{request_id}`."""
+
+    request_id = serializers.UUIDField()
+    status = serializers.CharField()
+
+
 class UserCreateApi(TenantApi):
     """`POST` creates a user (a taken `external_id` is 409 naming its `user_id`); `GET
     ?external_id=` finds one: `{"results": [user]}`, empty when there is none."""
@@ -202,6 +215,12 @@ class UserCreateApi(TenantApi):
     class FindInput(serializers.Serializer):
         external_id = serializers.CharField(max_length=200)
 
+    @extend_schema(
+        operation_id="user_find",
+        parameters=[FindInput],
+        responses={200: UserListOutput, **errors(403)},
+        tags=["users"],
+    )
     def get(self, request: Request) -> Response:
         data = validated_input(self.FindInput, request.query_params.dict())
         user = selectors.end_user_find(tenant=self.tenant, external_id=data["external_id"])
@@ -209,6 +228,12 @@ class UserCreateApi(TenantApi):
             self.user_allowed(user)
         return Response({"results": [UserOutput(user).data] if user else []})
 
+    @extend_schema(
+        operation_id="user_create",
+        request=InputSerializer,
+        responses={201: UserOutput, **errors(403, 409)},
+        tags=["users"],
+    )
     def post(self, request: Request) -> Response:
         self.access.user_create()
         data = validated_input(self.InputSerializer, request.data)
@@ -222,11 +247,19 @@ class UserCreateApi(TenantApi):
 
 
 class UserDetailApi(TenantApi):
+    @extend_schema(
+        operation_id="user_get", responses={200: UserOutput, **errors(403, 404)}, tags=["users"]
+    )
     def get(self, request: Request, user_id: str) -> Response:
         user = selectors.end_user_get(tenant=self.tenant, user_id=user_id)
         self.user_allowed(user)
         return Response(UserOutput(user).data)
 
+    @extend_schema(
+        operation_id="user_delete",
+        responses={202: RequestAcceptedOutput, **errors(403, 404, 409)},
+        tags=["users"],
+    )
     def delete(self, request: Request, user_id: str) -> Response:
         """Erase the user: a job (202), polled at /v1/requests/{request_id}; the user is not
         found from now on, and the finished request's `events` hold the receipt."""
@@ -317,6 +350,26 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
         raise InvalidInput("Malformed cursor.", field="cursor") from exc
 
 
+class MemoryPageOutput(serializers.Serializer):
+    results = MemoryOutput(many=True)
+    next_cursor = serializers.CharField(allow_null=True)
+
+
+# The filters /v1/memories takes as query parameters (memories.filters); some hold JSON.
+_LIST_FILTER_PARAMETERS = [
+    OpenApiParameter("agent_id", str),
+    OpenApiParameter("session_id", str),
+    OpenApiParameter("type", str, enum=[choice for choice, _ in Memory.Type.choices]),
+    OpenApiParameter("scope", str, enum=[choice for choice, _ in Memory.Scope.choices]),
+    *(
+        OpenApiParameter(name, str, description="JSON: `{gte, gt, lte, lt}` of ISO 8601 dates.")
+        for name in DATE_FIELDS
+    ),
+    OpenApiParameter("metadata", str, description="JSON object: containment and operators."),
+    OpenApiParameter("as_of", str, description="ISO 8601: what was true then."),
+]
+
+
 class MemoryCollectionApi(TenantApi):
     """`POST` submits a memory job; `GET` lists a user's memories."""
 
@@ -350,6 +403,17 @@ class MemoryCollectionApi(TenantApi):
         include_shared = serializers.BooleanField(required=False, default=False)
         topics = serializers.CharField(required=False, default="", allow_blank=True)
 
+    @extend_schema(
+        operation_id="memory_job_submit",
+        request=InputSerializer,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={
+            202: RequestAcceptedOutput,
+            200: MemoryRequestOutput,  # with `wait`, when the job finished in time
+            **errors(403, 404, 409, 422),
+        },
+        tags=["memories"],
+    )
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         self.access.user(data["user_id"], write=True)
@@ -386,6 +450,12 @@ class MemoryCollectionApi(TenantApi):
             headers=_wait_header(data["wait"]),
         )
 
+    @extend_schema(
+        operation_id="memory_list",
+        parameters=[ListInput, *_LIST_FILTER_PARAMETERS],
+        responses={200: MemoryPageOutput, **errors(403, 404)},
+        tags=["memories"],
+    )
     def get(self, request: Request) -> Response:
         params = request.query_params.dict()
         for name in _JSON_QUERY_FILTERS:
@@ -420,11 +490,69 @@ class MemoryCollectionApi(TenantApi):
         )
 
 
+class BatchItemInput(serializers.Serializer):
+    """One bulk write; checked one by one (a bad item is that item's error, not a 400)."""
+
+    action = serializers.ChoiceField(choices=["create", "update", "delete"], default="create")
+    id = serializers.UUIDField(required=False, help_text="The memory to update or delete.")
+    user_id = serializers.UUIDField(required=False, allow_null=True)
+    content = serializers.CharField(required=False)
+    type = serializers.ChoiceField(choices=Memory.Type.choices, required=False)
+    metadata = serializers.DictField(required=False)
+    scope = serializers.ChoiceField(choices=Memory.Scope.choices, required=False)
+    topic = serializers.CharField(required=False)
+    agent_id = serializers.CharField(required=False)
+    session_id = serializers.CharField(required=False)
+    occurred_at = serializers.DateTimeField(required=False)
+
+
+class BatchInput(serializers.Serializer):
+    items = BatchItemInput(many=True)
+    # `async` is a keyword in Python: the field is named in `get_fields`.
+    run_async = serializers.BooleanField(required=False, default=False)
+
+    def get_fields(self) -> dict[str, Any]:
+        fields = super().get_fields()
+        fields["async"] = fields.pop("run_async")
+        return fields
+
+
+class BatchItemErrorOutput(serializers.Serializer):
+    field = serializers.CharField()
+    message = serializers.CharField()
+
+
+class BatchItemResultOutput(serializers.Serializer):
+    index = serializers.IntegerField()
+    status = serializers.ChoiceField(choices=["ok", "error"])
+    action = serializers.CharField(required=False)
+    id = serializers.UUIDField(required=False)
+    version = serializers.IntegerField(required=False)
+    error = BatchItemErrorOutput(required=False)
+
+
+class BatchOutput(serializers.Serializer):
+    results = BatchItemResultOutput(many=True)
+    ok = serializers.IntegerField()
+    failed = serializers.IntegerField()
+
+
 class MemoryBatchApi(TenantApi):
     """Direct bulk writes, no LLM: `{items: [{action, id?, user_id, content, type, metadata}],
     async?}`. Synchronous: per-item results at once. `async: true`: a request id, and the `batch`
     lane writes the items (per-item results then in the request's `events`)."""
 
+    @extend_schema(
+        operation_id="memory_batch",
+        request=BatchInput,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={
+            200: BatchOutput,
+            202: RequestAcceptedOutput,  # async: true
+            **errors(403, 409, 422, 502),
+        },
+        tags=["memories"],
+    )
     def post(self, request: Request) -> Response:
         body = request.data
         if not isinstance(body, dict):
@@ -491,6 +619,10 @@ def _batch_allowed(access: Access, items: list[Any]) -> None:
             access.topic(item["topic"], write=True)
 
 
+class MemoryRequestListOutput(serializers.Serializer):
+    results = MemoryRequestOutput(many=True)
+
+
 class MemoryRequestListApi(TenantApi):
     """`GET /v1/requests?status=failure`: the dead-letter list (last error, attempts), newest
     first; page with `before=<created_at of the last one>`."""
@@ -501,6 +633,12 @@ class MemoryRequestListApi(TenantApi):
         before = serializers.DateTimeField(required=False)
         limit = serializers.IntegerField(default=100, min_value=1, max_value=500)
 
+    @extend_schema(
+        operation_id="request_list",
+        parameters=[InputSerializer],
+        responses={200: MemoryRequestListOutput, **errors(403)},
+        tags=["requests"],
+    )
     def get(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.query_params.dict())
         if data.get("user_id"):
@@ -524,6 +662,12 @@ class MemoryRequestStatusApi(TenantApi):
     class QuerySerializer(serializers.Serializer):
         wait = serializers.FloatField(required=False, default=0, min_value=0, max_value=MAX_WAIT)
 
+    @extend_schema(
+        operation_id="request_status",
+        parameters=[QuerySerializer],
+        responses={200: MemoryRequestOutput, **errors(403, 404)},
+        tags=["requests"],
+    )
     def get(self, request: Request, request_id: str) -> Response:
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         memory_request = selectors.memory_request_get(tenant=self.tenant, request_id=request_id)
@@ -585,11 +729,23 @@ class MemoryDetailApi(TenantApi):
                 raise serializers.ValidationError({"content": [message]})
             return attrs
 
+    @extend_schema(
+        operation_id="memory_get",
+        responses={200: MemoryOutput, **errors(403, 404)},
+        tags=["memories"],
+    )
     def get(self, request: Request, memory_id: str) -> Response:
         memory = selectors.memory_get(tenant=self.tenant, memory_id=memory_id)
         self.access.memory(memory)
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
+    @extend_schema(
+        operation_id="memory_update",
+        request=UpdateInput,
+        parameters=[IDEMPOTENCY_KEY, IF_MATCH],
+        responses={200: MemoryOutput, **errors(403, 404, 409, 412, 422, 502)},
+        tags=["memories"],
+    )
     @idempotent_write
     def patch(self, request: Request, memory_id: str) -> Response:
         data = validated_input(self.UpdateInput, request.data)
@@ -617,6 +773,12 @@ class MemoryDetailApi(TenantApi):
             )
         return Response(represented(MemoryOutput, memory), headers={"ETag": f'"{memory.version}"'})
 
+    @extend_schema(
+        operation_id="memory_delete",
+        parameters=[IDEMPOTENCY_KEY],
+        responses={204: None, **errors(403, 404, 422)},
+        tags=["memories"],
+    )
     @idempotent_write
     def delete(self, request: Request, memory_id: str) -> Response:
         self.memory_allowed(memory_id, write=True)
@@ -664,6 +826,13 @@ class MemoryDirectApi(TenantApi):
             required=False, allow_null=True, min_value=-(10**12), max_value=10**12
         )
 
+    @extend_schema(
+        operation_id="memory_direct_create",
+        request=InputSerializer,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={201: MemoryOutput, **errors(403, 404, 422, 502)},
+        tags=["memories"],
+    )
     @idempotent_write
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
@@ -707,6 +876,16 @@ class ConflictOutput(serializers.Serializer):
     resolution = serializers.JSONField(allow_null=True)
 
 
+class ConflictPageOutput(serializers.Serializer):
+    results = ConflictOutput(many=True)
+    next_cursor = serializers.CharField(allow_null=True)
+
+
+class ConflictResolvedOutput(serializers.Serializer):
+    conflict = ConflictOutput()
+    memory = MemoryOutput()
+
+
 class ConflictListApi(TenantApi):
     """`GET /v1/conflicts[?status=open|resolved][&memory_id=]`: newest first, paginated."""
 
@@ -716,6 +895,12 @@ class ConflictListApi(TenantApi):
         cursor = serializers.CharField(required=False, max_length=200)
         limit = serializers.IntegerField(required=False, default=50, min_value=1, max_value=500)
 
+    @extend_schema(
+        operation_id="conflict_list",
+        parameters=[QuerySerializer],
+        responses={200: ConflictPageOutput, **errors(403, 404)},
+        tags=["conflicts"],
+    )
     def get(self, request: Request) -> Response:
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         if query.get("memory_id"):  # one memory's: whoever may read it; all of them: an admin
@@ -756,6 +941,12 @@ class ConflictResolveApi(TenantApi):
                 raise serializers.ValidationError({"choose": [message]})
             return attrs
 
+    @extend_schema(
+        operation_id="conflict_resolve",
+        request=InputSerializer,
+        responses={200: ConflictResolvedOutput, **errors(403, 404, 409, 502)},
+        tags=["conflicts"],
+    )
     @idempotent_write
     def post(self, request: Request, conflict_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
@@ -780,24 +971,38 @@ class ConflictResolveApi(TenantApi):
         )
 
 
+class HistoryEntryOutput(serializers.Serializer):
+    event = serializers.CharField()
+    old_content = serializers.CharField(allow_null=True)
+    new_content = serializers.CharField(allow_null=True)
+    # new_content held from valid_from until valid_to (the next entry's time; null: still).
+    valid_from = serializers.DateTimeField(source="occurred_at")
+    valid_to = serializers.DateTimeField(allow_null=True)
+    reason = serializers.CharField(allow_null=True)  # why a CLOSE happened
+    actor = serializers.CharField()
+    actor_key_id = serializers.UUIDField(allow_null=True)
+    request_id = serializers.UUIDField(allow_null=True)
+    created_at = serializers.DateTimeField()
+
+
 class MemoryHistoryApi(TenantApi):
-    class OutputSerializer(serializers.Serializer):
-        event = serializers.CharField()
-        old_content = serializers.CharField(allow_null=True)
-        new_content = serializers.CharField(allow_null=True)
-        # new_content held from valid_from until valid_to (the next entry's time; null: still).
-        valid_from = serializers.DateTimeField(source="occurred_at")
-        valid_to = serializers.DateTimeField(allow_null=True)
-        reason = serializers.CharField(allow_null=True)  # why a CLOSE happened
-        actor = serializers.CharField()
-        actor_key_id = serializers.UUIDField(allow_null=True)
-        request_id = serializers.UUIDField(allow_null=True)
-        created_at = serializers.DateTimeField()
+    OutputSerializer = HistoryEntryOutput
 
     class QuerySerializer(serializers.Serializer):
         limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=500)
         cursor = serializers.RegexField(r"^\d{1,18}$", required=False)
 
+    class PageOutput(serializers.Serializer):
+        memory_id = serializers.UUIDField()
+        history = HistoryEntryOutput(many=True)
+        next_cursor = serializers.CharField(allow_null=True)
+
+    @extend_schema(
+        operation_id="memory_history",
+        parameters=[QuerySerializer],
+        responses={200: PageOutput, **errors(403, 404)},
+        tags=["memories"],
+    )
     def get(self, request: Request, memory_id: str) -> Response:
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         after = int(query["cursor"]) if query.get("cursor") else None
@@ -814,6 +1019,12 @@ class MemoryHistoryApi(TenantApi):
                 "next_cursor": str(page[-1].id) if has_more else None,
             }
         )
+
+
+class SearchResultOutput(MemoryOutput):
+    score = serializers.FloatField()
+    similarity = serializers.FloatField(allow_null=True)
+    why = serializers.DictField(child=serializers.IntegerField())
 
 
 class MemorySearchApi(TenantApi):
@@ -846,6 +1057,15 @@ class MemorySearchApi(TenantApi):
             child=serializers.CharField(max_length=200), required=False, default=list, max_length=50
         )
 
+    class ResultsOutput(serializers.Serializer):
+        results = SearchResultOutput(many=True)
+
+    @extend_schema(
+        operation_id="memory_search",
+        request=InputSerializer,
+        responses={200: ResultsOutput, **errors(403, 404, 502)},
+        tags=["memories"],
+    )
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])

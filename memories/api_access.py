@@ -7,6 +7,7 @@ import base64
 import binascii
 from typing import Any
 
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -15,6 +16,7 @@ from memories import accounts, selectors
 from memories.access import ROLES
 from memories.api import TenantApi, validated_input
 from memories.errors import InvalidInput
+from memories.openapi import errors
 
 
 class KeyOutput(serializers.Serializer):
@@ -40,6 +42,18 @@ class KeyCollectionApi(TenantApi):
         )
         expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
 
+    class CreatedOutput(KeyOutput):
+        key = serializers.CharField(help_text="The raw key: shown in this answer only.")
+
+    class ListOutput(serializers.Serializer):
+        results = KeyOutput(many=True)
+
+    @extend_schema(
+        operation_id="key_create",
+        request=InputSerializer,
+        responses={201: CreatedOutput, **errors(403, 409)},
+        tags=["keys"],
+    )
     def post(self, request: Request) -> Response:
         self.access.admin()
         data = validated_input(self.InputSerializer, request.data)
@@ -52,6 +66,9 @@ class KeyCollectionApi(TenantApi):
         )
         return Response({**KeyOutput(api_key).data, "key": raw_key}, status=status.HTTP_201_CREATED)
 
+    @extend_schema(
+        operation_id="key_list", responses={200: ListOutput, **errors(403)}, tags=["keys"]
+    )
     def get(self, request: Request) -> Response:
         self.access.admin()
         keys = selectors.api_key_list(tenant=self.tenant)
@@ -59,6 +76,9 @@ class KeyCollectionApi(TenantApi):
 
 
 class KeyDetailApi(TenantApi):
+    @extend_schema(
+        operation_id="key_revoke", responses={204: None, **errors(403, 404)}, tags=["keys"]
+    )
     def delete(self, request: Request, key_id: str) -> Response:
         """Revoke the key: it stops working at once here, within API_KEY_CACHE_SECONDS in other
         processes."""
@@ -69,6 +89,14 @@ class KeyDetailApi(TenantApi):
 
 
 class WhoamiApi(TenantApi):
+    class WhoamiOutput(serializers.Serializer):
+        tenant_id = serializers.UUIDField()
+        key_id = serializers.UUIDField(allow_null=True)
+        name = serializers.CharField(allow_blank=True)
+        role = serializers.CharField()
+        grants = serializers.ListField(child=serializers.CharField())
+
+    @extend_schema(operation_id="whoami", responses={200: WhoamiOutput, **errors()}, tags=["keys"])
     def get(self, request: Request) -> Response:
         access = self.access
         return Response(
@@ -96,6 +124,25 @@ def _decode_audit_cursor(cursor: str) -> int:
         raise InvalidInput("Malformed cursor.", field="cursor") from exc
 
 
+class AuditActorOutput(serializers.Serializer):
+    key_id = serializers.CharField(allow_null=True)
+    agent_id = serializers.CharField(allow_null=True)
+
+
+class AuditEntryOutput(serializers.Serializer):
+    id = serializers.CharField()
+    event_type = serializers.CharField()
+    occurred_at = serializers.DateTimeField()
+    memory_id = serializers.CharField(allow_null=True)
+    user_id = serializers.UUIDField(allow_null=True)
+    actor = AuditActorOutput()
+
+
+class AuditPageOutput(serializers.Serializer):
+    results = AuditEntryOutput(many=True)
+    next_cursor = serializers.CharField(allow_null=True)
+
+
 class AuditApi(TenantApi):
     """`GET /v1/audit?user_id=&memory_id=&cursor=&limit=`: who changed what, newest first, from
     the audit log (written from the event stream by the `audit` consumer group)."""
@@ -106,6 +153,12 @@ class AuditApi(TenantApi):
         cursor = serializers.CharField(required=False, max_length=40)
         limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=500)
 
+    @extend_schema(
+        operation_id="audit_list",
+        parameters=[QuerySerializer],
+        responses={200: AuditPageOutput, **errors(403)},
+        tags=["keys"],
+    )
     def get(self, request: Request) -> Response:
         self.access.admin()
         query = validated_input(self.QuerySerializer, request.query_params.dict())

@@ -10,7 +10,7 @@ from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, JsonResponse
-from rest_framework import exceptions, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -34,6 +34,28 @@ STATUS_BY_ERROR: dict[type[errors.ServiceError], int] = {
     errors.RateLimited: status.HTTP_429_TOO_MANY_REQUESTS,
     errors.Gone: status.HTTP_410_GONE,
 }
+
+
+class ErrorOutput(serializers.Serializer):
+    """Every error's JSON (OpenAPI's `Error`): `error` a stable code, `message` for people,
+    `fields` the invalid input by name; some errors add what the caller needs next."""
+
+    error = serializers.CharField()
+    message = serializers.CharField()
+    fields = serializers.DictField(required=False)  # type: ignore[assignment]  # a field (DRF pops it)
+    # 403: the role or grant that would allow the call.
+    missing_grant = serializers.CharField(required=False)
+    # 409 duplicate_request: the original request; 409 already_exists: the existing user.
+    request_id = serializers.UUIDField(required=False)
+    status = serializers.CharField(required=False)
+    user_id = serializers.UUIDField(required=False, allow_null=True)
+    # 412: the memory's version now (and its clock); 409 conflict: the conflict recorded.
+    current_version = serializers.IntegerField(required=False)
+    clock = serializers.DictField(child=serializers.IntegerField(), required=False)
+    conflict = serializers.DictField(required=False)
+    # 410: the query to rebuild from; 429: seconds to wait (also as Retry-After).
+    snapshot = serializers.CharField(required=False)
+    retry_after = serializers.IntegerField(required=False)
 
 
 def _body(code: str, message: str, fields: dict[str, Any] | None = None, **extra: Any) -> dict:

@@ -7,6 +7,7 @@ import binascii
 from typing import Any
 from uuid import UUID
 
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -17,6 +18,7 @@ from memories.errors import Gone, InvalidInput
 from memories.events import EVENT_TYPES
 from memories.events.analytics import analytics_summary
 from memories.events.replay import events_in_range, session_events, session_reconstruct
+from memories.openapi import EventOutput, errors
 from memories.providers.wiring import get_llm
 
 
@@ -38,6 +40,12 @@ class SessionCreateApi(TenantApi):
         )
         metadata = JsonObjectField(required=False, default=dict)
 
+    @extend_schema(
+        operation_id="session_create",
+        request=InputSerializer,
+        responses={201: SessionOutput, **errors(403, 404)},
+        tags=["sessions"],
+    )
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
@@ -49,6 +57,11 @@ class SessionCreateApi(TenantApi):
 
 
 class SessionDetailApi(TenantApi):
+    @extend_schema(
+        operation_id="session_get",
+        responses={200: SessionOutput, **errors(403, 404)},
+        tags=["sessions"],
+    )
     def get(self, request: Request, session_id: str) -> Response:
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
         self.access.user(session.user_id)
@@ -73,6 +86,21 @@ class SessionMessagesApi(TenantApi):
         cursor = serializers.RegexField(r"^\d{1,18}$", required=False)
         limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=500)
 
+    class PageOutput(serializers.Serializer):
+        session_id = serializers.UUIDField()
+        messages = MessageOutput(many=True)
+        next_cursor = serializers.CharField(allow_null=True)
+
+    class AddedOutput(serializers.Serializer):
+        session_id = serializers.UUIDField()
+        added = serializers.IntegerField()
+
+    @extend_schema(
+        operation_id="session_messages",
+        parameters=[QuerySerializer],
+        responses={200: PageOutput, **errors(403, 404)},
+        tags=["sessions"],
+    )
     def get(self, request: Request, session_id: str) -> Response:
         query = validated_input(self.QuerySerializer, request.query_params.dict())
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
@@ -92,6 +120,12 @@ class SessionMessagesApi(TenantApi):
             }
         )
 
+    @extend_schema(
+        operation_id="session_messages_add",
+        request=InputSerializer,
+        responses={201: AddedOutput, **errors(403, 404, 409)},
+        tags=["sessions"],
+    )
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
@@ -106,6 +140,12 @@ class SessionEndApi(TenantApi):
     class InputSerializer(serializers.Serializer):
         summarize = serializers.BooleanField(default=False)
 
+    @extend_schema(
+        operation_id="session_end",
+        request=InputSerializer,
+        responses={200: SessionOutput, **errors(403, 404, 502)},
+        tags=["sessions"],
+    )
     def post(self, request: Request, session_id: str) -> Response:
         data = validated_input(self.InputSerializer, request.data)
         session = selectors.session_get(tenant=self.tenant, session_id=session_id)
@@ -124,7 +164,8 @@ class EventsQuery(serializers.Serializer):
     type = serializers.CharField(required=False)
     since = serializers.DateTimeField(required=False)
     until = serializers.DateTimeField(required=False)
-    after = serializers.RegexField(r"^\d+-\d+$", required=False)
+    # A stream id; 19 digits a part at most, so that each fits Redis's 64 bits.
+    after = serializers.RegexField(r"^\d{1,19}-\d{1,19}$", required=False)
     limit = serializers.IntegerField(required=False, default=500, min_value=1, max_value=5000)
 
     def validate_type(self, value: str) -> list[str]:
@@ -138,6 +179,16 @@ class EventsQuery(serializers.Serializer):
 class EventsApi(TenantApi):
     """Replay and time travel: the tenant's events in a time window, oldest first."""
 
+    class PageOutput(serializers.Serializer):
+        events = EventOutput(many=True)
+        next_after = serializers.CharField(allow_null=True)
+
+    @extend_schema(
+        operation_id="events_list",
+        parameters=[EventsQuery],
+        responses={200: PageOutput, **errors(403, 404, 410)},
+        tags=["events"],
+    )
     def get(self, request: Request) -> Response:
         data = validated_input(EventsQuery, request.query_params.dict())
         if data.get("user_id"):
@@ -164,7 +215,24 @@ def _session_events(view: TenantApi, session_id: str) -> tuple[Any, list[dict[st
     return session, session_events(tenant_id=str(view.tenant.id), session=session)
 
 
+class TimelineEntryOutput(serializers.Serializer):
+    id = serializers.CharField(allow_null=True)
+    timestamp = serializers.DateTimeField()
+    event_type = serializers.CharField()
+    data = serializers.DictField()  # type: ignore[assignment]  # a field
+    memory = serializers.DictField(allow_null=True)
+
+
 class SessionTimelineApi(TenantApi):
+    class TimelineOutput(serializers.Serializer):
+        session_id = serializers.UUIDField()
+        timeline = TimelineEntryOutput(many=True)
+
+    @extend_schema(
+        operation_id="session_timeline",
+        responses={200: TimelineOutput, **errors(403, 404)},
+        tags=["sessions"],
+    )
     def get(self, request: Request, session_id: str) -> Response:
         session, events = _session_events(self, session_id)
         timeline = [
@@ -180,7 +248,36 @@ class SessionTimelineApi(TenantApi):
         return Response({"session_id": str(session.id), "timeline": timeline})
 
 
+class ReconstructedMessageOutput(serializers.Serializer):
+    role = serializers.CharField(allow_null=True)
+    content = serializers.CharField(allow_null=True)
+    at = serializers.DateTimeField()
+
+
+class ReconstructedChangeOutput(serializers.Serializer):
+    event = serializers.CharField()
+    memory_id = serializers.UUIDField(allow_null=True)
+    content = serializers.CharField(allow_null=True)
+
+
 class SessionReconstructApi(TenantApi):
+    class StateOutput(serializers.Serializer):
+        session_id = serializers.UUIDField()
+        started_at = serializers.DateTimeField(allow_null=True)
+        ended_at = serializers.DateTimeField(allow_null=True)
+        agent_id = serializers.CharField(allow_blank=True)
+        messages = ReconstructedMessageOutput(many=True)
+        summary = serializers.CharField(allow_null=True)
+        searches = serializers.IntegerField()
+        memory_changes = ReconstructedChangeOutput(many=True)
+        errors = serializers.IntegerField()  # type: ignore[assignment]  # a field
+        events = serializers.IntegerField()
+
+    @extend_schema(
+        operation_id="session_reconstruct",
+        responses={200: StateOutput, **errors(403, 404)},
+        tags=["sessions"],
+    )
     def get(self, request: Request, session_id: str) -> Response:
         session, events = _session_events(self, session_id)
         return Response({"session_id": str(session.id), **session_reconstruct(events)})
@@ -189,6 +286,22 @@ class SessionReconstructApi(TenantApi):
 class AnalyticsApi(TenantApi):
     """Counters kept by the `analytics` consumer group: totals, events/s, error rate, sessions."""
 
+    class SummaryOutput(serializers.Serializer):
+        total_events = serializers.IntegerField()
+        by_type = serializers.DictField(child=serializers.IntegerField())
+        top_event_types = serializers.ListField(
+            child=serializers.ListField(child=serializers.JSONField(), min_length=2, max_length=2),
+            help_text="`[event_type, count]` pairs, most frequent first.",
+        )
+        events_per_second = serializers.FloatField()
+        error_rate = serializers.FloatField()
+        active_sessions = serializers.IntegerField()
+
+    @extend_schema(
+        operation_id="analytics_events",
+        responses={200: SummaryOutput, **errors(403)},
+        tags=["events"],
+    )
     def get(self, request: Request) -> Response:
         self.access.admin()
         return Response(analytics_summary(str(self.tenant.id)))
@@ -255,6 +368,19 @@ class SyncApiBase(TenantApi):
         return {"user": user, "shared": data["include_shared"], "topics": data["topics"]}
 
 
+class SyncChangeOutput(MemoryOutput):
+    deleted = serializers.SerializerMethodField()
+    deleted_at = serializers.DateTimeField(allow_null=True)
+    # Contradicted: no longer true (valid_to says since when), out of the live set.
+    closed = serializers.SerializerMethodField()
+
+    def get_deleted(self, memory: Any) -> bool:
+        return memory.deleted_at is not None
+
+    def get_closed(self, memory: Any) -> bool:
+        return memory.valid_to is not None
+
+
 class SyncApi(SyncApiBase):
     """`GET /v1/sync?user_id=[&include_shared=true][&topics=a,b] | scope=tenant | topic=`
     `&since=CURSOR&limit=`: every change of those memories since the cursor (one cursor over
@@ -266,18 +392,19 @@ class SyncApi(SyncApiBase):
         since = serializers.CharField(required=False, allow_blank=True)
         limit = serializers.IntegerField(required=False, default=500, min_value=1, max_value=1000)
 
-    class ChangeOutput(MemoryOutput):
-        deleted = serializers.SerializerMethodField()
-        deleted_at = serializers.DateTimeField(allow_null=True)
-        # Contradicted: no longer true (valid_to says since when), out of the live set.
-        closed = serializers.SerializerMethodField()
+    ChangeOutput = SyncChangeOutput
 
-        def get_deleted(self, memory: Any) -> bool:
-            return memory.deleted_at is not None
+    class PageOutput(serializers.Serializer):
+        changes = SyncChangeOutput(many=True)
+        next_cursor = serializers.CharField(allow_blank=True)
+        has_more = serializers.BooleanField()
 
-        def get_closed(self, memory: Any) -> bool:
-            return memory.valid_to is not None
-
+    @extend_schema(
+        operation_id="sync",
+        parameters=[InputSerializer],
+        responses={200: PageOutput, **errors(403, 404, 410)},
+        tags=["sync"],
+    )
     def get(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.query_params.dict())
         sets = self.sync_sets(data)
@@ -313,6 +440,16 @@ class SyncDigestApi(SyncApiBase):
     (not deleted, not closed) and the sha256 hex of their `id:version` lines, sorted by id, joined
     by newlines; a cache that computes the same holds the same."""
 
+    class DigestOutput(serializers.Serializer):
+        count = serializers.IntegerField()
+        hash = serializers.CharField(help_text="sha256 hex of the sorted `id:version` lines.")
+
+    @extend_schema(
+        operation_id="sync_digest",
+        parameters=[SyncQuery],
+        responses={200: DigestOutput, **errors(403, 404)},
+        tags=["sync"],
+    )
     def get(self, request: Request) -> Response:
         data = validated_input(SyncQuery, request.query_params.dict())
         count, digest = selectors.memory_digest(**self.sync_sets(data))

@@ -115,6 +115,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.postgres",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "memories",
     "webhooks",
 ]
@@ -396,6 +398,31 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["memories.parsers.StrictJSONParser"],
     "EXCEPTION_HANDLER": "memories.api_errors.exception_handler",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "memories.openapi.AutoSchema",
+}
+
+# The OpenAPI document (`/v1/schema/`, committed as `openapi.yaml` by `make openapi`) and its
+# Swagger UI (`/v1/docs/`), whose files come from drf-spectacular-sidecar: nothing from a CDN.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Memory service API",
+    "DESCRIPTION": (
+        "Durable, searchable memories for AI agents. Every `/v1` call needs "
+        "`Authorization: Bearer <key>`; errors are `{error, message, fields?, ...}`."
+    ),
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_GENERATE_CHOICE_DESCRIPTION": False,
+    "ENUM_NAME_OVERRIDES": {"EventTypeEnum": "memories.events.schema.EVENT_TYPES"},
+    "PREPROCESSING_HOOKS": ["memories.openapi.only_the_api"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "memories.openapi.add_links",
+    ],
 }
 
 # json (one object per line) or plain

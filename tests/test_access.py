@@ -202,7 +202,16 @@ VARIANTS: list[tuple[str, str, Call]] = [
 
 # Not the API's: health, metrics (their own token), and the WSGI stand-in for the SSE endpoint
 # (its channels are checked in test_stream_* below).
-EXEMPT = {"healthz", "metrics", "readyz", "stream-needs-asgi"}
+# The published contract and its Swagger UI are public (tests/test_openapi.py).
+EXEMPT = {
+    "healthz",
+    "metrics",
+    "readyz",
+    "stream-needs-asgi",
+    "openapi-schema",
+    "openapi-docs",
+    "openapi-assets",
+}
 
 CASES = [(name, method, call) for (name, method), call in MATRIX.items()] + VARIANTS
 CASE_IDS = [f"{name}-{method}-{i}" for i, (name, method, _) in enumerate(CASES)]

@@ -496,3 +496,18 @@ def test_a_position_the_tenants_stream_can_no_longer_replay_from_is_410(
     assert "/v1/sync" in response.json()["message"]
     last = api.get("/v1/events").json()["events"][-1]["id"]
     assert api.get("/v1/events", {"after": last}).json()["events"] == []  # a live one still works
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replay_from_before_1970_starts_at_the_oldest_event(api, end_user) -> None:
+    new_memory(end_user)  # found by the OpenAPI fuzzer: a negative stream id was a 500
+    answer = api.get("/v1/events", {"since": "0714-04-27T04:54:37-04:24"})
+    assert answer.status_code == 200
+    assert len(answer.json()["events"]) == 1
+
+
+@pytest.mark.django_db
+def test_replay_after_a_stream_id_too_big_for_redis_is_a_400(api) -> None:
+    answer = api.get("/v1/events", {"after": "99999999999999999999999-1"})
+    assert answer.status_code == 400
+    assert "after" in answer.json()["fields"]

@@ -96,7 +96,8 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
 
 def stream_id_for_time(moment: datetime, *, end: bool = False) -> str:
     """The stream id bound for a moment (stream ids start with milliseconds since the epoch)."""
-    millis = int(moment.timestamp() * 1000)
+    # Before 1970 (a `since` far in the past): from the first id there can be, not a negative one.
+    millis = max(0, int(moment.timestamp() * 1000))
     return f"{millis}-{'18446744073709551615' if end else '0'}"
 
 
