@@ -2,7 +2,7 @@
 
     with private_network(["a", "b", "c"]) as net:  # NamespacesUnavailable where not permitted
         net.address["a"]    # "10.213.7.2": host a's address
-        net.gateway         # "10.213.7.1": this process's address on the bridge (it reaches them all)
+        net.gateway         # "10.213.7.1": this process's address, on the bridge (reaches all)
         net.run_on("a")     # ("ip", "netns", "exec", "<namespace>"): prefix a command to run on a
         net.crash("b")      # SIGKILL every process on host b: the machine dies, not one program
 
@@ -75,8 +75,8 @@ def _remove_leftovers() -> None:
         if (match := _NAME.match(name)) and not _pid_alive(int(match[1])):
             _kill_all_in(name)
             _ip("netns", "del", name)
-    for line in _ip("-o", "link", "show", "type", "bridge").stdout.splitlines():
-        name = line.split(":")[1].strip() if ":" in line else ""
+    for line in _ip("-o", "link", "show").stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
         if (match := _NAME.match(name)) and not _pid_alive(int(match[1])):
             _ip("link", "del", name)
 
@@ -150,5 +150,8 @@ def private_network(hosts: Sequence[str]) -> Iterator[PrivateNetwork]:
             namespace = net.namespace(host)
             if _ip("netns", "pids", namespace).returncode == 0:
                 _kill_all_in(namespace)
+                # Its veth goes now: a namespace outlives `netns del` while a socket of its
+                # (closing towards a dead peer) still holds it, and its veth with it.
+                _ip("link", "del", namespace)
                 _ip("netns", "del", namespace)
         _ip("link", "del", bridge)

