@@ -35,6 +35,7 @@ class CeleryWorker:
         pool: str = "prefork",
         command_prefix: tuple[str, ...] = (),
         node_name: str = "",
+        log: Path | None = None,
     ) -> None:
         self.env = env
         # e.g. ("ip", "netns", "exec", "<namespace>"): a worker on another (simulated) host.
@@ -45,7 +46,7 @@ class CeleryWorker:
         self.pool = pool
         self.with_beat = with_beat
         self.process: subprocess.Popen | None = None
-        self.log = Path(tempfile.mkstemp(prefix="celery-worker-", suffix=".log")[1])
+        self.log = log or Path(tempfile.mkstemp(prefix="celery-worker-", suffix=".log")[1])
 
     def start(self, timeout: float = 60) -> None:
         self.spawn()
