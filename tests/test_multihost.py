@@ -186,6 +186,16 @@ def _spawn(net: PrivateNetwork, host: str, name: str, command: list[str], env: d
         )
 
 
+def _command(*command: str, env: dict) -> str:
+    """Run a command to its end; its output, or an error that shows it."""
+    done = subprocess.run(
+        command, cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=120
+    )
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr}")
+    return done.stdout
+
+
 def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -200,16 +210,19 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 90) -> Non
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pgdata = tmp_path / "a" / "postgres"
     with contextlib.ExitStack() as stack:
+        # Once the hosts' processes are gone (the network's exit kills them), PostgreSQL's data
+        # goes; the logs stay in pytest's tmp_path for a post-mortem.
+        stack.callback(shutil.rmtree, pgdata, ignore_errors=True)
         try:
             net = stack.enter_context(private_network(["a", "b", "c"]))
         except NamespacesUnavailable as exc:
             print(f"\nSKIP multi-host test: {exc}", file=sys.stderr)
             pytest.skip(f"network namespaces unavailable: {exc}")
-        logs = tmp_path / "logs"
-        logs.mkdir()
-        pgdata = tmp_path / "a" / "postgres"
-        stack.callback(shutil.rmtree, pgdata, ignore_errors=True)
+        stack.enter_context(logs_on_failure(logs))  # a start that fails shows the hosts' logs
         database_url = _postgres_on(net, "a", pgdata)
         _, redis_url = _redis_on(net, "a", tmp_path / "a" / "redis")
         model = FakeOpenAI(
@@ -229,14 +242,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         python = sys.executable
         # A host migrates before it serves, as `make run` does.
         manage = [*net.run_on("b"), python, "manage.py"]
-        subprocess.run(
-            [*manage, "migrate", "--noinput"], cwd=BASE_DIR, env=envs["b"], check=True,
-            capture_output=True, timeout=120,
-        )  # fmt: skip
-        key = subprocess.run(
-            [*manage, "createapikey", "--tenant", "multihost"], cwd=BASE_DIR, env=envs["b"],
-            check=True, capture_output=True, text=True, timeout=60,
-        ).stdout.strip()  # fmt: skip
+        _command(*manage, "migrate", "--noinput", env=envs["b"])
+        key = _command(*manage, "createapikey", "--tenant", "multihost", env=envs["b"]).strip()
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(RECORD_TRANSITIONS)
 
