@@ -83,7 +83,7 @@ def rule_based_chat(body: dict[str, Any]) -> str | FakeResponse:
 
 
 class FakeOpenAI:
-    """An OpenAI-compatible server on 127.0.0.1 in a daemon thread; use it as a context manager.
+    """An OpenAI-compatible server on 127.0.0.1 (or `host`) in a daemon thread; a context manager.
 
     `chat_handler(body)` returns the message content (str; a dict or list is sent as its JSON)
     or a FakeResponse; `embedding_handler(body)` returns the vectors or a FakeResponse. Answers
@@ -97,6 +97,7 @@ class FakeOpenAI:
         delay_seconds: float = 0.0,
         dimensions: int = 384,
         port: int = 0,
+        host: str = "127.0.0.1",
         chat_handler: ChatHandler | None = None,
         embedding_handler: EmbeddingHandler | None = None,
     ) -> None:
@@ -110,13 +111,15 @@ class FakeOpenAI:
         self._failures: list[tuple[int, dict[str, str]]] = []
         self._scripted: list[str | dict[str, Any] | list[Any] | FakeResponse] = []
         self._ids = itertools.count(1)
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
+        # `host`: another address of this machine, e.g. a bridge that network namespaces reach.
+        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
 
     @property
     def requests(self) -> list[FakeRequest]:

@@ -33,17 +33,29 @@ class CeleryWorker:
         concurrency: int = 1,
         with_beat: bool = False,
         pool: str = "prefork",
+        command_prefix: tuple[str, ...] = (),
+        node_name: str = "",
+        log: Path | None = None,
     ) -> None:
         self.env = env
+        # e.g. ("ip", "netns", "exec", "<namespace>"): a worker on another (simulated) host.
+        self.command_prefix = command_prefix
+        self.node_name = node_name or f"test-{os.getpid()}-{time.monotonic_ns()}@%h"
         self.queues = queues
         self.concurrency = concurrency
         self.pool = pool
         self.with_beat = with_beat
         self.process: subprocess.Popen | None = None
-        self.log = Path(tempfile.mkstemp(prefix="celery-worker-", suffix=".log")[1])
+        self.log = log or Path(tempfile.mkstemp(prefix="celery-worker-", suffix=".log")[1])
 
     def start(self, timeout: float = 60) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (several then boot side by side)."""
         command = [
+            *self.command_prefix,
             sys.executable,
             "-m",
             "celery",
@@ -60,7 +72,7 @@ class CeleryWorker:
             "--without-mingle",
             "--without-heartbeat",
             "-n",
-            f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
+            self.node_name,
             "--loglevel",
             "INFO",
         ]
@@ -75,6 +87,9 @@ class CeleryWorker:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        assert self.process is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while " ready." not in self.output():
             if self.process.poll() is not None:
