@@ -929,8 +929,7 @@ def start_harness(
 BREAKDOWN_CALLS = (
     "memories.api.validated_input",
     "memories.api.MemorySearchApi",
-    "memories.api.represented",
-    "memories.api.MemoryOutput",
+    "memories.api.memory_output_of_row",
     "memories.auth.api_key_authenticate",
     "memories.backpressure.rate_limit",
     "memories.selectors.end_user_get",
@@ -986,7 +985,6 @@ def breakdown(
     embedder = call("get_embedder", f["memories.providers.wiring.get_embedder"])
     renderer = f["memories.renderers.JSONRenderer"]()
     input_serializer = f["memories.api.MemorySearchApi"].InputSerializer
-    output = f["memories.api.MemoryOutput"]
     header = f"Bearer {tenancy.api_key}"
     tenant_id = str(tenancy.tenant.id)
     candidates = max(LIMIT, settings.SEARCH_CANDIDATES)
@@ -1063,13 +1061,13 @@ def breakdown(
 
             def serialise(memories: list[Any]) -> bytes:
                 results = [
-                    {**f["memories.api.represented"](output, m), "score": 0.5,
+                    {**f["memories.api.memory_output_of_row"](m), "score": 0.5,
                      "similarity": 0.5, "why": {"vector": 1}}
                     for m in memories
                 ]  # fmt: skip
                 return renderer.render({"results": results})
 
-            timed("serialisation", "memories.api.represented", serialise, shown)
+            timed("serialisation", "memories.api.memory_output_of_row", serialise, shown)
             started = time.perf_counter()
             call("memories.search.memory_search", f["memories.search.memory_search"],
                  user=user, query=query.text, limit=LIMIT, filters={}, threshold=None,

@@ -112,7 +112,7 @@ def test_top_k_stays_exact_after_many_searches(tenant, end_user) -> None:
                 embedder=get_embedder(), mode="vector",
             )  # fmt: skip
             assert len(results) == 20, round_number
-            assert all(f.memory.user_id == user.id for f in results)
+            assert all(f.memory["user_id"] == user.id for f in results)
 
 
 def test_nearest_memories_for_all_facts_come_from_one_query(end_user) -> None:
@@ -242,3 +242,44 @@ def test_a_search_is_one_statement_a_leg_and_writes_nothing(api, end_user) -> No
         assert not any(q["sql"].lstrip().upper().startswith("INSERT") for q in queries)
         assert redis_client().xlen(STREAM_KEY) == before + 1  # its search.performed, at once
     assert not OutboxEvent.objects.filter(event_type="search.performed").exists()
+
+
+def test_a_search_result_shows_each_memory_exactly_as_get_does(api, tenant, end_user) -> None:
+    """Results are written from rows, not model instances: the same keys and JSON as
+    `GET /v1/memories/{id}` for every kind of memory (a list's items, a counter's value, a
+    shared memory's null user, a conflicted one, metadata, clocks, dates)."""
+    from datetime import UTC, datetime
+
+    from memories import merges
+    from memories.models import Memory
+
+    at = datetime(2025, 5, 17, 8, 30, 15, 123456, tzinfo=UTC)
+    store_memories(end_user, "Likes green tea", metadata={"mood": "calm", "n": [1, 2.5, None]},
+                   agent_id="a1", session_id="s1", occurred_at=at, written_at=at)  # fmt: skip
+    store_memories(
+        end_user,
+        "Shopping list: tea, milk",
+        type=Memory.Type.LIST,
+        merge_rule=Memory.MergeRule.MANUAL,
+        vector_clock={"a1": 2, "b": 1},
+        conflicted=True,
+        state=merges.orset_add(merges.orset_empty(), agent_id="a1", counter=1,
+                               values=["tea", {"brand": "x"}], written_at=at),
+    )  # fmt: skip
+    store_memories(
+        end_user,
+        "Cups of tea today",
+        type=Memory.Type.COUNTER,
+        state=merges.counter_increment(merges.counter_empty(), agent_id="a1", by=3),
+    )
+    shared = store_memories(end_user, "The office serves tea at four", scope=Memory.Scope.TENANT)
+    Memory.objects.filter(pk=shared[0].pk).update(user=None)
+    for mode in ("hybrid", "vector", "keyword"):
+        results = search(api, end_user, "tea", mode=mode, include_shared=True, limit=10)
+        assert len(results) == 4, mode
+        for result in results:
+            shown = api.get(f"/v1/memories/{result['id']}").json()
+            assert {k: v for k, v in result.items() if k not in ("score", "similarity", "why")} == (
+                shown
+            ), mode
+            assert list(result)[: len(shown)] == list(shown)  # the same keys in the same order
