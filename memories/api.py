@@ -888,10 +888,18 @@ class MemorySearchApi(TenantApi):
 
     def post(self, request: Request) -> Response:
         data = validated_input(self.InputSerializer, request.data)
-        user = selectors.end_user_get(tenant=self.tenant, user_id=data["user_id"])
-        self.user_allowed(user)
         topics = _topics(data["topics"], field="topics")
         self._shared_read_check(include_shared=data["include_shared"], topics=topics)
+        # The user is read inside the search's statement; the key's right to it (an admin's
+        # is whole) is checked with its creator before anything is shown or recorded.
+        access = self.access
+        user = search.UnreadUser(
+            tenant_id=self.tenant.id,
+            id=data["user_id"],
+            check=None
+            if access.is_admin
+            else lambda creator: access.user(data["user_id"], created_by_key_id=creator),
+        )
         with backpressure.embedding_slot():
             found = search.memory_search(
                 user=user,

@@ -241,6 +241,13 @@ def test_a_search_is_one_statement_a_leg_and_writes_nothing(api, end_user) -> No
         assert len(queries) == statements, [q["sql"][:80] for q in queries]
         assert not any(q["sql"].lstrip().upper().startswith("INSERT") for q in queries)
         assert redis_client().xlen(STREAM_KEY) == before + 1  # its search.performed, at once
+        # Through the API too (the key's read cached by a first call): the user is read in the
+        # search's own statement, not before it.
+        api.post("/v1/memories/search", {**body, "mode": mode}, format="json")
+        with CaptureQueriesContext(connection) as queries:
+            response = api.post("/v1/memories/search", {**body, "mode": mode}, format="json")
+        assert response.status_code == 200
+        assert len(queries) == statements, [q["sql"][:80] for q in queries]
     assert not OutboxEvent.objects.filter(event_type="search.performed").exists()
 
 
@@ -283,3 +290,36 @@ def test_a_search_result_shows_each_memory_exactly_as_get_does(api, tenant, end_
                 shown
             ), mode
             assert list(result)[: len(shown)] == list(shown)  # the same keys in the same order
+
+
+@pytest.mark.parametrize("query", ["tea", "the"])  # "the": no words to search, no legs to run
+@pytest.mark.parametrize("mode", ["hybrid", "vector", "keyword"])
+def test_a_search_reads_the_user_and_the_keys_right_in_its_own_statement(
+    api, other_api, tenant, end_user, mode, query
+) -> None:
+    """The user is read inside the search: another tenant's user or one being erased is a 404,
+    an agent key not granted the user a 403 naming the grant, and the user an agent created
+    its own (200)."""
+    from django.utils import timezone
+    from rest_framework.test import APIClient
+
+    from memories.models import EndUser
+
+    store_memories(end_user, "Likes green tea")
+    body = {"user_id": str(end_user.id), "query": query, "mode": mode}
+    assert api.post("/v1/memories/search", body, format="json").status_code == 200
+    assert other_api.post("/v1/memories/search", body, format="json").status_code == 404
+
+    _, raw_key = accounts.api_key_create(tenant=tenant, name="agent", role="agent")
+    agent = APIClient()
+    agent.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    denied = agent.post("/v1/memories/search", body, format="json")
+    assert denied.status_code == 403
+    assert denied.json()["missing_grant"] == f"user:{end_user.id}"
+    created = agent.post("/v1/users", {}, format="json").json()["user_id"]
+    mine = agent.post("/v1/memories/search", {**body, "user_id": created}, format="json")
+    assert mine.status_code == 200 and mine.json()["results"] == []
+
+    EndUser.objects.filter(pk=end_user.pk).update(erasing_since=timezone.now())
+    assert api.post("/v1/memories/search", body, format="json").status_code == 404
+    assert agent.post("/v1/memories/search", body, format="json").status_code == 404
