@@ -27,11 +27,11 @@ be involved), with the query vector from the service's own embedder built in-pro
 Hybrid results carry `why.vector`: each must be the memory's exact rank.
 
 `--breakdown` times, in this process against the same database, each part of a search by
-calling the service's functions directly (input validation, rate limit, auth, the user's lookup,
-query embedding, the keyword leg's word weights (one query), the legs fused in one statement
-(`memories.search._ranked`, today's shape), the `search.performed` event,
-serialisation) and `memories.search.memory_search` whole. A function renamed by a later change
-fails the breakdown with its name.
+calling the service's functions directly (input validation, rate limit, auth, query embedding,
+the keyword leg's word weights (one query), the legs fused in one statement with the user's read
+(`memories.search._ranked`, today's shape), the `search.performed` event, serialisation) and
+`memories.search.memory_search` whole. A function renamed by a later change fails the breakdown
+with its name.
 """
 
 from __future__ import annotations
@@ -932,7 +932,7 @@ BREAKDOWN_CALLS = (
     "memories.api.memory_output_of_row",
     "memories.auth.api_key_authenticate",
     "memories.backpressure.rate_limit",
-    "memories.selectors.end_user_get",
+    "memories.search.UnreadUser",
     "memories.selectors.memories_of",
     "memories.search._query_lexemes",
     "memories.search._vector_leg",
@@ -1022,9 +1022,9 @@ def breakdown(
                       f["memories.backpressure.rate_limit"], tenant_id)  # fmt: skip
             principal = timed("auth", "memories.auth.api_key_authenticate",
                               f["memories.auth.api_key_authenticate"], header)  # fmt: skip
-            user = timed("user_lookup", "memories.selectors.end_user_get",
-                         f["memories.selectors.end_user_get"],
-                         tenant=principal.tenant, user_id=data["user_id"])  # fmt: skip
+            # The user is read inside the fused statement (memories.search.UnreadUser).
+            user = f["memories.search.UnreadUser"](tenant_id=principal.tenant.id,
+                                                   id=data["user_id"])  # fmt: skip
             # The search as memories.search runs it: the legs are lazy querysets on the user's
             # live rows; the keyword leg first weighs the query's words (one query); then legs,
             # fusion, similarities and the cut are ONE statement (`_ranked`).
@@ -1046,12 +1046,12 @@ def breakdown(
                     legs["keyword"] = call("memories.search._keyword_leg",
                                            f["memories.search._keyword_leg"],
                                            base, lexemes, as_of=None, limit=limit)  # fmt: skip
-            found = (
-                timed("sql_legs_fused_one_statement", "memories.search._ranked",
+            found, _ = (
+                timed("sql_legs_fused_one_statement_with_the_user", "memories.search._ranked",
                       f["memories.search._ranked"], legs, query_vector=vector, limit=LIMIT,
-                      threshold=None, min_score=None, recency=None)
+                      threshold=None, min_score=None, recency=None, user=user)
                 if legs
-                else []
+                else ([], None)
             )  # fmt: skip
             shown = [entry.memory for entry in found]
             timed("search_performed_event", "memories.signals.search_performed.send",
