@@ -191,12 +191,16 @@ def _logs() -> Path:
     return _log_dir
 
 
-def spawn(name: str, command: list[str], env: dict[str, str]) -> ManagedProcess:
+def spawn(
+    name: str, command: list[str], env: dict[str, str], *, cwd: Path | None = None
+) -> ManagedProcess:
+    """`cwd`: the source tree the process imports the project from (this one by default; a
+    bench comparing with another version of the code names that version's tree)."""
     log_path = _logs() / f"{name}-{len(_started)}.log"
     with open(log_path, "w") as handle:
         popen = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=cwd or ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=handle,
@@ -363,8 +367,15 @@ class WebServer:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_web(bench: BenchEnv, *, workers: int = 1, env: dict[str, str] | None = None) -> WebServer:
-    """uvicorn on the project's ASGI app, `--workers N`, on a free loopback port."""
+def start_web(
+    bench: BenchEnv,
+    *,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> WebServer:
+    """uvicorn on the project's ASGI app, `--workers N`, on a free loopback port (the project as
+    `cwd`, a source tree, holds it: this one by default)."""
     import httpx
 
     port = free_port()
@@ -373,7 +384,7 @@ def start_web(bench: BenchEnv, *, workers: int = 1, env: dict[str, str] | None =
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
-    process = spawn(f"web-x{workers}", command, env or bench.env)
+    process = spawn(f"web-x{workers}", command, env or bench.env, cwd=cwd)
     url = f"http://127.0.0.1:{port}/healthz"
 
     def healthy() -> bool:

@@ -27,11 +27,11 @@ be involved), with the query vector from the service's own embedder built in-pro
 Hybrid results carry `why.vector`: each must be the memory's exact rank.
 
 `--breakdown` times, in this process against the same database, each part of a search by
-calling the service's functions directly (input validation, rate limit, auth, the user's lookup,
-query embedding, the keyword leg's word weights (one query), the legs fused in one statement
-(`memories.search._ranked`, today's shape), the `search.performed` event,
-serialisation) and `memories.search.memory_search` whole. A function renamed by a later change
-fails the breakdown with its name.
+calling the service's functions directly (input validation, rate limit, auth, query embedding,
+the keyword leg's word weights (one query), the legs fused in one statement with the user's read
+(`memories.search._ranked`, today's shape), the `search.performed` event, serialisation) and
+`memories.search.memory_search` whole. A function renamed by a later change fails the breakdown
+with its name.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import common
@@ -756,6 +757,48 @@ def run_searches(
     return report
 
 
+def run_paired(
+    http: Any,
+    other: Any,
+    *,
+    queries: list[Query],
+    user_ids: list[str],
+    modes: list[str],
+    deadline: float,
+) -> dict[str, Any]:
+    """This tree's server and the baseline tree's, both up, each query sent to both in turn
+    (which goes first alternates): on a machine whose load drifts, both see the same load, so
+    the ratio holds where the absolute figures do not."""
+    report: dict[str, Any] = {}
+    for mode in modes:
+        for query in queries[-WARMUP_SEARCHES:]:
+            search(http, user_ids[query.user], query.text, mode)
+            search(other, user_ids[query.user], query.text, mode)
+        mine: list[float] = []
+        theirs: list[float] = []
+        for i, query in enumerate(queries):
+            if time.monotonic() > deadline:
+                break
+            pair = [(http, mine), (other, theirs)]
+            for client, seconds in pair if i % 2 else pair[::-1]:
+                started = time.perf_counter()
+                search(client, user_ids[query.user], query.text, mode)
+                seconds.append(time.perf_counter() - started)
+        this, base = common.latency_summary(mine), common.latency_summary(theirs)
+        report[mode] = {
+            "this_tree": this,
+            "baseline_tree": base,
+            "p50_ratio": round(this["p50_ms"] / base["p50_ms"], 3) if mine else None,
+            "median_of_per_query_ratios": round(
+                statistics.median(a / b for a, b in zip(mine, theirs, strict=True)), 3
+            )
+            if mine
+            else None,
+        }
+        common.log(f"paired {mode}: {report[mode]}")
+    return report
+
+
 def _sessions(conn: Any) -> int:
     time.sleep(0.6)  # backends flush their statistics at most once a second (PostgreSQL 15+)
     conn.execute("SELECT pg_stat_clear_snapshot()")
@@ -793,7 +836,9 @@ def _scratch_var_dir() -> str:
     return path
 
 
-def start_as_shipped(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str, Any]]:
+def start_as_shipped(
+    bench: common.BenchEnv, tree: Path | None = None
+) -> tuple[common.WebServer, dict[str, Any]]:
     """`python -m memoryproject.run` on the bench database: web, a worker per lane, beat and the
     event consumers, with the service's own defaults for logs, rate limit and metrics. Its var
     folder (metrics, beat's schedule) is a temporary one, so `make run`'s is never touched."""
@@ -805,7 +850,7 @@ def start_as_shipped(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str
     for name in ("LOG_LEVEL", "LOG_FORMAT", "RATE_LIMIT_PER_SECOND"):
         env.pop(name, None)  # the shipped defaults: INFO json logs, the rate limiter on
     env.update(MEMORY_VAR_DIR=var_dir, HOST="127.0.0.1", PORT=str(port))
-    process = common.spawn("run", [sys.executable, "-m", "memoryproject.run"], env)
+    process = common.spawn("run", [sys.executable, "-m", "memoryproject.run"], env, cwd=tree)
     url = f"http://127.0.0.1:{port}/healthz"
 
     def healthy() -> bool:
@@ -828,7 +873,9 @@ def start_as_shipped(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str
     return common.WebServer(process, port), config
 
 
-def start_shipped_web(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str, Any]]:
+def start_shipped_web(
+    bench: common.BenchEnv, tree: Path | None = None
+) -> tuple[common.WebServer, dict[str, Any]]:
     """The web process alone, exactly as run.py starts uvicorn and with its environment (logs,
     rate limit, metrics folder), but no workers or consumers: what the settings cost, apart
     from what the other processes of the stack take of the two cores."""
@@ -842,7 +889,7 @@ def start_shipped_web(bench: common.BenchEnv) -> tuple[common.WebServer, dict[st
     env.update(MEMORY_VAR_DIR=var_dir, PROMETHEUS_MULTIPROC_DIR=var_dir)
     command = [sys.executable, "-m", "uvicorn", "memoryproject.asgi:application",
                "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]  # fmt: skip
-    process = common.spawn("shipped-web", command, env)
+    process = common.spawn("shipped-web", command, env, cwd=tree)
     url = f"http://127.0.0.1:{port}/healthz"
 
     def healthy() -> bool:
@@ -863,8 +910,10 @@ def start_shipped_web(bench: common.BenchEnv) -> tuple[common.WebServer, dict[st
     return common.WebServer(process, port), config
 
 
-def start_harness(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str, Any]]:
-    web = common.start_web(bench, workers=1)
+def start_harness(
+    bench: common.BenchEnv, tree: Path | None = None
+) -> tuple[common.WebServer, dict[str, Any]]:
+    web = common.start_web(bench, workers=1, cwd=tree)
     config = {
         "command": "uvicorn memoryproject.asgi:application --workers 1 --log-level warning",
         "also_running": "nothing",
@@ -880,11 +929,10 @@ def start_harness(bench: common.BenchEnv) -> tuple[common.WebServer, dict[str, A
 BREAKDOWN_CALLS = (
     "memories.api.validated_input",
     "memories.api.MemorySearchApi",
-    "memories.api.represented",
-    "memories.api.MemoryOutput",
+    "memories.api.memory_output_of_row",
     "memories.auth.api_key_authenticate",
     "memories.backpressure.rate_limit",
-    "memories.selectors.end_user_get",
+    "memories.search.UnreadUser",
     "memories.selectors.memories_of",
     "memories.search._query_lexemes",
     "memories.search._vector_leg",
@@ -937,7 +985,6 @@ def breakdown(
     embedder = call("get_embedder", f["memories.providers.wiring.get_embedder"])
     renderer = f["memories.renderers.JSONRenderer"]()
     input_serializer = f["memories.api.MemorySearchApi"].InputSerializer
-    output = f["memories.api.MemoryOutput"]
     header = f"Bearer {tenancy.api_key}"
     tenant_id = str(tenancy.tenant.id)
     candidates = max(LIMIT, settings.SEARCH_CANDIDATES)
@@ -975,9 +1022,9 @@ def breakdown(
                       f["memories.backpressure.rate_limit"], tenant_id)  # fmt: skip
             principal = timed("auth", "memories.auth.api_key_authenticate",
                               f["memories.auth.api_key_authenticate"], header)  # fmt: skip
-            user = timed("user_lookup", "memories.selectors.end_user_get",
-                         f["memories.selectors.end_user_get"],
-                         tenant=principal.tenant, user_id=data["user_id"])  # fmt: skip
+            # The user is read inside the fused statement (memories.search.UnreadUser).
+            user = f["memories.search.UnreadUser"](tenant_id=principal.tenant.id,
+                                                   id=data["user_id"])  # fmt: skip
             # The search as memories.search runs it: the legs are lazy querysets on the user's
             # live rows; the keyword leg first weighs the query's words (one query); then legs,
             # fusion, similarities and the cut are ONE statement (`_ranked`).
@@ -999,12 +1046,12 @@ def breakdown(
                     legs["keyword"] = call("memories.search._keyword_leg",
                                            f["memories.search._keyword_leg"],
                                            base, lexemes, as_of=None, limit=limit)  # fmt: skip
-            found = (
-                timed("sql_legs_fused_one_statement", "memories.search._ranked",
+            found, _ = (
+                timed("sql_legs_fused_one_statement_with_the_user", "memories.search._ranked",
                       f["memories.search._ranked"], legs, query_vector=vector, limit=LIMIT,
-                      threshold=None, min_score=None, recency=None)
+                      threshold=None, min_score=None, recency=None, user=user)
                 if legs
-                else []
+                else ([], None)
             )  # fmt: skip
             shown = [entry.memory for entry in found]
             timed("search_performed_event", "memories.signals.search_performed.send",
@@ -1014,13 +1061,13 @@ def breakdown(
 
             def serialise(memories: list[Any]) -> bytes:
                 results = [
-                    {**f["memories.api.represented"](output, m), "score": 0.5,
+                    {**f["memories.api.memory_output_of_row"](m), "score": 0.5,
                      "similarity": 0.5, "why": {"vector": 1}}
                     for m in memories
                 ]  # fmt: skip
                 return renderer.render({"results": results})
 
-            timed("serialisation", "memories.api.represented", serialise, shown)
+            timed("serialisation", "memories.api.memory_output_of_row", serialise, shown)
             started = time.perf_counter()
             call("memories.search.memory_search", f["memories.search.memory_search"],
                  user=user, query=query.text, limit=LIMIT, filters={}, threshold=None,
@@ -1077,6 +1124,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: 100 searches a mode")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--max-seconds", type=float, default=900)
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="another version's source tree (e.g. `git archive main | tar -x -C DIR`): each "
+        "server also runs from it, beside this tree's, and every query goes to both in turn",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="each server this many times")
     args = parser.parse_args()
     args.servers = [s for s in args.servers.split(",") if s]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -1139,14 +1193,23 @@ def main() -> dict[str, Any]:
     }
     conn = common.raw_connection(bench)
     loaded = False
+    runs = [
+        (f"{name}#{turn + 1}" if args.rounds > 1 else name, name)
+        for turn in range(args.rounds)
+        for name in args.servers
+    ]
+    starters = {
+        "as_shipped": start_as_shipped,
+        "shipped_web": start_shipped_web,
+        "harness": start_harness,
+    }
     try:
-        for name in args.servers:
-            starter = {
-                "as_shipped": start_as_shipped,
-                "shipped_web": start_shipped_web,
-                "harness": start_harness,
-            }[name]
-            web, config = starter(bench)
+        for label, name in runs:
+            web, config = starters[name](bench)
+            baseline = None
+            if args.baseline_tree:
+                baseline, _ = starters[name](bench, args.baseline_tree.resolve())
+                config["baseline_tree"] = str(args.baseline_tree.resolve())
             try:
                 with common.http_client(web.base_url, tenancy.headers, timeout=120) as http:
                     if not loaded:
@@ -1159,18 +1222,28 @@ def main() -> dict[str, Any]:
                         }
                         common.log(f"loaded {len(memories)} memories in {seconds:.1f}s")
                         conn.execute("ANALYZE memories_memory")
-                    common.log(f"--- {name}: searching")
+                    common.log(f"--- {label}: searching")
+                    if baseline is not None:
+                        with common.http_client(
+                            baseline.base_url, tenancy.headers, timeout=120
+                        ) as other:
+                            result.setdefault("paired_with_baseline", {})[label] = run_paired(
+                                http, other, queries=queries, user_ids=tenancy.user_ids,
+                                modes=args.modes, deadline=deadline,
+                            )  # fmt: skip
                     report = run_searches(
                         http, queries=queries, user_ids=tenancy.user_ids, modes=args.modes,
                         conn=conn, deadline=deadline,
                     )  # fmt: skip
-                    result["servers"][name] = {
+                    result["servers"][label] = {
                         "config": config,
                         **report,
                         "meets_targets": verdict(report),
                     }
             finally:
                 web.process.stop()
+                if baseline is not None:
+                    baseline.process.stop()
         if args.breakdown and broken is None:
             common.log("--- in-process breakdown")
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -1190,6 +1263,8 @@ def main() -> dict[str, Any]:
         conn.close()
         common.stop_all()
     result["summary"] = summary(result)
+    if args.rounds > 1:
+        result["medians"] = medians(result)
     if "modes" in result.get("breakdown", {}):
         result["breakdown"]["api_p50_minus_sum_of_parts_ms"] = unaccounted(result)
     result["total_seconds"] = round(time.monotonic() - began, 1)
@@ -1206,6 +1281,28 @@ def unaccounted(result: dict[str, Any]) -> dict[str, Any]:
             if parts and entry["latency"]["p50_ms"] is not None:
                 gap = entry["latency"]["p50_ms"] - parts["sum_of_parts_p50_ms"]
                 out.setdefault(server, {})[mode] = round(gap, 2)
+    return out
+
+
+def medians(result: dict[str, Any]) -> dict[str, Any]:
+    """Per server and mode, the median over rounds of p50 and p99."""
+    p50s: dict[tuple[str, str], list[float]] = {}
+    p99s: dict[tuple[str, str], list[float]] = {}
+    for label, report in result["servers"].items():
+        server = label.split("#")[0]
+        for mode, entry in report["modes"].items():
+            if entry["latency"]["p50_ms"] is not None:
+                p50s.setdefault((server, mode), []).append(entry["latency"]["p50_ms"])
+                p99s.setdefault((server, mode), []).append(entry["latency"]["p99_ms"])
+    out: dict[str, Any] = {}
+    for (server, mode), values in p50s.items():
+        row = {
+            "rounds": len(values),
+            "p50_ms_median": round(statistics.median(values), 2),
+            "p99_ms_median": round(statistics.median(p99s[(server, mode)]), 2),
+            "p50_ms_each": values,
+        }
+        out.setdefault(server, {})[mode] = row
     return out
 
 

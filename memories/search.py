@@ -14,7 +14,9 @@ weighs the query's words) and builds only the memories it returns.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,8 +29,8 @@ from django.db.models import Case, F, QuerySet, Value, When
 from django.utils import timezone
 from pgvector.django import CosineDistance
 
-from memories import rows, selectors, signals
-from memories.errors import InvalidInput
+from memories import selectors, signals
+from memories.errors import InvalidInput, NotFound
 from memories.models import DateWords, EndUser, Memory, vector_text
 from memories.providers import Embedder
 
@@ -39,13 +41,27 @@ Leg = QuerySet[Any, Any]
 
 @dataclass
 class Found:
-    """A search result: the memory, its fused score in [0, 1], its cosine similarity (when
-    known), and each retriever's rank of it (`why`)."""
+    """A search result: the memory (a row: `RESULT_COLUMNS` by name, JSON decoded; no model
+    instance, which would cost more than the search's SQL for 20 results), its fused score in
+    [0, 1], its cosine similarity (when known), and each retriever's rank of it (`why`)."""
 
-    memory: Memory
+    memory: dict[str, Any]
     score: float
     similarity: float | None
     why: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnreadUser:
+    """A user named by id, not read yet: the search reads it inside its own statement (a read
+    of the user first would cost a round trip and a model instance per search), answers
+    NotFound if it is not the tenant's or is being erased, and calls `check` with the user's
+    creator key (memories.access's `user(..., created_by_key_id=)`) before anything is shown
+    or recorded."""
+
+    tenant_id: Any
+    id: Any
+    check: Callable[[Any], None] | None = None
 
 
 def _weights() -> dict[str, float]:
@@ -57,7 +73,7 @@ def _weights() -> dict[str, float]:
 
 def memory_search(
     *,
-    user: EndUser,
+    user: EndUser | UnreadUser,
     query: str,
     limit: int,
     filters: dict[str, Any],
@@ -74,7 +90,8 @@ def memory_search(
     `filters` as `memories.filters.memory_filters_parse` returns them. `threshold` is a minimum
     cosine similarity (so it needs the vector leg); `min_score` a minimum fused score.
     `recency_half_life_days` halves a memory's score for every that many days between when it
-    happened (`occurred_at`) and now (or `as_of`), so of two equal matches the recent one wins."""
+    happened (`occurred_at`) and now (or `as_of`), so of two equal matches the recent one wins.
+    `user`: one read already, or an `UnreadUser` the search reads and checks itself."""
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}.", field="mode")
     if threshold is not None and mode == "keyword":
@@ -90,8 +107,9 @@ def memory_search(
         legs["vector"] = _vector_leg(base, query_vector, threshold=threshold, limit=candidates)
     if mode != "vector" and (lexemes := _query_lexemes(user, query)):
         legs["keyword"] = _keyword_leg(base, lexemes, as_of=as_of, limit=candidates)
-    found = (
-        _ranked(
+    unread = user if isinstance(user, UnreadUser) else None
+    if legs:
+        found, creator = _ranked(
             legs,
             query_vector=query_vector,
             limit=limit,
@@ -100,10 +118,12 @@ def memory_search(
             recency=(as_of or timezone.now(), recency_half_life_days)
             if recency_half_life_days is not None
             else None,
+            user=unread,
         )
-        if legs
-        else []
-    )
+    else:
+        found, creator = [], _creator(unread) if unread is not None else None
+    if unread is not None and unread.check is not None:
+        unread.check(creator)
     if as_of is not None:
         _show_contents_then(found, as_of=as_of)
     signals.search_performed.send(
@@ -147,7 +167,7 @@ _QUERY_LEXEMES_SQL = f"""
 """
 
 
-def _query_lexemes(user: EndUser, query: str) -> list[tuple[str, float]]:
+def _query_lexemes(user: EndUser | UnreadUser, query: str) -> list[tuple[str, float]]:
     """The query's lexemes (quoted), each with its weight: BM25's inverse document frequency
     over the user's live memories, so a word most of them share counts for little and a rare one
     for much."""
@@ -197,7 +217,14 @@ def _keyword_leg(
 # --- Fusion ---------------------------------------------------------------------------------------
 
 _LEG_ORDER = {"vector": "rank_key, id", "keyword": "rank_key DESC, id"}
-_RESULT_EXCLUDE = ("embedding", "search_vector")
+# What a result shows (memories.api's MemoryOutput; `state` for a list's items or a counter's
+# value), as attnames; the JSON ones arrive as text (Django loads jsonb as text) and are decoded.
+RESULT_COLUMNS = (
+    "id", "user_id", "content", "type", "scope", "topic", "metadata", "agent_id", "session_id",
+    "version", "vector_clock", "merge_rule", "conflicted", "written_at", "created_at",
+    "updated_at", "occurred_at", "valid_to", "state",
+)  # fmt: skip
+_JSON_COLUMNS = frozenset(("metadata", "vector_clock", "state"))
 
 
 def _ranked(
@@ -208,8 +235,11 @@ def _ranked(
     threshold: float | None,
     min_score: float | None,
     recency: tuple[datetime, float] | None,
-) -> list[Found]:
-    """The legs fused, ranked and cut in one statement; the memories built from its rows."""
+    user: UnreadUser | None = None,
+) -> tuple[list[Found], Any]:
+    """The legs fused, ranked and cut in one statement, and the result rows as `Found`; with an
+    unread `user`, that user read in the same statement (NotFound if the tenant has no such
+    user) and its creator key returned with the results (None otherwise)."""
     weights, k = _weights(), settings.SEARCH_RRF_K
     params: list[Any] = []
     ctes, parts = [], []
@@ -241,16 +271,9 @@ def _ranked(
         conditions.append("score >= %s")
         params.append(min_score)
     params.append(limit)
-    columns = rows.select_columns(Memory, exclude=_RESULT_EXCLUDE, table="m")
+    columns = ", ".join(f"m.{connection.ops.quote_name(name)}" for name in RESULT_COLUMNS)
     table = Memory._meta.db_table
-    sql = f"""
-        WITH {", ".join(ctes)},
-        fused AS (
-            SELECT id, max(vector_rank) AS vector_rank, max(keyword_rank) AS keyword_rank,
-                   sum(part) AS raw
-            FROM ({" UNION ALL ".join(parts)}) AS parts (id, vector_rank, keyword_rank, part)
-            GROUP BY id
-        )
+    top = f"""
         SELECT * FROM (
             SELECT {columns}, f.vector_rank, f.keyword_rank, {similarity} AS similarity,
                    {score} AS score
@@ -260,14 +283,43 @@ def _ranked(
         ORDER BY score DESC, id
         LIMIT %s
     """
+    if user is None:
+        final = "SELECT top.*, NULL FROM top ORDER BY score DESC, id"
+    else:
+        # One row per result and the user's creator on each; the user alone (NULLs) when
+        # nothing matched; no row when the tenant has no such user.
+        final = f"""
+            SELECT top.*, u.created_by_key_id FROM ({_USER_SQL}) u LEFT JOIN top ON true
+            ORDER BY top.score DESC, top.id
+        """
+        params += [user.id, user.tenant_id]
+    sql = f"""
+        WITH {", ".join(ctes)},
+        fused AS (
+            SELECT id, max(vector_rank) AS vector_rank, max(keyword_rank) AS keyword_rank,
+                   sum(part) AS raw
+            FROM ({" UNION ALL ".join(parts)}) AS parts (id, vector_rank, keyword_rank, part)
+            GROUP BY id
+        ),
+        top AS ({top})
+        {final}
+    """
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         found_rows = cursor.fetchall()
-    width = len(found_rows[0]) - 4 if found_rows else 0
+    if user is not None and not found_rows:
+        raise NotFound("User not found.", field="user_id")
+    creator = found_rows[0][-1] if found_rows else None
+    if found_rows and found_rows[0][0] is None:  # the user's row alone: no results
+        found_rows = []
+    width = len(RESULT_COLUMNS)
     found = []
     for row in found_rows:
-        memory = rows.instance_from_row(Memory, row[:width], exclude=_RESULT_EXCLUDE)
-        vector_rank, keyword_rank, row_similarity, row_score = row[width:]
+        memory = dict(zip(RESULT_COLUMNS, row[:width], strict=True))
+        for name in _JSON_COLUMNS:
+            text = memory[name]
+            memory[name] = json.loads(text) if isinstance(text, str) else text
+        vector_rank, keyword_rank, row_similarity, row_score, _ = row[width:]
         why = {"vector": vector_rank, "keyword": keyword_rank}
         found.append(
             Found(
@@ -277,16 +329,34 @@ def _ranked(
                 why={leg: rank for leg, rank in why.items() if rank is not None},
             )
         )
-    return found
+    return found, creator
+
+
+# The user a search names, as selectors.end_user_get finds it (id, tenant), not being erased.
+_USER_SQL = f"""
+    SELECT created_by_key_id FROM {EndUser._meta.db_table}
+    WHERE id = %s AND tenant_id = %s AND erasing_since IS NULL
+"""
+
+
+def _creator(user: UnreadUser) -> Any:
+    """The unread user's creator key (None if none), read alone: for a search with no legs to
+    run (a keyword search of stop words only). NotFound if the tenant has no such user."""
+    with connection.cursor() as cursor:
+        cursor.execute(_USER_SQL, [user.id, user.tenant_id])
+        row = cursor.fetchone()
+    if row is None:
+        raise NotFound("User not found.", field="user_id")
+    return row[0]
 
 
 def _show_contents_then(found: list[Found], *, as_of: datetime) -> None:
     """Results of a search `as_of` show the content each memory had then."""
-    ids = [f.memory.id for f in found]
+    ids = [f.memory["id"] for f in found]
     then = dict(
         Memory.objects.filter(pk__in=ids)
         .annotate(then=selectors.content_then(as_of))
         .values_list("pk", "then")
     )
     for entry in found:
-        entry.memory.content = then[entry.memory.id]
+        entry.memory["content"] = then[entry.memory["id"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from django.db import connection
@@ -88,10 +88,21 @@ def memory_history(
     return list(rows.order_by("id")[:limit])
 
 
+class UserKey(Protocol):
+    """A user as a read needs it: an EndUser, or a user named by id and tenant not read yet
+    (memories.search.UnreadUser)."""
+
+    @property
+    def id(self) -> Any: ...
+
+    @property
+    def tenant_id(self) -> Any: ...
+
+
 def memory_pool_q(
     *,
     tenant_id: Any,
-    user: EndUser | None,
+    user: UserKey | None,
     include_shared: bool,
     topics: Iterable[str] = (),
 ) -> Q:
@@ -101,7 +112,7 @@ def memory_pool_q(
     index memory_shared_changes."""
     pool = Q(pk__in=[])
     if user is not None:
-        pool |= Q(user=user)
+        pool |= Q(user_id=user.id)
     if include_shared:
         pool |= Q(tenant_id=tenant_id, user__isnull=True, scope=Memory.Scope.TENANT)
     topics = sorted(set(topics))
@@ -113,7 +124,7 @@ def memory_pool_q(
 
 
 def memories_of(
-    user: EndUser,
+    user: UserKey,
     *,
     filters: dict[str, Any],
     as_of: datetime | None = None,

@@ -112,7 +112,7 @@ def test_top_k_stays_exact_after_many_searches(tenant, end_user) -> None:
                 embedder=get_embedder(), mode="vector",
             )  # fmt: skip
             assert len(results) == 20, round_number
-            assert all(f.memory.user_id == user.id for f in results)
+            assert all(f.memory["user_id"] == user.id for f in results)
 
 
 def test_nearest_memories_for_all_facts_come_from_one_query(end_user) -> None:
@@ -241,4 +241,85 @@ def test_a_search_is_one_statement_a_leg_and_writes_nothing(api, end_user) -> No
         assert len(queries) == statements, [q["sql"][:80] for q in queries]
         assert not any(q["sql"].lstrip().upper().startswith("INSERT") for q in queries)
         assert redis_client().xlen(STREAM_KEY) == before + 1  # its search.performed, at once
+        # Through the API too (the key's read cached by a first call): the user is read in the
+        # search's own statement, not before it.
+        api.post("/v1/memories/search", {**body, "mode": mode}, format="json")
+        with CaptureQueriesContext(connection) as queries:
+            response = api.post("/v1/memories/search", {**body, "mode": mode}, format="json")
+        assert response.status_code == 200
+        assert len(queries) == statements, [q["sql"][:80] for q in queries]
     assert not OutboxEvent.objects.filter(event_type="search.performed").exists()
+
+
+def test_a_search_result_shows_each_memory_exactly_as_get_does(api, tenant, end_user) -> None:
+    """Results are written from rows, not model instances: the same keys and JSON as
+    `GET /v1/memories/{id}` for every kind of memory (a list's items, a counter's value, a
+    shared memory's null user, a conflicted one, metadata, clocks, dates)."""
+    from datetime import UTC, datetime
+
+    from memories import merges
+    from memories.models import Memory
+
+    at = datetime(2025, 5, 17, 8, 30, 15, 123456, tzinfo=UTC)
+    store_memories(end_user, "Likes green tea", metadata={"mood": "calm", "n": [1, 2.5, None]},
+                   agent_id="a1", session_id="s1", occurred_at=at, written_at=at)  # fmt: skip
+    store_memories(
+        end_user,
+        "Shopping list: tea, milk",
+        type=Memory.Type.LIST,
+        merge_rule=Memory.MergeRule.MANUAL,
+        vector_clock={"a1": 2, "b": 1},
+        conflicted=True,
+        state=merges.orset_add(merges.orset_empty(), agent_id="a1", counter=1,
+                               values=["tea", {"brand": "x"}], written_at=at),
+    )  # fmt: skip
+    store_memories(
+        end_user,
+        "Cups of tea today",
+        type=Memory.Type.COUNTER,
+        state=merges.counter_increment(merges.counter_empty(), agent_id="a1", by=3),
+    )
+    shared = store_memories(end_user, "The office serves tea at four", scope=Memory.Scope.TENANT)
+    Memory.objects.filter(pk=shared[0].pk).update(user=None)
+    for mode in ("hybrid", "vector", "keyword"):
+        results = search(api, end_user, "tea", mode=mode, include_shared=True, limit=10)
+        assert len(results) == 4, mode
+        for result in results:
+            shown = api.get(f"/v1/memories/{result['id']}").json()
+            assert {k: v for k, v in result.items() if k not in ("score", "similarity", "why")} == (
+                shown
+            ), mode
+            assert list(result)[: len(shown)] == list(shown)  # the same keys in the same order
+
+
+@pytest.mark.parametrize("query", ["tea", "the"])  # "the": no words to search, no legs to run
+@pytest.mark.parametrize("mode", ["hybrid", "vector", "keyword"])
+def test_a_search_reads_the_user_and_the_keys_right_in_its_own_statement(
+    api, other_api, tenant, end_user, mode, query
+) -> None:
+    """The user is read inside the search: another tenant's user or one being erased is a 404,
+    an agent key not granted the user a 403 naming the grant, and the user an agent created
+    its own (200)."""
+    from django.utils import timezone
+    from rest_framework.test import APIClient
+
+    from memories.models import EndUser
+
+    store_memories(end_user, "Likes green tea")
+    body = {"user_id": str(end_user.id), "query": query, "mode": mode}
+    assert api.post("/v1/memories/search", body, format="json").status_code == 200
+    assert other_api.post("/v1/memories/search", body, format="json").status_code == 404
+
+    _, raw_key = accounts.api_key_create(tenant=tenant, name="agent", role="agent")
+    agent = APIClient()
+    agent.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+    denied = agent.post("/v1/memories/search", body, format="json")
+    assert denied.status_code == 403
+    assert denied.json()["missing_grant"] == f"user:{end_user.id}"
+    created = agent.post("/v1/users", {}, format="json").json()["user_id"]
+    mine = agent.post("/v1/memories/search", {**body, "user_id": created}, format="json")
+    assert mine.status_code == 200 and mine.json()["results"] == []
+
+    EndUser.objects.filter(pk=end_user.pk).update(erasing_since=timezone.now())
+    assert api.post("/v1/memories/search", body, format="json").status_code == 404
+    assert agent.post("/v1/memories/search", body, format="json").status_code == 404
