@@ -117,6 +117,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "memories",
     "webhooks",
+    "dashboard",
 ]
 
 MIDDLEWARE = [
