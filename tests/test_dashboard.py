@@ -91,7 +91,9 @@ def test_staff_signs_in_with_the_login_form_and_lands_on_the_dashboard(staff):
 # --- What it shows -------------------------------------------------------------------------------
 
 
-def test_dashboard_shows_a_users_memories_dead_letters_and_queue(staff_client, tenant, end_user, api):
+def test_dashboard_shows_a_users_memories_dead_letters_and_queue(
+    staff_client, tenant, end_user, api
+):
     write_memory(api, end_user, "Prefers green tea")
     failed = dead_letter(tenant, end_user)
     page = staff_client.get(f"/dashboard/?tenant={tenant.id}&user={end_user.id}")
@@ -117,7 +119,9 @@ def test_search_box_filters_by_mode_and_type(staff_client, tenant, end_user, api
 
 def test_memory_page_shows_its_version_and_history(staff_client, tenant, end_user, api):
     memory = write_memory(api, end_user, "Lives in Paris")
-    patched = api.patch(f"/v1/memories/{memory['id']}", {"content": "Lives in Berlin"}, format="json")
+    patched = api.patch(
+        f"/v1/memories/{memory['id']}", {"content": "Lives in Berlin"}, format="json"
+    )
     assert patched.status_code == 200
     page = staff_client.get(f"/dashboard/memories/{memory['id']}/?tenant={tenant.id}")
     html = page.content.decode()
