@@ -16,7 +16,7 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from memories import timeseries
+from memories import accounts, timeseries
 from memories.events.stream import redis_client
 from memories.models import EndUser, MemoryRequest, Tenant
 from tests.live_server import uvicorn_live_server
@@ -226,15 +226,17 @@ def _session_cookie(user: User) -> dict[str, str]:
 
 
 def _first_event(base_url: str, query: str, cookies: dict[str, str], write) -> dict:
-    with httpx.Client(base_url=base_url, cookies=cookies, timeout=5) as http:
-        with http.stream("GET", f"/dashboard/stream?{query}") as response:
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            assert next(lines) == ": subscribed"
-            write()
-            for line in lines:
-                if line.startswith("data: "):
-                    return json.loads(line[len("data: ") :])
+    with (
+        httpx.Client(base_url=base_url, cookies=cookies, timeout=5) as http,
+        http.stream("GET", f"/dashboard/stream?{query}") as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(lines) == ": subscribed"
+        write()
+        for line in lines:
+            if line.startswith("data: "):
+                return json.loads(line[len("data: ") :])
     raise AssertionError("the stream ended without an event")
 
 
@@ -260,3 +262,15 @@ def test_dashboard_stream_refuses_without_a_staff_session(server, tenant):
         )
         assert response.status_code == 403
         assert response.json()["error"] == "forbidden"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_api_key_cannot_ask_v1_stream_for_the_dashboards_tenant_wide_feed(server, tenant):
+    key = accounts.api_key_create(tenant=tenant)[1]
+    response = httpx.get(
+        f"{server}/v1/stream?channels=*",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=5,
+    )
+    assert response.status_code == 400
+    assert response.json()["fields"] == {"channels": [response.json()["message"]]}
