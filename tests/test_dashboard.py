@@ -274,3 +274,23 @@ def test_an_api_key_cannot_ask_v1_stream_for_the_dashboards_tenant_wide_feed(ser
     )
     assert response.status_code == 400
     assert response.json()["fields"] == {"channels": [response.json()["message"]]}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_signing_out_ends_an_open_dashboard_stream(server, staff, tenant, monkeypatch):
+    from dashboard import stream
+
+    monkeypatch.setattr(stream, "SESSION_RECHECK_SECONDS", 0.2)
+    client = Client()
+    client.force_login(staff)
+    cookies = {"sessionid": client.cookies["sessionid"].value}
+    with (
+        httpx.Client(base_url=server, cookies=cookies, timeout=5) as http,
+        http.stream("GET", f"/dashboard/stream?tenant={tenant.id}") as response,
+    ):
+        lines = response.iter_lines()
+        assert next(lines) == ": subscribed"
+        started = time.monotonic()
+        client.logout()  # the session row is deleted
+        assert not any(lines)  # the body ends, with no event (a read timeout would raise)
+        assert time.monotonic() - started < 3
