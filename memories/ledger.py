@@ -26,9 +26,9 @@ from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
-from memories import dispatch, queue_load, rows, signals
+from memories import dispatch, queue_load, rows, signals, timeseries
 from memories.errors import DuplicateRequest, IdempotencyKeyReused, InvalidInput, NotFound
-from memories.events.stream import requests_finished_announce
+from memories.events.stream import redis_client, requests_finished_announce
 from memories.models import EndUser, MemoryRequest, Session, Tenant
 from memories.rows import json_bytes
 from memories.sessions import session_add_messages
@@ -424,6 +424,14 @@ def _request_finished_on_commit(memory_request: MemoryRequest) -> None:
     job after the grace period."""
     request_id = str(memory_request.id)
     transaction.on_commit(lambda: requests_finished_announce([request_id]), robust=True)
+    # From acceptance to the end: what a caller waited, queueing included. (Read from the
+    # instance's loaded fields only: a deferred one would cost a query on every job.)
+    accepted_at = memory_request.__dict__.get("created_at")
+    if accepted_at is not None:
+        took = (timezone.now() - accepted_at).total_seconds()
+        transaction.on_commit(
+            lambda: timeseries.job_finished(redis_client(), seconds=took), robust=True
+        )
     if memory_request.kind != MemoryRequest.Kind.MEMORY_JOB or memory_request.user_id is None:
         return
     user_id = memory_request.user_id

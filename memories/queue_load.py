@@ -13,6 +13,7 @@ from typing import Any
 from django.db import connection
 from prometheus_client.core import GaugeMetricFamily
 
+from memories import timeseries
 from memories.dispatch import Queue, lane_for
 from memories.events.stream import DEAD_LETTER_KEY, redis_client
 from memories.models import MemoryRequest, OutboxEvent
@@ -32,7 +33,11 @@ def lane_depths() -> dict[str, int]:
                 pipe.llen(f"{lane.value}{suffix}")
         lengths = pipe.execute()
     steps = len(_PRIORITY_SUFFIXES)
-    return {lane.value: sum(lengths[i * steps : (i + 1) * steps]) for i, lane in enumerate(Queue)}
+    depths = {lane.value: sum(lengths[i * steps : (i + 1) * steps]) for i, lane in enumerate(Queue)}
+    # Every reading (admission control, a metrics scrape, the sweeper, the dashboard) is a
+    # sample for the dashboard's chart: at most one write a second per process.
+    timeseries.lane_depths_sampled(client, depths)
+    return depths
 
 
 # kombu keeps each message a worker fetched and has not acknowledged in a hash (delivery tag ->

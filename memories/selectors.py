@@ -8,10 +8,11 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from django.db import connection
-from django.db.models import Case, F, OuterRef, Q, QuerySet, Subquery, When, Window
+from django.db.models import Case, Count, F, OuterRef, Q, QuerySet, Subquery, When, Window
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce, Lead
 
+from memories.dispatch import Queue, lane_for
 from memories.errors import NotFound
 from memories.filters import memory_filters_q
 from memories.models import (
@@ -410,3 +411,41 @@ def audit_list(
     if before is not None:
         queryset = queryset.filter(id__lt=before)
     return list(queryset.order_by("-id")[:limit])
+
+
+# --- The staff dashboard's reads (every tenant is the staff's) -----------------------------------
+
+
+def tenant_list() -> list[Tenant]:
+    return list(Tenant.objects.order_by("name"))
+
+
+def tenant_get(*, tenant_id: UUID | str) -> Tenant:
+    try:
+        return Tenant.objects.get(pk=tenant_id)
+    except (Tenant.DoesNotExist, ValueError, TypeError) as exc:
+        raise NotFound("Tenant not found.", field="tenant") from exc
+
+
+def end_user_list(*, tenant: Tenant, limit: int = 200) -> list[EndUser]:
+    """The tenant's users (not those being erased), newest first."""
+    return list(
+        EndUser.objects.filter(tenant=tenant, erasing_since__isnull=True).order_by(
+            "-created_at", "-id"
+        )[:limit]
+    )
+
+
+def memory_request_counts(*, tenant: Tenant) -> dict[str, dict[str, int]]:
+    """The tenant's requests counted by status, then by the lane their task goes on (every status
+    and lane present, zeros included)."""
+    counts = {status: {lane.value: 0 for lane in Queue} for status in MemoryRequest.Status.values}
+    rows = (
+        MemoryRequest.objects.filter(tenant=tenant)
+        .values_list("status", "kind", "priority")
+        .annotate(count=Count("id"))
+        .order_by()
+    )
+    for status, kind, priority, count in rows:
+        counts[status][lane_for(kind, priority).value] += count
+    return counts

@@ -1,5 +1,6 @@
 """The ASGI app `make run` serves: `GET /v1/stream` (Server-Sent Events) on a plain ASGI app,
-every other call on Django's WSGI handler in a fixed pool of threads.
+as is the staff dashboard's `GET /dashboard/stream` (dashboard.stream); every other call on
+Django's WSGI handler in a fixed pool of threads.
 
 - The stream is `memories.events.sse.stream_app` rather than a Django view: through Django every
   chunk sent to every subscriber costs the handler's work again, and every open stream holds a
@@ -27,6 +28,7 @@ django_asgi_application = get_asgi_application()
 
 from rest_framework.exceptions import AuthenticationFailed  # noqa: E402 (needs setup)
 
+from dashboard.stream import dashboard_stream_app  # noqa: E402
 from memories.auth import api_key_authenticate  # noqa: E402
 from memories.events.sse import stream_app  # noqa: E402
 from memories.request_waits import wait_for_requests  # noqa: E402
@@ -53,6 +55,8 @@ django_wsgi_application = wait_for_requests(
 
 
 STREAM_PATH = "/v1/stream"
+# The staff dashboard's feed: the same stream, authorized by Django's session cookie.
+DASHBOARD_STREAM_PATH = "/dashboard/stream"
 
 
 async def application(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -60,6 +64,8 @@ async def application(scope: dict[str, Any], receive: ASGIReceive, send: ASGISen
         await django_asgi_application(scope, receive, send)
     elif scope["path"] == STREAM_PATH:
         await stream_app(scope, receive, send)
+    elif scope["path"] == DASHBOARD_STREAM_PATH:
+        await dashboard_stream_app(scope, receive, send)
     else:
         await django_wsgi_application(scope, receive, send)
 

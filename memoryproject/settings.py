@@ -119,6 +119,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "memories",
     "webhooks",
+    "dashboard",
 ]
 
 MIDDLEWARE = [

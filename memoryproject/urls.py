@@ -22,6 +22,7 @@ urlpatterns = [
         {"insecure": True},
         name="openapi-assets",
     ),
+    path("dashboard/", include("dashboard.urls")),
     path("", include("memories.urls")),
     path("", include("webhooks.urls")),
 ]

@@ -220,8 +220,8 @@ CASE_IDS = [f"{name}-{method}-{i}" for i, (name, method, _) in enumerate(CASES)]
 def _routes(patterns: list[Any]) -> Iterator[tuple[str, Any]]:
     for pattern in patterns:
         if isinstance(pattern, URLResolver):
-            if str(pattern.pattern).startswith("admin/"):
-                continue  # the Django admin: staff sessions, not API keys
+            if str(pattern.pattern).startswith(("admin/", "dashboard/")):
+                continue  # the Django admin and the dashboard: staff sessions, not API keys
             yield from _routes(pattern.url_patterns)
         elif isinstance(pattern, URLPattern):
             yield pattern.name, pattern.callback

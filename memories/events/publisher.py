@@ -15,7 +15,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from redis.exceptions import NoScriptError, ResponseError
 
-from memories import dispatch
+from memories import dispatch, timeseries
 from memories.background import ProcessThread
 from memories.events.stream import (
     DROPPED_IDS_KEPT,
@@ -263,13 +263,14 @@ def _send(events: list[dict[str, Any]]) -> list[str]:
     """
     client = redis_client()
     try:
-        return _send_by_sha(client, events)
+        return _send_by_sha(client, events, count=True)
     except NoScriptError:
         client.script_load(_XADD_AND_PUBLISH)
-        return _send_by_sha(client, events)
+        # The failed pipeline still ran its other commands: the events were counted once.
+        return _send_by_sha(client, events, count=False)
 
 
-def _send_by_sha(client: Any, events: list[dict[str, Any]]) -> list[str]:
+def _send_by_sha(client: Any, events: list[dict[str, Any]], *, count: bool) -> list[str]:
     with client.pipeline(transaction=False) as pipe:
         for event in events:
             fields = entry_fields(event)
@@ -290,7 +291,9 @@ def _send_by_sha(client: Any, events: list[dict[str, Any]]) -> list[str]:
                 fields["user_id"],
                 fields["session_id"],
             )
-        return pipe.execute()
+        if count:  # the dashboard's events per second, in the same round trip
+            timeseries.events_count(pipe, events)
+        return pipe.execute()[: len(events)]
 
 
 def relay_unpublished() -> int:

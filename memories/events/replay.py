@@ -5,7 +5,7 @@ from its rows in PostgreSQL instead (its messages, summary and the history of it
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from memories.errors import Gone
 from memories.events.schema import EVENT_TYPE_OF_CHANGE, build_event
@@ -168,3 +168,17 @@ def session_reconstruct(events: list[dict[str, Any]]) -> dict[str, Any]:
         elif kind == "error.occurred":
             state["errors"] += 1
     return state
+
+
+def events_latest(
+    *, tenant_id: str, user_id: str | None = None, limit: int = 30
+) -> list[dict[str, Any]]:
+    """The tenant's newest `limit` events (of one user, when named), oldest first, each with its
+    stream id as `id`; a user's are looked for among the tenant's newest SCAN_CHUNK only."""
+    reply = redis_client().xrevrange(
+        tenant_stream_key(tenant_id), count=SCAN_CHUNK if user_id else limit
+    )
+    entries = cast(list[tuple[str, dict[str, str]]], reply)
+    if user_id:
+        entries = [entry for entry in entries if entry[1].get("user_id") == user_id][:limit]
+    return [parse_entry(entry_id, fields) for entry_id, fields in reversed(entries)]

@@ -148,9 +148,17 @@ def route_key(tenant_id: str, channel: str) -> str:
     return f"{tenant_id}/{channel}"
 
 
+# Every event of a tenant, whatever its channels: the staff dashboard's feed (never a client's
+# channel: `_channel_canonical` refuses the name).
+TENANT_WIDE = "*"
+
+
 def event_route_keys(event: dict[str, Any]) -> set[str]:
     tenant_id = event["source"]["tenant_id"]
-    return {route_key(tenant_id, channel) for channel in event.get("channels") or ()}
+    keys = {route_key(tenant_id, channel) for channel in event.get("channels") or ()}
+    if tenant_id:
+        keys.add(route_key(tenant_id, TENANT_WIDE))
+    return keys
 
 
 def stream_request_authorize(
@@ -772,6 +780,23 @@ async def stream_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
         failed = StreamRefused(500, "server_error", "Internal error; it has been logged.")
         await failed.send_to(send)
         return
+    try:
+        await serve_event_stream(hub, wanted, receive, send, must_end=key_unusable)
+    finally:
+        await guard.release(lease)
+
+
+async def serve_event_stream(
+    hub: Hub,
+    wanted: StreamRequest,
+    receive: ASGIReceive,
+    send: ASGISend,
+    *,
+    must_end: asyncio.Event,
+) -> None:
+    """Send an authorized stream's response until the body ends, the client leaves, or
+    `must_end` is set (its credentials stopped being good: the response is then ended properly).
+    Shared by `/v1/stream` and the staff dashboard's stream."""
     # Settings are read per connection, so a changed buffer or heartbeat applies to new clients.
     body = event_stream(
         hub, wanted, buffer=settings.SSE_CLIENT_BUFFER, heartbeat=settings.SSE_HEARTBEAT_SECONDS
@@ -788,7 +813,7 @@ async def stream_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
     sending = asyncio.ensure_future(_send_all(body, send))
     listening = asyncio.ensure_future(_until_disconnect(receive))
     # A key revoked, expired or deleted while the stream is open ends it (within a round).
-    revoked = asyncio.ensure_future(key_unusable.wait())
+    revoked = asyncio.ensure_future(must_end.wait())
     ended_by_key = False
     try:
         done, _ = await asyncio.wait(
@@ -801,7 +826,6 @@ async def stream_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
         revoked.cancel()
         await asyncio.gather(sending, listening, revoked, return_exceptions=True)
         await body.aclose()  # leaves the hub, even when cancelled in the middle of a send
-        await guard.release(lease)
     if ended_by_key:  # the client is still there: end the response properly
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
