@@ -78,7 +78,8 @@ def test_a_pid_file_naming_a_live_unrelated_process_does_not_stop_the_start(var_
         (pgdata / "postmaster.pid").write_text("\n".join([str(other.pid), *postmaster[1:]]) + "\n")
         started = time.monotonic()
         assert embedded.ensure_postgres(var_dir) == first
-        assert time.monotonic() - started < 15
+        # Not held up by the other program (it sleeps 60 s), though a loaded machine is slow.
+        assert time.monotonic() - started < 45
         assert other.poll() is None  # left alone
         other.kill()
     with psycopg.connect(first) as conn:
