@@ -983,6 +983,7 @@ def breakdown(
     from django.db import connection
     from django.test import Client
     from django.test.utils import override_settings
+    from django.utils import timezone
 
     f = {name: resolve(name) for name in BREAKDOWN_CALLS}
     from memories.models import Memory as MemoryRow
@@ -1060,8 +1061,9 @@ def breakdown(
                   results=len(shown), agent_id="", session_id="")  # fmt: skip
 
             def serialise(memories: list[Any]) -> bytes:
+                zone = timezone.get_current_timezone()  # once per response, as the view does
                 results = [
-                    {**f["memories.api.memory_output_of_row"](m), "score": 0.5,
+                    {**f["memories.api.memory_output_of_row"](m, zone=zone), "score": 0.5,
                      "similarity": 0.5, "why": {"vector": 1}}
                     for m in memories
                 ]  # fmt: skip
