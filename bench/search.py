@@ -939,9 +939,7 @@ BREAKDOWN_CALLS = (
     "memories.auth.api_key_authenticate",
     "memories.backpressure.rate_limit",
     "memories.search.UnreadUser",
-    "memories.selectors.memories_of",
-    "memories.search._vector_leg",
-    "memories.search._keyword_leg",
+    "memories.search._plain_leg",
     "memories.search._ranked",
     "memories.signals.search_performed",
     "memories.search.memory_search",
@@ -1031,24 +1029,20 @@ def breakdown(
             # The user is read inside the fused statement (memories.search.UnreadUser).
             user = f["memories.search.UnreadUser"](tenant_id=principal.tenant.id,
                                                    id=data["user_id"])  # fmt: skip
-            # The search as memories.search runs it: the legs are lazy querysets on the user's
-            # live rows; the query's word weights, legs, fusion, similarities and the cut are ONE
-            # statement (`_ranked`).
-            base = call("memories.selectors.memories_of", f["memories.selectors.memories_of"],
-                        user, filters={}, as_of=None)  # fmt: skip
+            # The search as memories.search runs a plain one: each leg's SQL compiled once per
+            # process (`_plain_leg`, the user and vector put in); the query's word weights, legs,
+            # fusion, similarities and the cut are ONE statement (`_ranked`).
             limit = candidates if mode == "hybrid" else LIMIT
             legs: dict[str, Any] = {}
             vector = None
             if mode != "keyword":
                 vector = timed("query_embedding", "embedder.embed", embedder.embed,
                                [query.text])[0]  # fmt: skip
-                legs["vector"] = call("memories.search._vector_leg",
-                                      f["memories.search._vector_leg"],
-                                      base, vector, threshold=None, limit=limit)  # fmt: skip
-            if mode != "vector":
-                legs["keyword"] = call("memories.search._keyword_leg",
-                                       f["memories.search._keyword_leg"],
-                                       base, as_of=None, limit=limit)  # fmt: skip
+            for name in ("vector", "keyword"):
+                if mode in ("hybrid", name):
+                    legs[name] = timed("leg_sql", "memories.search._plain_leg",
+                                       f["memories.search._plain_leg"], name, limit, user.id,
+                                       vector)  # fmt: skip
             words = (user.id, query.text) if "keyword" in legs else None
             found, _ = timed("sql_one_statement_words_legs_fused_user", "memories.search._ranked",
                              f["memories.search._ranked"], legs, query_vector=vector, limit=LIMIT,

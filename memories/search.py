@@ -15,7 +15,8 @@ costs one round trip and builds only the memories it returns.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.postgres.search import SearchQueryField, SearchRank, SearchVector
 from django.db import connection
-from django.db.models import BooleanField, F, FloatField, Func, QuerySet
+from django.db.models import BooleanField, F, FloatField, Func, QuerySet, Value
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from pgvector.django import CosineDistance
@@ -34,8 +35,10 @@ from memories.models import DateWords, EndUser, Memory, vector_text
 from memories.providers import Embedder
 
 MODES = ("hybrid", "vector", "keyword")
-# A retriever's query: its top-N as rows of (id, rank_key), best first.
+# A retriever's query: its top-N as rows of (id, rank_key), best first; or that query compiled
+# (SQL and parameters).
 Leg = QuerySet[Any, Any]
+CompiledLeg = tuple[str, tuple[Any, ...]]
 
 
 @dataclass
@@ -97,15 +100,20 @@ def memory_search(
         message = "threshold is a minimum cosine similarity: it needs mode hybrid or vector."
         raise InvalidInput(message, field="threshold")
     candidates = max(limit, settings.SEARCH_CANDIDATES) if mode == "hybrid" else limit
-    base = selectors.memories_of(
-        user, filters=filters, as_of=as_of, include_shared=include_shared, topics=topics
-    )
     query_vector = embedder.embed([query])[0] if mode != "keyword" else None
-    legs: dict[str, Leg] = {}
-    if query_vector is not None:
-        legs["vector"] = _vector_leg(base, query_vector, threshold=threshold, limit=candidates)
-    if mode != "vector":
-        legs["keyword"] = _keyword_leg(base, as_of=as_of, limit=candidates)
+    names = [name for name in _LEG_ORDER if mode in ("hybrid", name)]
+    legs: dict[str, Leg | CompiledLeg]
+    if not filters and as_of is None and not include_shared and not topics and threshold is None:
+        legs = {name: _plain_leg(name, candidates, user.id, query_vector) for name in names}
+    else:
+        base = selectors.memories_of(
+            user, filters=filters, as_of=as_of, include_shared=include_shared, topics=topics
+        )
+        legs = {}
+        if query_vector is not None:
+            legs["vector"] = _vector_leg(base, query_vector, threshold=threshold, limit=candidates)
+        if mode != "vector":
+            legs["keyword"] = _keyword_leg(base, as_of=as_of, limit=candidates)
     unread = user if isinstance(user, UnreadUser) else None
     found, creator = _ranked(
         legs,
@@ -144,7 +152,9 @@ def _vector_leg(
     """The user's true top-k by cosine distance: an exact scan of the user's rows (B-tree on the
     user, then distance), so no approximate index can drop a match, whatever the plan. With
     `as_of`, ranked by the current vectors (history keeps no vector of an old content)."""
-    leg = base.annotate(rank_key=CosineDistance("embedding", query_vector))
+    # The vector as the similarity shown has it (memories.models.vector_text, not pgvector's slower
+    # formatter): the same float4s, from the same text.
+    leg = base.annotate(rank_key=CosineDistance("embedding", Value(vector_text(query_vector))))
     if threshold is not None:
         leg = leg.filter(rank_key__lte=1 - threshold)
     return leg.order_by("rank_key", "id").values("id", "rank_key")[:limit]
@@ -223,6 +233,39 @@ def _keyword_leg(base: QuerySet[Memory], *, as_of: datetime | None, limit: int) 
     )
 
 
+# A plain search's legs (no filters, `as_of`, shared memories, topics or threshold: most
+# searches) compiled once per process and kept: Django's building and compiling of a leg cost
+# about as much as PostgreSQL's running it. Compiled with stand-ins for the user's id and the query
+# vector (a nil UUID, which no user has, and a vector no query has), which each search puts back.
+_STAND_IN_USER = uuid.UUID(int=0)
+_STAND_IN_VECTOR = vector_text([-0.0])
+_plain_legs: dict[tuple[str, int], CompiledLeg] = {}
+
+
+def _plain_leg(
+    name: str, limit: int, user_id: Any, query_vector: list[float] | None
+) -> CompiledLeg:
+    compiled = _plain_legs.get((name, limit))
+    if compiled is None:
+        base = selectors.memories_of(UnreadUser(tenant_id=None, id=_STAND_IN_USER), filters={})
+        leg = (
+            _vector_leg(base, [-0.0], threshold=None, limit=limit)
+            if name == "vector"
+            else _keyword_leg(base, as_of=None, limit=limit)
+        )
+        compiled = _plain_legs[(name, limit)] = leg.query.sql_with_params()
+    sql, params = compiled
+    vector = vector_text(query_vector) if query_vector is not None else None
+    return sql, tuple(
+        user_id
+        if isinstance(param, uuid.UUID) and param == _STAND_IN_USER
+        else vector
+        if isinstance(param, str) and param == _STAND_IN_VECTOR
+        else param
+        for param in params
+    )
+
+
 # --- Fusion ---------------------------------------------------------------------------------------
 
 _LEG_ORDER = {"vector": "rank_key, id", "keyword": "rank_key DESC, id"}
@@ -237,7 +280,7 @@ _JSON_COLUMNS = frozenset(("metadata", "vector_clock", "state"))
 
 
 def _ranked(
-    legs: dict[str, Leg],
+    legs: Mapping[str, Leg | CompiledLeg],
     *,
     query_vector: list[float] | None,
     limit: int,
@@ -259,7 +302,7 @@ def _ranked(
         ctes.append(_QUERY_WORDS_SQL)
         params += [query, words_of, words_of]
     for name, leg in legs.items():
-        leg_sql, leg_params = leg.query.sql_with_params()
+        leg_sql, leg_params = leg if isinstance(leg, tuple) else leg.query.sql_with_params()
         params += leg_params
         ctes.append(
             f"{name}_leg AS (SELECT id, row_number() OVER (ORDER BY {_LEG_ORDER[name]}) AS rank"

@@ -225,6 +225,24 @@ def test_a_rare_word_outweighs_words_most_memories_share(api, end_user) -> None:
     assert first["content"] == "Spent a week in Kyoto"
 
 
+def test_searches_of_two_users_in_turn_each_find_their_own_memories(api, tenant, end_user) -> None:
+    # A plain search's statement is compiled once and reused: each search must still run on its
+    # own user and its own query vector, in every mode.
+    bob = accounts.end_user_create(tenant=tenant, external_id="bob")
+    store_memories(end_user, "Has a cat named Tom", "Lives in Paris")
+    store_memories(bob, "Has a dog named Rex", "Lives in Oslo")
+    for mode in ("vector", "hybrid", "keyword"):
+        for user, home, pet in (
+            (end_user, "Paris", "cat"),
+            (bob, "Oslo", "dog"),
+            (end_user, "Paris", "cat"),
+        ):
+            for query, expected in ((f"Lives in {home}", home), (f"named {pet}", pet)):
+                results = search(api, user, query, mode=mode)
+                assert {r["user_id"] for r in results} == {str(user.id)}, (mode, query)
+                assert expected in results[0]["content"], (mode, query, results)
+
+
 def test_a_query_of_stop_words_only_is_ranked_by_meaning_alone(api, end_user) -> None:
     # No word to match: hybrid's scores are normalised by the vector leg alone (its first place
     # scores 1, not the share a keyword leg would have added); a keyword search finds nothing,
