@@ -28,7 +28,7 @@ Hybrid results carry `why.vector`: each must be the memory's exact rank.
 
 `--breakdown` times, in this process against the same database, each part of a search by
 calling the service's functions directly (input validation, rate limit, auth, query embedding,
-the keyword leg's word weights (one query), the legs fused in one statement with the user's read
+the one statement that weighs the query's words, runs the legs, fuses them and reads the user
 (`memories.search._ranked`, today's shape), the `search.performed` event, serialisation) and
 `memories.search.memory_search` whole. A function renamed by a later change fails the breakdown
 with its name.
@@ -776,18 +776,24 @@ def run_paired(
             search(other, user_ids[query.user], query.text, mode)
         mine: list[float] = []
         theirs: list[float] = []
+        differing: list[str] = []
         for i, query in enumerate(queries):
             if time.monotonic() > deadline:
                 break
             pair = [(http, mine), (other, theirs)]
+            answers = []
             for client, seconds in pair if i % 2 else pair[::-1]:
                 started = time.perf_counter()
-                search(client, user_ids[query.user], query.text, mode)
+                answers.append(search(client, user_ids[query.user], query.text, mode))
                 seconds.append(time.perf_counter() - started)
+            if answers[0] != answers[1]:  # the same JSON values (ids, order, scores, ...)
+                differing.append(query.text)
         this, base = common.latency_summary(mine), common.latency_summary(theirs)
         report[mode] = {
             "this_tree": this,
             "baseline_tree": base,
+            "answers_differing": len(differing),
+            "answers_differing_sample": differing[:5],
             "p50_ratio": round(this["p50_ms"] / base["p50_ms"], 3) if mine else None,
             "median_of_per_query_ratios": round(
                 statistics.median(a / b for a, b in zip(mine, theirs, strict=True)), 3
@@ -933,10 +939,7 @@ BREAKDOWN_CALLS = (
     "memories.auth.api_key_authenticate",
     "memories.backpressure.rate_limit",
     "memories.search.UnreadUser",
-    "memories.selectors.memories_of",
-    "memories.search._query_lexemes",
-    "memories.search._vector_leg",
-    "memories.search._keyword_leg",
+    "memories.search._plain_leg",
     "memories.search._ranked",
     "memories.signals.search_performed",
     "memories.search.memory_search",
@@ -978,6 +981,7 @@ def breakdown(
     from django.db import connection
     from django.test import Client
     from django.test.utils import override_settings
+    from django.utils import timezone
 
     f = {name: resolve(name) for name in BREAKDOWN_CALLS}
     from memories.models import Memory as MemoryRow
@@ -1025,34 +1029,25 @@ def breakdown(
             # The user is read inside the fused statement (memories.search.UnreadUser).
             user = f["memories.search.UnreadUser"](tenant_id=principal.tenant.id,
                                                    id=data["user_id"])  # fmt: skip
-            # The search as memories.search runs it: the legs are lazy querysets on the user's
-            # live rows; the keyword leg first weighs the query's words (one query); then legs,
+            # The search as memories.search runs a plain one: each leg's SQL compiled once per
+            # process (`_plain_leg`, the user and vector put in); the query's word weights, legs,
             # fusion, similarities and the cut are ONE statement (`_ranked`).
-            base = call("memories.selectors.memories_of", f["memories.selectors.memories_of"],
-                        user, filters={}, as_of=None)  # fmt: skip
             limit = candidates if mode == "hybrid" else LIMIT
             legs: dict[str, Any] = {}
             vector = None
             if mode != "keyword":
                 vector = timed("query_embedding", "embedder.embed", embedder.embed,
                                [query.text])[0]  # fmt: skip
-                legs["vector"] = call("memories.search._vector_leg",
-                                      f["memories.search._vector_leg"],
-                                      base, vector, threshold=None, limit=limit)  # fmt: skip
-            if mode != "vector":
-                lexemes = timed("sql_query_words", "memories.search._query_lexemes",
-                                f["memories.search._query_lexemes"], user, query.text)  # fmt: skip
-                if lexemes:
-                    legs["keyword"] = call("memories.search._keyword_leg",
-                                           f["memories.search._keyword_leg"],
-                                           base, lexemes, as_of=None, limit=limit)  # fmt: skip
-            found, _ = (
-                timed("sql_legs_fused_one_statement_with_the_user", "memories.search._ranked",
-                      f["memories.search._ranked"], legs, query_vector=vector, limit=LIMIT,
-                      threshold=None, min_score=None, recency=None, user=user)
-                if legs
-                else ([], None)
-            )  # fmt: skip
+            for name in ("vector", "keyword"):
+                if mode in ("hybrid", name):
+                    legs[name] = timed("leg_sql", "memories.search._plain_leg",
+                                       f["memories.search._plain_leg"], name, limit, user.id,
+                                       vector)  # fmt: skip
+            words = (user.id, query.text) if "keyword" in legs else None
+            found, _ = timed("sql_one_statement_words_legs_fused_user", "memories.search._ranked",
+                             f["memories.search._ranked"], legs, query_vector=vector, limit=LIMIT,
+                             threshold=None, min_score=None, recency=None, query_words=words,
+                             user=user)  # fmt: skip
             shown = [entry.memory for entry in found]
             timed("search_performed_event", "memories.signals.search_performed.send",
                   f["memories.signals.search_performed"].send,
@@ -1060,8 +1055,9 @@ def breakdown(
                   results=len(shown), agent_id="", session_id="")  # fmt: skip
 
             def serialise(memories: list[Any]) -> bytes:
+                zone = timezone.get_current_timezone()  # once per response, as the view does
                 results = [
-                    {**f["memories.api.memory_output_of_row"](m), "score": 0.5,
+                    {**f["memories.api.memory_output_of_row"](m, zone=zone), "score": 0.5,
                      "similarity": 0.5, "why": {"vector": 1}}
                     for m in memories
                 ]  # fmt: skip

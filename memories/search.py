@@ -8,24 +8,24 @@ normalised so the best possible is 1. The vector leg's weight depends on the emb
 offline hashing embedder it is weak (its vectors know words, not meaning), so keyword leads.
 
 The legs, the fusion, the similarities, the recency weighting, the thresholds and the limit are
-ONE statement (`_ranked`): a search costs one round trip (two with the keyword leg, which first
-weighs the query's words) and builds only the memories it returns.
+ONE statement (`_ranked`), the keyword leg's weighing of the query's words included: a search
+costs one round trip and builds only the memories it returns.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
-from django.contrib.postgres.search import SearchVectorExact as Matches  # `@@`
+from django.contrib.postgres.search import SearchQueryField, SearchRank, SearchVector
 from django.db import connection
-from django.db.models import Case, F, QuerySet, Value, When
+from django.db.models import BooleanField, F, FloatField, Func, QuerySet, Value
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from pgvector.django import CosineDistance
 
@@ -35,8 +35,10 @@ from memories.models import DateWords, EndUser, Memory, vector_text
 from memories.providers import Embedder
 
 MODES = ("hybrid", "vector", "keyword")
-# A retriever's query: its top-N as rows of (id, rank_key), best first.
+# A retriever's query: its top-N as rows of (id, rank_key), best first; or that query compiled
+# (SQL and parameters).
 Leg = QuerySet[Any, Any]
+CompiledLeg = tuple[str, tuple[Any, ...]]
 
 
 @dataclass
@@ -98,30 +100,33 @@ def memory_search(
         message = "threshold is a minimum cosine similarity: it needs mode hybrid or vector."
         raise InvalidInput(message, field="threshold")
     candidates = max(limit, settings.SEARCH_CANDIDATES) if mode == "hybrid" else limit
-    base = selectors.memories_of(
-        user, filters=filters, as_of=as_of, include_shared=include_shared, topics=topics
-    )
     query_vector = embedder.embed([query])[0] if mode != "keyword" else None
-    legs: dict[str, Leg] = {}
-    if query_vector is not None:
-        legs["vector"] = _vector_leg(base, query_vector, threshold=threshold, limit=candidates)
-    if mode != "vector" and (lexemes := _query_lexemes(user, query)):
-        legs["keyword"] = _keyword_leg(base, lexemes, as_of=as_of, limit=candidates)
-    unread = user if isinstance(user, UnreadUser) else None
-    if legs:
-        found, creator = _ranked(
-            legs,
-            query_vector=query_vector,
-            limit=limit,
-            threshold=threshold,
-            min_score=min_score,
-            recency=(as_of or timezone.now(), recency_half_life_days)
-            if recency_half_life_days is not None
-            else None,
-            user=unread,
-        )
+    names = [name for name in _LEG_ORDER if mode in ("hybrid", name)]
+    legs: dict[str, Leg | CompiledLeg]
+    if not filters and as_of is None and not include_shared and not topics and threshold is None:
+        legs = {name: _plain_leg(name, candidates, user.id, query_vector) for name in names}
     else:
-        found, creator = [], _creator(unread) if unread is not None else None
+        base = selectors.memories_of(
+            user, filters=filters, as_of=as_of, include_shared=include_shared, topics=topics
+        )
+        legs = {}
+        if query_vector is not None:
+            legs["vector"] = _vector_leg(base, query_vector, threshold=threshold, limit=candidates)
+        if mode != "vector":
+            legs["keyword"] = _keyword_leg(base, as_of=as_of, limit=candidates)
+    unread = user if isinstance(user, UnreadUser) else None
+    found, creator = _ranked(
+        legs,
+        query_vector=query_vector,
+        query_words=(user.id, query) if "keyword" in legs else None,
+        limit=limit,
+        threshold=threshold,
+        min_score=min_score,
+        recency=(as_of or timezone.now(), recency_half_life_days)
+        if recency_half_life_days is not None
+        else None,
+        user=unread,
+    )
     if unread is not None and unread.check is not None:
         unread.check(creator)
     if as_of is not None:
@@ -147,49 +152,71 @@ def _vector_leg(
     """The user's true top-k by cosine distance: an exact scan of the user's rows (B-tree on the
     user, then distance), so no approximate index can drop a match, whatever the plan. With
     `as_of`, ranked by the current vectors (history keeps no vector of an old content)."""
-    leg = base.annotate(rank_key=CosineDistance("embedding", query_vector))
+    # The vector as the similarity shown has it (memories.models.vector_text, not pgvector's slower
+    # formatter): the same float4s, from the same text.
+    leg = base.annotate(rank_key=CosineDistance("embedding", Value(vector_text(query_vector))))
     if threshold is not None:
         leg = leg.filter(rank_key__lte=1 - threshold)
     return leg.order_by("rank_key", "id").values("id", "rank_key")[:limit]
 
 
-# Each distinct lexeme of the query, quoted for tsquery, with the number of the user's live
-# memories holding it, and how many live memories the user has. Stop words are already gone
-# (english configuration).
-_QUERY_LEXEMES_SQL = f"""
-    SELECT quote_literal(t.lexeme),
-           (SELECT count(*) FROM {Memory._meta.db_table} m
-            WHERE m.user_id = %(user)s AND m.deleted_at IS NULL AND m.valid_to IS NULL
-              AND m.search_vector @@ quote_literal(t.lexeme)::tsquery),
-           (SELECT count(*) FROM {Memory._meta.db_table} m
-            WHERE m.user_id = %(user)s AND m.deleted_at IS NULL AND m.valid_to IS NULL)
-    FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(query)s))) AS t
+# The query's words, a CTE of the search's statement (`_ranked`, which fills in the user and the
+# query): each distinct lexeme (stop words are already gone: english configuration) as a tsquery,
+# with its weight, BM25's inverse document frequency over the user's live memories, so a word most
+# of them share counts for little and a rare one for much. The weight is numeric (exact sums), of
+# the float8's shortest text: the very value the weights had when they were computed apart and
+# sent as literals, so the ranking is unchanged. The DISTINCT's order is kept for the ORed query.
+_QUERY_WORDS_SQL = f"""
+    query_words AS MATERIALIZED (
+        SELECT to_tsquery('simple', quote_literal(t.lexeme)) AS q,
+               quote_literal(t.lexeme) AS quoted,
+               ln(1 + (total.n - df.n + 0.5::float8) / (df.n + 0.5::float8))::text::numeric
+                   AS weight
+        FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %s))) AS t,
+             LATERAL (SELECT count(*) AS n FROM {Memory._meta.db_table} m
+                      WHERE m.user_id = %s AND m.deleted_at IS NULL AND m.valid_to IS NULL
+                        AND m.search_vector @@ quote_literal(t.lexeme)::tsquery) AS df,
+             (SELECT count(*) AS n FROM {Memory._meta.db_table} m
+              WHERE m.user_id = %s AND m.deleted_at IS NULL AND m.valid_to IS NULL) AS total
+    ),
+    query_any AS (
+        SELECT to_tsquery('simple', string_agg(quoted, ' | ')) AS q FROM query_words
+    )
 """
 
 
-def _query_lexemes(user: EndUser | UnreadUser, query: str) -> list[tuple[str, float]]:
-    """The query's lexemes (quoted), each with its weight: BM25's inverse document frequency
-    over the user's live memories, so a word most of them share counts for little and a rare one
-    for much."""
-    with connection.cursor() as cursor:
-        cursor.execute(_QUERY_LEXEMES_SQL, {"user": user.id, "query": query})
-        found = cursor.fetchall()
-    return [(quoted, math.log(1 + (total - df + 0.5) / (df + 0.5))) for quoted, df, total in found]
+class _WordsHeld(Func):
+    """The summed weights of the query's words (the statement's `query_words`) a document holds."""
+
+    template = (
+        "(SELECT coalesce(sum(w.weight), 0.0) FROM query_words w WHERE %(expressions)s @@ w.q)"
+    )
+    output_field = FloatField()
 
 
-def _keyword_leg(
-    base: QuerySet[Memory], lexemes: list[tuple[str, float]], *, as_of: datetime | None, limit: int
-) -> Leg:
-    """The user's top-k memories sharing words (stemmed) with the query.
+class _Holds(Func):
+    """`document @@ query` for a query given as an expression (Django's `@@` lookup would take
+    it for text and parse it again)."""
+
+    function = ""
+    arg_joiner = " @@ "
+    output_field = BooleanField()
+
+
+# Any of the query's words: their tsqueries ORed (NULL when the query has none, which matches
+# nothing).
+_ANY_WORD = RawSQL("(SELECT q FROM query_any)", (), output_field=SearchQueryField())
+
+
+def _keyword_leg(base: QuerySet[Memory], *, as_of: datetime | None, limit: int) -> Leg:
+    """The user's top-k memories sharing words (stemmed) with the query (the statement's
+    `query_words`, see `_QUERY_WORDS_SQL`).
 
     The query's lexemes are ORed (AND, as plainto_tsquery and websearch_to_tsquery do, needs
     every word of a natural question in one memory, and so matches almost nothing); a memory
     scores the weights of those it holds, ties broken by ts_rank_cd (cover density, normalised
     by the memory's length so long memories do not win by size). With `as_of`, matched on the
     content the memories had then."""
-    any_word = SearchQuery(
-        " | ".join(quoted for quoted, _ in lexemes), search_type="raw", config="simple"
-    )
     # The stored vector, or (as_of) one made from the content then: an expression, never a name,
     # which SearchRank would take for text and parse again.
     document: Any = F("search_vector")
@@ -197,20 +224,45 @@ def _keyword_leg(
         document = SearchVector("content_then", config="english") + SearchVector(
             DateWords("occurred_at"), config="english"
         )
-    held = [
-        Case(
-            When(Matches(document, SearchQuery(quoted, search_type="raw", config="simple")),
-                 then=Value(weight)),
-            default=Value(0.0),
-        )
-        for quoted, weight in lexemes
-    ]  # fmt: skip
-    density = SearchRank(document, any_word, cover_density=True, normalization=1)
+    density = SearchRank(document, _ANY_WORD, cover_density=True, normalization=1)
     return (
-        base.filter(Matches(document, any_word))
-        .annotate(rank_key=sum(held[1:], held[0]) + density)
+        base.filter(_Holds(document, _ANY_WORD))
+        .annotate(rank_key=_WordsHeld(document) + density)
         .order_by("-rank_key", "id")
         .values("id", "rank_key")[:limit]
+    )
+
+
+# A plain search's legs (no filters, `as_of`, shared memories, topics or threshold: most
+# searches) compiled once per process and kept: Django's building and compiling of a leg cost
+# about as much as PostgreSQL's running it. Compiled with stand-ins for the user's id and the query
+# vector (a nil UUID, which no user has, and a vector no query has), which each search puts back.
+_STAND_IN_USER = uuid.UUID(int=0)
+_STAND_IN_VECTOR = vector_text([-0.0])
+_plain_legs: dict[tuple[str, int], CompiledLeg] = {}
+
+
+def _plain_leg(
+    name: str, limit: int, user_id: Any, query_vector: list[float] | None
+) -> CompiledLeg:
+    compiled = _plain_legs.get((name, limit))
+    if compiled is None:
+        base = selectors.memories_of(UnreadUser(tenant_id=None, id=_STAND_IN_USER), filters={})
+        leg = (
+            _vector_leg(base, [-0.0], threshold=None, limit=limit)
+            if name == "vector"
+            else _keyword_leg(base, as_of=None, limit=limit)
+        )
+        compiled = _plain_legs[(name, limit)] = leg.query.sql_with_params()
+    sql, params = compiled
+    vector = vector_text(query_vector) if query_vector is not None else None
+    return sql, tuple(
+        user_id
+        if isinstance(param, uuid.UUID) and param == _STAND_IN_USER
+        else vector
+        if isinstance(param, str) and param == _STAND_IN_VECTOR
+        else param
+        for param in params
     )
 
 
@@ -228,23 +280,29 @@ _JSON_COLUMNS = frozenset(("metadata", "vector_clock", "state"))
 
 
 def _ranked(
-    legs: dict[str, Leg],
+    legs: Mapping[str, Leg | CompiledLeg],
     *,
     query_vector: list[float] | None,
     limit: int,
     threshold: float | None,
     min_score: float | None,
     recency: tuple[datetime, float] | None,
+    query_words: tuple[Any, str] | None = None,
     user: UnreadUser | None = None,
 ) -> tuple[list[Found], Any]:
     """The legs fused, ranked and cut in one statement, and the result rows as `Found`; with an
     unread `user`, that user read in the same statement (NotFound if the tenant has no such
-    user) and its creator key returned with the results (None otherwise)."""
+    user) and its creator key returned with the results (None otherwise). `query_words`, for
+    the keyword leg: (the user whose live memories weigh the words, the query)."""
     weights, k = _weights(), settings.SEARCH_RRF_K
     params: list[Any] = []
     ctes, parts = [], []
+    if query_words is not None:
+        words_of, query = query_words
+        ctes.append(_QUERY_WORDS_SQL)
+        params += [query, words_of, words_of]
     for name, leg in legs.items():
-        leg_sql, leg_params = leg.query.sql_with_params()
+        leg_sql, leg_params = leg if isinstance(leg, tuple) else leg.query.sql_with_params()
         params += leg_params
         ctes.append(
             f"{name}_leg AS (SELECT id, row_number() OVER (ORDER BY {_LEG_ORDER[name]}) AS rank"
@@ -253,13 +311,19 @@ def _ranked(
         ranks = ["rank" if other == name else "NULL::bigint" for other in _LEG_ORDER]
         parts.append(f"SELECT id, {', '.join(ranks)}, %s / (%s + rank) FROM {name}_leg")
     params += [value for name in legs for value in (weights[name], k)]
+    # The best possible raw score, to normalise by: every leg's first place; the keyword leg
+    # counts only if the query has words (a query of stop words only runs no keyword leg).
     best = sum(weights[name] for name in legs) / (k + 1)
+    without_words = sum(weights[name] for name in legs if name != "keyword") / (k + 1) or best
     similarity = "NULL::float8"
     if query_vector is not None:
         similarity = "1 - (m.embedding <=> %s::vector)"
         params.append(vector_text(query_vector))
     score = "f.raw / %s"
     params.append(best)
+    if query_words is not None and without_words != best:
+        score = "f.raw / (CASE WHEN EXISTS (SELECT FROM query_words) THEN %s ELSE %s END)"
+        params.append(without_words)
     if recency is not None:
         score += " * power(0.5, greatest(extract(epoch FROM %s - m.occurred_at), 0) / %s)"
         params += [recency[0], recency[1] * 86_400]
@@ -337,17 +401,6 @@ _USER_SQL = f"""
     SELECT created_by_key_id FROM {EndUser._meta.db_table}
     WHERE id = %s AND tenant_id = %s AND erasing_since IS NULL
 """
-
-
-def _creator(user: UnreadUser) -> Any:
-    """The unread user's creator key (None if none), read alone: for a search with no legs to
-    run (a keyword search of stop words only). NotFound if the tenant has no such user."""
-    with connection.cursor() as cursor:
-        cursor.execute(_USER_SQL, [user.id, user.tenant_id])
-        row = cursor.fetchone()
-    if row is None:
-        raise NotFound("User not found.", field="user_id")
-    return row[0]
 
 
 def _show_contents_then(found: list[Found], *, as_of: datetime) -> None:

@@ -290,6 +290,43 @@ def test_an_error_quoting_a_lone_surrogate_is_a_400_in_valid_json(api, end_user)
     assert b"\\ud800" in response.content  # escaped: it has no UTF-8 form
 
 
+def test_the_json_renderer_writes_the_values_drf_writes() -> None:
+    # orjson encodes the API's bodies; each value must read back as DRF's renderer wrote it
+    # (dates cut to milliseconds with `Z`, decimals as floats, lazy text, enums, subclasses), and
+    # what orjson refuses (a 65-bit integer, an integer key) still goes out.
+    from datetime import UTC, date, datetime
+    from datetime import time as clock
+    from decimal import Decimal
+
+    from django.utils.translation import gettext_lazy
+    from rest_framework.exceptions import ErrorDetail
+    from rest_framework.renderers import JSONRenderer as DrfJSONRenderer
+    from rest_framework.utils.serializer_helpers import ReturnDict
+
+    from memories.renderers import JSONRenderer
+
+    data = {
+        "when": datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC),
+        "naive": datetime(2026, 1, 2, 3, 4, 5, 6000),
+        "day": date(2026, 1, 2),
+        "clock": clock(3, 4, 5, 987654),
+        "span": timedelta(seconds=90),
+        "price": Decimal("1.10"),
+        "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "lazy": gettext_lazy("Not found."),
+        "detail": ErrorDetail("bad", code="invalid"),
+        "nested": ReturnDict({"a": [1, 2.5, 1e-07, 0.1 + 0.2, None, True]}, serializer=None),
+        "type": Memory.Type.FACT,
+        "text": "line\u2028para\u2029 é 日本 \x00",
+    }
+    for value in (data, {"big": 2**70}, {1: "an integer key"}, [], None):
+        ours, drfs = JSONRenderer().render(value), DrfJSONRenderer().render(value)
+        assert (json.loads(ours) if ours else None) == (json.loads(drfs) if drfs else None)
+    assert b"\\u2028" in JSONRenderer().render(data)  # escaped as DRF does: a JavaScript subset
+    pretty = "application/json; indent=4"
+    assert JSONRenderer().render(data, pretty) == DrfJSONRenderer().render(data, pretty)
+
+
 def test_json_that_is_not_an_object_is_400(api) -> None:
     response = api.post("/v1/memories", data="[1, 2]", content_type="application/json")
     assert response.status_code == 400 and "body" in response.json()["fields"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -223,22 +225,52 @@ def test_a_rare_word_outweighs_words_most_memories_share(api, end_user) -> None:
     assert first["content"] == "Spent a week in Kyoto"
 
 
+def test_searches_of_two_users_in_turn_each_find_their_own_memories(api, tenant, end_user) -> None:
+    # A plain search's statement is compiled once and reused: each search must still run on its
+    # own user and its own query vector, in every mode.
+    bob = accounts.end_user_create(tenant=tenant, external_id="bob")
+    store_memories(end_user, "Has a cat named Tom", "Lives in Paris")
+    store_memories(bob, "Has a dog named Rex", "Lives in Oslo")
+    for mode in ("vector", "hybrid", "keyword"):
+        for user, home, pet in (
+            (end_user, "Paris", "cat"),
+            (bob, "Oslo", "dog"),
+            (end_user, "Paris", "cat"),
+        ):
+            for query, expected in ((f"Lives in {home}", home), (f"named {pet}", pet)):
+                results = search(api, user, query, mode=mode)
+                assert {r["user_id"] for r in results} == {str(user.id)}, (mode, query)
+                assert expected in results[0]["content"], (mode, query, results)
+
+
+def test_a_query_of_stop_words_only_is_ranked_by_meaning_alone(api, end_user) -> None:
+    # No word to match: hybrid's scores are normalised by the vector leg alone (its first place
+    # scores 1, not the share a keyword leg would have added); a keyword search finds nothing,
+    # and still answers 404 for a user the tenant does not have.
+    store_memories(end_user, *FACTS)
+    first = search(api, end_user, "What is it?", mode="hybrid")[0]
+    assert (first["score"], first["why"]) == (1.0, {"vector": 1})
+    assert search(api, end_user, "What is it?", mode="keyword") == []
+    body = {"user_id": str(uuid.uuid4()), "query": "What is it?", "mode": "keyword"}
+    assert api.post("/v1/memories/search", body, format="json").status_code == 404
+
+
 @pytest.mark.django_db(transaction=True)
-def test_a_search_is_one_statement_a_leg_and_writes_nothing(api, end_user) -> None:
+def test_a_search_is_one_statement_in_every_mode_and_writes_nothing(api, end_user) -> None:
     from memories.events.stream import STREAM_KEY, redis_client
     from memories.models import OutboxEvent
 
     store_memories(end_user, *FACTS)
     body = {"user_id": str(end_user.id), "query": "Where does she work?"}
-    for mode, statements in (("vector", 1), ("hybrid", 2), ("keyword", 2)):
+    for mode in ("vector", "hybrid", "keyword"):
         before = redis_client().xlen(STREAM_KEY)
         with CaptureQueriesContext(connection) as queries:
             search_service.memory_search(
                 user=end_user, query=body["query"], limit=5, filters={}, threshold=None,
                 embedder=get_embedder(), mode=mode,
             )  # fmt: skip
-        # One fused statement (and, with the keyword leg, the query's word weights); no write.
-        assert len(queries) == statements, [q["sql"][:80] for q in queries]
+        # One statement (the keyword leg's word weights in it too); no write.
+        assert len(queries) == 1, [q["sql"][:80] for q in queries]
         assert not any(q["sql"].lstrip().upper().startswith("INSERT") for q in queries)
         assert redis_client().xlen(STREAM_KEY) == before + 1  # its search.performed, at once
         # Through the API too (the key's read cached by a first call): the user is read in the
@@ -247,7 +279,7 @@ def test_a_search_is_one_statement_a_leg_and_writes_nothing(api, end_user) -> No
         with CaptureQueriesContext(connection) as queries:
             response = api.post("/v1/memories/search", {**body, "mode": mode}, format="json")
         assert response.status_code == 200
-        assert len(queries) == statements, [q["sql"][:80] for q in queries]
+        assert len(queries) == 1, [q["sql"][:80] for q in queries]
     assert not OutboxEvent.objects.filter(event_type="search.performed").exists()
 
 

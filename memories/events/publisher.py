@@ -271,29 +271,35 @@ def _send(events: list[dict[str, Any]]) -> list[str]:
 
 
 def _send_by_sha(client: Any, events: list[dict[str, Any]], *, count: bool) -> list[str]:
+    if len(events) == 1 and not count:  # a search's event: the call alone, no pipeline
+        return [client.evalsha(*_script_args(events[0]))]
     with client.pipeline(transaction=False) as pipe:
         for event in events:
-            fields = entry_fields(event)
-            tenant_id = event["source"]["tenant_id"]
-            channels = [pubsub_channel(channel, tenant_id) for channel in event["channels"]]
-            pipe.evalsha(
-                _XADD_AND_PUBLISH_SHA,
-                4 + len(channels),
-                STREAM_KEY,
-                tenant_stream_key(tenant_id),
-                TENANT_STREAMS_KEY,
-                INDEXED_SINCE_KEY,
-                *channels,
-                "",  # ARGV[1], once the length cap; the stream is trimmed by trim_stream now
-                fields["event"],
-                fields["type"],
-                fields["tenant_id"],
-                fields["user_id"],
-                fields["session_id"],
-            )
+            pipe.evalsha(*_script_args(event))
         if count:  # the dashboard's events per second, in the same round trip
             timeseries.events_count(pipe, events)
         return pipe.execute()[: len(events)]
+
+
+def _script_args(event: dict[str, Any]) -> tuple[Any, ...]:
+    fields = entry_fields(event)
+    tenant_id = event["source"]["tenant_id"]
+    channels = [pubsub_channel(channel, tenant_id) for channel in event["channels"]]
+    return (
+        _XADD_AND_PUBLISH_SHA,
+        4 + len(channels),
+        STREAM_KEY,
+        tenant_stream_key(tenant_id),
+        TENANT_STREAMS_KEY,
+        INDEXED_SINCE_KEY,
+        *channels,
+        "",  # ARGV[1], once the length cap; the stream is trimmed by trim_stream now
+        fields["event"],
+        fields["type"],
+        fields["tenant_id"],
+        fields["user_id"],
+        fields["session_id"],
+    )
 
 
 def relay_unpublished() -> int:
