@@ -20,6 +20,7 @@ from memories.batch import (
 )
 from memories.models import Memory, MemoryHistory, MemoryRequest, OutboxEvent
 from memories.providers.wiring import get_embedder
+from tests.helpers import wait_for
 
 
 def batch(api, items: list, headers: dict | None = None, **body):
@@ -306,7 +307,12 @@ def test_events_of_a_large_batch_are_published_by_the_batch_lane(api, end_user, 
         assert time.monotonic() < deadline, f"only {published()} of 150 events published"
         time.sleep(0.1)
     assert published() == 150
-    assert not OutboxEvent.objects.filter(published_at__isnull=True).exists()
+    # Marked published by the lane a moment after it published them.
+    wait_for(
+        lambda: not OutboxEvent.objects.filter(published_at__isnull=True).exists(),
+        timeout=10,
+        what="the outbox rows marked published",
+    )
 
 
 @pytest.mark.django_db
