@@ -293,23 +293,34 @@ _USERS_TURN = f"""(
 
 # Fair dispatch: the first-attempt request, of the same kind and priority, of the tenant that
 # has the fewest requests running, if that is fewer than the named request's tenant has (and,
-# for a memory job, if it is its user's turn).
+# for a memory job, if it is its user's turn). It runs before every claim, so it must stay cheap
+# with hundreds of requests pending: the cheap tests (a tenant running nothing needs no fairer
+# pick; another tenant, same lane, fewer running) go first, and the user's-turn probes run down
+# the sorted candidates (a materialized CTE is scanned in the order it was written) until one
+# passes. Written as a join with the users'-turn test in the same
+# WHERE, PostgreSQL ran that test for every pending row before the tenant test, a probe of the
+# pending rows each: 39 ms of server CPU a claim with 300 pending and 64 running.
 _FAIRER_SQL = f"""
-    WITH named AS (
+    WITH named AS MATERIALIZED (
         SELECT tenant_id, kind, priority FROM {MemoryRequest._meta.db_table} WHERE id = %(id)s
-    ), running AS (
+    ), running AS MATERIALIZED (
         SELECT tenant_id, count(*) AS n FROM {MemoryRequest._meta.db_table}
         WHERE status = 'processing' AND lease_until > %(now)s GROUP BY tenant_id
+    ), ours AS MATERIALIZED (
+        SELECT running.n FROM running JOIN named USING (tenant_id)
+    ), candidates AS MATERIALIZED (
+        SELECT candidate.id, candidate.kind, candidate.user_id, candidate.created_at,
+               coalesce(theirs.n, 0) AS theirs_running
+        FROM {MemoryRequest._meta.db_table} AS candidate
+        JOIN named ON candidate.kind = named.kind AND candidate.priority = named.priority
+            AND candidate.tenant_id <> named.tenant_id
+        LEFT JOIN running AS theirs ON theirs.tenant_id = candidate.tenant_id
+        WHERE candidate.status = 'pending' AND candidate.attempts = 0
+          AND coalesce(theirs.n, 0) < (SELECT n FROM ours)
+        ORDER BY theirs_running, candidate.created_at
     )
-    SELECT candidate.id FROM {MemoryRequest._meta.db_table} AS candidate
-    JOIN named ON candidate.kind = named.kind AND candidate.priority = named.priority
-        AND candidate.tenant_id <> named.tenant_id
-    LEFT JOIN running AS theirs ON theirs.tenant_id = candidate.tenant_id
-    LEFT JOIN running AS ours ON ours.tenant_id = named.tenant_id
-    WHERE candidate.status = 'pending' AND candidate.attempts = 0
-      AND coalesce(theirs.n, 0) < coalesce(ours.n, 0)
-      AND {_USERS_TURN.format(job="candidate")}
-    ORDER BY coalesce(theirs.n, 0), candidate.created_at
+    SELECT candidate.id FROM candidates AS candidate
+    WHERE {_USERS_TURN.format(job="candidate")}
     LIMIT 1
 """
 
