@@ -458,12 +458,15 @@ def _request_finished_on_commit(memory_request: MemoryRequest) -> None:
     oldest pending job. After the commit, not in it: a job whose doorbell was dropped because
     this one still ran is then certain to be seen. If this send is lost, the sweeper rings that
     job after the grace period."""
-    request_id = str(memory_request.id)
-    transaction.on_commit(lambda: requests_finished_announce([request_id]), robust=True)
+    _announce_on_commit(str(memory_request.id))
     if memory_request.kind != MemoryRequest.Kind.MEMORY_JOB or memory_request.user_id is None:
         return
     user_id = memory_request.user_id
     transaction.on_commit(lambda: _users_next_send(user_id=user_id), robust=True)
+
+
+def _announce_on_commit(request_id: str) -> None:
+    transaction.on_commit(lambda: requests_finished_announce([request_id]), robust=True)
 
 
 # The user's oldest pending job, found and marked as rung in one statement (one probe of
@@ -732,14 +735,52 @@ _FINISH_SUCCESS_SQL = f"""
 """
 
 
+# A memory job's end and its user's next job in one round trip, inside the job's transaction: the
+# user's lock first (so the order of locks is a claim's: a claimer takes it, then request rows),
+# the fenced `success`, then the user's oldest pending job marked as rung. The lock, held until
+# the commit, is what makes the look-up safe before the commit: a job of the user accepted
+# meanwhile is claimed by its own doorbell, which waits for the lock and then sees this job
+# finished; one accepted before is seen here. The doorbell is sent after the commit.
+_FINISH_JOB_SQL = f"""
+    SELECT pg_advisory_xact_lock({_USER_LOCK_SPACE}, hashtext(%(user_id)s::uuid::text));
+    {_FINISH_SUCCESS_SQL} RETURNING id;
+    {_USERS_NEXT_SQL}
+"""
+
+
 def memory_request_mark_success(*, claim: Claim, result: list[dict[str, Any]]) -> None:
     """Mark the claimed request `success` with its result. Call it inside the transaction that
     did its writes, so they and `success` commit together or not at all: it is fenced by the
     claim token, and raises LeaseLost (rolling that transaction back) when another worker took
-    the request over. One statement by hand: it ends every job, and the ORM's update cost more
-    than the write. A memory job's user's next job is rung once this commits."""
-    _fenced_result_write(_FINISH_SUCCESS_SQL, claim=claim, result=result)
-    _request_finished_on_commit(claim.request)
+    the request over. By hand: it ends every job, and the ORM's update cost more than the write.
+    A memory job's user's next job is found in the same round trip and rung once this commits."""
+    memory_request = claim.request
+    if memory_request.kind != MemoryRequest.Kind.MEMORY_JOB or memory_request.user_id is None:
+        _fenced_result_write(_FINISH_SUCCESS_SQL, claim=claim, result=result)
+        _request_finished_on_commit(memory_request)
+        return
+    now = timezone.now()
+    params: dict[str, Any] = {
+        "id": claim.request_id,
+        "token": claim.token,
+        "now": now,
+        "result": Jsonb(result, dumps=json_bytes),
+        "user_id": memory_request.user_id,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_FINISH_JOB_SQL, params)
+        cursor.nextset()
+        if cursor.fetchone() is None:
+            raise LeaseLost(claim.request_id)
+        cursor.nextset()
+        waiting = cursor.fetchone()
+    _announce_on_commit(claim.request_id)
+    if waiting is not None:
+        next_id, kind, priority = str(waiting[0]), waiting[1], waiting[2]
+        transaction.on_commit(
+            lambda: _ring(request_id=next_id, kind=kind, priority=priority, marked_at=now),
+            robust=True,
+        )
 
 
 def _fenced_result_write(sql: str, *, claim: Claim, result: list[dict[str, Any]]) -> None:

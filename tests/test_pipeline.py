@@ -478,20 +478,24 @@ class RedisCommands:
 
 
 @pytest.mark.django_db(transaction=True)  # committed for real: the after-commit work is counted
-def test_a_memory_job_is_eleven_statements_and_two_redis_round_trips(end_user, monkeypatch):
+def test_a_memory_job_is_ten_statements_and_two_redis_round_trips(end_user, monkeypatch):
     store_memories(end_user, "Lives in Paris", "Likes tea")
     memory_request = submit_job(end_user, "I moved to Berlin.")
+    waiting = submit_job(end_user, "I like jam.")  # rung by the first when it ends
     redis_commands = RedisCommands(monkeypatch)
     with CaptureQueriesContext(connection) as queries:
         assert memory_request_run(request_id=str(memory_request.id)) == "done"
     statements = [q["sql"] for q in queries.captured_queries]
     # The fair pick; the user's lock, the claim and the named row's state (one round trip); the
     # nearest memories; then one transaction: the lock of the memory to change, its update, its
-    # history, its event, `success`; after the commit, the user's next job.
-    assert len(statements) == 11, "\n".join(s[:120] for s in statements)
-    assert statements[3] == "BEGIN" and statements[9] == "COMMIT"
-    # After the commit: the event to the stream, and the announcement to waiting callers.
-    assert redis_commands.names() == ["EVALSHA", "PUBLISH"]
+    # history, its event, and `success` with the user's next job marked as rung (one round trip).
+    assert len(statements) == 10, "\n".join(s[:120] for s in statements)
+    assert statements[3] == "BEGIN" and statements[-1] == "COMMIT"
+    # After the commit: the event to the stream, the announcement to waiting callers, and the
+    # user's next job's doorbell.
+    assert redis_commands.names() == ["EVALSHA", "PUBLISH", "LPUSH"]
+    waiting.refresh_from_db()
+    assert waiting.status == "pending" and waiting.sent_at > memory_request.sent_at
 
 
 @pytest.mark.django_db(transaction=True)
