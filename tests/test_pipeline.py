@@ -478,7 +478,7 @@ class RedisCommands:
 
 
 @pytest.mark.django_db(transaction=True)  # committed for real: the after-commit work is counted
-def test_a_memory_job_is_ten_statements_and_two_redis_round_trips(end_user, monkeypatch):
+def test_a_memory_job_is_ten_statements_and_three_redis_round_trips(end_user, monkeypatch):
     store_memories(end_user, "Lives in Paris", "Likes tea")
     memory_request = submit_job(end_user, "I moved to Berlin.")
     waiting = submit_job(end_user, "I like jam.")  # rung by the first when it ends
