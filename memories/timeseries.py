@@ -9,7 +9,7 @@ anyway (the publisher's pipeline) or cost one pipelined HINCRBY/EXPIRE; a failed
 dropped (these are charts, never worth failing a request for).
 
     events_count(pipe, events)            in the caller's pipeline: +len(events), per tenant too
-    job_finished(client, seconds=...)     one request ended, `seconds` after it was accepted
+    job_finished(pipe, seconds=...)       one request ended, `seconds` after it was accepted
     lane_depths_sampled(client, depths)   a reading of the lanes' depth, at most one a second
     series(client, tenant_id=...)         the window, oldest first, for the charts
 
@@ -76,16 +76,13 @@ def events_count(pipe: Any, events: Iterable[Mapping[str, Any]]) -> None:
     pipe.expire(key, SERIES_TTL_SECONDS)
 
 
-def job_finished(client: Any, *, seconds: float) -> None:
-    """Record one finished request (success or failure) that took `seconds` from acceptance."""
+def job_finished(pipe: Any, *, seconds: float) -> None:
+    """Record one finished request (success or failure) that took `seconds` from acceptance, in
+    a pipeline the caller sends (the ledger's announcement of the end: no round trip of its
+    own)."""
     key = _key(int(time.time()))
-    try:
-        with client.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, f"{_LAT}{latency_bucket(max(seconds, 0.0))}", 1)
-            pipe.expire(key, SERIES_TTL_SECONDS)
-            pipe.execute()
-    except RedisError as exc:
-        logger.warning("timeseries: a job's latency was not recorded: %s", exc)
+    pipe.hincrby(key, f"{_LAT}{latency_bucket(max(seconds, 0.0))}", 1)
+    pipe.expire(key, SERIES_TTL_SECONDS)
 
 
 def lane_depths_sampled(client: Any, depths: Mapping[str, int]) -> None:

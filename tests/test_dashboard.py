@@ -176,7 +176,9 @@ def test_retry_of_another_tenants_request_is_404(staff_client, tenant, other_ten
 def test_latency_percentiles_come_from_the_per_second_histogram(db):
     redis_client().flushdb()
     for seconds in [0.010] * 98 + [2.0, 2.0]:
-        timeseries.job_finished(redis_client(), seconds=seconds)
+        with redis_client().pipeline() as pipe:
+            timeseries.job_finished(pipe, seconds=seconds)
+            pipe.execute()
     data = timeseries.series(redis_client(), seconds=5)
     p50 = [value for value in data["p50"] if value is not None]
     p99 = [value for value in data["p99"] if value is not None]

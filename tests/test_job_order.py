@@ -315,3 +315,30 @@ def test_batches_are_not_ordered_behind_a_users_jobs(end_user, tenant) -> None:
     batch = ledger.batch_request_submit(tenant=tenant, items=items)
     claim = ledger.memory_request_claim(request_id=str(batch.id))
     assert claim is not None and claim.request_id == str(batch.id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_fair_claim_takes_the_quietest_tenants_job_whose_turn_it_is(tenant) -> None:
+    def people(name: str, count: int) -> list[EndUser]:
+        owner = accounts.tenant_get_or_create(name=name)
+        return [accounts.end_user_create(tenant=owner, external_id=f"p{n}") for n in range(count)]
+
+    loud = [job(person, "I live in Paris.", 1) for person in people("loud", 3)]
+    for running in loud[:2]:
+        assert ledger.memory_request_claim(request_id=str(running.id)) is not None
+    # A tenant with one job running and one waiting; a quieter one running none, whose user's
+    # oldest job waits out a retry's backoff (attempts 1), so its later job is not its turn.
+    busy_running, busy_waiting = (job(p, "I like tea.", 1) for p in people("busy", 2))
+    assert ledger.memory_request_claim(request_id=str(busy_running.id)) is not None
+    (quiet_user,) = people("quiet", 1)
+    backing_off = job(quiet_user, "I like jam.", 1)
+    MemoryRequest.objects.filter(pk=backing_off.pk).update(attempts=1)
+    job(quiet_user, "I like figs.", 2)
+
+    claim = ledger.memory_request_claim(request_id=str(loud[2].id))
+    assert claim is not None and claim.request_id == str(busy_waiting.id)
+
+    # Once the quiet tenant has a job whose turn it is, it goes first (it runs fewest).
+    (other_quiet,) = (job(p, "I like rye.", 1) for p in people("quieter", 1))
+    claim = ledger.memory_request_claim(request_id=str(loud[2].id))
+    assert claim is not None and claim.request_id == str(other_quiet.id)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import threading
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 import pytest
+import redis.connection
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -449,3 +452,59 @@ def test_database_error_while_claiming_is_retried_without_spending_an_attempt(en
     assert request.status == "pending" and request.attempts == 0
     assert memory_request_run(request_id=str(request.id)) == "done"
     assert live_contents(end_user) == ["Lives in Paris"]
+
+
+# --- What a job costs the database and Redis --------------------------------------------------
+
+
+class RedisCommands:
+    """Every command (or pipeline) this process sends to Redis, one per round trip."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: list[bytes] = []
+        send = redis.connection.AbstractConnection.send_packed_command
+
+        def recorded(connection: Any, command: Any, check_health: bool = True) -> None:
+            parts = [command] if isinstance(command, bytes | str) else list(command)
+            self.sent.append(
+                b"".join(bytes(p, "utf-8") if isinstance(p, str) else p for p in parts)
+            )
+            send(connection, command, check_health)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", recorded)
+
+    def names(self) -> list[str]:
+        return [sent.split(b"\r\n")[2].decode() for sent in self.sent]
+
+
+@pytest.mark.django_db(transaction=True)  # committed for real: the after-commit work is counted
+def test_a_memory_job_is_ten_statements_and_three_redis_round_trips(end_user, monkeypatch):
+    store_memories(end_user, "Lives in Paris", "Likes tea")
+    memory_request = submit_job(end_user, "I moved to Berlin.")
+    waiting = submit_job(end_user, "I like jam.")  # rung by the first when it ends
+    redis_commands = RedisCommands(monkeypatch)
+    with CaptureQueriesContext(connection) as queries:
+        assert memory_request_run(request_id=str(memory_request.id)) == "done"
+    statements = [q["sql"] for q in queries.captured_queries]
+    # The fair pick; the user's lock, the claim and the named row's state (one round trip); the
+    # nearest memories; then one transaction: the lock of the memory to change, its update, its
+    # history, its event, and `success` with the user's next job marked as rung (one round trip).
+    assert len(statements) == 10, "\n".join(s[:120] for s in statements)
+    assert statements[3] == "BEGIN" and statements[-1] == "COMMIT"
+    # After the commit: the event to the stream, the announcement to waiting callers, and the
+    # user's next job's doorbell.
+    assert redis_commands.names() == ["EVALSHA", "PUBLISH", "LPUSH"]
+    waiting.refresh_from_db()
+    assert waiting.status == "pending" and waiting.sent_at > memory_request.sent_at
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_doorbell_for_a_job_whose_user_is_busy_costs_two_statements(end_user, monkeypatch):
+    first = submit_job(end_user, "I live in Paris.")
+    later = submit_job(end_user, "I like tea.")
+    assert ledger.memory_request_claim(request_id=str(first.id)) is not None
+    redis_commands = RedisCommands(monkeypatch)
+    with CaptureQueriesContext(connection) as queries:
+        assert memory_request_run(request_id=str(later.id)) == "skipped"
+    assert len(queries.captured_queries) == 2, queries.captured_queries
+    assert redis_commands.names() == []

@@ -346,6 +346,22 @@ def test_missing_vectors_are_a_provider_error(fake: FakeOpenAI) -> None:
         embedder_for(fake).embed(["Likes tea", "Lives in Paris"])
 
 
+@pytest.mark.parametrize("body", ["<html>gateway</html>", {"object": "list"}, {"data": [1, 2]}])
+def test_an_answer_without_embeddings_is_a_provider_error(fake: FakeOpenAI, body: object) -> None:
+    fake.embedding_handler = lambda request: FakeResponse(200, body)  # type: ignore[arg-type]
+    with pytest.raises(ProviderError, match="fake-embed"):
+        embedder_for(fake).embed(["Likes tea"])
+
+
+@pytest.mark.parametrize("body", ["<html>gateway</html>", {"choices": "none"}, {"id": "x"}])
+def test_a_chat_answer_that_is_not_a_completion_is_a_provider_error(
+    fake: FakeOpenAI, llm: OpenAILLM, body: object
+) -> None:
+    fake.chat_handler = lambda request: FakeResponse(200, body)  # type: ignore[arg-type]
+    with pytest.raises(ProviderError, match="fake-llm"):
+        llm.extract_facts(said("I live in Paris"))
+
+
 def test_embedding_server_error_is_a_provider_error(fake: FakeOpenAI) -> None:
     fake.fail_next(1, status=503)
     with pytest.raises(ProviderError, match="fake-embed"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from functools import cache
 from typing import Any, cast
@@ -115,10 +116,17 @@ def read_range(
     return cast(list[tuple[str, dict[str, str]]], reply)
 
 
-def requests_finished_announce(request_ids: list[str]) -> None:
+def requests_finished_announce(
+    request_ids: list[str], *, also: Callable[[Any], None] | None = None
+) -> None:
     """Tell waiting callers these requests finished (call it after the commit that finished
-    them). A Redis failure is logged, not raised: the request is finished all the same."""
+    them); `also(pipeline)` adds commands to the same round trip. A Redis failure is logged, not
+    raised: the request is finished all the same."""
     try:
-        redis_client().publish(REQUESTS_DONE_CHANNEL, ",".join(request_ids))
+        with redis_client().pipeline(transaction=False) as pipe:
+            pipe.publish(REQUESTS_DONE_CHANNEL, ",".join(request_ids))
+            if also is not None:
+                also(pipe)
+            pipe.execute()
     except redis.RedisError as exc:
         logger.warning("could not announce finished requests %s: %s", request_ids, exc)

@@ -16,11 +16,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import openai
-from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from memories.metrics import PROVIDER_ERRORS
 from memories.providers.base import Decision, ExistingMemory, ProviderError, ProviderRejected
@@ -181,6 +181,28 @@ def _excerpt(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _post_json(client: openai.OpenAI, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST `body` to the endpoint through the openai client (its connection pool, auth, error
+    types), and the answer's JSON as a dict. Not through the client's typed resources: they walk
+    the request through its TypedDict transform and build a pydantic model of the answer (an
+    object per number of an embedding), for the three fields we read: measured against the fake
+    server, a chat call took 2.4-2.6 ms of CPU that way and 1.1 ms this way, an embedding of three
+    texts 5.5 ms and 1.2-1.6. An answer that is not a JSON object fails the call."""
+    response = client.post(path, body=body, cast_to=httpx.Response)
+    try:
+        answer = json.loads(response.content)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise openai.APIResponseValidationError(
+            # The client's own response type (httpx2's), whatever `cast_to` names.
+            response=cast(Any, response),
+            body=None,
+            message="the answer is not a JSON object",
+        )
+    return answer
+
+
 class OpenAILLM:
     """An LLMProvider over the chat completions API, answering in JSON mode.
 
@@ -275,7 +297,7 @@ class OpenAILLM:
         Servers that ignore `response_format` answer anyway; the reading copes with that."""
         try:
             try:
-                response = self._create(messages)
+                answer = self._create(messages)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 if not (self._json_mode and "response_format" in exc.message.lower()):
                     raise
@@ -285,22 +307,25 @@ class OpenAILLM:
                     exc.status_code,
                 )
                 self._json_mode = False
-                response = self._create(messages)
+                answer = self._create(messages)
         except openai.OpenAIError as exc:
             raise _call_failed(self._who(), exc) from exc
-        if not response.choices:
+        choices = answer.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return None, False
-        choice = response.choices[0]
-        return choice.message.content, choice.finish_reason == "length"
+        choice = choices[0]
+        message = choice.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        return content if isinstance(content, str) else None, choice.get(
+            "finish_reason"
+        ) == "length"
 
-    def _create(self, messages: list[ChatCompletionMessageParam]) -> ChatCompletion:
-        options: dict[str, Any] = (
-            {"response_format": {"type": "json_object"}} if self._json_mode else {}
-        )
+    def _create(self, messages: list[ChatCompletionMessageParam]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0}
+        if self._json_mode:
+            body["response_format"] = {"type": "json_object"}
         return self._endpoint.call(
-            lambda: self._endpoint.client.chat.completions.create(
-                model=self.model, messages=messages, temperature=0, **options
-            )
+            lambda: _post_json(self._endpoint.client, "/chat/completions", body)
         )
 
 
@@ -346,17 +371,21 @@ class OpenAIEmbedder:
         options: dict[str, Any] = {"dimensions": self.dimensions} if self.send_dimensions else {}
         try:
             # "float" explicitly: the client otherwise asks for base64, which not every server has.
-            response = self._endpoint.call(
-                lambda: self._endpoint.client.embeddings.create(
-                    model=self.model, input=texts, encoding_format="float", **options
-                )
+            body = {"model": self.model, "input": texts, "encoding_format": "float", **options}
+            answer = self._endpoint.call(
+                lambda: _post_json(self._endpoint.client, "/embeddings", body)
             )
         except openai.OpenAIError as exc:
             raise _call_failed(who, exc) from exc
-        data = sorted(response.data, key=lambda item: item.index)
-        if [item.index for item in data] != list(range(len(texts))):
+        data = answer.get("data")
+        if not isinstance(data, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("embedding"), list) for item in data
+        ):
+            raise ProviderError(f"{who} answered without a list of embeddings")
+        data = sorted(data, key=lambda item: item.get("index", -1))
+        if [item.get("index") for item in data] != list(range(len(texts))):
             raise ProviderError(f"{who} returned {len(data)} vectors for {len(texts)} texts")
-        vectors = [[float(x) for x in item.embedding] for item in data]
+        vectors = [[float(x) for x in item["embedding"]] for item in data]
         for vector in vectors:
             if len(vector) != self.dimensions:
                 raise ProviderError(
