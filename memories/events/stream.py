@@ -78,17 +78,6 @@ def pubsub_channel(channel: str, tenant_id: str) -> str:
     return channel
 
 
-def entry_fields(event: dict[str, Any]) -> dict[str, str]:
-    source = event["source"]
-    return {
-        "event": json.dumps(event, separators=(",", ":")),
-        "type": event["event_type"],
-        "tenant_id": source["tenant_id"],
-        "user_id": source["user_id"],
-        "session_id": source["session_id"],
-    }
-
-
 def parse_entry(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
     """A stream entry as the API shows it: the event, with its stream id as `id`."""
     return {"id": entry_id, **json.loads(fields["event"])}
