@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Any, cast
 
 import orjson
-
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -209,6 +208,7 @@ def publish_outbox(*, ids: list[int] | None = None, limit: int = 1000) -> int:
     spent most of this call's CPU there."""
     from memories.models import OutboxEvent
 
+    param: Any
     if ids is not None:
         which, param = "id = ANY(%s::bigint[])", _array_text(ids)
     else:
@@ -254,13 +254,15 @@ def _mark_published(ids: list[int], stream_ids: list[str]) -> None:
 # new stream id: a whole list of events in one call (one round trip, one script run; a call per
 # event cost more than the event). KEYS: the stream, the set of tenant streams, the
 # indexed-since key, then each event's tenant stream and channels. ARGV: per event, its channel
-# count, JSON, type, tenant_id, user_id, session_id. Returns the stream ids, in order.
+# count, JSON, type, tenant_id, user_id, session_id, event_id (on the stream the consumer groups
+# read, so that they need not decode the JSON for it). Returns the stream ids, in order.
 _XADD_AND_PUBLISH = """
 local ids, known, k = {}, {}, 4
-for a = 1, #ARGV, 6 do
+for a = 1, #ARGV, 7 do
   local tenant_stream, channels = KEYS[k], tonumber(ARGV[a])
   local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[a + 1], 'type', ARGV[a + 2],
-      'tenant_id', ARGV[a + 3], 'user_id', ARGV[a + 4], 'session_id', ARGV[a + 5])
+      'tenant_id', ARGV[a + 3], 'user_id', ARGV[a + 4], 'session_id', ARGV[a + 5],
+      'event_id', ARGV[a + 6])
   redis.call('XADD', tenant_stream, id, 'event', ARGV[a + 1], 'type', ARGV[a + 2],
       'user_id', ARGV[a + 4], 'session_id', ARGV[a + 5])
   if not known[tenant_stream] then
@@ -304,7 +306,7 @@ def _send_encoded(events: list[tuple[str | bytes, dict[str, Any]]]) -> list[str]
         keys.append(tenant_stream_key(tenant_id))
         keys += [pubsub_channel(channel, tenant_id) for channel in event["channels"]]
         args += [len(event["channels"]), text, event["event_type"], tenant_id,
-                 source["user_id"], source["session_id"]]  # fmt: skip
+                 source["user_id"], source["session_id"], event["event_id"]]  # fmt: skip
     client = redis_client()
     try:
         ids = client.evalsha(_XADD_AND_PUBLISH_SHA, len(keys), *keys, *args)
