@@ -32,14 +32,18 @@ TOP_TYPES = 5
 # types, its second's bucket, the tenant's sessions, the ended marker of its session. ARGV: the
 # seen TTL, the ended TTL, then 3 per entry: its type, its bucket's expiry, its session id.
 _RECORD = """
-local counted = 0
+local counted, by_type, by_second, expiry = 0, {}, {}, {}
 for i = 0, #KEYS / 5 - 1 do
   local k, a = i * 5, 3 + i * 3
   if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[1]) then
     counted = counted + 1
-    redis.call('HINCRBY', KEYS[k + 2], ARGV[a], 1)
-    redis.call('INCR', KEYS[k + 3])
-    redis.call('EXPIREAT', KEYS[k + 3], ARGV[a + 1])
+    -- Summed here and written once per key below: a read's thousand events of one tenant cost
+    -- one HINCRBY and one INCRBY, not a thousand each.
+    local types = by_type[KEYS[k + 2]] or {}
+    types[ARGV[a]] = (types[ARGV[a]] or 0) + 1
+    by_type[KEYS[k + 2]] = types
+    by_second[KEYS[k + 3]] = (by_second[KEYS[k + 3]] or 0) + 1
+    expiry[KEYS[k + 3]] = ARGV[a + 1]
     if ARGV[a + 2] ~= '' then
       if ARGV[a] == 'session.started' then
         if redis.call('EXISTS', KEYS[k + 5]) == 0 then
@@ -51,6 +55,13 @@ for i = 0, #KEYS / 5 - 1 do
       end
     end
   end
+end
+for key, types in pairs(by_type) do
+  for event_type, n in pairs(types) do redis.call('HINCRBY', key, event_type, n) end
+end
+for key, n in pairs(by_second) do
+  redis.call('INCRBY', key, n)
+  redis.call('EXPIREAT', key, expiry[key])
 end
 return counted
 """
