@@ -22,7 +22,11 @@ def audit_record_many(entries: list[StreamEntry]) -> None:
     events go as one JSON document that PostgreSQL unpacks, made of their JSON texts as they are
     on the stream: no decoding in Python, no encoding again, no quoting value by value."""
     document = ",".join(f'{{"s":"{entry.id}","e":{entry.fields["event"]}}}' for entry in entries)
-    with connection.cursor() as cursor:
+    # Bound server-side: the megabyte travels as a parameter, where Django's cursor (client-side
+    # binding) would scan and quote it into the statement in Python first.
+    connection.ensure_connection()
+    assert connection.connection is not None
+    with connection.connection.cursor() as cursor:
         cursor.execute(_INSERT_MANY.format(table=AuditLogEntry._meta.db_table), [f"[{document}]"])
 
 

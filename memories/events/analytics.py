@@ -28,15 +28,19 @@ BUCKET_TTL_SECONDS = 2 * WINDOW_SECONDS
 ENDED_TTL_SECONDS = 24 * 3600
 TOP_TYPES = 5
 
-# Count a whole read of entries, in one call. KEYS, 5 per entry: its seen marker, the tenant's
-# types, its second's bucket, the tenant's sessions, the ended marker of its session. ARGV: the
-# seen TTL, the ended TTL, then 3 per entry: its type, its bucket's expiry, its session id.
+# Count a whole read of entries, in one call. KEYS: 3 per entry (its seen marker, its tenant's
+# types, its second's bucket), then 2 per session start or end (the tenant's sessions, the ended
+# marker of the session). ARGV: the seen TTL, the ended TTL, the entry count, then 2 per entry
+# (its type, its bucket's expiry), then 2 per session start or end (its entry's number, from 1,
+# and the session id). Most events touch no session: they pass no session keys.
 _RECORD = """
-local counted, by_type, by_second, expiry = 0, {}, {}, {}
-for i = 0, #KEYS / 5 - 1 do
-  local k, a = i * 5, 3 + i * 3
+local n = tonumber(ARGV[3])
+local counted, fresh, by_type, by_second, expiry = 0, {}, {}, {}, {}
+for i = 0, n - 1 do
+  local k, a = i * 3, 4 + i * 2
   if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[1]) then
     counted = counted + 1
+    fresh[i + 1] = true
     -- Summed here and written once per key below: a read's thousand events of one tenant cost
     -- one HINCRBY and one INCRBY, not a thousand each.
     local types = by_type[KEYS[k + 2]] or {}
@@ -44,24 +48,27 @@ for i = 0, #KEYS / 5 - 1 do
     by_type[KEYS[k + 2]] = types
     by_second[KEYS[k + 3]] = (by_second[KEYS[k + 3]] or 0) + 1
     expiry[KEYS[k + 3]] = ARGV[a + 1]
-    if ARGV[a + 2] ~= '' then
-      if ARGV[a] == 'session.started' then
-        if redis.call('EXISTS', KEYS[k + 5]) == 0 then
-          redis.call('SADD', KEYS[k + 4], ARGV[a + 2])
-        end
-      elseif ARGV[a] == 'session.ended' then
-        redis.call('SREM', KEYS[k + 4], ARGV[a + 2])
-        redis.call('SET', KEYS[k + 5], '1', 'EX', ARGV[2])
-      end
-    end
   end
 end
 for key, types in pairs(by_type) do
-  for event_type, n in pairs(types) do redis.call('HINCRBY', key, event_type, n) end
+  for event_type, count in pairs(types) do redis.call('HINCRBY', key, event_type, count) end
 end
-for key, n in pairs(by_second) do
-  redis.call('INCRBY', key, n)
+for key, count in pairs(by_second) do
+  redis.call('INCRBY', key, count)
   redis.call('EXPIREAT', key, expiry[key])
+end
+local k = n * 3
+for a = 4 + n * 2, #ARGV, 2 do
+  local entry, session = tonumber(ARGV[a]), ARGV[a + 1]
+  if fresh[entry] then
+    if ARGV[2 + 2 * entry] == 'session.started' then
+      if redis.call('EXISTS', KEYS[k + 2]) == 0 then redis.call('SADD', KEYS[k + 1], session) end
+    else
+      redis.call('SREM', KEYS[k + 1], session)
+      redis.call('SET', KEYS[k + 2], '1', 'EX', ARGV[2])
+    end
+  end
+  k = k + 2
 end
 return counted
 """
@@ -99,22 +106,27 @@ def _count(entries: list[tuple[str, str, str, str, str]]) -> None:
     """Count (stream id, event id, type, tenant id, session id)s; events without a tenant are
     not counted."""
     keys: list[str] = []
-    args: list[str | int] = [_seen_ttl_seconds(), ENDED_TTL_SECONDS]
+    args: list[str | int] = []
+    session_keys: list[str] = []
+    session_args: list[str | int] = []
     for stream_id, event_id, event_type, tenant_id, session_id in entries:
         if not tenant_id:
             continue
         second = int(stream_id.split("-", 1)[0]) // 1000  # the event's time: replays bucket right
+        # By event, not entry: the relay may publish an event again under a new id.
         keys += [
-            # By event, not entry: the relay may publish an event again under a new id.
             f"analytics:seen:{event_id}",
             _key(tenant_id, "types"),
             _key(tenant_id, "sec", second),
-            _key(tenant_id, "sessions"),
-            _key(tenant_id, "ended", session_id),
         ]
-        args += [event_type, second + BUCKET_TTL_SECONDS, session_id]
+        args += [event_type, second + BUCKET_TTL_SECONDS]
+        if session_id and event_type in ("session.started", "session.ended"):
+            session_keys += [_key(tenant_id, "sessions"), _key(tenant_id, "ended", session_id)]
+            session_args += [len(args) // 2, session_id]
     if not keys:
         return
+    keys += session_keys
+    args = [_seen_ttl_seconds(), ENDED_TTL_SECONDS, len(args) // 2, *args, *session_args]
     client = redis_client()
     try:
         client.evalsha(_RECORD_SHA, len(keys), *keys, *args)
