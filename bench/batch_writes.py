@@ -107,6 +107,7 @@ def run_http(
     warmup: float,
     duration: float,
     pids: dict[str, int],
+    drain: bool = False,
 ) -> dict[str, Any]:
     """K client threads for warm-up + duration; calls completing inside the measured window
     count, so the boundary calls on both sides roughly cancel."""
@@ -129,6 +130,7 @@ def run_http(
         )
         for i in range(clients)
     ]
+    cpu_at_start = common.cpu_snapshot(pids)
     for thread in threads:
         thread.start()
     time.sleep(max(window_start - time.monotonic(), 0))
@@ -137,8 +139,11 @@ def run_http(
     cpu = common.cpu_delta(cpu_before, common.cpu_snapshot(pids))
     for thread in threads:
         thread.join(timeout=120)
+    drain_seconds = wait_for_fan_out() if drain else None
+    cpu_drained = common.cpu_delta(cpu_at_start, common.cpu_snapshot(pids))
     measured = [c for c in calls if window_start <= c.ended <= window_end]
     ok = sum(c.ok for c in measured)
+    written = sum(c.ok for c in calls)
     return {
         "clients": clients,
         "writes_per_s": round(ok / duration),
@@ -152,8 +157,42 @@ def run_http(
         "cpu_ms_per_1000_writes": {
             name: round(seconds * 1000 / ok * 1000, 1) for name, seconds in cpu.items() if ok
         },
-        "total_rows_written": sum(c.ok for c in calls),
+        "total_rows_written": written,
+        # Every write of the run (warm-up and boundary calls too) and all its fan-out: the CPU
+        # from the first call until the outbox is published and every consumer group has read
+        # and acknowledged the stream. Unlike the window's figure, a fan-out that falls behind
+        # (left for after the window) is counted too.
+        "fan_out_drain_s": drain_seconds,
+        "cpu_ms_per_1000_writes_drained": {
+            name: round(seconds * 1000 / written * 1000, 1)
+            for name, seconds in cpu_drained.items()
+            if written and name != "client"
+        }
+        if drain
+        else None,
     }
+
+
+def wait_for_fan_out(max_seconds: float = 180) -> float | None:
+    """Seconds until the outbox has no unpublished row, the batch lane is empty and every
+    consumer group has acknowledged all of the stream (None: not within `max_seconds`)."""
+    from memories import queue_load
+    from memories.events.stream import STREAM_KEY, redis_client
+    from memories.models import OutboxEvent
+
+    client = redis_client()
+    started = time.monotonic()
+    while time.monotonic() - started < max_seconds:
+        last = client.xinfo_stream(STREAM_KEY)["last-generated-id"]
+        groups = client.xinfo_groups(STREAM_KEY)
+        if (
+            not OutboxEvent.objects.filter(published_at__isnull=True).exists()
+            and queue_load.lane_depths()["batch"] == 0
+            and all(g["pending"] == 0 and g["last-delivered-id"] == last for g in groups)
+        ):
+            return round(time.monotonic() - started, 1)
+        time.sleep(0.2)
+    return None
 
 
 # --- Baselines -----------------------------------------------------------------------------------
@@ -348,6 +387,7 @@ def main() -> dict[str, Any]:
                     warmup=args.warmup,
                     duration=args.duration,
                     pids=pids,
+                    drain=args.as_shipped,
                 )
             )
             common.log(f"  {runs[-1]['writes_per_s']} writes/s")

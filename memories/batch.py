@@ -11,7 +11,6 @@ events, psycopg's COPY rows, handing the events to the batch lane, and garbage c
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import uuid
@@ -510,7 +509,7 @@ def _jsonb_binary(value: Any) -> bytes:
     # jsonb's binary format: a version byte (1), then the JSON text.
     if value == {}:
         return _EMPTY_JSONB
-    return b"\x01" + json.dumps(value).encode()
+    return b"\x01" + rows.json_bytes(value)
 
 
 @lru_cache(maxsize=8)

@@ -29,6 +29,7 @@ from django.utils import timezone
 from memories import dispatch
 from memories.backoff import backoff_seconds
 from memories.errors import LimitReached
+from memories.events.stream import StreamEntry
 from memories.models import Tenant
 from webhooks import selectors, targets
 from webhooks.deadline import DeadlineTransport
@@ -104,15 +105,11 @@ def webhook_deliveries_create_for_event(*, stream_id: str, event: dict[str, Any]
     return len(waiting)
 
 
-def webhook_deliveries_create_for_events(entries: list[tuple[str, dict[str, Any]]]) -> int:
+def webhook_deliveries_create_for_events(entries: list[StreamEntry]) -> int:
     """`webhook_deliveries_create_for_event` for a whole read of the stream: one query finds the
-    tenants that have an active webhook at all; only their events are matched one by one (a
-    bulk write's thousand events cost one query when its tenant has none)."""
-    tenants = {
-        str(tenant_id)
-        for _, event in entries
-        if (tenant_id := (event.get("source") or {}).get("tenant_id"))
-    }
+    tenants that have an active webhook at all; only their events are decoded and matched one by
+    one (a bulk write's thousand events cost one query when its tenant has none)."""
+    tenants = {tenant_id for entry in entries if (tenant_id := entry.fields.get("tenant_id"))}
     if not tenants:
         return 0
     hooked = {
@@ -122,9 +119,9 @@ def webhook_deliveries_create_for_events(entries: list[tuple[str, dict[str, Any]
         .distinct()
     }
     return sum(
-        webhook_deliveries_create_for_event(stream_id=stream_id, event=event)
-        for stream_id, event in entries
-        if str((event.get("source") or {}).get("tenant_id")) in hooked
+        webhook_deliveries_create_for_event(stream_id=entry.id, event=entry.event)
+        for entry in entries
+        if entry.fields.get("tenant_id") in hooked
     )
 
 

@@ -35,14 +35,15 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 from redis.typing import EncodableT, FieldT
 
-from memories.events.stream import DEAD_LETTER_KEY, STREAM_KEY, redis_client
+from memories.events.stream import DEAD_LETTER_KEY, STREAM_KEY, StreamEntry, redis_client
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[str, dict[str, Any]], None]
-# A handler of a whole read at once, [(stream id, event)]: what a bulk write's thousand events need
-# (one INSERT, one round trip), where a call per entry costs a statement each.
-ManyHandler = Callable[[list[tuple[str, dict[str, Any]]]], object]
+# A handler of a whole read at once: what a bulk write's thousand events need (one INSERT, one
+# round trip), where a call per entry costs a statement each. Each entry unpacks as
+# (stream id, event); a handler that needs only its fields leaves the event undecoded.
+ManyHandler = Callable[[list[StreamEntry]], object]
 
 # redis-py types replies for any client: `bytes | str`, and RESP3's shapes too. The client here
 # decodes responses and speaks RESP2, so its replies are cast to the shapes it actually returns.
@@ -78,7 +79,9 @@ class StreamConsumer:
     # Tried first on a read of several entries; if it raises, each entry goes through `handler`
     # on its own, so one bad entry is retried and dead-lettered alone, as without it.
     handle_many: ManyHandler | None = None
-    batch_size: int = 100
+    # A bulk write's events in one read or two: every read costs each group a few round trips and
+    # a query or two, whatever its size.
+    batch_size: int = 1000
     claim_idle_ms: int = field(default_factory=lambda: settings.EVENT_CONSUMER_CLAIM_IDLE_MS)
     max_deliveries: int = field(default_factory=lambda: settings.EVENT_CONSUMER_MAX_DELIVERIES)
     client: redis.Redis = field(default_factory=redis_client)
@@ -169,7 +172,7 @@ class StreamConsumer:
         try:
             self.handle_many(
                 [
-                    (entry_id, json.loads(fields["event"]))
+                    StreamEntry(entry_id, fields)
                     for entry_id, fields in entries
                     if entry_id is not None and fields is not None
                 ]

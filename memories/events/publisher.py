@@ -8,8 +8,9 @@ import logging
 import threading
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
+import orjson
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -24,7 +25,6 @@ from memories.events.stream import (
     STREAM_KEY,
     TENANT_STREAMS_KEY,
     TENANT_TRIMMED_KEY,
-    entry_fields,
     pubsub_channel,
     read_range,
     redis_client,
@@ -201,23 +201,38 @@ def publish_outbox(*, ids: list[int] | None = None, limit: int = 1000) -> int:
     """Publish unpublished outbox rows (these ids, or the oldest `limit`) to the stream and their
     channels, then mark them. Rows another publisher holds are skipped. With no ids (the relay),
     only rows older than EVENT_RELAY_GRACE_SECONDS: younger ones are being published right after
-    their commit."""
+    their commit.
+
+    The payloads are read as the JSON text they were written as and sent on as they are (no
+    model instance, no decoding into a dict and encoding again): a bulk write's thousand events
+    spent most of this call's CPU there."""
     from memories.models import OutboxEvent
 
-    with transaction.atomic():
-        pending = OutboxEvent.objects.select_for_update(skip_locked=True).filter(
-            published_at__isnull=True
+    param: Any
+    if ids is not None:
+        which, param = "id = ANY(%s::bigint[])", _array_text(ids)
+    else:
+        grace = timedelta(seconds=settings.EVENT_RELAY_GRACE_SECONDS)
+        which, param = "created_at < %s", timezone.now() - grace
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT id, payload::text FROM {OutboxEvent._meta.db_table}
+                WHERE published_at IS NULL AND {which}
+                ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED""",
+            [param, limit],
         )
-        if ids is not None:
-            pending = pending.filter(id__in=ids)
-        else:
-            grace = timedelta(seconds=settings.EVENT_RELAY_GRACE_SECONDS)
-            pending = pending.filter(created_at__lt=timezone.now() - grace)
-        rows = list(pending.order_by("id")[:limit])
+        rows = cursor.fetchall()
         if not rows:
             return 0
-        _mark_published([row.id for row in rows], _send([row.payload for row in rows]))
+        stream_ids = _send_encoded([(text, orjson.loads(text)) for _, text in rows])
+        _mark_published([row[0] for row in rows], stream_ids)
     return len(rows)
+
+
+def _array_text(values: list[Any]) -> str:
+    """Ids (numbers, stream ids) as one PostgreSQL array literal: one parameter to send, where a
+    list is quoted value by value in Python (the client-side binding Django's cursor uses)."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 def _mark_published(ids: list[int], stream_ids: list[str]) -> None:
@@ -230,23 +245,39 @@ def _mark_published(ids: list[int], stream_ids: list[str]) -> None:
                 SET published_at = %s, stream_id = v.stream_id
                 FROM unnest(%s::bigint[], %s::text[]) AS v(id, stream_id)
                 WHERE o.id = v.id""",
-            [timezone.now(), ids, stream_ids],
+            [timezone.now(), _array_text(ids), _array_text(stream_ids)],
         )
     EVENTS_PUBLISHED.inc(len(ids))
 
 
-# XADD the event and PUBLISH it on its channels with the new stream id, in one round trip.
-# KEYS: stream, channels...; ARGV: maxlen, event JSON, type, tenant_id, user_id, session_id.
+# XADD each event to the stream and its tenant's stream, and PUBLISH it on its channels with the
+# new stream id: a whole list of events in one call (one round trip, one script run; a call per
+# event cost more than the event). KEYS: the stream, the set of tenant streams, the
+# indexed-since key, then each event's tenant stream and channels. ARGV: per event, its channel
+# count, JSON, type, tenant_id, user_id, session_id, event_id (on the stream the consumer groups
+# read, so that they need not decode the JSON for it). Returns the stream ids, in order.
 _XADD_AND_PUBLISH = """
-local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[2],
-    'type', ARGV[3], 'tenant_id', ARGV[4], 'user_id', ARGV[5], 'session_id', ARGV[6])
-redis.call('XADD', KEYS[2], id, 'event', ARGV[2],
-    'type', ARGV[3], 'user_id', ARGV[5], 'session_id', ARGV[6])
-redis.call('SADD', KEYS[3], KEYS[2])
-redis.call('SETNX', KEYS[4], id)
-local message = '{"id":"' .. id .. '","event":' .. ARGV[2] .. '}'
-for i = 5, #KEYS do redis.call('PUBLISH', KEYS[i], message) end
-return id
+local ids, known, k = {}, {}, 4
+for a = 1, #ARGV, 7 do
+  local tenant_stream, channels = KEYS[k], tonumber(ARGV[a])
+  local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[a + 1], 'type', ARGV[a + 2],
+      'tenant_id', ARGV[a + 3], 'user_id', ARGV[a + 4], 'session_id', ARGV[a + 5],
+      'event_id', ARGV[a + 6])
+  redis.call('XADD', tenant_stream, id, 'event', ARGV[a + 1], 'type', ARGV[a + 2],
+      'user_id', ARGV[a + 4], 'session_id', ARGV[a + 5])
+  if not known[tenant_stream] then
+    redis.call('SADD', KEYS[2], tenant_stream)
+    known[tenant_stream] = true
+  end
+  if channels > 0 then
+    local message = '{"id":"' .. id .. '","event":' .. ARGV[a + 1] .. '}'
+    for c = k + 1, k + channels do redis.call('PUBLISH', KEYS[c], message) end
+  end
+  k = k + 1 + channels
+  ids[#ids + 1] = id
+end
+if #ids > 0 then redis.call('SETNX', KEYS[3], ids[1]) end
+return ids
 """
 
 
@@ -254,52 +285,53 @@ _XADD_AND_PUBLISH_SHA = hashlib.sha1(_XADD_AND_PUBLISH.encode()).hexdigest()
 
 
 def _send(events: list[dict[str, Any]]) -> list[str]:
-    """Add the events to the stream and their channels; returns their stream ids, in order.
+    """Add the events to the stream and their channels; returns their stream ids, in order."""
+    return _send_encoded([(json_bytes(event), event) for event in events])
+
+
+def _send_encoded(events: list[tuple[str | bytes, dict[str, Any]]]) -> list[str]:
+    """`_send` for events given with their JSON (what is stored and sent) as well.
 
     One round trip: the script runs by its SHA. (redis-py's registered scripts ask Redis whether
-    the script exists before every pipeline, a second round trip on every write.) When Redis does
-    not know the script (restarted, or its scripts flushed) every call of the pipeline failed,
-    so nothing was applied: load it and send again.
+    the script exists first, a second round trip.) When Redis does not know the script
+    (restarted, or its scripts flushed) nothing was applied: load it and send again.
     """
+    if not events:
+        return []
+    keys: list[str] = [STREAM_KEY, TENANT_STREAMS_KEY, INDEXED_SINCE_KEY]
+    args: list[str | bytes | int] = []
+    for text, event in events:
+        source = event["source"]
+        tenant_id = source["tenant_id"]
+        keys.append(tenant_stream_key(tenant_id))
+        keys += [pubsub_channel(channel, tenant_id) for channel in event["channels"]]
+        args += [len(event["channels"]), text, event["event_type"], tenant_id,
+                 source["user_id"], source["session_id"], event["event_id"]]  # fmt: skip
     client = redis_client()
     try:
-        return _send_by_sha(client, events, count=True)
+        return _send_by_sha(client, keys, args, events, count=True)
     except NoScriptError:
         client.script_load(_XADD_AND_PUBLISH)
-        # The failed pipeline still ran its other commands: the events were counted once.
-        return _send_by_sha(client, events, count=False)
+        # A failed pipeline still ran its other commands: the events were counted once.
+        return _send_by_sha(client, keys, args, events, count=False)
 
 
-def _send_by_sha(client: Any, events: list[dict[str, Any]], *, count: bool) -> list[str]:
-    if len(events) == 1 and not count:  # a search's event: the call alone, no pipeline
-        return [client.evalsha(*_script_args(events[0]))]
+def _send_by_sha(
+    client: Any,
+    keys: list[str],
+    args: list[str | bytes | int],
+    events: list[tuple[str | bytes, dict[str, Any]]],
+    *,
+    count: bool,
+) -> list[str]:
+    """The script by its SHA; with `count`, the dashboard's events per second counted in the
+    same round trip (memories.timeseries)."""
+    if not count:
+        return cast(list[str], client.evalsha(_XADD_AND_PUBLISH_SHA, len(keys), *keys, *args))
     with client.pipeline(transaction=False) as pipe:
-        for event in events:
-            pipe.evalsha(*_script_args(event))
-        if count:  # the dashboard's events per second, in the same round trip
-            timeseries.events_count(pipe, events)
-        return pipe.execute()[: len(events)]
-
-
-def _script_args(event: dict[str, Any]) -> tuple[Any, ...]:
-    fields = entry_fields(event)
-    tenant_id = event["source"]["tenant_id"]
-    channels = [pubsub_channel(channel, tenant_id) for channel in event["channels"]]
-    return (
-        _XADD_AND_PUBLISH_SHA,
-        4 + len(channels),
-        STREAM_KEY,
-        tenant_stream_key(tenant_id),
-        TENANT_STREAMS_KEY,
-        INDEXED_SINCE_KEY,
-        *channels,
-        "",  # ARGV[1], once the length cap; the stream is trimmed by trim_stream now
-        fields["event"],
-        fields["type"],
-        fields["tenant_id"],
-        fields["user_id"],
-        fields["session_id"],
-    )
+        pipe.evalsha(_XADD_AND_PUBLISH_SHA, len(keys), *keys, *args)
+        timeseries.events_count(pipe, [event for _, event in events])
+        return cast(list[str], pipe.execute()[0])
 
 
 def relay_unpublished() -> int:

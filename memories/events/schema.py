@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from contextvars import ContextVar
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Protocol
 
 from django.utils import timezone
@@ -139,7 +140,7 @@ def build_event(
         "schema": SCHEMA_VERSION,
         "event_id": event_id or str(uuid.uuid4()),
         "event_type": event_type,
-        "timestamp": (at or timezone.now()).isoformat(),
+        "timestamp": _isoformat(at or timezone.now()),
         "memory": memory,
         "source": {
             "agent_id": agent_id or "",
@@ -214,4 +215,12 @@ def typed_value(memory_type: str, state: Any) -> dict[str, Any]:
 
 
 def _isoformat(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+    # Keyed by the zone too: the same instant in two zones compares equal, and prints apart.
+    return _iso(value, value.tzinfo) if value is not None else None
+
+
+@lru_cache(maxsize=64)
+def _iso(value: datetime, zone: object) -> str:
+    # A bulk write's thousand events share their few times (five each), and datetime.isoformat
+    # was a tenth of the web process's CPU in such a write.
+    return value.isoformat()
