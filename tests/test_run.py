@@ -79,9 +79,18 @@ def test_make_run_serves_every_lane_sums_their_metrics_and_stops_cleanly(
             return states == ["success"] * 3
 
         wait_for(finished, timeout=60, what="a job on each lane to succeed")
-        exposition = client.get("/metrics").text
-        for lane in ("default", "high", "batch"):
-            assert metric_value(exposition, "memory_jobs_total", lane=lane, outcome="done") == 1
+
+        def counted() -> list[float | None]:
+            exposition = client.get("/metrics").text
+            return [
+                metric_value(exposition, "memory_jobs_total", lane=lane, outcome="done")
+                for lane in ("default", "high", "batch")
+            ]
+
+        # A worker counts its job once the task returns, a moment after the job's end committed
+        # (which is what `finished` saw): the sum across processes then shows one a lane.
+        wait_for(lambda: counted() == [1, 1, 1], timeout=10, what="each lane's job counted")
+        assert counted() == [1, 1, 1]
     finally:
         service.send_signal(signal.SIGTERM)  # as systemd does: every process is stopped warmly
         try:
