@@ -117,4 +117,6 @@ class CeleryWorker:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise
+                raise AssertionError(
+                    f"the worker did not end within {timeout}s of SIGTERM:\n{self.output()[-6000:]}"
+                ) from None
