@@ -69,8 +69,9 @@ class EndUserAdmin(admin.ModelAdmin):
     search_fields = ["id", "external_id"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: EndUser | None = None) -> list[str]:
-        # A user's memories name its tenant too (memory_owner_fk): a user does not move.
-        return ["tenant"] if obj is not None else []
+        # A user's memories name its tenant too (memory_owner_fk): a user does not move. Whether
+        # the user's searches use the approximate index is beat's to decide (memories.ann_index).
+        return ["tenant", "ann_indexed"] if obj is not None else ["ann_indexed"]
 
 
 # What PATCH may change, and what the form only shows.

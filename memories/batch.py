@@ -495,6 +495,7 @@ COPY_COLUMNS_LEFT_OUT = {
         "change_txid": "the trigger sets it",
         "search_vector": "a generated column: PostgreSQL computes it",
         "author_key_id": "bulk writes record their actor in the history and events",
+        "ann_indexed": "a new row waits outside the approximate index (its database default)",
     },
     MemoryHistory: {
         "id": "a sequence",

@@ -11,7 +11,7 @@ from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.db import models
 from django.db.models import Func, Q
 from django.utils import timezone
-from pgvector.django import VectorField
+from pgvector.django import HnswIndex, VectorField
 
 
 def vector_text(values: list[float]) -> str:
@@ -129,6 +129,9 @@ class EndUser(models.Model):
     created_by_key = models.ForeignKey(
         ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # Set once the user has SEARCH_ANN_MIN_MEMORIES: from then on the user's rows go into the
+    # approximate index and searches reach them through it (memories.ann_index, memories.nearest).
+    ann_indexed = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         verbose_name = "end user"
@@ -312,6 +315,10 @@ class Memory(models.Model):
     state = models.JSONField(default=dict, blank=True)
     # The key that created it: a shared memory has no owning user, its author is recorded.
     author_key_id = models.UUIDField(null=True, blank=True)
+    # In the approximate (HNSW) index, a partial one: only the rows of users with many memories,
+    # so no other write pays for it. Set by beat's refresh alone, never by a write (a write's rows
+    # wait for the next refresh and are found meanwhile by the exact scan; memories.nearest).
+    ann_indexed = models.BooleanField(default=False, db_default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     # A tombstone rather than a row delete, so pull-sync can hand deletions to offline clients.
@@ -326,8 +333,8 @@ class Memory(models.Model):
     class Meta:
         verbose_name_plural = "memories"
         indexes = [
-            # Per-user search is an exact scan of the user's live rows (see ARCHITECTURE.md):
-            # this B-tree finds them; no global ANN index, which would drop the user's matches.
+            # A user's live rows, for lists and filtered searches (an exact scan of them: see
+            # ARCHITECTURE.md); no global ANN index, which would drop a user's matches.
             models.Index(
                 fields=["user", "created_at"],
                 name="memory_user_live",
@@ -342,6 +349,23 @@ class Memory(models.Model):
             # PostgreSQL spent inserting 1,000 of them. A page sorts the rows of its
             # transactions by id (an incremental sort).
             models.Index(fields=["user", "change_txid"], name="memory_user_changes"),
+            # A user's live rows outside the approximate index: a big user's newest (since the
+            # last refresh), and every row of everyone else; the exact half of a search scans them.
+            models.Index(
+                fields=["user"],
+                name="memory_user_unindexed",
+                condition=Q(deleted_at__isnull=True, ann_indexed=False),
+            ),
+            # The approximate index over big users' rows (see ann_indexed). A small user's search
+            # never names ann_indexed, so PostgreSQL cannot take this index for it.
+            HnswIndex(
+                fields=["embedding"],
+                name="memory_embedding_ann",
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_cosine_ops"],
+                condition=Q(ann_indexed=True),
+            ),
             # The shared memories of a tenant (scope tenant) and of its topics: listed, searched
             # and synced by these keys; a user's own memories have no entry.
             models.Index(

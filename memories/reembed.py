@@ -12,7 +12,8 @@ state is in the database, so a run killed at any point resumes where it stopped:
   old embedder), and a memory created meanwhile starts empty: they are simply not done yet. A
   batch writes a vector only if the content is still the one it embedded.
 - the swap locks the table (searches wait for it, a few milliseconds), embeds what the writes of
-  the last moments left undone, drops the old column and renames the new one.
+  the last moments left undone, drops the old column and renames the new one, and builds the
+  approximate index again on it (over big users' rows alone: memories.ann_index).
 """
 
 from __future__ import annotations
@@ -302,6 +303,16 @@ def _shadow_write(
         return int(cursor.rowcount)
 
 
+def _embedding_indexes_create() -> None:
+    """The indexes on `embedding` (the approximate index over big users' rows), built again on
+    the new column: dropping the old one dropped them. Built from the model's own declaration,
+    within the swap's transaction, so no search ever finds the column without them."""
+    with connections[DEFAULT_DB_ALIAS].schema_editor(atomic=False) as editor:
+        for index in Memory._meta.indexes:
+            if "embedding" in index.fields:
+                editor.add_index(Memory, index)
+
+
 def _swap(*, embedder: Embedder, spec: EmbedderSpec, batch_size: int) -> int:
     """Embed what is left under the table's lock, then make the new vectors the stored ones, in
     one transaction. Texts embedded."""
@@ -324,6 +335,7 @@ def _swap(*, embedder: Embedder, spec: EmbedderSpec, batch_size: int) -> int:
                 cursor.execute(f"ALTER TABLE {TABLE} DROP COLUMN embedding")
                 cursor.execute(f"ALTER TABLE {TABLE} RENAME COLUMN {SHADOW} TO embedding")
                 cursor.execute(f"COMMENT ON COLUMN {TABLE}.embedding IS %s", [spec.label])
+                _embedding_indexes_create()
             return embedded
         except OperationalError as exc:
             attempts += 1

@@ -3,9 +3,11 @@ both fused by reciprocal rank fusion (the default), with a `search.performed` ev
 audit and analytics.
 
 Each retriever (a leg) takes its true top-N for the user (SEARCH_CANDIDATES, filters applied in
-its query); a memory scores sum(weight / (SEARCH_RRF_K + rank)) over the legs that found it,
-normalised so the best possible is 1. The vector leg's weight depends on the embedder: with the
-offline hashing embedder it is weak (its vectors know words, not meaning), so keyword leads.
+its query; for a user with very many memories, a plain search's vector leg is approximate, through
+the HNSW index: memories.nearest); a memory scores sum(weight / (SEARCH_RRF_K + rank)) over the
+legs that found it, normalised so the best possible is 1. The vector leg's weight depends on the
+embedder: with the offline hashing embedder it is weak (its vectors know words, not meaning), so
+keyword leads.
 
 The legs, the fusion, the similarities, the recency weighting, the thresholds and the limit are
 ONE statement (`_ranked`), the keyword leg's weighing of the query's words included: a search
@@ -32,6 +34,7 @@ from pgvector.django import CosineDistance
 from memories import selectors, signals
 from memories.errors import InvalidInput, NotFound
 from memories.models import DateWords, EndUser, Memory, vector_text
+from memories.nearest import user_nearest_sql
 from memories.providers import Embedder
 
 MODES = ("hybrid", "vector", "keyword")
@@ -149,8 +152,9 @@ def memory_search(
 def _vector_leg(
     base: QuerySet[Memory], query_vector: list[float], *, threshold: float | None, limit: int
 ) -> Leg:
-    """The user's true top-k by cosine distance: an exact scan of the user's rows (B-tree on the
-    user, then distance), so no approximate index can drop a match, whatever the plan. With
+    """The true top-k by cosine distance of a filtered search: an exact scan of the rows (B-tree
+    on the user, then distance), so no approximate index can drop a match, whatever the plan (a
+    filter could starve the index's scan; a plain search's leg is `_plain_leg`'s). With
     `as_of`, ranked by the current vectors (history keeps no vector of an old content)."""
     # The vector as the similarity shown has it (memories.models.vector_text, not pgvector's slower
     # formatter): the same float4s, from the same text.
@@ -234,34 +238,34 @@ def _keyword_leg(base: QuerySet[Memory], *, as_of: datetime | None, limit: int) 
 
 
 # A plain search's legs (no filters, `as_of`, shared memories, topics or threshold: most
-# searches) compiled once per process and kept: Django's building and compiling of a leg cost
-# about as much as PostgreSQL's running it. Compiled with stand-ins for the user's id and the query
-# vector (a nil UUID, which no user has, and a vector no query has), which each search puts back.
+# searches). The keyword leg is compiled once per process and kept: Django's building and
+# compiling of a leg cost about as much as PostgreSQL's running it. Compiled with a stand-in for
+# the user's id (a nil UUID, which no user has), which each search puts back. The vector leg is
+# written as SQL (memories.nearest): a big user's goes through the approximate index.
 _STAND_IN_USER = uuid.UUID(int=0)
-_STAND_IN_VECTOR = vector_text([-0.0])
 _plain_legs: dict[tuple[str, int], CompiledLeg] = {}
 
 
 def _plain_leg(
     name: str, limit: int, user_id: Any, query_vector: list[float] | None
 ) -> CompiledLeg:
+    if name == "vector":
+        # Exact for a small user, through the approximate index for a big one (memories.nearest).
+        assert query_vector is not None
+        nearest, nearest_params = user_nearest_sql(
+            vector="%s::vector", vector_params=[vector_text(query_vector)], user_id=user_id,
+            limit=limit,
+        )  # fmt: skip
+        sql = f"SELECT id, distance AS rank_key FROM ({nearest}) AS nearest"
+        return f"{sql} ORDER BY rank_key, id LIMIT %s", (*nearest_params, limit)
     compiled = _plain_legs.get((name, limit))
     if compiled is None:
         base = selectors.memories_of(UnreadUser(tenant_id=None, id=_STAND_IN_USER), filters={})
-        leg = (
-            _vector_leg(base, [-0.0], threshold=None, limit=limit)
-            if name == "vector"
-            else _keyword_leg(base, as_of=None, limit=limit)
-        )
+        leg = _keyword_leg(base, as_of=None, limit=limit)
         compiled = _plain_legs[(name, limit)] = leg.query.sql_with_params()
-    sql, params = compiled
-    vector = vector_text(query_vector) if query_vector is not None else None
-    return sql, tuple(
-        user_id
-        if isinstance(param, uuid.UUID) and param == _STAND_IN_USER
-        else vector
-        if isinstance(param, str) and param == _STAND_IN_VECTOR
-        else param
+    keyword_sql, params = compiled
+    return keyword_sql, tuple(
+        user_id if isinstance(param, uuid.UUID) and param == _STAND_IN_USER else param
         for param in params
     )
 

@@ -29,6 +29,7 @@ from memories.models import (
     Tenant,
     vector_text,
 )
+from memories.nearest import user_nearest_sql
 
 
 def end_user_get(*, tenant: Tenant, user_id: UUID | str) -> EndUser:
@@ -215,27 +216,34 @@ def memory_nearest_for_many(
     if not vectors:
         return []
     literals = [vector_text(vector) for vector in vectors]
+    kinds = "type IN ('fact', 'preference', 'conversation')"
     if scope == "user":
-        owner, params = "user_id = %s", [str(user_id)]
+        # Exact for a small user, through the approximate index for a big one.
+        nearest, params = user_nearest_sql(
+            vector="f.vec::vector", vector_params=[], user_id=user_id, limit=per_vector,
+            columns="id, content", where=kinds,
+        )  # fmt: skip
+        nearest = f"SELECT * FROM ({nearest}) AS halves ORDER BY distance, id LIMIT %s"
+        params.append(per_vector)
     else:
-        owner = "tenant_id = %s AND user_id IS NULL AND scope = %s AND topic = %s"
-        params = [str(tenant_id), scope, topic]
+        nearest = f"""
+            SELECT id, content, embedding <=> f.vec::vector AS distance
+            FROM {Memory._meta.db_table}
+            WHERE tenant_id = %s AND user_id IS NULL AND scope = %s AND topic = %s
+              AND deleted_at IS NULL AND valid_to IS NULL AND {kinds}
+            ORDER BY distance
+            LIMIT %s
+        """
+        params = [str(tenant_id), scope, topic, per_vector]
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
             SELECT f.ord, m.id, m.content
             FROM unnest(%s::text[]) WITH ORDINALITY AS f(vec, ord)
-            CROSS JOIN LATERAL (
-                SELECT id, content, embedding <=> f.vec::vector AS distance
-                FROM memories_memory
-                WHERE {owner} AND deleted_at IS NULL AND valid_to IS NULL
-                  AND type IN ('fact', 'preference', 'conversation')
-                ORDER BY distance
-                LIMIT %s
-            ) AS m
+            CROSS JOIN LATERAL ({nearest}) AS m
             ORDER BY f.ord, m.distance
             """,
-            [literals, *params, per_vector],
+            [literals, *params],
         )
         rows = cursor.fetchall()
     seen: dict[str, str] = {}

@@ -20,6 +20,7 @@ app.conf.imports = [
     "tasks.events",
     "tasks.webhooks",
     "tasks.erasure",
+    "tasks.search_index",
     "tasks.sync",
 ]
 

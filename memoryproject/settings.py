@@ -241,6 +241,14 @@ SEARCH_KEYWORD_WEIGHT = env_float("SEARCH_KEYWORD_WEIGHT", 1.0)
 SEARCH_VECTOR_WEIGHT: float | None = (
     env_float("SEARCH_VECTOR_WEIGHT", 0.5) if os.environ.get("SEARCH_VECTOR_WEIGHT") else None
 )
+# A user with this many live memories is searched through the approximate (HNSW) index, with
+# pgvector's iterative scan at this ef_search; below it, by an exact scan (0: never approximate).
+# Beat moves such users' rows into the index every SEARCH_ANN_REFRESH_SECONDS, for at most
+# SEARCH_ANN_REFRESH_BUDGET_SECONDS a run (memories.ann_index).
+SEARCH_ANN_MIN_MEMORIES = env_int("SEARCH_ANN_MIN_MEMORIES", 10_000)
+SEARCH_ANN_EF_SEARCH = env_positive_int("SEARCH_ANN_EF_SEARCH", 400)
+SEARCH_ANN_REFRESH_SECONDS = env_float("SEARCH_ANN_REFRESH_SECONDS", 60.0)
+SEARCH_ANN_REFRESH_BUDGET_SECONDS = env_float("SEARCH_ANN_REFRESH_BUDGET_SECONDS", 30.0)
 MEMORY_MAX_MESSAGES = env_int("MEMORY_MAX_MESSAGES", 200)
 MEMORY_MAX_CONTENT_CHARS = env_int("MEMORY_MAX_CONTENT_CHARS", 20_000)
 
@@ -335,6 +343,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "tasks.sync.expire_idempotent_writes",
         "schedule": HOUSEKEEPING_INTERVAL_SECONDS,
         "options": {"queue": "high", "expires": HOUSEKEEPING_INTERVAL_SECONDS},
+    },
+    "refresh-ann-index": {
+        "task": "tasks.search_index.refresh_ann_index",
+        "schedule": SEARCH_ANN_REFRESH_SECONDS,
+        # Index builds are bulk work: the batch lane's, beside the bulk writes.
+        "options": {"queue": "batch", "expires": SEARCH_ANN_REFRESH_SECONDS},
     },
     "sweep-webhook-deliveries": {
         "task": "tasks.webhooks.sweep_webhook_deliveries",

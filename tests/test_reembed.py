@@ -102,6 +102,27 @@ def test_every_live_memory_gets_the_new_embedders_vector_and_the_column_is_swapp
     assert embedding_dimensions_check(databases=["default"]) == []
 
 
+def test_the_approximate_index_is_built_again_on_the_new_column(api, end_user, settings) -> None:
+    from memories.ann_index import ann_index_refresh
+
+    settings.SEARCH_ANN_MIN_MEMORIES = len(FACTS)  # the user is big: their rows are indexed
+    store_memories(end_user, *FACTS)
+    assert ann_index_refresh().rows_indexed == len(FACTS)
+    reembed.memories_reembed(embedder=Counting(), spec=_configure_new(settings), batch_size=2)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'memory_embedding_ann'")
+        found = cursor.fetchone()
+        # Forced onto the index: on a table this small PostgreSQL would rightly scan it.
+        cursor.execute("SET enable_seqscan = off; SET enable_bitmapscan = off")
+    try:
+        assert found is not None, "dropping the old column dropped the index"
+        assert "hnsw" in found[0] and "vector_cosine_ops" in found[0] and "ann_indexed" in found[0]
+        assert _search(api, end_user, "a cat named Tom")[0] == "Has a cat named Tom"
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET enable_seqscan; RESET enable_bitmapscan")
+
+
 def test_a_run_interrupted_after_one_batch_resumes_without_redoing_what_it_did(
     end_user, settings
 ) -> None:
