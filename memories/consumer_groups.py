@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from memories.audit import audit_record, audit_record_many
+from memories.events.analytics import GROUP as ANALYTICS_GROUP
 from memories.events.analytics import analytics_record, analytics_record_many
 from memories.events.consumers import Handler, ManyHandler, StreamConsumer
 from webhooks.services import (
@@ -13,7 +14,7 @@ from webhooks.services import (
     webhook_deliveries_create_for_events,
 )
 
-GROUPS = ("audit", "analytics", "webhooks")
+GROUPS = ("audit", ANALYTICS_GROUP, "webhooks")
 
 
 def _webhooks_record(stream_id: str, event: dict[str, Any]) -> None:
@@ -30,7 +31,7 @@ HANDLERS: dict[str, Handler] = {
 # Groups whose work for a whole read is one statement rather than one per entry.
 MANY_HANDLERS: dict[str, ManyHandler] = {
     "audit": audit_record_many,
-    "analytics": analytics_record_many,
+    ANALYTICS_GROUP: analytics_record_many,
     "webhooks": webhook_deliveries_create_for_events,
 }
 

@@ -19,9 +19,15 @@ from memories import sessions, signals
 from memories.audit import audit_record
 from memories.consumer_groups import consumer_for
 from memories.events import publisher
-from memories.events.analytics import analytics_summary
+from memories.events.analytics import analytics_record_many, analytics_summary
 from memories.events.consumers import StreamConsumer
-from memories.events.stream import DEAD_LETTER_KEY, DROPPED_KEY, STREAM_KEY, redis_client
+from memories.events.stream import (
+    DEAD_LETTER_KEY,
+    DROPPED_KEY,
+    STREAM_KEY,
+    StreamEntry,
+    redis_client,
+)
 from memories.metrics import EVENTS_DROPPED
 from memories.models import AuditLogEntry, EndUser, Session
 from tests.helpers import wait_for
@@ -173,6 +179,26 @@ def test_analytics_summary_counts_a_known_sequence_once(end_user, other_tenant) 
         "total_events": 0, "by_type": {}, "top_event_types": [], "events_per_second": 0.0,
         "error_rate": 0.0, "active_sessions": 0,
     }  # fmt: skip
+
+
+def test_analytics_acknowledges_what_it_counts_in_the_same_step(end_user) -> None:
+    """A consumer that dies after counting, before the engine's own XACK, leaves nothing pending:
+    no other consumer can take the entries over and count them again, however late. So the
+    per-event markers need only outlive the relay's copies: minutes, not an hour."""
+    run_session(end_user, messages=2)
+    client = redis_client()
+    client.xgroup_create(STREAM_KEY, "analytics", id="0")
+    read = client.xreadgroup("analytics", "dies", {STREAM_KEY: ">"}, count=100)
+    entries = [StreamEntry(entry_id, fields) for entry_id, fields in read[0][1]]
+    assert pending("analytics") == 4
+    analytics_record_many(entries)  # counted; the consumer dies before its engine acknowledges
+    assert pending("analytics") == 0
+    taken_over = consumer_for("analytics", consumer="heir", claim_idle_ms=0)
+    assert taken_over.drain() == 0
+    assert analytics_summary(str(end_user.tenant_id))["total_events"] == 4
+    markers = client.keys("analytics:seen:*")
+    assert len(markers) == 4
+    assert all(0 < client.ttl(marker) <= 600 for marker in markers)
 
 
 def test_consume_events_once_runs_every_group(end_user) -> None:

@@ -6,11 +6,16 @@ Keys (tenant `t`):
     analytics:t:sessions     set    session ids started and not yet ended
     analytics:t:ended:<id>   string an ended session, so a late `session.started` (a taken-over
                                     entry arrives after its `session.ended`) does not revive it
-    analytics:seen:<id>      string the stream id was counted (SET NX), so redelivery counts once
+    analytics:seen:<id>      string the event was counted (SET NX), so a copy counts once
 
-One Lua script applies a read's events, each with its marker, atomically. The marker lives
-SEEN_TTL_SECONDS, longer than an entry can stay pending before it is dead-lettered; an entry
-replayed after that (a group reset to an old id) is counted again.
+One Lua script applies a read's events and acknowledges their entries for the `analytics` group
+(XACK), atomically: an entry counted is never delivered to the group again, however its consumer
+dies. What the markers are left to catch is the same event under a second stream id: the relay
+publishes again what a dying process published but had not marked (memories.events.publisher),
+after EVENT_RELAY_GRACE_SECONDS. So a marker lives a few relay windows (`_seen_ttl_seconds`), not
+the hour it took when it had to outlive redeliveries: at 10,000 events a second that was 36
+million keys. A copy relayed later than that (after a database outage long enough to stop the
+marking), or an entry replayed by a group reset to an old id, is counted again.
 """
 
 from __future__ import annotations
@@ -21,23 +26,29 @@ from typing import Any
 from django.conf import settings
 from redis.exceptions import NoScriptError
 
-from memories.events.stream import StreamEntry, redis_client
+from memories.events.stream import STREAM_KEY, StreamEntry, redis_client
 
 WINDOW_SECONDS = 60
 BUCKET_TTL_SECONDS = 2 * WINDOW_SECONDS
 ENDED_TTL_SECONDS = 24 * 3600
 TOP_TYPES = 5
 
-# Count a whole read of entries, in one call. KEYS: 3 per entry (its seen marker, its tenant's
-# types, its second's bucket), then 2 per session start or end (the tenant's sessions, the ended
-# marker of the session). ARGV: the seen TTL, the ended TTL, the entry count, then 2 per entry
-# (its type, its bucket's expiry), then 2 per session start or end (its entry's number, from 1,
-# and the session id). Most events touch no session: they pass no session keys.
+# The consumer group this module's handlers serve (memories.consumer_groups): its entries are
+# acknowledged by the script that counts them.
+GROUP = "analytics"
+
+# Count a whole read of entries and acknowledge them, in one call. KEYS: the stream, then 3 per
+# entry (its seen marker, its tenant's types, its second's bucket), then 2 per session start or
+# end (the tenant's sessions, the ended marker of the session). ARGV: the seen TTL, the ended TTL,
+# the entry count, the group, then 3 per entry (its type, its bucket's expiry, its stream id),
+# then 2 per session start or end (its entry's number, from 1, and the session id). Most events
+# touch no session: they pass no session keys.
 _RECORD = """
 local n = tonumber(ARGV[3])
-local counted, fresh, by_type, by_second, expiry = 0, {}, {}, {}, {}
+local counted, fresh, by_type, by_second, expiry, ids = 0, {}, {}, {}, {}, {}
 for i = 0, n - 1 do
-  local k, a = i * 3, 4 + i * 2
+  local k, a = 1 + i * 3, 5 + i * 3
+  ids[#ids + 1] = ARGV[a + 2]
   if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[1]) then
     counted = counted + 1
     fresh[i + 1] = true
@@ -57,11 +68,11 @@ for key, count in pairs(by_second) do
   redis.call('INCRBY', key, count)
   redis.call('EXPIREAT', key, expiry[key])
 end
-local k = n * 3
-for a = 4 + n * 2, #ARGV, 2 do
+local k = 1 + n * 3
+for a = 5 + n * 3, #ARGV, 2 do
   local entry, session = tonumber(ARGV[a]), ARGV[a + 1]
   if fresh[entry] then
-    if ARGV[2 + 2 * entry] == 'session.started' then
+    if ARGV[2 + 3 * entry] == 'session.started' then
       if redis.call('EXISTS', KEYS[k + 2]) == 0 then redis.call('SADD', KEYS[k + 1], session) end
     else
       redis.call('SREM', KEYS[k + 1], session)
@@ -69,6 +80,9 @@ for a = 4 + n * 2, #ARGV, 2 do
     end
   end
   k = k + 2
+end
+for i = 1, #ids, 500 do  -- in slices: a Lua call takes a bounded number of arguments
+  redis.call('XACK', KEYS[1], ARGV[4], unpack(ids, i, math.min(i + 499, #ids)))
 end
 return counted
 """
@@ -80,8 +94,9 @@ def _key(tenant_id: str, *parts: object) -> str:
 
 
 def _seen_ttl_seconds() -> int:
-    pending_for = settings.EVENT_CONSUMER_MAX_DELIVERIES * settings.EVENT_CONSUMER_CLAIM_IDLE_MS
-    return max(3600, 2 * pending_for // 1000)
+    """A few times the longest the relay takes to send a copy (see the module's opening)."""
+    relay_window = settings.EVENT_RELAY_GRACE_SECONDS + settings.EVENT_RELAY_INTERVAL_SECONDS
+    return max(120, int(10 * relay_window))
 
 
 def analytics_record(stream_id: str, event: dict[str, Any]) -> None:
@@ -105,7 +120,7 @@ def analytics_record_many(entries: list[StreamEntry]) -> None:
 def _count(entries: list[tuple[str, str, str, str, str]]) -> None:
     """Count (stream id, event id, type, tenant id, session id)s; events without a tenant are
     not counted."""
-    keys: list[str] = []
+    keys: list[str] = [STREAM_KEY]
     args: list[str | int] = []
     session_keys: list[str] = []
     session_args: list[str | int] = []
@@ -119,14 +134,14 @@ def _count(entries: list[tuple[str, str, str, str, str]]) -> None:
             _key(tenant_id, "types"),
             _key(tenant_id, "sec", second),
         ]
-        args += [event_type, second + BUCKET_TTL_SECONDS]
+        args += [event_type, second + BUCKET_TTL_SECONDS, stream_id]
         if session_id and event_type in ("session.started", "session.ended"):
             session_keys += [_key(tenant_id, "sessions"), _key(tenant_id, "ended", session_id)]
-            session_args += [len(args) // 2, session_id]
-    if not keys:
+            session_args += [len(args) // 3, session_id]
+    if not args:
         return
     keys += session_keys
-    args = [_seen_ttl_seconds(), ENDED_TTL_SECONDS, len(args) // 2, *args, *session_args]
+    args = [_seen_ttl_seconds(), ENDED_TTL_SECONDS, len(args) // 3, GROUP, *args, *session_args]
     client = redis_client()
     try:
         client.evalsha(_RECORD_SHA, len(keys), *keys, *args)
