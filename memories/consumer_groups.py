@@ -23,7 +23,7 @@ def _webhooks_record(stream_id: str, event: dict[str, Any]) -> None:
 
 HANDLERS: dict[str, Handler] = {
     "audit": audit_record,
-    "analytics": analytics_record,
+    ANALYTICS_GROUP: analytics_record,
     "webhooks": _webhooks_record,
 }
 

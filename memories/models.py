@@ -131,6 +131,7 @@ class EndUser(models.Model):
     )
     # Set once the user has SEARCH_ANN_MIN_MEMORIES: from then on the user's rows go into the
     # approximate index and searches reach them through it (memories.ann_index, memories.nearest).
+    # Never cleared: a trigger keeps it (migration 0020), whatever a stale save writes.
     ann_indexed = models.BooleanField(default=False, db_default=False)
 
     class Meta:
@@ -143,6 +144,10 @@ class EndUser(models.Model):
             ),
             # The target of memory_owner_fk (a memory's user and tenant together).
             models.UniqueConstraint(fields=["id", "tenant"], name="end_user_id_tenant_unique"),
+        ]
+        indexes = [
+            # The few big users, for the refresh that moves their rows into the approximate index.
+            models.Index(fields=["id"], name="end_user_ann_indexed", condition=Q(ann_indexed=True))
         ]
 
     def __str__(self) -> str:
@@ -237,6 +242,10 @@ class MemoryRequest(models.Model):
         return f"{self.id} ({self.status})"
 
 
+# The approximate (HNSW) index over big users' rows (memories.ann_index, memories.nearest).
+ANN_INDEX_NAME = "memory_embedding_ann"
+
+
 class Memory(models.Model):
     class Scope(models.TextChoices):
         USER = "user"
@@ -317,7 +326,8 @@ class Memory(models.Model):
     author_key_id = models.UUIDField(null=True, blank=True)
     # In the approximate (HNSW) index, a partial one: only the rows of users with many memories,
     # so no other write pays for it. Set by beat's refresh alone, never by a write (a write's rows
-    # wait for the next refresh and are found meanwhile by the exact scan; memories.nearest).
+    # wait for the next refresh and are found meanwhile by the exact scan; memories.nearest); a
+    # write that changes the row's vector clears it (the trigger of migration 0020).
     ann_indexed = models.BooleanField(default=False, db_default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -356,15 +366,17 @@ class Memory(models.Model):
                 name="memory_user_unindexed",
                 condition=Q(deleted_at__isnull=True, ann_indexed=False),
             ),
-            # The approximate index over big users' rows (see ann_indexed). A small user's search
-            # never names ann_indexed, so PostgreSQL cannot take this index for it.
+            # The approximate index over big users' live rows (see ann_indexed). A small user's
+            # search never names ann_indexed, so PostgreSQL cannot take this index for it; a
+            # forgotten or closed row leaves it. Built only where pgvector's HNSW takes the
+            # column (at most 2,000 dimensions: memories.ann_index.ann_index_create).
             HnswIndex(
                 fields=["embedding"],
-                name="memory_embedding_ann",
+                name=ANN_INDEX_NAME,
                 m=16,
                 ef_construction=64,
                 opclasses=["vector_cosine_ops"],
-                condition=Q(ann_indexed=True),
+                condition=Q(ann_indexed=True, deleted_at__isnull=True, valid_to__isnull=True),
             ),
             # The shared memories of a tenant (scope tenant) and of its topics: listed, searched
             # and synced by these keys; a user's own memories have no entry.

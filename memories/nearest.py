@@ -6,11 +6,15 @@ The statement has two halves, UNION ALL, each its own top-k:
   written since the last refresh), found by the B-tree memory_user_unindexed, each distance
   computed, so nothing is missed;
 - approximate: the rows in the index (ann_indexed), under a gate that lets the scan run only for
-  a user marked big, and sets, for this statement alone, pgvector's iterative scan (so the user
-  filter cannot starve the result: the scan goes on until k of the user's rows are found) and
-  SEARCH_ANN_EF_SEARCH. A small user's statement never starts the index scan.
+  a user marked big, and sets pgvector's iterative scan (so the user filter does not starve the
+  result: the scan goes on past other users' rows until k of this user's are found, or it has
+  visited SEARCH_ANN_MAX_SCAN_TUPLES), SEARCH_ANN_EF_SEARCH and that bound. `set_config(...,
+  true)` keeps them to the statement's transaction (a search's is the statement alone), so no
+  other client sees them, through PgBouncer either. A small user's statement never starts the
+  index scan.
 A row is in exactly one half (the flag is one column of the row), so the halves' union, cut to k,
-is the user's top-k, the second half's part approximate.
+is the user's top-k, the second half's part approximate. The bound matters with many big users:
+a user whose rows are a small share of the index needs about k / share tuples visited.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def user_nearest_sql(
         SELECT FROM {EndUser._meta.db_table}
         WHERE id = %s AND ann_indexed
           AND set_config('hnsw.iterative_scan', 'relaxed_order', true) IS NOT NULL
-          AND set_config('hnsw.ef_search', %s, true) IS NOT NULL)"""
+          AND set_config('hnsw.ef_search', %s, true) IS NOT NULL
+          AND set_config('hnsw.max_scan_tuples', %s, true) IS NOT NULL)"""
     sql = f"""
         (SELECT {columns}, embedding <=> {vector} AS distance FROM {table}
          WHERE user_id = %s AND {_LIVE} AND NOT ann_indexed{more}
@@ -60,6 +65,7 @@ def user_nearest_sql(
     user_text = str(uuid.UUID(str(user_id)))  # as PostgreSQL writes a uuid as text
     params = [
         *vector_params, user_id, limit,
-        *vector_params, user_text, user_id, str(settings.SEARCH_ANN_EF_SEARCH), limit,
+        *vector_params, user_text, user_id, str(settings.SEARCH_ANN_EF_SEARCH),
+        str(settings.SEARCH_ANN_MAX_SCAN_TUPLES), limit,
     ]  # fmt: skip
     return sql, params

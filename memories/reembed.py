@@ -12,8 +12,9 @@ state is in the database, so a run killed at any point resumes where it stopped:
   old embedder), and a memory created meanwhile starts empty: they are simply not done yet. A
   batch writes a vector only if the content is still the one it embedded.
 - the swap locks the table (searches wait for it, a few milliseconds), embeds what the writes of
-  the last moments left undone, drops the old column and renames the new one, and builds the
-  approximate index again on it (over big users' rows alone: memories.ann_index).
+  the last moments left undone, drops the old column and renames the new one; then, with the
+  lock released, the approximate index is built again on it (memories.ann_index; meanwhile a big
+  user's search is answered by a scan of the user's rows).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connections, transaction
 from psycopg.errors import DeadlockDetected, LockNotAvailable
 
+from memories.ann_index import ann_index_create
 from memories.models import Memory, vector_text
 from memories.providers import Embedder
 from memories.providers.local import MODEL_NAME as LOCAL_MODEL_NAME
@@ -303,16 +305,6 @@ def _shadow_write(
         return int(cursor.rowcount)
 
 
-def _embedding_indexes_create() -> None:
-    """The indexes on `embedding` (the approximate index over big users' rows), built again on
-    the new column: dropping the old one dropped them. Built from the model's own declaration,
-    within the swap's transaction, so no search ever finds the column without them."""
-    with connections[DEFAULT_DB_ALIAS].schema_editor(atomic=False) as editor:
-        for index in Memory._meta.indexes:
-            if "embedding" in index.fields:
-                editor.add_index(Memory, index)
-
-
 def _swap(*, embedder: Embedder, spec: EmbedderSpec, batch_size: int) -> int:
     """Embed what is left under the table's lock, then make the new vectors the stored ones, in
     one transaction. Texts embedded."""
@@ -335,11 +327,14 @@ def _swap(*, embedder: Embedder, spec: EmbedderSpec, batch_size: int) -> int:
                 cursor.execute(f"ALTER TABLE {TABLE} DROP COLUMN embedding")
                 cursor.execute(f"ALTER TABLE {TABLE} RENAME COLUMN {SHADOW} TO embedding")
                 cursor.execute(f"COMMENT ON COLUMN {TABLE}.embedding IS %s", [spec.label])
-                _embedding_indexes_create()
-            return embedded
+            break
         except OperationalError as exc:
             attempts += 1
             busy = isinstance(exc.__cause__, LockNotAvailable | DeadlockDetected)
             if not busy or attempts >= _SWAP_ATTEMPTS:
                 raise
             time.sleep(attempts)
+    # Dropping the old column dropped the approximate index: built again on the new one, after
+    # the lock (an HNSW build takes minutes, and no write need wait for it).
+    ann_index_create()
+    return embedded

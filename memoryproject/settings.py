@@ -247,6 +247,9 @@ SEARCH_VECTOR_WEIGHT: float | None = (
 # SEARCH_ANN_REFRESH_BUDGET_SECONDS a run (memories.ann_index).
 SEARCH_ANN_MIN_MEMORIES = env_int("SEARCH_ANN_MIN_MEMORIES", 10_000)
 SEARCH_ANN_EF_SEARCH = env_positive_int("SEARCH_ANN_EF_SEARCH", 400)
+# The most index entries one such search visits (pgvector's hnsw.max_scan_tuples; its default is
+# 20,000): enough for k = 50 of a user whose rows are 1/1,000 of the index.
+SEARCH_ANN_MAX_SCAN_TUPLES = env_positive_int("SEARCH_ANN_MAX_SCAN_TUPLES", 50_000)
 SEARCH_ANN_REFRESH_SECONDS = env_float("SEARCH_ANN_REFRESH_SECONDS", 60.0)
 SEARCH_ANN_REFRESH_BUDGET_SECONDS = env_float("SEARCH_ANN_REFRESH_BUDGET_SECONDS", 30.0)
 MEMORY_MAX_MESSAGES = env_int("MEMORY_MAX_MESSAGES", 200)

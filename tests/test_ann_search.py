@@ -12,7 +12,7 @@ import pytest
 from django.db import connection
 
 from memories import selectors
-from memories.ann_index import ann_index_refresh
+from memories.ann_index import ann_index_create, ann_index_refresh
 from memories.models import EndUser, Memory, vector_text
 from memories.nearest import user_nearest_sql
 from memories.providers.wiring import get_embedder
@@ -154,6 +154,49 @@ def test_rows_written_since_the_refresh_are_found_and_deleted_ones_are_not(api, 
     assert ann_index_refresh().rows_indexed == 1
     assert Memory.objects.get(pk=newest.pk).ann_indexed
     assert vector_search(api, alice, query)[0] == str(newest.pk)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_indexed_memory_rewritten_leaves_the_index_until_the_next_refresh(
+    api, users, index_path
+):
+    alice = users["alice"]
+    ann_index_refresh()
+    query = "kayak camping sushi opera pottery"
+    target = exact_top(alice, "hiking in paris")[0]
+    response = api.patch(f"/v1/memories/{target}", {"content": query}, format="json")
+    assert response.status_code == 200, response.content
+    # Its new vector is not in the index (no client's write waits for an HNSW insert): the exact
+    # half finds it.
+    assert not Memory.objects.get(pk=target).ann_indexed
+    assert vector_search(api, alice, query)[0] == target
+    assert ann_index_refresh().rows_indexed == 1
+    assert Memory.objects.get(pk=target).ann_indexed
+    assert vector_search(api, alice, query)[0] == target
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_big_user_stays_big_whatever_a_stale_save_writes(users):
+    ann_index_refresh()
+    alice = EndUser.objects.get(pk=users["alice"].pk)
+    alice.ann_indexed = False  # an instance read before the mark, saved after it
+    alice.save()
+    assert EndUser.objects.get(pk=alice.pk).ann_indexed
+    EndUser.objects.filter(pk=alice.pk).update(ann_indexed=False)
+    assert EndUser.objects.get(pk=alice.pk).ann_indexed
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_the_index_no_user_is_marked_and_reembed_builds_it_again(users):
+    # Embeddings wider than pgvector's HNSW takes (2,000 dimensions) leave the index unbuilt.
+    with connection.cursor() as cursor:
+        cursor.execute("DROP INDEX memory_embedding_ann")
+    try:
+        assert ann_index_refresh().users_marked == 0
+        assert not EndUser.objects.filter(ann_indexed=True).exists()
+    finally:
+        ann_index_create()  # what reembed calls after its swap
+    assert ann_index_refresh().users_marked == 5
 
 
 @pytest.mark.django_db(transaction=True)

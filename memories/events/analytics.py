@@ -10,12 +10,16 @@ Keys (tenant `t`):
 
 One Lua script applies a read's events and acknowledges their entries for the `analytics` group
 (XACK), atomically: an entry counted is never delivered to the group again, however its consumer
-dies. What the markers are left to catch is the same event under a second stream id: the relay
-publishes again what a dying process published but had not marked (memories.events.publisher),
-after EVENT_RELAY_GRACE_SECONDS. So a marker lives a few relay windows (`_seen_ttl_seconds`), not
-the hour it took when it had to outlive redeliveries: at 10,000 events a second that was 36
-million keys. A copy relayed later than that (after a database outage long enough to stop the
-marking), or an entry replayed by a group reset to an old id, is counted again.
+dies. What the markers are left to catch:
+- the same event under a second stream id: the relay publishes again what a dying process
+  published but had not marked (memories.events.publisher), after EVENT_RELAY_GRACE_SECONDS;
+- a consumer that stalled between its read and its count while another took the entry over
+  (after EVENT_CONSUMER_CLAIM_IDLE_MS) and counted it.
+So a marker lives twice the longer of the two windows (`_seen_ttl_seconds`, 5 minutes by
+default), not the hour it took when it had to outlive every redelivery: at 10,000 events a second
+that was 36 million keys. A copy relayed later than that (after a database outage long enough to
+stop the marking), a consumer stalled longer, or an entry replayed by a group reset to an old id,
+is counted again.
 """
 
 from __future__ import annotations
@@ -94,9 +98,11 @@ def _key(tenant_id: str, *parts: object) -> str:
 
 
 def _seen_ttl_seconds() -> int:
-    """A few times the longest the relay takes to send a copy (see the module's opening)."""
+    """Twice the longer of: the relay's copy of an event, and an entry's takeovers (see the
+    module's opening)."""
     relay_window = settings.EVENT_RELAY_GRACE_SECONDS + settings.EVENT_RELAY_INTERVAL_SECONDS
-    return max(120, int(10 * relay_window))
+    pending_for = settings.EVENT_CONSUMER_MAX_DELIVERIES * settings.EVENT_CONSUMER_CLAIM_IDLE_MS
+    return max(120, int(2 * max(10 * relay_window, pending_for / 1000)))
 
 
 def analytics_record(stream_id: str, event: dict[str, Any]) -> None:

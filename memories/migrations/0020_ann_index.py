@@ -5,19 +5,30 @@ from django.db import migrations, models
 
 # The refresh moving a row into the approximate index (ann_indexed false -> true, memories.ann_index)
 # is no change a client should see: the row keeps its change_txid, so pull-sync does not hand it
-# out again. Only the refresh sets the flag; every other write takes a new change_txid as before.
-KEEP_TXID_ON_INDEXING = """
+# out again (only a flip that changes nothing else counts as the refresh's). A write that changes
+# an indexed row's vector takes it out of the index: the exact half of a search finds it until
+# the next refresh moves it back, so no client's write waits for an HNSW insert.
+MEMORY_TRIGGER = """
 CREATE OR REPLACE FUNCTION memories_memory_set_change_txid() RETURNS trigger AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' AND NEW.ann_indexed AND NOT OLD.ann_indexed THEN
-        RETURN NEW;
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.ann_indexed AND NOT OLD.ann_indexed THEN
+            IF NEW.version = OLD.version AND NEW.deleted_at IS NOT DISTINCT FROM OLD.deleted_at
+               AND NEW.valid_to IS NOT DISTINCT FROM OLD.valid_to THEN
+                RETURN NEW;
+            END IF;
+        ELSIF OLD.ann_indexed THEN
+            IF NEW.embedding IS DISTINCT FROM OLD.embedding THEN
+                NEW.ann_indexed := false;
+            END IF;
+        END IF;
     END IF;
     NEW.change_txid := pg_current_xact_id()::text::bigint;
     RETURN NEW;
 END;
 $$ LANGUAGE plpgsql;
 """
-EVERY_WRITE_TAKES_TXID = """
+MEMORY_TRIGGER_BEFORE = """
 CREATE OR REPLACE FUNCTION memories_memory_set_change_txid() RETURNS trigger AS $$
 BEGIN
     NEW.change_txid := pg_current_xact_id()::text::bigint;
@@ -25,6 +36,46 @@ BEGIN
 END;
 $$ LANGUAGE plpgsql;
 """
+# A user stays big once marked: a save from an instance read before the mark (the admin, an API
+# update) must not clear it, or the user's indexed rows would fall out of every search.
+END_USER_STAYS_BIG = """
+CREATE FUNCTION memories_enduser_keep_ann_indexed() RETURNS trigger AS $$
+BEGIN
+    NEW.ann_indexed := true;
+    RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+CREATE TRIGGER memories_enduser_keep_ann_indexed BEFORE UPDATE OF ann_indexed ON memories_enduser
+    FOR EACH ROW WHEN (OLD.ann_indexed AND NOT NEW.ann_indexed)
+    EXECUTE FUNCTION memories_enduser_keep_ann_indexed();
+"""
+END_USER_STAYS_BIG_UNDONE = """
+DROP TRIGGER memories_enduser_keep_ann_indexed ON memories_enduser;
+DROP FUNCTION memories_enduser_keep_ann_indexed();
+"""
+# pgvector's HNSW takes vectors of at most 2,000 dimensions: for wider embeddings the index is not
+# built, and no user is marked big (memories.ann_index), so every search stays exact.
+HNSW_MAX_DIMENSIONS = 2000
+ANN_INDEX_SQL = """
+CREATE INDEX IF NOT EXISTS memory_embedding_ann ON memories_memory
+    USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)
+    WHERE ann_indexed AND deleted_at IS NULL AND valid_to IS NULL
+"""
+
+
+def ann_index_create(apps, schema_editor):
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute(
+            """SELECT atttypmod FROM pg_attribute
+               WHERE attrelid = 'memories_memory'::regclass AND attname = 'embedding'"""
+        )
+        (dimensions,) = cursor.fetchone()
+        if 0 < dimensions <= HNSW_MAX_DIMENSIONS:
+            cursor.execute(ANN_INDEX_SQL)
+
+
+def ann_index_drop(apps, schema_editor):
+    schema_editor.execute("DROP INDEX IF EXISTS memory_embedding_ann")
 
 
 class Migration(migrations.Migration):
@@ -52,15 +103,33 @@ class Migration(migrations.Migration):
             ),
         ),
         migrations.AddIndex(
-            model_name="memory",
-            index=pgvector.django.indexes.HnswIndex(
+            model_name="enduser",
+            index=models.Index(
                 condition=models.Q(("ann_indexed", True)),
-                ef_construction=64,
-                fields=["embedding"],
-                m=16,
-                name="memory_embedding_ann",
-                opclasses=["vector_cosine_ops"],
+                fields=["id"],
+                name="end_user_ann_indexed",
             ),
         ),
-        migrations.RunSQL(KEEP_TXID_ON_INDEXING, EVERY_WRITE_TAKES_TXID),
+        migrations.SeparateDatabaseAndState(
+            state_operations=[
+                migrations.AddIndex(
+                    model_name="memory",
+                    index=pgvector.django.indexes.HnswIndex(
+                        condition=models.Q(
+                            ("ann_indexed", True),
+                            ("deleted_at__isnull", True),
+                            ("valid_to__isnull", True),
+                        ),
+                        ef_construction=64,
+                        fields=["embedding"],
+                        m=16,
+                        name="memory_embedding_ann",
+                        opclasses=["vector_cosine_ops"],
+                    ),
+                ),
+            ],
+            database_operations=[migrations.RunPython(ann_index_create, ann_index_drop)],
+        ),
+        migrations.RunSQL(MEMORY_TRIGGER, MEMORY_TRIGGER_BEFORE),
+        migrations.RunSQL(END_USER_STAYS_BIG, END_USER_STAYS_BIG_UNDONE),
     ]
