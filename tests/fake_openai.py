@@ -64,6 +64,8 @@ def rule_based_chat(body: dict[str, Any]) -> str | FakeResponse:
     """Answer the provider's two prompts as a model would, with the rule-based LLM."""
     messages = body.get("messages") or []
     system = messages[0]["content"] if messages else ""
+    if len(messages) > 1 and _MEM0_NEW_MESSAGES in messages[1]["content"]:
+        return json.dumps({"memory": [{"text": fact} for fact in _mem0_facts(messages[1])]})
     # The prompt's payload is the first user message (a repair round appends more after it).
     payload = json.loads(messages[1]["content"]) if len(messages) > 1 else {}
     llm = RuleBasedLLM()
@@ -80,6 +82,21 @@ def rule_based_chat(body: dict[str, Any]) -> str | FakeResponse:
         ]
         return json.dumps({"memory": answer})
     return FakeResponse(400, error_body("unknown prompt", "invalid_request_error"))
+
+
+# mem0 2.x's one extraction prompt (its user message: sections, the conversation under this one),
+# answered with the same rule-based facts, so bench/mem0_side_by_side.py compares like with like.
+_MEM0_NEW_MESSAGES = "## New Messages\n"
+
+
+def _mem0_facts(message: dict[str, Any]) -> list[str]:
+    section = message["content"].split(_MEM0_NEW_MESSAGES, 1)[1].split("\n## ", 1)[0]
+    turns = []
+    for line in section.splitlines():
+        role, _, content = line.partition(":")
+        if content and role.strip().lower() in ("user", "assistant"):
+            turns.append({"role": role.strip().lower(), "content": content.strip()})
+    return RuleBasedLLM().extract_facts(turns)
 
 
 class FakeOpenAI:
