@@ -69,6 +69,17 @@ def _send_on_commit(memory_request: MemoryRequest) -> None:
     )
 
 
+# The advisory locks' first key: this module's. A user's lock orders its claims, its jobs' ends
+# and the insert of its jobs (see each).
+_USER_LOCK_SPACE = 0x4D4A
+
+
+def _user_lock_sql(user_id: str) -> str:
+    """The statement that takes the user's lock until its transaction ends; `user_id` is the
+    SQL naming the id (a placeholder)."""
+    return f"SELECT pg_advisory_xact_lock({_USER_LOCK_SPACE}, hashtext({user_id}::uuid::text))"
+
+
 # --- Submit --------------------------------------------------------------------------------------
 
 
@@ -127,14 +138,17 @@ def memory_request_submit(
         payload=payload,
         created_at=now,
         updated_at=now,
-        sent_at=now,  # sent on commit, just below
+        # Sent on commit, just below; or, while its user's other jobs are on their way, by the
+        # end of the one ahead (which records its own hand-over).
+        sent_at=now,
         expires_at=now + timedelta(seconds=settings.MEMORY_REQUEST_TTL_SECONDS),
     )
     slot = {"tenant_id": tenant_id, "user_id": user_id, "request_hash": request_hash}
     # The insert alone is one statement and needs no transaction (BEGIN and COMMIT would be two
     # more round trips on every job); with a session, its messages are recorded in the same one.
     with transaction.atomic() if payload.get("session_id") else nullcontext():
-        if not _memory_request_insert(memory_request):
+        others_on_their_way = _memory_request_insert(memory_request)
+        if others_on_their_way is None:
             if not EndUser.objects.filter(
                 pk=user_id, tenant_id=tenant_id, erasing_since__isnull=True
             ).exists():
@@ -142,12 +156,14 @@ def memory_request_submit(
             # A slot is taken. Expiry is lazy: a request past its TTL stops blocking a duplicate
             # the moment one arrives, without waiting for the beat sweep; then try once more.
             _release_expired_slots(**slot, idempotency_key=idempotency_key)
-            if not _memory_request_insert(memory_request):
+            others_on_their_way = _memory_request_insert(memory_request)
+            if others_on_their_way is None:
                 _raise_for_live_duplicate(**slot, idempotency_key=idempotency_key)
                 # The duplicate finished between the insert and the lookup: it may be resent.
                 raise DuplicateRequest("An identical request was just finished; send it again.")
         _session_record_job_messages(user_id=user_id, payload=payload)
-        _send_on_commit(memory_request)
+        if not others_on_their_way:
+            _send_on_commit(memory_request)
     return memory_request
 
 
@@ -160,20 +176,44 @@ _TENANT_HAS_USER = (
     " WHERE id = %s AND tenant_id = %s AND erasing_since IS NULL)"
 )
 
+# A job accepted while its user's other jobs are all on their way (running under a live lease,
+# or pending with a doorbell handed over) gets no doorbell: its claim would find the user's turn
+# taken and do nothing (a task delivered, two statements, for nothing), and the job ahead rings
+# the user's oldest pending one when it ends. If one of them is stuck (its worker died, or the
+# broker refused its doorbell), the new job is rung as before, and its doorbell claims that one
+# without waiting for the sweeper. The insert tells which it was (one probe of
+# `memory_request_user_turn`; the statement's snapshot holds no row of its own), under the user's
+# lock, the one a job's end takes before it looks for the next job (`_FINISH_JOB_SQL`,
+# `_users_next_send`): so either that look-up comes after this insert commits and sees it, or
+# this insert's snapshot comes after the end committed and sees it ended. (A lease is compared
+# with the new row's `created_at`: times here are the service's clock, not the database's.)
+_USERS_OTHER_JOBS_ON_THEIR_WAY = f"""coalesce((
+    SELECT bool_and(CASE other.status WHEN 'pending' THEN other.sent_at IS NOT NULL
+        ELSE coalesce(other.lease_until > {MemoryRequest._meta.db_table}.created_at, false) END)
+    FROM {MemoryRequest._meta.db_table} AS other
+    WHERE other.user_id = {MemoryRequest._meta.db_table}.user_id AND other.kind = 'memory_job'
+      AND other.status IN ('pending', 'processing')
+      AND other.id <> {MemoryRequest._meta.db_table}.id), false)"""
 
-def _memory_request_insert(memory_request: MemoryRequest) -> bool:
-    """Insert the request; False when the tenant has no such user or its slot is taken."""
+
+def _memory_request_insert(memory_request: MemoryRequest) -> bool | None:
+    """Insert the request. None when the tenant has no such user or its slot is taken; else
+    whether other memory jobs of its user are unfinished, all on their way (then this one
+    needs no doorbell)."""
     inserted = rows.insert_rows(
         MemoryRequest,
         [rows.instance_row(memory_request)],
-        returning="id",
+        returning=_USERS_OTHER_JOBS_ON_THEIR_WAY,
         condition=_TENANT_HAS_USER,
         condition_params=[memory_request.user_id, memory_request.tenant_id],
         on_conflict="DO NOTHING",
+        preceded_by=_user_lock_sql("%s"),
+        preceded_by_params=[memory_request.user_id],
     )
-    if inserted:
-        memory_request._state.adding = False
-    return bool(inserted)
+    if not inserted:
+        return None
+    memory_request._state.adding = False
+    return bool(inserted[0])
 
 
 def _session_record_job_messages(*, user_id: Any, payload: dict[str, Any]) -> None:
@@ -234,7 +274,9 @@ class Claim:
 # named one, or an earlier one whose doorbell was lost or is still queued; not an earlier one
 # waiting out a retry's backoff: its own retry claims it). While the user's job runs, nothing is
 # claimed: the doorbell is dropped, and the job that finishes rings the user's next one
-# (`_users_next_send`), the sweeper being the safety net. Batches and erasures keep their own row.
+# (`_users_next_send`), the sweeper being the safety net. (A job accepted while its user's other
+# jobs are on their way is not rung at all: `_USERS_OTHER_JOBS_ON_THEIR_WAY`.) Batches and
+# erasures keep their own row.
 #
 # Of two claimers of one user, exactly one may decide. Each takes a transaction-scoped advisory
 # lock on the user, then (a fresh snapshot in READ COMMITTED) looks and claims: the two
@@ -246,7 +288,6 @@ class Claim:
 # Other users' claims never wait: the lock is per user. The two lookups are one probe each of
 # the partial index `memory_request_user_turn`. A third statement in the same round trip reads the
 # named request's state, which tells a refused claim that needs no locked re-check (most do not).
-_USER_LOCK_SPACE = 0x4D4A  # the advisory locks' first key: this module's, per-user claims
 
 _CLAIM_SQL = f"""
     SELECT pg_advisory_xact_lock({_USER_LOCK_SPACE}, hashtext(user_id::text))
@@ -494,10 +535,19 @@ _USERS_NEXT_SQL = f"""
 """
 
 
+# Under the user's lock, like a job's success (`_FINISH_JOB_SQL`): a job of the user accepted
+# meanwhile either is seen here or saw this end (`_USERS_OTHER_JOBS_ON_THEIR_WAY`).
+_USERS_NEXT_LOCKED_SQL = f"""
+    {_user_lock_sql("%(user_id)s")};
+    {_USERS_NEXT_SQL}
+"""
+
+
 def _users_next_send(*, user_id: Any) -> None:
     now = timezone.now()
     with connection.cursor() as cursor:
-        cursor.execute(_USERS_NEXT_SQL, {"user_id": user_id, "now": now})
+        cursor.execute(_USERS_NEXT_LOCKED_SQL, {"user_id": user_id, "now": now})
+        cursor.nextset()
         waiting = cursor.fetchone()
     if waiting is not None:
         _ring(request_id=str(waiting[0]), kind=waiting[1], priority=waiting[2], marked_at=now)
@@ -752,10 +802,10 @@ _FINISH_SUCCESS_SQL = f"""
 # user's lock first (so the order of locks is a claim's: a claimer takes it, then request rows),
 # the fenced `success`, then the user's oldest pending job marked as rung. The lock, held until
 # the commit, is what makes the look-up safe before the commit: a job of the user accepted
-# meanwhile is claimed by its own doorbell, which waits for the lock and then sees this job
-# finished; one accepted before is seen here. The doorbell is sent after the commit.
+# meanwhile waits for the lock, then sees this job finished and is rung by its own insert; one
+# accepted before is seen here. The doorbell is sent after the commit.
 _FINISH_JOB_SQL = f"""
-    SELECT pg_advisory_xact_lock({_USER_LOCK_SPACE}, hashtext(%(user_id)s::uuid::text));
+    {_user_lock_sql("%(user_id)s")};
     {_FINISH_SUCCESS_SQL} RETURNING id;
     {_USERS_NEXT_SQL}
 """

@@ -107,19 +107,28 @@ def insert_rows(
     condition: str = "",
     condition_params: Sequence[Any] = (),
     on_conflict: str = "",
+    preceded_by: str = "",
+    preceded_by_params: Sequence[Any] = (),
 ) -> list[Any]:
     """INSERT the rows (mappings from field attname to value, all with the same keys) into the
     model's table in one statement. Returns the `returning` column of each row inserted, in row
     order (nothing when it is None). Values are written as they are: no defaults, no pre_save.
     `condition` and `on_conflict` are SQL: a WHERE clause (with `condition_params`) and what
-    follows ON CONFLICT."""
+    follows ON CONFLICT. `preceded_by` is one statement (with `preceded_by_params`) sent in the
+    same round trip before the insert, in the same transaction (an implicit one outside any): a
+    lock the insert must hold until it commits, taken before the insert's snapshot."""
     if not rows:
         return []
     sql = _insert_sql(
         model, tuple(rows[0]), returning=returning, condition=condition, on_conflict=on_conflict
     )
+    params = [_rows_json(rows), *condition_params]
+    if preceded_by:
+        sql, params = f"{preceded_by};\n{sql}", [*preceded_by_params, *params]
     with connection.cursor() as cursor:
-        cursor.execute(sql, [_rows_json(rows), *condition_params])
+        cursor.execute(sql, params)
+        if preceded_by:
+            cursor.nextset()
         return [row[0] for row in cursor.fetchall()] if returning else []
 
 

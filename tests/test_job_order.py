@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.db import connection, transaction
 from django.utils import timezone
 
 from memories import accounts, dispatch, jobs, ledger
 from memories.events.stream import redis_client
 from memories.models import EndUser, Memory, MemoryRequest
-from memories.pipeline import memory_request_run
+from memories.pipeline import memory_request_complete, memory_request_run
 from tests.fake_openai import FakeOpenAI, FakeResponse, error_body, rule_based_chat
 from tests.helpers import model_env, submit_job, wait_for
 
@@ -236,7 +237,6 @@ def test_a_later_job_waits_while_an_earlier_one_runs_and_is_rung_when_it_ends(
     rung: list[str] = []
     monkeypatch.setattr(dispatch, "request_send", lambda **kw: rung.append(kw["request_id"]))
     assert memory_request_run(request_id=str(first.id)) == "skipped"  # held by the claim above
-    from memories.pipeline import memory_request_complete
 
     memory_request_complete(claim=claim, changes=[])
     assert rung == [str(second.id)]  # the finished job rang the user's next one
@@ -342,3 +342,112 @@ def test_the_fair_claim_takes_the_quietest_tenants_job_whose_turn_it_is(tenant) 
     (other_quiet,) = (job(p, "I like rye.", 1) for p in people("quieter", 1))
     claim = ledger.memory_request_claim(request_id=str(loud[2].id))
     assert claim is not None and claim.request_id == str(other_quiet.id)
+
+
+# --- Doorbells at acceptance ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def rung(monkeypatch) -> list[str]:
+    """The ids of the requests whose doorbell was handed to the broker (which took each)."""
+    sent: list[str] = []
+
+    def send(**kwargs: Any) -> bool:
+        sent.append(kwargs["request_id"])
+        return True
+
+    monkeypatch.setattr(dispatch, "request_send", send)
+    return sent
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_accepted_while_its_users_job_is_on_its_way_is_rung_only_when_that_one_ends(
+    end_user, rung
+) -> None:
+    first = job(end_user, "I live in Paris.", 1)
+    second = job(end_user, "I like tea.", 2)  # its doorbell would find the user's turn taken
+    assert rung == [str(first.id)]
+
+    assert memory_request_run(request_id=str(first.id)) == "done"
+    assert rung == [str(first.id), str(second.id)]  # the first job's end rang it
+    third = job(end_user, "I like jam.", 3)  # the second is on its way now
+    assert memory_request_run(request_id=str(second.id)) == "done"
+    assert rung == [str(first.id), str(second.id), str(third.id)]
+    assert memory_request_run(request_id=str(third.id)) == "done"
+    assert {fresh(r).status for r in (first, second, third)} == {"success"}
+    assert fresh(first).finished_at < fresh(second).finished_at < fresh(third).finished_at
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_whose_users_earlier_job_is_stuck_is_rung_and_claims_that_one(
+    end_user, rung, monkeypatch
+) -> None:
+    with monkeypatch.context() as patched:
+        patched.setattr(dispatch, "request_send", lambda **kwargs: False)  # the broker refused
+        refused = job(end_user, "I live in Paris.", 1)
+    second = job(end_user, "I like tea.", 2)
+    assert rung == [str(second.id)]  # not left for the sweeper
+    claim = ledger.memory_request_claim(request_id=str(second.id))
+    assert claim is not None and claim.request_id == str(refused.id)
+
+    MemoryRequest.objects.filter(pk=refused.pk).update(lease_until=timezone.now())  # worker died
+    third = job(end_user, "I like jam.", 3)
+    assert rung == [str(second.id), str(third.id)]
+    again = ledger.memory_request_claim(request_id=str(third.id))
+    assert again is not None and again.request_id == str(refused.id) and again.token == 2
+
+
+def _accept_in_thread(user: EndUser, text: str, n: int, into: list[MemoryRequest]) -> Any:
+    def accept() -> None:
+        try:
+            into.append(job(user, text, n))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    return thread
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_accepted_as_its_users_job_ends_is_rung_when_the_end_commits_first(
+    end_user, rung
+) -> None:
+    first = job(end_user, "I live in Paris.", 1)
+    claim = ledger.memory_request_claim(request_id=str(first.id))
+    assert claim is not None
+    accepted: list[MemoryRequest] = []
+    with transaction.atomic():
+        memory_request_complete(claim=claim, changes=[])  # holds the user's lock until commit
+        thread = _accept_in_thread(end_user, "I like tea.", 2, accepted)
+        thread.join(0.5)
+        assert thread.is_alive()  # the insert waits for the end, then sees it
+    thread.join(10)
+    (second,) = accepted
+    assert rung == [str(first.id), str(second.id)]  # rung by its own acceptance
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_accepted_as_its_users_job_ends_is_rung_by_the_end_when_the_insert_commits_first(
+    end_user, rung
+) -> None:
+    first = job(end_user, "I live in Paris.", 1)
+    claim = ledger.memory_request_claim(request_id=str(first.id))
+    assert claim is not None
+    ended = threading.Event()
+
+    def end() -> None:
+        try:
+            memory_request_complete(claim=claim, changes=[])
+            ended.set()
+        finally:
+            connection.close()
+
+    with transaction.atomic():  # the insert's transaction, not committed yet
+        second = job(end_user, "I like tea.", 2)
+        thread = threading.Thread(target=end)
+        thread.start()
+        assert not ended.wait(0.5)  # the end waits for the insert's lock
+    thread.join(10)
+    assert ended.is_set()
+    assert rung == [str(first.id), str(second.id)]  # not by its acceptance: by the first's end
