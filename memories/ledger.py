@@ -177,23 +177,26 @@ _TENANT_HAS_USER = (
 )
 
 # A job accepted while its user's other jobs are all on their way (running under a live lease,
-# or pending with a doorbell handed over) gets no doorbell: its claim would find the user's turn
-# taken and do nothing (a task delivered, two statements, for nothing), and the job ahead rings
-# the user's oldest pending one when it ends. If one of them is stuck (its worker died, or the
-# broker refused its doorbell), the new job is rung as before, and its doorbell claims that one
-# without waiting for the sweeper. The insert tells which it was (one probe of
+# or pending with a doorbell handed over on a lane as fast as its own) gets no doorbell: its claim
+# would find the user's turn taken and do nothing (a task delivered, two statements, for
+# nothing), and the job ahead rings the user's oldest pending one when it ends. Otherwise it is
+# rung as before, and its doorbell claims the job ahead: one that is stuck (its worker died, or
+# the broker refused its doorbell) without waiting for the sweeper, and a `normal` one queued
+# behind a backlog on the `high` job's lane. The insert tells which it was (one probe of
 # `memory_request_user_turn`; the statement's snapshot holds no row of its own), under the user's
 # lock, the one a job's end takes before it looks for the next job (`_FINISH_JOB_SQL`,
 # `_users_next_send`): so either that look-up comes after this insert commits and sees it, or
 # this insert's snapshot comes after the end committed and sees it ended. (A lease is compared
 # with the new row's `created_at`: times here are the service's clock, not the database's.)
+_NEW = MemoryRequest._meta.db_table  # in RETURNING, the table's name is the inserted row
 _USERS_OTHER_JOBS_ON_THEIR_WAY = f"""coalesce((
-    SELECT bool_and(CASE other.status WHEN 'pending' THEN other.sent_at IS NOT NULL
-        ELSE coalesce(other.lease_until > {MemoryRequest._meta.db_table}.created_at, false) END)
-    FROM {MemoryRequest._meta.db_table} AS other
-    WHERE other.user_id = {MemoryRequest._meta.db_table}.user_id AND other.kind = 'memory_job'
-      AND other.status IN ('pending', 'processing')
-      AND other.id <> {MemoryRequest._meta.db_table}.id), false)"""
+    SELECT bool_and(CASE other.status
+        WHEN 'pending' THEN other.sent_at IS NOT NULL
+            AND (other.priority = {_NEW}.priority OR other.priority = 'high')
+        ELSE coalesce(other.lease_until > {_NEW}.created_at, false) END)
+    FROM {_NEW} AS other
+    WHERE other.user_id = {_NEW}.user_id AND other.kind = 'memory_job'
+      AND other.status IN ('pending', 'processing') AND other.id <> {_NEW}.id), false)"""
 
 
 def _memory_request_insert(memory_request: MemoryRequest) -> bool | None:

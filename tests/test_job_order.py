@@ -397,6 +397,30 @@ def test_a_job_whose_users_earlier_job_is_stuck_is_rung_and_claims_that_one(
     assert again is not None and again.request_id == str(refused.id) and again.token == 2
 
 
+def high_job(user: EndUser, text: str, n: int) -> MemoryRequest:
+    payload = {"messages": [{"role": "user", "content": text}], "metadata": {"n": n}}
+    return ledger.memory_request_submit(
+        tenant_id=user.tenant_id, user_id=user.id, payload=payload, priority="high"
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_high_job_behind_its_users_queued_normal_job_is_rung_and_runs_that_one_on_its_lane(
+    end_user, tenant, rung
+) -> None:
+    queued = job(end_user, "I live in Paris.", 1)  # behind the default lane's backlog, say
+    urgent = high_job(end_user, "I like tea.", 2)
+    assert rung == [str(queued.id), str(urgent.id)]
+    claim = ledger.memory_request_claim(request_id=str(urgent.id))
+    assert claim is not None and claim.request_id == str(queued.id)
+
+    # Behind a queued high job, a normal one waits to be rung by it.
+    bob = accounts.end_user_create(tenant=tenant, external_id="bob")
+    bobs_high = high_job(bob, "I like jam.", 1)
+    job(bob, "I like rye.", 2)
+    assert rung == [str(queued.id), str(urgent.id), str(bobs_high.id)]
+
+
 def _accept_in_thread(user: EndUser, text: str, n: int, into: list[MemoryRequest]) -> Any:
     def accept() -> None:
         try:
