@@ -188,7 +188,8 @@ def test_a_duplicate_that_finished_meanwhile_is_409_telling_to_send_again(
 ) -> None:
     # The race the guarded insert leaves: its slot was taken, but by the time the duplicate is
     # looked up it has finished and released the slot. The caller is told to send again.
-    monkeypatch.setattr(ledger, "_memory_request_insert", lambda memory_request: False)
+    # (None: not inserted.)
+    monkeypatch.setattr(ledger, "_memory_request_insert", lambda memory_request: None)
     response = submit(api, end_user.id)
     assert response.status_code == 409
     assert "send it again" in response.json()["message"]
