@@ -421,14 +421,16 @@ def test_a_high_job_behind_its_users_queued_normal_job_is_rung_and_runs_that_one
     assert rung == [str(queued.id), str(urgent.id), str(bobs_high.id)]
 
 
-def _accept_in_thread(user: EndUser, text: str, n: int, into: list[MemoryRequest]) -> Any:
-    def accept() -> None:
+def _started_thread(work: Any) -> threading.Thread:
+    """`work` in a thread of its own, with its own database connection (closed at the end)."""
+
+    def run() -> None:
         try:
-            into.append(job(user, text, n))
+            work()
         finally:
             connection.close()
 
-    thread = threading.Thread(target=accept)
+    thread = threading.Thread(target=run)
     thread.start()
     return thread
 
@@ -443,7 +445,7 @@ def test_a_job_accepted_as_its_users_job_ends_is_rung_when_the_end_commits_first
     accepted: list[MemoryRequest] = []
     with transaction.atomic():
         memory_request_complete(claim=claim, changes=[])  # holds the user's lock until commit
-        thread = _accept_in_thread(end_user, "I like tea.", 2, accepted)
+        thread = _started_thread(lambda: accepted.append(job(end_user, "I like tea.", 2)))
         thread.join(0.5)
         assert thread.is_alive()  # the insert waits for the end, then sees it
     thread.join(10)
@@ -461,16 +463,12 @@ def test_a_job_accepted_as_its_users_job_ends_is_rung_by_the_end_when_the_insert
     ended = threading.Event()
 
     def end() -> None:
-        try:
-            memory_request_complete(claim=claim, changes=[])
-            ended.set()
-        finally:
-            connection.close()
+        memory_request_complete(claim=claim, changes=[])
+        ended.set()
 
     with transaction.atomic():  # the insert's transaction, not committed yet
         second = job(end_user, "I like tea.", 2)
-        thread = threading.Thread(target=end)
-        thread.start()
+        thread = _started_thread(end)
         assert not ended.wait(0.5)  # the end waits for the insert's lock
     thread.join(10)
     assert ended.is_set()
