@@ -27,7 +27,8 @@ its user) with one client, one query at a time, after a warm-up:
 - shipped: what the service does (`--shipped-only` runs this alone): beat's refresh
   (memories.ann_index) marks the users of 10,000 memories or more and moves their rows into the
   partial HNSW index, timed; then the service's own statement (memories.nearest), exact for a
-  small user, through that index for a big one.
+  small user, through that index for a big one; then the big user's again at each of
+  `--ef-search` in place of SEARCH_ANN_EF_SEARCH.
 The database is dropped at the end unless --keep.
 """
 
@@ -486,9 +487,13 @@ def shipped_statement(query: Query) -> tuple[str, list[Any]]:
     return f"SELECT id FROM ({sql}) AS nearest ORDER BY distance, id LIMIT %s", [*params, K]
 
 
-def shipped(conn: Any, *, big: list[Query], small: list[Query], deadline: float) -> dict:
+def shipped(
+    conn: Any, *, big: list[Query], small: list[Query], deadline: float, ef_searches: list[int]
+) -> dict:
     """(d) What the service ships: beat's refresh marks the users of 10,000 memories or more
-    and moves their rows into the partial HNSW index, then the service's own statement runs."""
+    and moves their rows into the partial HNSW index, then the service's own statement runs,
+    with the shipped SEARCH_ANN_EF_SEARCH and then each of `ef_searches` for the big user."""
+    from django.conf import settings
     from django.db import connection as django_connection
 
     from memories.ann_index import ann_index_refresh
@@ -529,6 +534,15 @@ def shipped(conn: Any, *, big: list[Query], small: list[Query], deadline: float)
     }
     big_figures = figures["big_user"]
     common.log(f"shipped: big {big_figures['latency']} recall {big_figures[f'recall@{K}']}")
+    # The same statement at other SEARCH_ANN_EF_SEARCH values (the setting is read per query):
+    # what the default trades between recall and time.
+    shipped_ef = settings.SEARCH_ANN_EF_SEARCH
+    figures["big_user_by_ef_search"] = {}
+    for ef_search in ef_searches:
+        settings.SEARCH_ANN_EF_SEARCH = ef_search
+        figures["big_user_by_ef_search"][ef_search] = run_queries(conn, shipped_statement, big)
+        common.log(f"ef_search {ef_search}: {figures['big_user_by_ef_search'][ef_search]}")
+    settings.SEARCH_ANN_EF_SEARCH = shipped_ef
     return figures
 
 
@@ -557,7 +571,9 @@ def body(args: argparse.Namespace, conn: Any, *, tenant_id: Any, result: dict, d
     with_truth(conn, big + small)
 
     if args.shipped_only:
-        result["shipped"] = shipped(conn, big=big, small=small, deadline=deadline)
+        result["shipped"] = shipped(
+            conn, big=big, small=small, deadline=deadline, ef_searches=args.ef_search
+        )
         return
     common.log("(a) exact scan, every user's rows")
     result["exact_scan"] = {
@@ -634,7 +650,9 @@ def body(args: argparse.Namespace, conn: Any, *, tenant_id: Any, result: dict, d
     if not args.no_partial and time.monotonic() < deadline:
         partial_one_user(args, conn, big=big, big_user=big_user, deadline=deadline, result=result)
     if time.monotonic() < deadline:
-        result["shipped"] = shipped(conn, big=big, small=small, deadline=deadline)
+        result["shipped"] = shipped(
+            conn, big=big, small=small, deadline=deadline, ef_searches=args.ef_search
+        )
 
 
 def partial_one_user(
