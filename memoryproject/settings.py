@@ -246,7 +246,10 @@ SEARCH_VECTOR_WEIGHT: float | None = (
 # Beat moves such users' rows into the index every SEARCH_ANN_REFRESH_SECONDS, for at most
 # SEARCH_ANN_REFRESH_BUDGET_SECONDS a run (memories.ann_index).
 SEARCH_ANN_MIN_MEMORIES = env_int("SEARCH_ANN_MIN_MEMORIES", 10_000)
-SEARCH_ANN_EF_SEARCH = env_positive_int("SEARCH_ANN_EF_SEARCH", 400)
+# ef_search: at 1,000,000 rows with 4 big users (bench/search_million.py), 100 and up found every
+# true top 10, and the time doubles with each doubling (5 / 11 / 22 ms at 100 / 200 / 400): 200
+# keeps a margin of two over that, and four over a hybrid leg's 50 candidates.
+SEARCH_ANN_EF_SEARCH = env_positive_int("SEARCH_ANN_EF_SEARCH", 200)
 # The most index entries one such search visits (pgvector's hnsw.max_scan_tuples; its default is
 # 20,000): enough for k = 50 of a user whose rows are 1/1,000 of the index.
 SEARCH_ANN_MAX_SCAN_TUPLES = env_positive_int("SEARCH_ANN_MAX_SCAN_TUPLES", 50_000)
